@@ -1,0 +1,193 @@
+"""Model configuration and presets.
+
+Plain dataclasses with no torch import, so the runtime (which must not need torch on a Jetson)
+can read a bundle's manifest and rebuild the configuration. Every size in the CCRA module comes
+from here; nothing in the model or the exporter hard-codes the llava-1.5-7b numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from ccra_export.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class VisionTowerConfig:
+    """CLIP ViT sizes (the fields of Hugging Face's ``CLIPVisionConfig`` that matter here)."""
+
+    image_size: int
+    patch_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    layer_norm_eps: float = 1e-5
+    hidden_act: str = "quick_gelu"
+    num_channels: int = 3
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self, where: str) -> None:
+        if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
+            raise ConfigError(
+                f"{where}: image_size {self.image_size} must be a positive multiple of "
+                f"patch_size {self.patch_size}"
+            )
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(
+                f"{where}: vision hidden_size {self.hidden_size} must be divisible by "
+                f"num_attention_heads {self.num_heads}"
+            )
+        if self.num_layers < 1:
+            raise ConfigError(f"{where}: vision num_hidden_layers must be >= 1, got {self.num_layers}")
+
+
+@dataclass(frozen=True)
+class CCRAConfig:
+    """Sizes of the CCRA module (see shared/CCRA.md).
+
+    ``feature_layers`` index Hugging Face's ``hidden_states`` tuple, whose entry 0 is the
+    embedding output and entry i the output of encoder layer i.
+    """
+
+    feature_layers: tuple[int, ...]
+    text_hidden_size: int
+    attn_dim: int = 256
+    num_heads: int = 8
+    layer_scale_init: float = 1e-2
+    layer_norm_eps: float = 1e-5
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.feature_layers)
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_dim // self.num_heads
+
+    def validate(self, vision: VisionTowerConfig, where: str) -> None:
+        if not self.feature_layers:
+            raise ConfigError(f"{where}: CCRA feature_layers is empty; expected e.g. 1..{vision.num_layers - 1}")
+        bad = [i for i in self.feature_layers if not 1 <= i <= vision.num_layers]
+        if bad:
+            raise ConfigError(
+                f"{where}: CCRA feature_layers {bad} out of range; the vision tower has "
+                f"layers 1..{vision.num_layers}"
+            )
+        if len(set(self.feature_layers)) != len(self.feature_layers):
+            raise ConfigError(f"{where}: CCRA feature_layers has duplicates: {list(self.feature_layers)}")
+        if self.attn_dim <= 0 or self.num_heads <= 0 or self.attn_dim % self.num_heads:
+            raise ConfigError(
+                f"{where}: CCRA attn_dim {self.attn_dim} must be a positive multiple of num_heads {self.num_heads}"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The exported graph: CLIP tower, optional CCRA module, LLaVA-1.5 ``mlp2x_gelu`` projector.
+
+    ``ccra is None`` is the plain LLaVA-1.5 variant: features are ``hidden_states[vision_feature_layer]``
+    with CLS dropped, exactly as ``LlavaForConditionalGeneration`` selects them.
+    """
+
+    name: str
+    vision: VisionTowerConfig
+    lm_hidden_size: int
+    ccra: CCRAConfig | None = None
+    vision_feature_layer: int = -2
+    projector_act: str = "gelu"
+    projector_bias: bool = True
+    extra: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def variant(self) -> str:
+        return "plain" if self.ccra is None else "ccra"
+
+    @property
+    def num_patches(self) -> int:
+        return self.vision.num_patches
+
+    @property
+    def text_hidden_size(self) -> int:
+        return self.ccra.text_hidden_size if self.ccra else self.lm_hidden_size
+
+    @property
+    def tower_layers_needed(self) -> int:
+        """How many encoder layers the graph must run; later layers are dropped from the export."""
+        if self.ccra is not None:
+            return max(self.ccra.feature_layers)
+        layer = self.vision_feature_layer
+        return layer if layer >= 0 else self.vision.num_layers + 1 + layer
+
+    def validate(self, where: str = "model config") -> ModelConfig:
+        self.vision.validate(where)
+        if self.lm_hidden_size <= 0:
+            raise ConfigError(f"{where}: language model hidden_size must be positive, got {self.lm_hidden_size}")
+        if self.ccra is not None:
+            self.ccra.validate(self.vision, where)
+        elif not 1 <= self.tower_layers_needed <= self.vision.num_layers:
+            raise ConfigError(
+                f"{where}: vision_feature_layer {self.vision_feature_layer} is outside the "
+                f"{self.vision.num_layers}-layer vision tower"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data.pop("extra")
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        try:
+            ccra = data.get("ccra")
+            return cls(
+                name=data["name"],
+                vision=VisionTowerConfig(**data["vision"]),
+                lm_hidden_size=int(data["lm_hidden_size"]),
+                ccra=None if ccra is None else CCRAConfig(**{**ccra, "feature_layers": tuple(ccra["feature_layers"])}),
+                vision_feature_layer=int(data.get("vision_feature_layer", -2)),
+                projector_act=data.get("projector_act", "gelu"),
+                projector_bias=bool(data.get("projector_bias", True)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"model config is malformed ({type(exc).__name__}: {exc})") from None
+
+    def with_ccra(self, ccra: CCRAConfig | None) -> ModelConfig:
+        return dataclasses.replace(self, ccra=ccra)
+
+
+def _tiny() -> ModelConfig:
+    vision = VisionTowerConfig(
+        image_size=56, patch_size=14, hidden_size=64, intermediate_size=128, num_layers=4, num_heads=4
+    )
+    ccra = CCRAConfig(feature_layers=(1, 2, 3), text_hidden_size=96, attn_dim=32, num_heads=4)
+    return ModelConfig(name="tiny", vision=vision, lm_hidden_size=96, ccra=ccra)
+
+
+def _llava_15_7b() -> ModelConfig:
+    # CLIP ViT-L/14 at 336 px, Vicuna-7B width; CCRA reads layers 1..23 (LLaVA's feature layer is -2).
+    vision = VisionTowerConfig(
+        image_size=336, patch_size=14, hidden_size=1024, intermediate_size=4096, num_layers=24, num_heads=16
+    )
+    ccra = CCRAConfig(feature_layers=tuple(range(1, 24)), text_hidden_size=4096, attn_dim=256, num_heads=8)
+    return ModelConfig(name="llava-1.5-7b", vision=vision, lm_hidden_size=4096, ccra=ccra)
+
+
+PRESETS = {"tiny": _tiny, "llava-1.5-7b": _llava_15_7b}
+
+
+def preset(name: str, *, plain: bool = False) -> ModelConfig:
+    """A named configuration; ``plain=True`` drops the CCRA module (LLaVA-1.5 projector only)."""
+    try:
+        config = PRESETS[name]()
+    except KeyError:
+        raise ConfigError(
+            f"--model: unknown preset {name!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory"
+        ) from None
+    return (config.with_ccra(None) if plain else config).validate(f"preset {name!r}")

@@ -1,0 +1,58 @@
+"""Terminal presentation (rich): step progress for long work and the parity table.
+
+The pipeline reports through :class:`Steps`; a library caller can pass :data:`SILENT`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Iterator
+
+from rich.console import Console
+from rich.table import Table
+
+from ccra_export.parity import ParityReport
+
+
+class Steps:
+    """Named steps with a live spinner and elapsed time; each finished step stays as one line."""
+
+    def __init__(self, console: Console | None) -> None:
+        self.console = console
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[None]:
+        if self.console is None:
+            yield
+            return
+        start = time.perf_counter()
+        with self.console.status(f"{title}...", spinner="dots"):
+            yield
+        self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+
+    def info(self, line: str) -> None:
+        if self.console is not None:
+            self.console.print(line, highlight=False)
+
+
+SILENT = Steps(None)
+
+
+def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Table:
+    table = Table(title=f"{title} ({report.precision}, {report.backend})", title_justify="left")
+    for column in ("output", "shape", "max abs err", "max rel err", "abs err / scale", "cosine", "NaN/Inf", "result"):
+        table.add_column(column, justify="left" if column in ("output", "shape", "result") else "right")
+    for o in report.outputs:
+        result = "[green]pass[/green]" if o.passed else f"[red]FAIL[/red] {'; '.join(o.failures)}"
+        table.add_row(
+            o.name,
+            "x".join(map(str, o.shape)),
+            f"{o.max_abs_err:.3e}",
+            f"{o.max_rel_err:.3e}",
+            f"{o.scaled_max_abs_err:.3e}",
+            f"{o.cosine:.7f}",
+            str(o.nonfinite),
+            result,
+        )
+    return table

@@ -1,0 +1,151 @@
+"""Accuracy parity of a built artifact against the PyTorch reference, as numbers with thresholds.
+
+numpy only: the runtime (no torch) reports parity through the same code. Thresholds are the
+defaults of shared/DESIGN.md, overridable per build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+#: |a - b| / max(|b|, REL_ERR_FLOOR * max|b|): relative error without blowing up on zeros.
+REL_ERR_FLOOR = 1e-3
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Pass criteria for one output. ``None`` disables a check."""
+
+    min_cosine: float
+    max_scaled_abs_err: float | None = None  # max|a - b| / max|b|
+    allow_nonfinite: bool = False
+
+    def with_overrides(self, *, min_cosine: float | None = None, max_scaled_abs_err: float | None = None) -> Thresholds:
+        return dataclasses.replace(
+            self,
+            min_cosine=self.min_cosine if min_cosine is None else min_cosine,
+            max_scaled_abs_err=self.max_scaled_abs_err if max_scaled_abs_err is None else max_scaled_abs_err,
+        )
+
+
+DEFAULT_THRESHOLDS: dict[str, Thresholds] = {
+    "fp32": Thresholds(min_cosine=0.99999, max_scaled_abs_err=1e-4),
+    "fp16": Thresholds(min_cosine=0.999),
+    "int8": Thresholds(min_cosine=0.99),
+}
+
+
+def thresholds_for(precision: str) -> Thresholds:
+    return DEFAULT_THRESHOLDS[precision]
+
+
+@dataclass
+class OutputParity:
+    name: str
+    shape: tuple[int, ...]
+    max_abs_err: float
+    max_rel_err: float
+    scaled_max_abs_err: float
+    cosine: float
+    nonfinite: int
+    reference_scale: float
+    thresholds: Thresholds
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+
+def compare_output(name: str, actual: np.ndarray, reference: np.ndarray, thresholds: Thresholds) -> OutputParity:
+    """Metrics of ``actual`` (the artifact) against ``reference`` (PyTorch), in float64."""
+    if actual.shape != reference.shape:
+        return OutputParity(
+            name, tuple(actual.shape), np.inf, np.inf, np.inf, 0.0, 0, 0.0, thresholds,
+            [f"shape {tuple(actual.shape)} != reference {tuple(reference.shape)}"],
+        )
+    a = np.asarray(actual, dtype=np.float64).ravel()
+    b = np.asarray(reference, dtype=np.float64).ravel()
+    finite = np.isfinite(a)
+    nonfinite = int(a.size - finite.sum())
+    a, b = a[finite], b[finite]
+    diff = np.abs(a - b)
+    scale = float(np.abs(b).max()) if b.size else 0.0
+    max_abs = float(diff.max()) if diff.size else 0.0
+    floor = max(REL_ERR_FLOOR * scale, np.finfo(np.float64).tiny)
+    max_rel = float((diff / np.maximum(np.abs(b), floor)).max()) if diff.size else 0.0
+    scaled = max_abs / scale if scale > 0 else max_abs
+    norms = float(np.linalg.norm(a) * np.linalg.norm(b))
+    cosine = float(a @ b / norms) if norms > 0 else float(max_abs == 0.0)
+
+    failures = []
+    if nonfinite and not thresholds.allow_nonfinite:
+        failures.append(f"{nonfinite} NaN/Inf values")
+    if cosine < thresholds.min_cosine:
+        failures.append(f"cosine {cosine:.7f} < {thresholds.min_cosine}")
+    if thresholds.max_scaled_abs_err is not None and scaled > thresholds.max_scaled_abs_err:
+        failures.append(f"max abs error / output scale {scaled:.2e} > {thresholds.max_scaled_abs_err:.0e}")
+    return OutputParity(
+        name, tuple(actual.shape), max_abs, max_rel, scaled, cosine, nonfinite, scale, thresholds, failures
+    )
+
+
+@dataclass
+class ParityReport:
+    """Parity of every graph output for one set of inputs."""
+
+    precision: str
+    backend: str
+    outputs: list[OutputParity]
+    inputs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+    def failure_summary(self) -> str:
+        return "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in self.outputs if o.failures)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "passed": self.passed,
+            "precision": self.precision,
+            "backend": self.backend,
+            "reference": "PyTorch fp32 (ccra_export.vision_model)",
+            "rel_err_floor": f"{REL_ERR_FLOOR} * max|reference|",
+            "inputs": self.inputs,
+            "outputs": [
+                {
+                    "name": o.name,
+                    "shape": list(o.shape),
+                    "max_abs_err": o.max_abs_err,
+                    "max_rel_err": o.max_rel_err,
+                    "scaled_max_abs_err": o.scaled_max_abs_err,
+                    "cosine": o.cosine,
+                    "nonfinite": o.nonfinite,
+                    "reference_scale": o.reference_scale,
+                    "thresholds": dataclasses.asdict(o.thresholds),
+                    "passed": o.passed,
+                    "failures": o.failures,
+                }
+                for o in self.outputs
+            ],
+        }
+
+
+def compare_outputs(
+    actual: Mapping[str, np.ndarray],
+    reference: Mapping[str, np.ndarray],
+    *,
+    precision: str,
+    backend: str,
+    thresholds: Thresholds,
+    inputs: dict[str, Any] | None = None,
+) -> ParityReport:
+    outputs = [compare_output(name, actual[name], reference[name], thresholds) for name in reference]
+    return ParityReport(precision, backend, outputs, inputs or {})

@@ -1,0 +1,269 @@
+"""Wiring of the stages behind `ccra-export build` and `ccra-export check`.
+
+Each function here calls into a stage (export, runtime) and the shared core; the CLI parses
+flags and presents results. A build writes into a staging directory beside ``--output`` and
+renames it into place only when the bundle is complete, so a failure leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ccra_export import atomic
+from ccra_export.config import PRESETS, ModelConfig
+from ccra_export.console import SILENT, Steps
+from ccra_export.errors import BundleError, CCRAExportError, CheckpointError, ConfigError
+from ccra_export.manifest import (
+    MANIFEST_NAME,
+    PARITY_NAME,
+    file_entries,
+    new_manifest,
+    read_manifest,
+    verify_files,
+)
+from ccra_export.parity import ParityReport, Thresholds, compare_outputs, thresholds_for
+from ccra_export.sample_inputs import random_inputs
+
+PRECISIONS = ("fp32", "fp16")
+GRAPH_FILE = "vision.onnx"
+
+
+@dataclass
+class Source:
+    """The PyTorch reference a bundle is built from and checked against."""
+
+    model: Any  # CCRAVisionModel (torch stays out of this module's import time)
+    config: ModelConfig
+    record: dict[str, Any]
+    token_embeddings: np.ndarray | None = None
+
+
+@dataclass
+class ParityOptions:
+    batch: int = 2
+    text_len: int = 16
+    seed: int | None = 0  # None: a fresh random seed (check)
+    min_cosine: float | None = None
+    max_scaled_abs_err: float | None = None
+
+
+@dataclass
+class BuildOptions:
+    model: str
+    output: Path
+    precision: str = "fp16"
+    random_weights: bool = False
+    plain: bool = False
+    seed: int = 0
+    force: bool = False
+    backend: str = "auto"
+    opset: int = 20
+    external_data: str = "auto"
+    keep_ccra_fp32: bool = True
+    max_batch: int = 8
+    max_text_len: int = 512
+    parity: ParityOptions = field(default_factory=ParityOptions)
+
+
+@dataclass
+class BuildResult:
+    bundle: Path
+    manifest: dict[str, Any]
+    report: ParityReport
+
+
+def resolve_source(model: str, *, random_weights: bool, seed: int, plain: bool, steps: Steps = SILENT) -> Source:
+    """A preset (random weights only: presets carry no trained weights) or a checkpoint directory."""
+    from ccra_export.config import preset
+    from ccra_export.vision_model import build_model
+
+    if model in PRESETS:
+        if not random_weights:
+            raise ConfigError(
+                f"--model {model}: a preset has no trained weights; add --random-weights, or pass a checkpoint directory"
+            )
+        config = preset(model, plain=plain)
+        with steps.step(f"Building {config.name} ({config.variant}) with random weights, seed {seed}"):
+            built = build_model(config, seed=seed)
+        return Source(built, config, {"kind": "preset", "preset": model, "plain": plain, "seed": seed})
+
+    path = Path(model)
+    if not path.exists():
+        if os.sep in model or model.startswith("."):
+            raise CheckpointError(f"--model {model}: no such checkpoint directory")
+        raise ConfigError(f"--model: unknown preset {model!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory")
+    if random_weights or plain:
+        flag = "--random-weights" if random_weights else "--plain"
+        raise ConfigError(f"{flag} applies to presets; --model {model} is a checkpoint directory")
+    from ccra_export.checkpoint import load_checkpoint
+
+    with steps.step(f"Loading checkpoint {path}"):
+        loaded = load_checkpoint(path)
+    if loaded.config.ccra is None:
+        steps.info(f"{path}: no ccra.safetensors; building the plain LLaVA-1.5 variant (graph input: pixel_values only)")
+    record = {"kind": "checkpoint", "path": str(path.resolve()), "weights_sha256": loaded.weights_sha256}
+    return Source(loaded.model, loaded.config, record, loaded.token_embeddings())
+
+
+def _check_output_dir(output: Path, force: bool) -> None:
+    if output.exists():
+        if not output.is_dir():
+            raise BundleError(f"--output {output}: exists and is not a directory")
+        if (output / MANIFEST_NAME).exists():
+            if not force:
+                raise BundleError(f"--output {output}: already holds a bundle; pass --force to replace it")
+        elif any(output.iterdir()):
+            raise BundleError(f"--output {output}: exists, is not empty and holds no bundle; choose a new or empty directory")
+    parent = output.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BundleError(f"--output {output}: cannot create parent directory ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise BundleError(f"--output {output}: parent directory {parent} is not writable")
+
+
+def _thresholds(precision: str, options: ParityOptions, stored: dict[str, Any] | None = None) -> Thresholds:
+    base = Thresholds(**stored) if stored else thresholds_for(precision)
+    return base.with_overrides(min_cosine=options.min_cosine, max_scaled_abs_err=options.max_scaled_abs_err)
+
+
+def run_parity(
+    source: Source, backend: Any, backend_label: str, precision: str, thresholds: Thresholds, options: ParityOptions
+) -> ParityReport:
+    """The artifact and the PyTorch reference on the same seeded inputs."""
+    from ccra_export.vision_model import reference_outputs
+
+    feeds = random_inputs(
+        source.config,
+        batch=options.batch,
+        text_len=options.text_len,
+        seed=options.seed,
+        token_embeddings=source.token_embeddings,
+    )
+    reference = reference_outputs(source.model, feeds)
+    actual = backend.run(feeds)
+    described = {
+        "seed": options.seed,
+        "batch": options.batch,
+        "text_len": options.text_len if source.config.ccra is not None else None,
+        "text_embeds": "token embedding table rows" if source.token_embeddings is not None else "N(0, 1)",
+    }
+    return compare_outputs(
+        actual, reference, precision=precision, backend=backend_label, thresholds=thresholds, inputs=described
+    )
+
+
+def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
+    """Export, check, run and parity-check the vision graph; write the bundle atomically."""
+    if options.precision not in PRECISIONS:
+        raise ConfigError(f"--precision {options.precision}: expected one of {', '.join(PRECISIONS)}")
+    output = Path(options.output)
+    _check_output_dir(output, options.force)
+    source = resolve_source(options.model, random_weights=options.random_weights, seed=options.seed, plain=options.plain, steps=steps)
+
+    import torch
+
+    from ccra_export.ccra_module import ccra_parameter_count
+    from ccra_export.export import check_graph, convert_to_fp16, export_model_proto, graph_interface, save_model
+    from ccra_export.runtime.backends import select_backend
+
+    config = source.config
+    try:
+        with atomic.staged_directory(output, replace=options.force) as stage:
+            with steps.step(f"Exporting {config.name} to ONNX (opset {options.opset}, dynamic batch)"):
+                proto = export_model_proto(source.model, opset=options.opset)
+            if options.precision == "fp16":
+                with steps.step("Converting to FP16 (Softmax and the CCRA module kept FP32)"):
+                    proto = convert_to_fp16(proto, keep_ccra_fp32=options.keep_ccra_fp32)
+            with steps.step(f"Writing {GRAPH_FILE}"):
+                graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
+                del proto
+            with steps.step("onnx.checker full check and shape inference"):
+                interface = graph_interface(check_graph(stage / GRAPH_FILE))
+            with steps.step("Creating the runtime session"):
+                backend, backend_line = select_backend(options.backend, stage / GRAPH_FILE)
+            steps.info(backend_line)
+            thresholds = _thresholds(options.precision, options.parity)
+            with steps.step(f"Parity vs PyTorch (batch {options.parity.batch}, seed {options.parity.seed})"):
+                report = run_parity(source, backend, backend.name, options.precision, thresholds, options.parity)
+            atomic.write_json(stage / PARITY_NAME, report.to_dict())
+            dynamic_axes = {"batch": {"min": 1, "opt": 1, "max": options.max_batch}}
+            if config.ccra is not None:
+                dynamic_axes["text_len"] = {"min": 1, "opt": min(64, options.max_text_len), "max": options.max_text_len}
+            manifest = new_manifest(
+                model=config.to_dict(),
+                variant=config.variant,
+                ccra_parameters=ccra_parameter_count(config.ccra, config.vision.hidden_size) if config.ccra else 0,
+                source=source.record,
+                precision=options.precision,
+                export={
+                    "exporter": f"torch.onnx (dynamo) torch {torch.__version__}",
+                    "opset": interface["opset"],
+                    "ir_version": interface["ir_version"],
+                    "ccra_fp32_in_fp16": options.keep_ccra_fp32 if options.precision == "fp16" else None,
+                },
+                graph={"file": GRAPH_FILE, "external_data": graph_files[1:], "inputs": interface["inputs"], "outputs": interface["outputs"]},
+                dynamic_axes=dynamic_axes,
+                files=file_entries(stage, graph_files),
+                backend={"name": backend.name, "description": backend.description},
+                parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(thresholds)},
+                engine=None,
+                plugin=None,
+            )
+            atomic.write_json(stage / MANIFEST_NAME, manifest)
+    except OSError as exc:
+        raise BundleError(f"--output {output}: cannot write the bundle ({exc.strerror or exc})") from None
+    return BuildResult(output, manifest, report)
+
+
+def source_from_manifest(manifest: dict[str, Any], model_override: str | None, steps: Steps = SILENT) -> Source:
+    """Rebuild the PyTorch reference a bundle was built from, refusing a changed checkpoint."""
+    record = manifest["source"]
+    if record["kind"] == "preset":
+        if model_override:
+            raise ConfigError("--model applies to bundles built from a checkpoint; this one was built from a preset")
+        return resolve_source(record["preset"], random_weights=True, seed=record["seed"], plain=record["plain"], steps=steps)
+    path = model_override or record["path"]
+    if not Path(path).is_dir():
+        raise CheckpointError(f"checkpoint {path} (from the manifest) is not there; pass --model with its new location")
+    source = resolve_source(path, random_weights=False, seed=0, plain=False, steps=steps)
+    if source.record["weights_sha256"] != record["weights_sha256"]:
+        raise CheckpointError(f"--model {path}: weights differ from the ones this bundle was built from (sha256 mismatch)")
+    return source
+
+
+def check_bundle(
+    bundle: Path,
+    *,
+    parity: ParityOptions,
+    backend: str = "auto",
+    model_override: str | None = None,
+    steps: Steps = SILENT,
+) -> ParityReport:
+    """Re-run parity of a built bundle on fresh random inputs (a new seed unless one is given)."""
+    from ccra_export.runtime.backends import select_backend
+
+    manifest = read_manifest(bundle)
+    with steps.step("Verifying bundle file hashes"):
+        verify_files(bundle, manifest)
+    try:
+        source = source_from_manifest(manifest, model_override, steps)
+    except CCRAExportError:
+        raise
+    except KeyError as exc:
+        raise BundleError(f"{bundle / MANIFEST_NAME}: manifest lacks {exc}") from None
+    runner, line = select_backend(backend, Path(bundle) / manifest["graph"]["file"])
+    steps.info(line)
+    if parity.seed is None:
+        parity.seed = secrets.randbelow(2**31)
+    thresholds = _thresholds(manifest["precision"], parity, manifest["parity"]["thresholds"])
+    with steps.step(f"Parity vs PyTorch (batch {parity.batch}, seed {parity.seed})"):
+        return run_parity(source, runner, runner.name, manifest["precision"], thresholds, parity)

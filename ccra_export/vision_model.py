@@ -1,0 +1,137 @@
+"""The exported graph as a PyTorch module: CLIP vision tower -> (CCRA) -> LLaVA-1.5 projector.
+
+The tower is Hugging Face's own ``CLIPVisionModel``, so the plain variant reproduces
+``LlavaForConditionalGeneration``'s vision path bit for bit. Encoder layers after the last one
+the graph reads are dropped: they cost a full ViT layer and change no output.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from transformers import CLIPVisionConfig, CLIPVisionModel
+from transformers.activations import ACT2FN
+
+from ccra_export.ccra_module import CCRA
+from ccra_export.config import ModelConfig
+
+# Graph I/O names: the ONNX graph, the TensorRT engine and the runtime all use these.
+PIXEL_VALUES = "pixel_values"
+TEXT_EMBEDS = "text_embeds"
+TEXT_MASK = "text_mask"
+VISUAL_TOKENS = "visual_tokens"
+LPWCA_ATTENTION = "lpwca_attention"
+
+
+def input_names(config: ModelConfig) -> list[str]:
+    return [PIXEL_VALUES] if config.ccra is None else [PIXEL_VALUES, TEXT_EMBEDS, TEXT_MASK]
+
+
+def output_names(config: ModelConfig) -> list[str]:
+    return [VISUAL_TOKENS] if config.ccra is None else [VISUAL_TOKENS, LPWCA_ATTENTION]
+
+
+def hf_vision_config(config: ModelConfig, num_layers: int | None = None) -> CLIPVisionConfig:
+    v = config.vision
+    return CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=num_layers or v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        num_channels=v.num_channels,
+        layer_norm_eps=v.layer_norm_eps,
+        hidden_act=v.hidden_act,
+        attn_implementation="eager",
+    )
+
+
+class LlavaProjector(nn.Module):
+    """LLaVA-1.5 ``mlp2x_gelu``; same parameter names as ``LlavaMultiModalProjector``."""
+
+    def __init__(self, in_features: int, out_features: int, act: str, bias: bool) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, out_features, bias=bias)
+        self.act = ACT2FN[act]
+        self.linear_2 = nn.Linear(out_features, out_features, bias=bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(features)))
+
+
+class CCRAVisionModel(nn.Module):
+    """pixel_values [B,3,H,W] (+ text_embeds [B,T,Dt], text_mask [B,T]) -> visual tokens [B,N,Dlm]."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_tower = CLIPVisionModel(hf_vision_config(config, config.tower_layers_needed))
+        self.ccra = (
+            CCRA(config.ccra, config.vision.hidden_size, config.num_patches) if config.ccra is not None else None
+        )
+        self.multi_modal_projector = LlavaProjector(
+            config.vision.hidden_size, config.lm_hidden_size, config.projector_act, config.projector_bias
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        hidden_states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
+        if self.ccra is None:
+            return self.multi_modal_projector(hidden_states[self.config.tower_layers_needed][:, 1:])
+        if text_embeds is None or text_mask is None:
+            raise ValueError("the CCRA variant needs text_embeds and text_mask")
+        stacked = torch.stack([hidden_states[i][:, 1:] for i in self.config.ccra.feature_layers], dim=1)
+        fused, attention = self.ccra(stacked, text_embeds, text_mask)
+        return self.multi_modal_projector(fused), attention
+
+
+@torch.no_grad()
+def randomize_weights(model: CCRAVisionModel, seed: int) -> CCRAVisionModel:
+    """Seeded, trained-like random weights.
+
+    PyTorch's default init leaves LayerNorm at identity, biases at zero and the CCRA layer scale
+    tiny, which would hide exactly the branches a parity check must see. Here every tensor is
+    perturbed at a scale that keeps activations O(1), so every stage moves the output.
+    """
+    gen = torch.Generator().manual_seed(seed)
+
+    def normal(shape: torch.Size, std: float) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * std
+
+    for name, param in model.named_parameters():
+        if "norm" in name or "layrnorm" in name:
+            param.copy_((1.0 if name.endswith("weight") else 0.0) + normal(param.shape, 0.1))
+        elif name.endswith("gamma"):
+            param.copy_(0.5 + normal(param.shape, 0.1))
+        elif name.endswith("layer_embed"):
+            param.copy_(normal(param.shape, 0.5))
+        elif param.ndim == 1:  # biases, class embedding
+            param.copy_(normal(param.shape, 0.02))
+        else:
+            fan_in = param[0].numel()
+            param.copy_(normal(param.shape, fan_in**-0.5))
+    return model
+
+
+def build_model(config: ModelConfig, *, seed: int | None = None) -> CCRAVisionModel:
+    """An eval-mode model; ``seed`` fills it with :func:`randomize_weights`."""
+    model = CCRAVisionModel(config).eval()
+    if seed is not None:
+        randomize_weights(model, seed)
+    return model
+
+
+@torch.no_grad()
+def reference_outputs(model: CCRAVisionModel, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run the FP32 PyTorch reference on numpy feeds; outputs keyed by graph output name."""
+    config = model.config
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in input_names(config)]
+    outputs = model.float()(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {name: out.numpy() for name, out in zip(output_names(config), outputs, strict=True)}

@@ -1,0 +1,57 @@
+"""FP32 -> FP16 ONNX conversion that keeps the overflow-prone parts in FP32.
+
+Uses ONNX Runtime's ``float16`` converter (the tool the ORT transformer optimizer uses), with:
+- ``Softmax`` blocked from FP16: its inputs and accumulation stay FP32 (large logits overflow).
+- ``LayerNormalization`` converted, because the exporter writes ``stash_type=1``: ONNX then
+  defines the mean/variance in FP32 whatever the I/O type, and TensorRT's parser honours it.
+- every node of the CCRA module kept FP32 (unless ``keep_ccra_fp32=False``): LPWCA multiplies
+  features by G = L*N*A, up to L*N (13,248 for llava-1.5-7b) where attention peaks, which
+  overflows FP16 on CLIP's large-magnitude channels. It is ~4% of the graph's FLOPs.
+Graph inputs and outputs become FP16 (the mask stays int64); the manifest records the types.
+"""
+
+from __future__ import annotations
+
+import ast
+
+import onnx
+import onnx_ir as ir
+from onnxruntime.transformers import float16
+
+NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
+CCRA_SCOPE = "ccra"
+FP32_OP_TYPES = ("Softmax",)
+
+
+def node_scope(node: onnx.NodeProto) -> list[str]:
+    """Module path the exporter recorded for a node: ['', 'ccra', 'ccra.key', ...]."""
+    for prop in node.metadata_props:
+        if prop.key == NAME_SCOPES_KEY:
+            try:
+                return list(ast.literal_eval(prop.value))
+            except (ValueError, SyntaxError):
+                return []
+    return []
+
+
+def nodes_in_scope(proto: onnx.ModelProto, scope: str) -> list[str]:
+    """Names of nodes traced from inside the submodule ``scope`` (top-level attribute name)."""
+    return [n.name for n in proto.graph.node if scope in node_scope(n)[1:2]]
+
+
+def convert_to_fp16(proto: onnx.ModelProto, *, keep_ccra_fp32: bool = True) -> onnx.ModelProto:
+    """Convert ``proto`` (in place) to FP16 with FP16 graph I/O and return it, topologically sorted."""
+    blocked_nodes = nodes_in_scope(proto, CCRA_SCOPE) if keep_ccra_fp32 else []
+    converted = float16.convert_float_to_float16(
+        proto,
+        keep_io_types=False,
+        op_block_list=[*float16.DEFAULT_OP_BLOCK_LIST, *FP32_OP_TYPES],
+        node_block_list=blocked_nodes,
+    )
+    # The converter leaves intermediate value_info with stale element types and appends its Cast
+    # nodes at the end of the node list. Shape inference recomputes the former; ONNX requires
+    # topological order (ORT tolerates the disorder, onnx.checker and TensorRT's parser do not).
+    del converted.graph.value_info[:]
+    model = ir.from_proto(converted)
+    model.graph.sort()
+    return ir.to_proto(model)

@@ -1,0 +1,122 @@
+"""PyTorch -> ONNX for the vision tower + CCRA projector, with dynamic batch and text length.
+
+Uses the dynamo exporter (``torch.onnx.export(dynamo=True)``), the path PyTorch maintains, and
+writes the graph with external data when its weights approach protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Literal
+
+import onnx
+import torch
+
+from ccra_export import __version__
+from ccra_export.config import ModelConfig
+from ccra_export.vision_model import (
+    PIXEL_VALUES,
+    TEXT_EMBEDS,
+    TEXT_MASK,
+    CCRAVisionModel,
+    input_names,
+    output_names,
+)
+
+DEFAULT_OPSET = 20
+MIN_OPSET = 17
+BATCH_DIM = "batch"
+TEXT_LEN_DIM = "text_len"
+#: Above this many bytes of weights the graph is saved with external data (protobuf caps at 2 GiB).
+EXTERNAL_DATA_AUTO_BYTES = 1536 << 20
+
+ExternalData = Literal["auto", "always", "never"]
+
+
+@contextlib.contextmanager
+def _quiet_exporter() -> Iterator[None]:
+    """The exporter logs optional-dependency notes (torchvision ops) and deprecation warnings
+    that say nothing about this graph; keep the user's terminal for what matters."""
+    logger = logging.getLogger("torch.onnx")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def example_inputs(config: ModelConfig, batch: int = 2, text_len: int = 8) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs. Sizes above 1 so the exporter cannot specialise a dynamic axis to 1."""
+    gen = torch.Generator().manual_seed(0)
+    v = config.vision
+    pixels = torch.randn(batch, v.num_channels, v.image_size, v.image_size, generator=gen)
+    if config.ccra is None:
+        return (pixels,)
+    text = torch.randn(batch, text_len, config.text_hidden_size, generator=gen)
+    return pixels, text, torch.ones(batch, text_len, dtype=torch.int64)
+
+
+def _dynamic_shapes(config: ModelConfig) -> dict[str, dict[int, torch.export.Dim]]:
+    batch = torch.export.Dim(BATCH_DIM, min=1)
+    shapes = {PIXEL_VALUES: {0: batch}}
+    if config.ccra is not None:
+        text_len = torch.export.Dim(TEXT_LEN_DIM, min=1)
+        shapes[TEXT_EMBEDS] = {0: batch, 1: text_len}
+        shapes[TEXT_MASK] = {0: batch, 1: text_len}
+    return shapes
+
+
+def export_model_proto(model: CCRAVisionModel, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
+    """Trace ``model`` to an in-memory FP32 ONNX model with symbolic ``batch``/``text_len`` axes."""
+    if opset < MIN_OPSET:
+        raise ValueError(f"--opset {opset}: LayerNormalization needs opset >= {MIN_OPSET}")
+    config = model.config
+    with _quiet_exporter(), torch.no_grad():
+        program = torch.onnx.export(
+            model.eval(),
+            example_inputs(config),
+            input_names=input_names(config),
+            output_names=output_names(config),
+            dynamic_shapes=_dynamic_shapes(config),
+            opset_version=opset,
+            dynamo=True,
+            verbose=False,
+        )
+    proto = program.model_proto
+    proto.producer_name = "ccra-export"
+    proto.producer_version = __version__
+    proto.doc_string = f"CCRA vision graph ({config.variant}, {config.name}): {', '.join(input_names(config))} -> visual tokens"
+    onnx.helper.set_model_props(proto, {"ccra_export.variant": config.variant, "ccra_export.model": config.name})
+    return proto
+
+
+def initializer_bytes(proto: onnx.ModelProto) -> int:
+    return sum(len(t.raw_data) for t in proto.graph.initializer)
+
+
+def save_model(proto: onnx.ModelProto, path: Path, external_data: ExternalData = "auto") -> list[str]:
+    """Save ``proto`` at ``path``; returns the bundle-relative file names written (graph first)."""
+    use_external = external_data == "always" or (
+        external_data == "auto" and initializer_bytes(proto) > EXTERNAL_DATA_AUTO_BYTES
+    )
+    path = Path(path)
+    if not use_external:
+        onnx.save_model(proto, str(path))
+        return [path.name]
+    location = f"{path.name}.data"
+    onnx.save_model(
+        proto,
+        str(path),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=location,
+        size_threshold=1024,
+    )
+    return [path.name, location]

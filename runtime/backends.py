@@ -1,0 +1,159 @@
+""""A compiled vision graph you can run": one small interface, several engines behind it.
+
+ONNX Runtime is the embedded default (CPU execution provider everywhere; CUDA when the
+onnxruntime-gpu build is installed). TensorRT is optional and imported lazily: where it is
+absent, asking for it fails with one line that says so, never a traceback. No torch here.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from ccra_export.errors import BackendUnavailableError, BundleError
+
+BackendKind = Literal["auto", "ort", "trt"]
+BACKEND_KINDS: tuple[str, ...] = ("auto", "ort", "trt")
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+class VisionBackend(ABC):
+    """Runs the vision graph: named numpy inputs in, named numpy outputs out."""
+
+    #: short engine name recorded in manifests and parity reports
+    name: str
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """One line for the terminal: engine, version, device."""
+
+    @property
+    @abstractmethod
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        """dtype each graph input expects (float16 inputs for FP16 graphs)."""
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with ``feeds`` cast to the graph's input types; unknown names are an error."""
+        dtypes = self.input_dtypes
+        unknown = set(feeds) - set(dtypes)
+        missing = set(dtypes) - set(feeds)
+        if unknown or missing:
+            raise ValueError(f"graph inputs are {sorted(dtypes)}; got {sorted(feeds)}")
+        return self._run({k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feeds.items()})
+
+
+@dataclass(frozen=True)
+class _OrtInfo:
+    version: str
+    providers: tuple[str, ...]
+
+
+def _ort_info() -> _OrtInfo:
+    import onnxruntime as ort
+
+    return _OrtInfo(ort.__version__, tuple(ort.get_available_providers()))
+
+
+class OrtBackend(VisionBackend):
+    """ONNX Runtime session over an ONNX file (external data next to it is found by ORT)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        custom_op_libraries: Sequence[str | Path] = (),
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3  # errors only: ORT's warnings are about its own optimizers
+        for library in custom_op_libraries:
+            options.register_custom_ops_library(str(library))
+        chosen = list(providers) if providers else default_ort_providers()
+        try:
+            self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=chosen)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{onnx_path}: ONNX Runtime cannot load the graph ({first})") from None
+        self._dtypes = {i.name: np.dtype(_ORT_TYPES[i.type]) for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @property
+    def description(self) -> str:
+        return f"ONNX Runtime {_ort_info().version} ({self.providers[0]})"
+
+    @property
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        return dict(self._dtypes)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
+
+
+def default_ort_providers() -> list[str]:
+    """CUDA first when this ONNX Runtime build has it, CPU always last."""
+    available = _ort_info().providers
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+
+
+def tensorrt_status() -> tuple[bool, str]:
+    """(usable, one-line reason): TensorRT imports and can see a GPU."""
+    try:
+        trt = importlib.import_module("tensorrt")
+    except Exception as exc:  # ImportError, or OSError from a missing libnvinfer
+        return False, f"TensorRT is not installed (import tensorrt: {type(exc).__name__}: {exc})"
+    version = getattr(trt, "__version__", "?")
+    try:
+        builder = trt.Builder(trt.Logger(trt.Logger.ERROR))
+    except Exception as exc:  # no driver / no GPU
+        return False, f"TensorRT {version} is installed but cannot create a builder ({exc})"
+    if builder is None:
+        return False, f"TensorRT {version} is installed but found no usable GPU"
+    return True, f"TensorRT {version}"
+
+
+def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> tuple[VisionBackend, str]:
+    """The backend for ``--backend kind`` and one line saying what was picked and why."""
+    if kind not in BACKEND_KINDS:
+        raise BackendUnavailableError(f"--backend {kind}: expected one of {', '.join(BACKEND_KINDS)}")
+    if kind in ("auto", "trt"):
+        usable, reason = tensorrt_status()
+        if usable:
+            # The native engine backend (engine build, plugin loading, manifest checks) is the
+            # TensorRT issue's work; until it lands, say so rather than run something else silently.
+            message = f"{reason} found, but the native TensorRT engine backend is not implemented yet"
+            if kind == "trt":
+                raise BackendUnavailableError(f"--backend trt: {message}; use --backend ort")
+            backend = OrtBackend(onnx_path, **ort_options)
+            return backend, f"backend: {backend.description} ({message})"
+        if kind == "trt":
+            raise BackendUnavailableError(f"--backend trt: {reason}; install TensorRT 10+ or use --backend ort")
+        backend = OrtBackend(onnx_path, **ort_options)
+        return backend, f"backend: {backend.description} (auto: {reason})"
+    backend = OrtBackend(onnx_path, **ort_options)
+    return backend, f"backend: {backend.description}"
