@@ -84,7 +84,9 @@ def model_config_from_hf(config_path: Path, ccra: CCRAConfig | None) -> ModelCon
     if vc.model_type != "clip_vision_model":
         raise CheckpointError(f"{config_path}: vision_config is {vc.model_type!r}; expected 'clip_vision_model'")
     if not isinstance(hf.vision_feature_layer, int):
-        raise CheckpointError(f"{config_path}: vision_feature_layer must be one layer index, got {hf.vision_feature_layer}")
+        raise CheckpointError(
+            f"{config_path}: vision_feature_layer must be one layer index, got {hf.vision_feature_layer}"
+        )
     if hf.vision_feature_select_strategy != "default":
         raise CheckpointError(
             f"{config_path}: vision_feature_select_strategy {hf.vision_feature_select_strategy!r} is not "
@@ -143,7 +145,7 @@ def _weight_files(root: Path) -> list[Path]:
     return files
 
 
-def _open(path: Path):  # noqa: ANN202 - safetensors' handle type is private
+def _open(path: Path):
     try:
         return safe_open(str(path), "pt")
     except (SafetensorError, OSError, ValueError) as exc:
@@ -177,13 +179,38 @@ def _read_ccra(root: Path, digest: TensorDigest) -> tuple[CCRAConfig, dict[str, 
 
 
 def _check_positions(config: ModelConfig, tower: dict[str, torch.Tensor], where: Path) -> None:
-    positions = tower.get("vision_model.embeddings.position_embedding.weight")
+    positions = tower.get("embeddings.position_embedding.weight")
     if positions is not None and positions.shape[0] != config.num_patches + 1:
         raise CheckpointError(
             f"{where}/config.json: vision_config image_size {config.vision.image_size} / patch_size "
             f"{config.vision.patch_size} gives {config.num_patches + 1} positions, but the weights have "
             f"{positions.shape[0]}: the config's image size does not match the checkpoint"
         )
+
+
+def _tower_prefix(model: CCRAVisionModel) -> str:
+    """transformers 4.x nests CLIPVisionModel's weights under ``vision_model.``; 5.x does not."""
+    return "vision_model." if hasattr(model.vision_tower, "vision_model") else ""
+
+
+def _load_strict(model: CCRAVisionModel, state: dict[str, torch.Tensor], root: Path) -> None:
+    """load_state_dict(strict) with a one-line reason: the first offending names and a count."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(k for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
+    problems = []
+    for label, names in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong)):
+        if names:
+            more = f" (+{len(names) - 2} more)" if len(names) > 2 else ""
+            shown = [
+                f"{n} {tuple(state[n].shape)} vs {tuple(expected[n].shape)}" if label == "wrong shape" else n
+                for n in names[:2]
+            ]
+            problems.append(f"{label}: {', '.join(shown)}{more}")
+    if problems:
+        raise CheckpointError(f"{root}: weights do not match config.json / ccra_config ({'; '.join(problems)})")
+    model.load_state_dict(state, strict=True)
 
 
 def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
@@ -206,7 +233,7 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
                     layer = _ENCODER_LAYER.match(rest)
                     if layer is not None and int(layer[1]) >= config.tower_layers_needed:
                         continue  # layers after the last one read are not part of the graph
-                    target, key = tower, f"vision_model.{rest}"
+                    target, key = tower, rest
                 elif (match := _PROJECTOR.match(name)) is not None:
                     target, key = projector, match["rest"]
                 else:
@@ -225,15 +252,11 @@ def load_checkpoint(path: str | Path) -> LoadedCheckpoint:
     _check_positions(config, tower, root)
 
     model = build_model(config)
-    state = {f"vision_tower.{k}": v for k, v in tower.items()}
+    state = {f"vision_tower.{_tower_prefix(model)}{k}": v for k, v in tower.items()}
     state.update({f"multi_modal_projector.{k}": v for k, v in projector.items()})
     if ccra_part is not None:
         state.update({f"ccra.{k}": v for k, v in ccra_part[1].items()})
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        raise CheckpointError(f"{root}: weights do not match config.json / ccra_config ({first})") from None
+    _load_strict(model, state, root)
     return LoadedCheckpoint(model.eval(), config, root, digest.hexdigest(), embed_tokens)
 
 

@@ -44,11 +44,34 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
 
 def _parity_options(command: Callable[..., Any]) -> Callable[..., Any]:
     options = [
-        click.option("--parity-batch", default=2, show_default=True, type=click.IntRange(1, 64), help="Batch size of the parity inputs."),
-        click.option("--parity-text-len", default=16, show_default=True, type=click.IntRange(1, 4096), help="Instruction length (tokens) of the parity inputs."),
-        click.option("--min-cosine", type=click.FloatRange(-1.0, 1.0), help="Override the cosine-similarity threshold (default per precision: fp32 0.99999, fp16 0.999)."),
-        click.option("--max-abs-err", "max_scaled_abs_err", type=click.FloatRange(0.0), help="Override the max |error| / max |reference| threshold (default: 1e-4 for fp32, off for fp16)."),
-        click.option("--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True, help=BACKEND_HELP),
+        click.option(
+            "--parity-batch",
+            default=2,
+            show_default=True,
+            type=click.IntRange(1, 64),
+            help="Batch size of the parity inputs.",
+        ),
+        click.option(
+            "--parity-text-len",
+            default=16,
+            show_default=True,
+            type=click.IntRange(1, 4096),
+            help="Instruction length (tokens) of the parity inputs.",
+        ),
+        click.option(
+            "--min-cosine",
+            type=click.FloatRange(-1.0, 1.0),
+            help="Override the cosine-similarity threshold (default per precision: fp32 0.99999, fp16 0.999).",
+        ),
+        click.option(
+            "--max-abs-err",
+            "max_scaled_abs_err",
+            type=click.FloatRange(0.0),
+            help="Override the max |error| / max |reference| threshold (default: 1e-4 for fp32, off for fp16).",
+        ),
+        click.option(
+            "--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True, help=BACKEND_HELP
+        ),
     ]
     for option in reversed(options):
         command = option(command)
@@ -72,23 +95,98 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--model", "model", required=True, metavar="PRESET|DIR", help=f"A preset ({', '.join(PRESETS)}) with --random-weights, or a local Hugging Face LLaVA-1.5 checkpoint directory (see README: Checkpoint layout).")
-@click.option("--output", "-o", required=True, type=click.Path(path_type=Path), help="Bundle directory to write; must be new or empty (or a bundle, with --force).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp16", show_default=True, help="Precision of the exported graph (weights, compute and I/O). FP16 keeps Softmax and the CCRA module in FP32.")
-@click.option("--random-weights", is_flag=True, help="Fill a preset with seeded random weights (tests, benchmarks, trying the toolchain).")
-@click.option("--plain", is_flag=True, help="With a preset: the plain LLaVA-1.5 variant (projector only, no CCRA; input pixel_values only).")
+@click.option(
+    "--model",
+    "model",
+    required=True,
+    metavar="PRESET|DIR",
+    help=f"A preset ({', '.join(PRESETS)}) with --random-weights, or a local Hugging Face LLaVA-1.5 "
+    "checkpoint directory (see README: Checkpoint layout).",
+)
+@click.option(
+    "--output",
+    "-o",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle directory to write; must be new or empty (or a bundle, with --force).",
+)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16"]),
+    default="fp16",
+    show_default=True,
+    help="Precision of the exported graph (weights, compute and I/O). FP16 keeps Softmax and the CCRA module in FP32.",
+)
+@click.option(
+    "--random-weights",
+    is_flag=True,
+    help="Fill a preset with seeded random weights (tests, benchmarks, trying the toolchain).",
+)
+@click.option(
+    "--plain",
+    is_flag=True,
+    help="With a preset: the plain LLaVA-1.5 variant (projector only, no CCRA; input pixel_values only).",
+)
 @click.option("--seed", default=0, show_default=True, help="Seed for --random-weights and for the parity inputs.")
-@click.option("--force", is_flag=True, help="Replace an existing bundle in --output (only once the new one is complete).")
-@click.option("--opset", default=20, show_default=True, type=click.IntRange(17, 23), help="ONNX opset (>= 17 for LayerNormalization).")
-@click.option("--external-data", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True, help="Store weights in vision.onnx.data. auto: when they exceed 1.5 GiB (protobuf's limit is 2 GiB).")
-@click.option("--ccra-fp16/--ccra-fp32", "ccra_fp16", default=False, show_default=True, help="With --precision fp16: run the CCRA module in FP16 too (LPWCA's re-weighting can overflow FP16).")
-@click.option("--max-batch", default=8, show_default=True, type=click.IntRange(1), help="Largest batch recorded in the manifest's optimization profile (TensorRT engines).")
-@click.option("--max-text-len", default=512, show_default=True, type=click.IntRange(1), help="Longest instruction (tokens) recorded in the manifest's optimization profile.")
+@click.option(
+    "--force", is_flag=True, help="Replace an existing bundle in --output (only once the new one is complete)."
+)
+@click.option(
+    "--opset",
+    default=20,
+    show_default=True,
+    type=click.IntRange(17, 23),
+    help="ONNX opset (>= 17 for LayerNormalization).",
+)
+@click.option(
+    "--external-data",
+    type=click.Choice(["auto", "always", "never"]),
+    default="auto",
+    show_default=True,
+    help="Store weights in vision.onnx.data. auto: when they exceed 1.5 GiB (protobuf's limit is 2 GiB).",
+)
+@click.option(
+    "--ccra-fp16/--ccra-fp32",
+    "ccra_fp16",
+    default=False,
+    show_default=True,
+    help="With --precision fp16: run the CCRA module in FP16 too (LPWCA's re-weighting can overflow FP16).",
+)
+@click.option(
+    "--max-batch",
+    default=8,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Largest batch recorded in the manifest's optimization profile (TensorRT engines).",
+)
+@click.option(
+    "--max-text-len",
+    default=512,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Longest instruction (tokens) recorded in the manifest's optimization profile.",
+)
 @_parity_options
 @_reports_errors
-def build(model: str, output: Path, precision: str, random_weights: bool, plain: bool, seed: int, force: bool,
-          opset: int, external_data: str, ccra_fp16: bool, max_batch: int, max_text_len: int, parity_batch: int,
-          parity_text_len: int, min_cosine: float | None, max_scaled_abs_err: float | None, backend: str) -> None:
+def build(
+    model: str,
+    output: Path,
+    precision: str,
+    random_weights: bool,
+    plain: bool,
+    seed: int,
+    force: bool,
+    opset: int,
+    external_data: str,
+    ccra_fp16: bool,
+    max_batch: int,
+    max_text_len: int,
+    parity_batch: int,
+    parity_text_len: int,
+    min_cosine: float | None,
+    max_scaled_abs_err: float | None,
+    backend: str,
+) -> None:
     """Export the vision graph, run it, check parity against PyTorch, write a bundle.
 
     Exit code 0 only when parity passes; 3 when it fails (the bundle is still written, so
@@ -98,11 +196,26 @@ def build(model: str, output: Path, precision: str, random_weights: bool, plain:
     from ccra_export.pipeline import BuildOptions, ParityOptions, build_bundle
 
     options = BuildOptions(
-        model=model, output=output, precision=precision, random_weights=random_weights, plain=plain, seed=seed,
-        force=force, backend=backend, opset=opset, external_data=external_data, keep_ccra_fp32=not ccra_fp16,
-        max_batch=max_batch, max_text_len=max_text_len,
-        parity=ParityOptions(batch=parity_batch, text_len=parity_text_len, seed=seed, min_cosine=min_cosine,
-                             max_scaled_abs_err=max_scaled_abs_err),
+        model=model,
+        output=output,
+        precision=precision,
+        random_weights=random_weights,
+        plain=plain,
+        seed=seed,
+        force=force,
+        backend=backend,
+        opset=opset,
+        external_data=external_data,
+        keep_ccra_fp32=not ccra_fp16,
+        max_batch=max_batch,
+        max_text_len=max_text_len,
+        parity=ParityOptions(
+            batch=parity_batch,
+            text_len=parity_text_len,
+            seed=seed,
+            min_cosine=min_cosine,
+            max_scaled_abs_err=max_scaled_abs_err,
+        ),
     )
     result = build_bundle(options, Steps(_stderr))
     _stdout.print(parity_table(result.report))
@@ -112,13 +225,27 @@ def build(model: str, output: Path, precision: str, random_weights: bool, plain:
 
 
 @main.command()
-@click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory written by `ccra-export build`.")
-@click.option("--seed", type=int, default=None, help="Seed of the fresh parity inputs (default: a new random seed, printed).")
-@click.option("--model", "model_override", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build.")
+@click.option(
+    "--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory written by `ccra-export build`."
+)
+@click.option(
+    "--seed", type=int, default=None, help="Seed of the fresh parity inputs (default: a new random seed, printed)."
+)
+@click.option(
+    "--model", "model_override", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build."
+)
 @_parity_options
 @_reports_errors
-def check(bundle: Path, seed: int | None, model_override: str | None, parity_batch: int, parity_text_len: int,
-          min_cosine: float | None, max_scaled_abs_err: float | None, backend: str) -> None:
+def check(
+    bundle: Path,
+    seed: int | None,
+    model_override: str | None,
+    parity_batch: int,
+    parity_text_len: int,
+    min_cosine: float | None,
+    max_scaled_abs_err: float | None,
+    backend: str,
+) -> None:
     """Re-run parity of a bundle against PyTorch on fresh random inputs.
 
     Verifies the bundle's file hashes, rebuilds the PyTorch reference from the manifest's
@@ -127,8 +254,13 @@ def check(bundle: Path, seed: int | None, model_override: str | None, parity_bat
     from ccra_export.console import Steps, parity_table
     from ccra_export.pipeline import ParityOptions, check_bundle
 
-    parity = ParityOptions(batch=parity_batch, text_len=parity_text_len, seed=seed, min_cosine=min_cosine,
-                           max_scaled_abs_err=max_scaled_abs_err)
+    parity = ParityOptions(
+        batch=parity_batch,
+        text_len=parity_text_len,
+        seed=seed,
+        min_cosine=min_cosine,
+        max_scaled_abs_err=max_scaled_abs_err,
+    )
     report = check_bundle(bundle, parity=parity, backend=backend, model_override=model_override, steps=Steps(_stderr))
     _stdout.print(parity_table(report, title=f"Parity check of {bundle}"))
     _finish(report)

@@ -35,8 +35,7 @@ class VisionTowerConfig:
     def validate(self, where: str) -> None:
         if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
             raise ConfigError(
-                f"{where}: image_size {self.image_size} must be a positive multiple of "
-                f"patch_size {self.patch_size}"
+                f"{where}: image_size {self.image_size} must be a positive multiple of patch_size {self.patch_size}"
             )
         if self.hidden_size % self.num_heads:
             raise ConfigError(
@@ -76,8 +75,7 @@ class CCRAConfig:
         bad = [i for i in self.feature_layers if not 1 <= i <= vision.num_layers]
         if bad:
             raise ConfigError(
-                f"{where}: CCRA feature_layers {bad} out of range; the vision tower has "
-                f"layers 1..{vision.num_layers}"
+                f"{where}: CCRA feature_layers {bad} out of range; the vision tower has layers 1..{vision.num_layers}"
             )
         if len(set(self.feature_layers)) != len(self.feature_layers):
             raise ConfigError(f"{where}: CCRA feature_layers has duplicates: {list(self.feature_layers)}")

@@ -66,7 +66,15 @@ def compare_output(name: str, actual: np.ndarray, reference: np.ndarray, thresho
     """Metrics of ``actual`` (the artifact) against ``reference`` (PyTorch), in float64."""
     if actual.shape != reference.shape:
         return OutputParity(
-            name, tuple(actual.shape), np.inf, np.inf, np.inf, 0.0, 0, 0.0, thresholds,
+            name,
+            tuple(actual.shape),
+            np.inf,
+            np.inf,
+            np.inf,
+            0.0,
+            0,
+            0.0,
+            thresholds,
             [f"shape {tuple(actual.shape)} != reference {tuple(reference.shape)}"],
         )
     a = np.asarray(actual, dtype=np.float64).ravel()

@@ -87,7 +87,8 @@ def resolve_source(model: str, *, random_weights: bool, seed: int, plain: bool, 
     if model in PRESETS:
         if not random_weights:
             raise ConfigError(
-                f"--model {model}: a preset has no trained weights; add --random-weights, or pass a checkpoint directory"
+                f"--model {model}: a preset has no trained weights; "
+                "add --random-weights, or pass a checkpoint directory"
             )
         config = preset(model, plain=plain)
         with steps.step(f"Building {config.name} ({config.variant}) with random weights, seed {seed}"):
@@ -98,7 +99,9 @@ def resolve_source(model: str, *, random_weights: bool, seed: int, plain: bool, 
     if not path.exists():
         if os.sep in model or model.startswith("."):
             raise CheckpointError(f"--model {model}: no such checkpoint directory")
-        raise ConfigError(f"--model: unknown preset {model!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory")
+        raise ConfigError(
+            f"--model: unknown preset {model!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory"
+        )
     if random_weights or plain:
         flag = "--random-weights" if random_weights else "--plain"
         raise ConfigError(f"{flag} applies to presets; --model {model} is a checkpoint directory")
@@ -107,7 +110,9 @@ def resolve_source(model: str, *, random_weights: bool, seed: int, plain: bool, 
     with steps.step(f"Loading checkpoint {path}"):
         loaded = load_checkpoint(path)
     if loaded.config.ccra is None:
-        steps.info(f"{path}: no ccra.safetensors; building the plain LLaVA-1.5 variant (graph input: pixel_values only)")
+        steps.info(
+            f"{path}: no ccra.safetensors; building the plain LLaVA-1.5 variant (graph input: pixel_values only)"
+        )
     record = {"kind": "checkpoint", "path": str(path.resolve()), "weights_sha256": loaded.weights_sha256}
     return Source(loaded.model, loaded.config, record, loaded.token_embeddings())
 
@@ -120,7 +125,9 @@ def _check_output_dir(output: Path, force: bool) -> None:
             if not force:
                 raise BundleError(f"--output {output}: already holds a bundle; pass --force to replace it")
         elif any(output.iterdir()):
-            raise BundleError(f"--output {output}: exists, is not empty and holds no bundle; choose a new or empty directory")
+            raise BundleError(
+                f"--output {output}: exists, is not empty and holds no bundle; choose a new or empty directory"
+            )
     parent = output.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
@@ -167,7 +174,9 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         raise ConfigError(f"--precision {options.precision}: expected one of {', '.join(PRECISIONS)}")
     output = Path(options.output)
     _check_output_dir(output, options.force)
-    source = resolve_source(options.model, random_weights=options.random_weights, seed=options.seed, plain=options.plain, steps=steps)
+    source = resolve_source(
+        options.model, random_weights=options.random_weights, seed=options.seed, plain=options.plain, steps=steps
+    )
 
     import torch
 
@@ -210,7 +219,12 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                     "ir_version": interface["ir_version"],
                     "ccra_fp32_in_fp16": options.keep_ccra_fp32 if options.precision == "fp16" else None,
                 },
-                graph={"file": GRAPH_FILE, "external_data": graph_files[1:], "inputs": interface["inputs"], "outputs": interface["outputs"]},
+                graph={
+                    "file": GRAPH_FILE,
+                    "external_data": graph_files[1:],
+                    "inputs": interface["inputs"],
+                    "outputs": interface["outputs"],
+                },
                 dynamic_axes=dynamic_axes,
                 files=file_entries(stage, graph_files),
                 backend={"name": backend.name, "description": backend.description},
@@ -230,13 +244,17 @@ def source_from_manifest(manifest: dict[str, Any], model_override: str | None, s
     if record["kind"] == "preset":
         if model_override:
             raise ConfigError("--model applies to bundles built from a checkpoint; this one was built from a preset")
-        return resolve_source(record["preset"], random_weights=True, seed=record["seed"], plain=record["plain"], steps=steps)
+        return resolve_source(
+            record["preset"], random_weights=True, seed=record["seed"], plain=record["plain"], steps=steps
+        )
     path = model_override or record["path"]
     if not Path(path).is_dir():
         raise CheckpointError(f"checkpoint {path} (from the manifest) is not there; pass --model with its new location")
     source = resolve_source(path, random_weights=False, seed=0, plain=False, steps=steps)
     if source.record["weights_sha256"] != record["weights_sha256"]:
-        raise CheckpointError(f"--model {path}: weights differ from the ones this bundle was built from (sha256 mismatch)")
+        raise CheckpointError(
+            f"--model {path}: weights differ from the ones this bundle was built from (sha256 mismatch)"
+        )
     return source
 
 

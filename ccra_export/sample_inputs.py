@@ -34,6 +34,6 @@ def random_inputs(
         feeds["text_embeds"] = rng.standard_normal((batch, text_len, config.text_hidden_size), np.float32)
     mask = np.ones((batch, text_len), np.int64)
     for row in range(1, batch):
-        mask[row, rng.integers(1, text_len + 1):] = 0
+        mask[row, rng.integers(1, text_len + 1) :] = 0
     feeds["text_mask"] = mask
     return feeds

@@ -36,6 +36,7 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
 
 def graph_interface(proto: onnx.ModelProto) -> dict[str, Any]:
     """Inputs, outputs (name, dtype, shape with symbolic axes), opsets and IR version."""
+
     def spec(value: onnx.ValueInfoProto) -> dict[str, Any]:
         elem = value.type.tensor_type.elem_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name

@@ -90,11 +90,28 @@ def export_model_proto(model: CCRAVisionModel, *, opset: int = DEFAULT_OPSET) ->
             verbose=False,
         )
     proto = program.model_proto
+    _strip_trace_metadata(proto)
     proto.producer_name = "ccra-export"
     proto.producer_version = __version__
-    proto.doc_string = f"CCRA vision graph ({config.variant}, {config.name}): {', '.join(input_names(config))} -> visual tokens"
+    proto.doc_string = (
+        f"CCRA vision graph ({config.variant}, {config.name}): {', '.join(input_names(config))} -> visual tokens"
+    )
     onnx.helper.set_model_props(proto, {"ccra_export.variant": config.variant, "ccra_export.model": config.name})
     return proto
+
+
+#: The one piece of exporter node metadata kept: module scopes, which precision passes use to
+#: select the CCRA module's nodes (FP16 keeps them FP32, INT8 keeps them unquantized).
+KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+
+
+def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
+    """Drop per-node Python stack traces and FX text: most of a small graph's bytes, and they
+    would ship the build machine's source paths inside every artifact."""
+    for node in proto.graph.node:
+        kept = [p for p in node.metadata_props if p.key in KEPT_NODE_METADATA]
+        del node.metadata_props[:]
+        node.metadata_props.extend(kept)
 
 
 def initializer_bytes(proto: onnx.ModelProto) -> int:

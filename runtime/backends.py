@@ -1,4 +1,4 @@
-""""A compiled vision graph you can run": one small interface, several engines behind it.
+""" "A compiled vision graph you can run": one small interface, several engines behind it.
 
 ONNX Runtime is the embedded default (CPU execution provider everywhere; CUDA when the
 onnxruntime-gpu build is installed). TensorRT is optional and imported lazily: where it is

@@ -1,0 +1,77 @@
+"""Shared fixtures: tiny random Hugging Face LLaVA checkpoints made in-process (no hub access)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from ccra_export.config import preset
+
+
+def make_hf_llava(seed: int = 0):
+    """A tiny ``LlavaForConditionalGeneration`` whose vision sizes are the ``tiny`` preset's."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    tiny = preset("tiny")
+    v = tiny.vision
+    vision = CLIPVisionConfig(
+        hidden_size=v.hidden_size,
+        intermediate_size=v.intermediate_size,
+        num_hidden_layers=v.num_layers,
+        num_attention_heads=v.num_heads,
+        image_size=v.image_size,
+        patch_size=v.patch_size,
+        projection_dim=32,
+    )
+    text = LlamaConfig(
+        hidden_size=tiny.lm_hidden_size,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        vocab_size=128,
+    )
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=127, image_seq_length=v.num_patches)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config).eval()
+    with torch.no_grad():  # HF init leaves LayerNorms at identity: perturb so the check sees them
+        for name, param in model.named_parameters():
+            if "norm" in name or "layrnorm" in name:
+                param.add_(torch.randn_like(param) * 0.1)
+    return model
+
+
+@pytest.fixture(scope="session")
+def hf_llava():
+    return make_hf_llava()
+
+
+@pytest.fixture(scope="session")
+def plain_checkpoint(tmp_path_factory, hf_llava) -> Path:
+    """A plain LLaVA-1.5 checkpoint directory as ``save_pretrained`` writes it."""
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-llava"
+    hf_llava.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def ccra_checkpoint(tmp_path_factory, plain_checkpoint) -> Path:
+    """The same checkpoint plus ``ccra.safetensors`` with seeded random CCRA weights."""
+    from ccra_export.checkpoint import save_ccra_weights
+    from ccra_export.vision_model import build_model
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny-ccra-llava"
+    shutil.copytree(plain_checkpoint, path)
+    save_ccra_weights(build_model(preset("tiny"), seed=7), path)
+    return path
+
+
+@pytest.fixture
+def checkpoint_copy(tmp_path, ccra_checkpoint) -> Path:
+    """A writable copy to corrupt in error tests."""
+    path = tmp_path / "ckpt"
+    shutil.copytree(ccra_checkpoint, path)
+    return path

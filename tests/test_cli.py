@@ -1,0 +1,193 @@
+"""`ccra-export build` / `check` end to end on CPU, as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from click.testing import CliRunner
+
+from ccra_export.cli import main
+from ccra_export.hashing import sha256_file
+
+
+def run(*args: str):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def one_line_error(result) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.output
+    return lines[0]
+
+
+def leftovers(parent):
+    return [p.name for p in parent.iterdir() if ".staging-" in p.name or ".old-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def fp16_bundle(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundles") / "tiny-fp16"
+    result = run("build", "--model", "tiny", "--random-weights", "--precision", "fp16", "--output", out)
+    assert result.exit_code == 0, result.output
+    return out, result
+
+
+class TestBuild:
+    def test_fp16_bundle_contents(self, fp16_bundle):
+        out, result = fp16_bundle
+        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "parity.json", "vision.onnx"]
+        manifest = json.loads((out / "manifest.json").read_text())
+        parity = json.loads((out / "parity.json").read_text())
+        assert manifest["precision"] == "fp16" and manifest["variant"] == "ccra"
+        assert manifest["files"]["vision.onnx"] == sha256_file(out / "vision.onnx")
+        assert manifest["export"]["opset"]["ai.onnx"] >= 17
+        assert {i["name"]: i["dtype"] for i in manifest["graph"]["inputs"]}["pixel_values"] == "float16"
+        assert manifest["parity"]["passed"] is parity["passed"] is True
+        for output in parity["outputs"]:
+            assert 0.999 <= output["cosine"] < 1.0 and output["nonfinite"] == 0
+        assert "visual_tokens" in result.stdout and "parity passed" in result.stdout
+
+    def test_fp32_bundle_meets_fp32_thresholds(self, tmp_path):
+        result = run("build", "--model", "tiny", "--random-weights", "--precision", "fp32", "-o", tmp_path / "b")
+        assert result.exit_code == 0, result.output
+        parity = json.loads((tmp_path / "b" / "parity.json").read_text())
+        for output in parity["outputs"]:
+            assert output["thresholds"] == {"min_cosine": 0.99999, "max_scaled_abs_err": 1e-4, "allow_nonfinite": False}
+            assert output["scaled_max_abs_err"] <= 1e-4 and output["cosine"] >= 0.99999
+
+    def test_from_ccra_checkpoint(self, tmp_path, ccra_checkpoint):
+        from ccra_export.checkpoint import load_checkpoint
+
+        result = run("build", "--model", ccra_checkpoint, "--precision", "fp32", "-o", tmp_path / "b")
+        assert result.exit_code == 0, result.output
+        manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+        assert manifest["source"]["kind"] == "checkpoint"
+        assert manifest["source"]["weights_sha256"] == load_checkpoint(ccra_checkpoint).weights_sha256
+        parity = json.loads((tmp_path / "b" / "parity.json").read_text())
+        assert parity["inputs"]["text_embeds"] == "token embedding table rows"
+
+    def test_plain_checkpoint_builds_plain_graph_equal_to_hf(self, tmp_path, plain_checkpoint, hf_llava):
+        from tests.test_checkpoint import hf_image_features
+
+        result = run("build", "--model", plain_checkpoint, "--precision", "fp32", "-o", tmp_path / "b")
+        assert result.exit_code == 0, result.output
+        assert "no ccra.safetensors; building the plain LLaVA-1.5 variant" in result.stderr
+        session = ort.InferenceSession(str(tmp_path / "b" / "vision.onnx"), providers=["CPUExecutionProvider"])
+        assert [i.name for i in session.get_inputs()] == ["pixel_values"]
+        pixels = np.random.default_rng(3).standard_normal((2, 3, 56, 56), np.float32)
+        got = session.run(None, {"pixel_values": pixels})[0]
+        want = hf_image_features(hf_llava, torch.from_numpy(pixels))
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+    def test_parity_failure_exits_3_and_keeps_the_report(self, tmp_path):
+        result = run("build", "--model", "tiny", "--random-weights", "--min-cosine", "1.0", "-o", tmp_path / "b")
+        assert result.exit_code == 3
+        assert "parity FAILED" in result.stderr and "cosine" in result.stderr
+        assert json.loads((tmp_path / "b" / "parity.json").read_text())["passed"] is False
+
+
+class TestBadInput:
+    @pytest.mark.parametrize(
+        ("args", "message"),
+        [
+            (["--model", "tiny-7b", "--random-weights"], "unknown preset 'tiny-7b'"),
+            (["--model", "tiny"], "a preset has no trained weights"),
+            (["--model", "./no/such/ckpt"], "no such checkpoint directory"),
+            (["--model", "tiny", "--random-weights", "--backend", "trt"], "--backend trt: TensorRT is not installed"),
+        ],
+    )
+    def test_one_line_error_and_nothing_written(self, tmp_path, args, message):
+        result = run("build", *args, "-o", tmp_path / "out")
+        assert result.exit_code == 2
+        assert message in one_line_error(result)
+        assert not (tmp_path / "out").exists()
+        assert leftovers(tmp_path) == []
+
+    def test_corrupt_checkpoint(self, tmp_path, checkpoint_copy):
+        (checkpoint_copy / "model.safetensors").write_bytes(b"\x00" * 16)
+        result = run("build", "--model", checkpoint_copy, "-o", tmp_path / "out")
+        assert result.exit_code == 2
+        assert "model.safetensors: not a readable safetensors file" in one_line_error(result)
+        assert not (tmp_path / "out").exists()
+
+    def test_existing_bundle_needs_force(self, tmp_path, fp16_bundle):
+        out = tmp_path / "b"
+        shutil.copytree(fp16_bundle[0], out)
+        before = sha256_file(out / "manifest.json")
+        result = run("build", "--model", "tiny", "--random-weights", "--precision", "fp32", "-o", out)
+        assert result.exit_code == 2 and "already holds a bundle; pass --force" in one_line_error(result)
+        assert sha256_file(out / "manifest.json") == before
+        result = run("build", "--model", "tiny", "--random-weights", "--precision", "fp32", "-o", out, "--force")
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "manifest.json").read_text())["precision"] == "fp32"
+        assert leftovers(tmp_path) == []
+
+    def test_non_empty_directory_is_never_overwritten(self, tmp_path):
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "notes.txt").write_text("keep me")
+        result = run("build", "--model", "tiny", "--random-weights", "-o", tmp_path / "mine", "--force")
+        assert result.exit_code == 2 and "is not empty and holds no bundle" in one_line_error(result)
+        assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+    def test_unwritable_output(self, tmp_path):
+        (tmp_path / "file").write_text("x")
+        result = run("build", "--model", "tiny", "--random-weights", "-o", tmp_path / "file" / "bundle")
+        assert result.exit_code == 2 and "--output" in one_line_error(result)
+
+    def test_bad_flag_value_is_reported_by_click(self, tmp_path):
+        result = run("build", "--model", "tiny", "--random-weights", "--precision", "int3", "-o", tmp_path / "b")
+        assert result.exit_code == 2 and "'int3' is not one of" in result.stderr
+
+
+class TestCheck:
+    def test_fresh_inputs_pass(self, fp16_bundle):
+        result = run("check", "--bundle", fp16_bundle[0], "--parity-batch", "3", "--parity-text-len", "21")
+        assert result.exit_code == 0, result.output
+        assert "3x16x96" in result.stdout and "parity passed" in result.stdout
+        assert "seed" in result.stderr
+
+    def test_tampered_graph_is_refused(self, tmp_path, fp16_bundle):
+        out = tmp_path / "b"
+        shutil.copytree(fp16_bundle[0], out)
+        with open(out / "vision.onnx", "ab") as handle:
+            handle.write(b"\x00")
+        result = run("check", "--bundle", out)
+        assert result.exit_code == 2 and "sha256 differs from the manifest" in one_line_error(result)
+
+    def test_not_a_bundle(self, tmp_path):
+        result = run("check", "--bundle", tmp_path)
+        assert result.exit_code == 2 and "no manifest.json" in one_line_error(result)
+
+    def test_moved_checkpoint(self, tmp_path, checkpoint_copy):
+        assert run("build", "--model", checkpoint_copy, "-o", tmp_path / "b").exit_code == 0
+        moved = tmp_path / "moved"
+        checkpoint_copy.rename(moved)
+        result = run("check", "--bundle", tmp_path / "b")
+        assert result.exit_code == 2 and "pass --model with its new location" in one_line_error(result)
+        assert run("check", "--bundle", tmp_path / "b", "--model", moved).exit_code == 0
+
+    def test_changed_checkpoint_is_refused(self, tmp_path, checkpoint_copy):
+        from ccra_export.checkpoint import save_ccra_weights
+        from ccra_export.config import preset
+        from ccra_export.vision_model import build_model
+
+        assert run("build", "--model", checkpoint_copy, "-o", tmp_path / "b").exit_code == 0
+        save_ccra_weights(build_model(preset("tiny"), seed=99), checkpoint_copy)
+        result = run("check", "--bundle", tmp_path / "b")
+        assert result.exit_code == 2 and "sha256 mismatch" in one_line_error(result)
+
+
+@pytest.mark.parametrize("command", [[], ["build"], ["check"]])
+def test_help_explains(command):
+    result = subprocess.run(
+        [sys.executable, "-m", "ccra_export.cli", *command, "--help"], capture_output=True, text=True, check=True
+    )
+    assert "Usage:" in result.stdout and "parity" in result.stdout.lower()
