@@ -44,6 +44,8 @@ class CCRA(nn.Module):
         self.patch_out = nn.Linear(dv, dv, bias=False)  # W_po
         self.gate = nn.Linear(dv, da, bias=False)  # W_g
         self.gamma = nn.Parameter(torch.full((dv,), config.layer_scale_init))
+        #: "portable": stages 2-3 as plain ops (the reference); "fused": folded query + ccra::lpwca
+        self.lpwca_impl = "portable"
 
     def text_query(self, text_embeds: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
         """Stage 1: masked attention pooling of the instruction, projected to q [B, da]."""
@@ -70,6 +72,14 @@ class CCRA(nn.Module):
         fused = (alpha.unsqueeze(-1) * weighted).sum(dim=1)  # [B, N, Dv]
         return fused, attention
 
+    def lpwca_fused(self, features: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stages 2-3 through the fused ``ccra::lpwca`` op on folded queries (same result as ``lpwca``)."""
+        from ccra_export.lpwca_fused import fold_query, lpwca
+
+        weights, bias = fold_query(self, q)
+        cfg = self.config
+        return lpwca(features, weights, bias, cfg.num_heads, cfg.layer_norm_eps, cfg.head_dim**-0.5, cfg.attn_dim**-0.5)
+
     def patch_attention(self, fused: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
         """Stage 4: text-gated self-attention among the N fused patches, added with layer scale."""
         scale = 1.0 / math.sqrt(self.config.attn_dim)
@@ -83,7 +93,8 @@ class CCRA(nn.Module):
         self, features: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         q = self.text_query(text_embeds, text_mask)
-        fused, attention = self.lpwca(features, q)
+        lpwca = self.lpwca if self.lpwca_impl == "portable" else self.lpwca_fused
+        fused, attention = lpwca(features, q)
         return self.patch_attention(fused, q), attention
 
 

@@ -166,6 +166,19 @@ def main() -> None:
     type=click.IntRange(1),
     help="Longest instruction (tokens) recorded in the manifest's optimization profile.",
 )
+@click.option(
+    "--lpwca",
+    type=click.Choice(["auto", "fused", "portable"]),
+    default="auto",
+    show_default=True,
+    help="LPWCA as one ccra::LPWCA node (fused: the TensorRT plugin; the C++ CPU kernel under ONNX Runtime) "
+    "or as standard ops (portable). auto: fused for TensorRT, portable for ONNX Runtime.",
+)
+@click.option(
+    "--plugin-library",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The built TensorRT plugin library (libccra_lpwca_plugin.so), hashed into the manifest.",
+)
 @_parity_options
 @_reports_errors
 def build(
@@ -186,6 +199,8 @@ def build(
     min_cosine: float | None,
     max_scaled_abs_err: float | None,
     backend: str,
+    lpwca: str,
+    plugin_library: Path | None,
 ) -> None:
     """Export the vision graph, run it, check parity against PyTorch, write a bundle.
 
@@ -199,6 +214,8 @@ def build(
         model=model,
         output=output,
         precision=precision,
+        lpwca=lpwca,
+        plugin_library=plugin_library,
         random_weights=random_weights,
         plain=plain,
         seed=seed,

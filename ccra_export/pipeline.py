@@ -32,6 +32,7 @@ from ccra_export.parity import ParityReport, Thresholds, compare_outputs, thresh
 from ccra_export.sample_inputs import random_inputs
 
 PRECISIONS = ("fp32", "fp16")
+LPWCA_MODES = ("auto", "fused", "portable")
 GRAPH_FILE = "vision.onnx"
 
 
@@ -67,6 +68,8 @@ class BuildOptions:
     opset: int = 20
     external_data: str = "auto"
     keep_ccra_fp32: bool = True
+    lpwca: str = "auto"
+    plugin_library: Path | None = None
     max_batch: int = 8
     max_text_len: int = 512
     parity: ParityOptions = field(default_factory=ParityOptions)
@@ -168,6 +171,50 @@ def run_parity(
     )
 
 
+def resolve_lpwca(mode: str, backend: str, config: ModelConfig) -> tuple[str, str]:
+    """(portable | fused | none, why): ``auto`` fuses for TensorRT, stays portable for ONNX Runtime."""
+    from ccra_export.runtime.backends import tensorrt_status
+
+    if mode not in LPWCA_MODES:
+        raise ConfigError(f"--lpwca {mode}: expected one of {', '.join(LPWCA_MODES)}")
+    if config.ccra is None:
+        if mode == "fused":
+            raise ConfigError("--lpwca fused: this model is the plain LLaVA-1.5 variant and has no LPWCA stage")
+        return "none", "plain variant: no LPWCA stage"
+    if mode != "auto":
+        return mode, f"--lpwca {mode}"
+    if backend in ("auto", "trt") and tensorrt_status()[0]:
+        return "fused", "auto: TensorRT runs ccra::LPWCA as one plugin node"
+    return "portable", (
+        "auto: ONNX Runtime runs the decomposed graph with its own kernels; "
+        "--lpwca fused runs the node there through the C++ CPU kernel"
+    )
+
+
+def _plugin_record(lpwca: str, plugin_library: Path | None) -> dict[str, Any] | None:
+    """What the TensorRT parser needs to find for a fused graph, and the libraries' hashes."""
+    if lpwca != "fused":
+        return None
+    from ccra_export import lpwca_schema
+    from ccra_export.hashing import sha256_file
+    from ccra_export.runtime.lpwca_cpu import library_path
+
+    cpu = library_path()
+    record: dict[str, Any] = {
+        "node": f"{lpwca_schema.DOMAIN}::{lpwca_schema.OP_TYPE}",
+        "plugin_name": lpwca_schema.OP_TYPE,
+        "plugin_version": lpwca_schema.PLUGIN_VERSION,
+        "plugin_namespace": lpwca_schema.PLUGIN_NAMESPACE,
+        "cpu_kernel_library": {"file": cpu.name, "sha256": sha256_file(cpu)},
+        "tensorrt_plugin_library": None,
+    }
+    if plugin_library is not None:
+        if not Path(plugin_library).is_file():
+            raise ConfigError(f"--plugin-library {plugin_library}: no such file")
+        record["tensorrt_plugin_library"] = {"file": Path(plugin_library).name, "sha256": sha256_file(plugin_library)}
+    return record
+
+
 def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     """Export, check, run and parity-check the vision graph; write the bundle atomically."""
     if options.precision not in PRECISIONS:
@@ -185,10 +232,17 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     from ccra_export.runtime.backends import select_backend
 
     config = source.config
+    lpwca, lpwca_reason = resolve_lpwca(options.lpwca, options.backend, config)
+    if lpwca != "none":
+        steps.info(f"LPWCA: {lpwca} ({lpwca_reason})")
+    plugin = _plugin_record(lpwca, options.plugin_library)
     try:
         with atomic.staged_directory(output, replace=options.force) as stage:
-            with steps.step(f"Exporting {config.name} to ONNX (opset {options.opset}, dynamic batch)"):
-                proto = export_model_proto(source.model, opset=options.opset)
+            fused_note = ", LPWCA fused" if lpwca == "fused" else ""
+            with steps.step(f"Exporting {config.name} to ONNX (opset {options.opset}, dynamic batch{fused_note})"):
+                proto = export_model_proto(
+                    source.model, opset=options.opset, lpwca="fused" if lpwca == "fused" else "portable"
+                )
             if options.precision == "fp16":
                 with steps.step("Converting to FP16 (Softmax and the CCRA module kept FP32)"):
                     proto = convert_to_fp16(proto, keep_ccra_fp32=options.keep_ccra_fp32)
@@ -218,6 +272,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                     "opset": interface["opset"],
                     "ir_version": interface["ir_version"],
                     "ccra_fp32_in_fp16": options.keep_ccra_fp32 if options.precision == "fp16" else None,
+                    "lpwca": lpwca,
                 },
                 graph={
                     "file": GRAPH_FILE,
@@ -230,7 +285,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 backend={"name": backend.name, "description": backend.description},
                 parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(thresholds)},
                 engine=None,
-                plugin=None,
+                plugin=plugin,
             )
             atomic.write_json(stage / MANIFEST_NAME, manifest)
     except OSError as exc:

@@ -7,6 +7,8 @@ Uses ONNX Runtime's ``float16`` converter (the tool the ORT transformer optimize
 - every node of the CCRA module kept FP32 (unless ``keep_ccra_fp32=False``): LPWCA multiplies
   features by G = L*N*A, up to L*N (13,248 for llava-1.5-7b) where attention peaks, which
   overflows FP16 on CLIP's large-magnitude channels. It is ~4% of the graph's FLOPs.
+- the fused ``ccra::LPWCA`` node reads the FP16 features directly (it is memory-bound: half
+  the bytes) while its small folded-query inputs stay FP32, as the kernels and schema require.
 Graph inputs and outputs become FP16 (the mask stays int64); the manifest records the types.
 """
 
@@ -39,9 +41,32 @@ def nodes_in_scope(proto: onnx.ModelProto, scope: str) -> list[str]:
     return [n.name for n in proto.graph.node if scope in node_scope(n)[1:2]]
 
 
+def _lpwca_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
+    from ccra_export.lpwca_schema import DOMAIN, OP_TYPE
+
+    return [n for n in proto.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+
+
+def _lpwca_reads_fp16(proto: onnx.ModelProto) -> None:
+    """Feed each LPWCA node the FP16 tensor its FP32 Cast was made from; cast its outputs back."""
+    producers = {out: n for n in proto.graph.node for out in n.output}
+    casts = []
+    for node in _lpwca_nodes(proto):
+        cast = producers.get(node.input[0])
+        to = next((a.i for a in cast.attribute if a.name == "to"), None) if cast is not None else None
+        if cast is None or cast.op_type != "Cast" or to != onnx.TensorProto.FLOAT:
+            continue
+        node.input[0] = cast.input[0]
+        for i, name in enumerate(list(node.output)):
+            node.output[i] = f"{name}_fp16"
+            casts.append(onnx.helper.make_node("Cast", [node.output[i]], [name], to=onnx.TensorProto.FLOAT))
+    proto.graph.node.extend(casts)
+
+
 def convert_to_fp16(proto: onnx.ModelProto, *, keep_ccra_fp32: bool = True) -> onnx.ModelProto:
     """Convert ``proto`` (in place) to FP16 with FP16 graph I/O and return it, topologically sorted."""
     blocked_nodes = nodes_in_scope(proto, CCRA_SCOPE) if keep_ccra_fp32 else []
+    blocked_nodes += [n.name for n in _lpwca_nodes(proto) if n.name not in blocked_nodes]
     converted = float16.convert_float_to_float16(
         proto,
         keep_io_types=False,
@@ -52,6 +77,7 @@ def convert_to_fp16(proto: onnx.ModelProto, *, keep_ccra_fp32: bool = True) -> o
     # nodes at the end of the node list. Shape inference recomputes the former; ONNX requires
     # topological order (ORT tolerates the disorder, onnx.checker and TensorRT's parser do not).
     del converted.graph.value_info[:]
+    _lpwca_reads_fp16(converted)
     model = ir.from_proto(converted)
     model.graph.sort()
     return ir.to_proto(model)

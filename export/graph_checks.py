@@ -7,6 +7,7 @@ from typing import Any
 
 import onnx
 
+from ccra_export import lpwca_schema
 from ccra_export.errors import CCRAExportError
 from ccra_export.manifest import tensor_spec
 
@@ -21,9 +22,10 @@ def check_graph(path: Path) -> onnx.ModelProto:
     Path-based, so graphs with external data and over 2 GB are checked too. Returns the
     graph without weights, for reading its interface.
     """
+    lpwca_schema.register()  # fused graphs hold ccra::LPWCA nodes
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError, ValueError) as exc:
         reason = " ".join(str(exc).split())
         raise GraphCheckError(f"{path.name}: fails onnx.checker full check: {reason}") from None
     return onnx.load(str(path), load_external_data=False)

@@ -73,12 +73,19 @@ def _dynamic_shapes(config: ModelConfig) -> dict[str, dict[int, torch.export.Dim
     return shapes
 
 
-def export_model_proto(model: CCRAVisionModel, *, opset: int = DEFAULT_OPSET) -> onnx.ModelProto:
-    """Trace ``model`` to an in-memory FP32 ONNX model with symbolic ``batch``/``text_len`` axes."""
+def export_model_proto(
+    model: CCRAVisionModel, *, opset: int = DEFAULT_OPSET, lpwca: str = "portable"
+) -> onnx.ModelProto:
+    """Trace ``model`` to an in-memory FP32 ONNX model with symbolic ``batch``/``text_len`` axes.
+
+    ``lpwca="fused"`` emits CCRA stages 2-3 as one ``ccra::LPWCA`` node (see ``lpwca_op``).
+    """
+    from ccra_export.export.lpwca_op import TRANSLATION_TABLE, lpwca_mode
+
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: LayerNormalization needs opset >= {MIN_OPSET}")
     config = model.config
-    with _quiet_exporter(), torch.no_grad():
+    with _quiet_exporter(), torch.no_grad(), lpwca_mode(model, lpwca):
         program = torch.onnx.export(
             model.eval(),
             example_inputs(config),
@@ -88,6 +95,7 @@ def export_model_proto(model: CCRAVisionModel, *, opset: int = DEFAULT_OPSET) ->
             opset_version=opset,
             dynamo=True,
             verbose=False,
+            custom_translation_table=TRANSLATION_TABLE,
         )
     proto = program.model_proto
     _strip_trace_metadata(proto)

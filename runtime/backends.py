@@ -85,14 +85,19 @@ class OrtBackend(VisionBackend):
     ) -> None:
         import onnxruntime as ort
 
+        from ccra_export.runtime.lpwca_ort import session_model
+
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # errors only: ORT's warnings are about its own optimizers
-        for library in custom_op_libraries:
+        model, config, libraries = session_model(onnx_path)  # fused LPWCA graphs need the CPU kernel
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        for library in [*custom_op_libraries, *libraries]:
             options.register_custom_ops_library(str(library))
         chosen = list(providers) if providers else default_ort_providers()
         try:
-            self.session = ort.InferenceSession(str(onnx_path), sess_options=options, providers=chosen)
+            self.session = ort.InferenceSession(model, sess_options=options, providers=chosen)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"{onnx_path}: ONNX Runtime cannot load the graph ({first})") from None

@@ -88,7 +88,7 @@ def _corrupt_config(path, **changes):
 )
 def test_bad_checkpoints_fail_with_one_line(checkpoint_copy, damage, message):
     damage(checkpoint_copy)
-    with pytest.raises(CheckpointError, match=None) as info:
+    with pytest.raises(CheckpointError) as info:
         load_checkpoint(checkpoint_copy)
     text = str(info.value)
     assert message in text and "\n" not in text

@@ -191,3 +191,45 @@ def test_help_explains(command):
         [sys.executable, "-m", "ccra_export.cli", *command, "--help"], capture_output=True, text=True, check=True
     )
     assert "Usage:" in result.stdout and "parity" in result.stdout.lower()
+
+
+class TestFusedLpwca:
+    def test_build_and_check_fused(self, tmp_path):
+        out = tmp_path / "b"
+        result = run(
+            "build", "--model", "tiny", "--random-weights", "--precision", "fp32", "--lpwca", "fused", "-o", out
+        )
+        assert result.exit_code == 0, result.output
+        assert "LPWCA: fused (--lpwca fused)" in result.stderr
+        manifest = json.loads((out / "manifest.json").read_text())
+        assert manifest["export"]["lpwca"] == "fused"
+        plugin = manifest["plugin"]
+        assert (plugin["node"], plugin["plugin_version"], plugin["plugin_namespace"]) == ("ccra::LPWCA", "1", "ccra")
+        assert len(plugin["cpu_kernel_library"]["sha256"]) == 64
+        assert run("check", "--bundle", out, "--parity-batch", "3").exit_code == 0
+
+    def test_auto_is_portable_on_onnxruntime_and_says_why(self, fp16_bundle):
+        out, result = fp16_bundle
+        assert "LPWCA: portable (auto: ONNX Runtime" in result.stderr
+        assert json.loads((out / "manifest.json").read_text())["plugin"] is None
+
+    def test_plain_variant_has_nothing_to_fuse(self, tmp_path):
+        result = run(
+            "build", "--model", "tiny", "--random-weights", "--plain", "--lpwca", "fused", "-o", tmp_path / "b"
+        )
+        assert result.exit_code == 2 and "has no LPWCA stage" in one_line_error(result)
+
+    def test_missing_plugin_library(self, tmp_path):
+        result = run(
+            "build",
+            "--model",
+            "tiny",
+            "--random-weights",
+            "--lpwca",
+            "fused",
+            "--plugin-library",
+            tmp_path / "nope.so",
+            "-o",
+            tmp_path / "b",
+        )
+        assert result.exit_code == 2 and "--plugin-library" in one_line_error(result)

@@ -1,0 +1,121 @@
+"""Run graphs holding ``ccra::LPWCA`` in ONNX Runtime on CPU, through the C++ CPU kernel.
+
+Why onnxruntime-extensions: a native ORT custom-op library must be compiled against ONNX
+Runtime's C API headers, and neither the onnxruntime wheel nor any package registry reachable
+here ships them. onnxruntime-extensions (a pip wheel, no dependencies) hosts custom ops defined
+in Python; ours is a thin shim that hands the tensors to the C++ kernel through ctypes, so the
+arithmetic is the same C++ code (and per-position math header) the CUDA kernel shares.
+
+Its Python ops live in the ``ai.onnx.contrib`` domain, and it declares one input type per op
+(float32), so the session gets an in-memory copy of the graph with each LPWCA node moved to
+that domain, and with casts around FP16 features. The bundle's graph on disk is not modified:
+TensorRT's parser and every other consumer see the ``ccra::LPWCA`` node as exported.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import onnx
+
+from ccra_export.lpwca_schema import DOMAIN, OP_TYPE
+from ccra_export.runtime.lpwca_cpu import lpwca_cpu
+
+ORTX_DOMAIN = "ai.onnx.contrib"
+EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+
+
+@functools.cache
+def custom_ops_library() -> str:
+    """Register the LPWCA Python op (once per process); returns the library ORT must load."""
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+    @onnx_op(
+        op_type=OP_TYPE,
+        inputs=[PyCustomOpDef.dt_float] * 3,
+        outputs=[PyCustomOpDef.dt_float] * 2,
+        attrs={
+            "num_heads": PyCustomOpDef.dt_int64,
+            "epsilon": PyCustomOpDef.dt_float,
+            "head_scale": PyCustomOpDef.dt_float,
+            "layer_scale": PyCustomOpDef.dt_float,
+        },
+    )
+    def _lpwca(features, query_weights, query_bias, num_heads, epsilon, head_scale, layer_scale):  # noqa: ANN001
+        return lpwca_cpu(
+            features,
+            query_weights,
+            query_bias,
+            num_heads=num_heads,
+            epsilon=epsilon,
+            head_scale=head_scale,
+            layer_scale=layer_scale,
+        )
+
+    return get_library_path()
+
+
+def has_lpwca(proto: onnx.ModelProto) -> bool:
+    return any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in proto.graph.node)
+
+
+def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    graph = inferred.graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def rewrite_for_ort(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """Move LPWCA nodes to the onnxruntime-extensions domain, FP32 at their boundary (in place)."""
+    from ccra_export import lpwca_schema
+
+    lpwca_schema.register()
+    types = _value_types(proto)
+    nodes = []
+    for node in proto.graph.node:
+        if node.op_type != OP_TYPE or node.domain != DOMAIN:
+            nodes.append(node)
+            continue
+        node.domain = ORTX_DOMAIN
+        kept = [a for a in node.attribute if a.name in ("num_heads", "epsilon", "head_scale", "layer_scale")]
+        del node.attribute[:]
+        node.attribute.extend(kept)
+        half = types.get(node.input[0]) == onnx.TensorProto.FLOAT16
+        if half:
+            cast_in = f"{node.name}_features_fp32"
+            nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [cast_in], to=onnx.TensorProto.FLOAT))
+            node.input[0] = cast_in
+            outputs = list(node.output)
+            for i, name in enumerate(outputs):
+                node.output[i] = f"{name}_fp32"
+        nodes.append(node)
+        if half:
+            for name in outputs:
+                nodes.append(onnx.helper.make_node("Cast", [f"{name}_fp32"], [name], to=onnx.TensorProto.FLOAT16))
+    del proto.graph.node[:]
+    proto.graph.node.extend(nodes)
+    del proto.graph.value_info[:]
+    if not any(o.domain == ORTX_DOMAIN for o in proto.opset_import):
+        proto.opset_import.append(onnx.helper.make_opsetid(ORTX_DOMAIN, 1))
+    return proto
+
+
+def session_model(onnx_path: str | Path) -> tuple[str | bytes, dict[str, str], list[str]]:
+    """What to hand ``ort.InferenceSession``: (path or model bytes, session config, custom-op libraries).
+
+    Graphs without LPWCA load from their path unchanged. Fused graphs load as rewritten bytes;
+    their weights stay where they are (external data is read from the bundle directory).
+    """
+    path = Path(onnx_path)
+    proto = onnx.load(str(path), load_external_data=False)
+    if not has_lpwca(proto):
+        return str(path), {}, []
+    rewrite_for_ort(proto)
+    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
+    if not external:
+        onnx.load_external_data_for_model(proto, str(path.parent))
+    config = {EXTERNAL_FOLDER_KEY: str(path.parent.resolve())} if external else {}
+    return proto.SerializeToString(), config, [custom_ops_library()]
