@@ -13,6 +13,8 @@ const FieldType kFieldTypes[kNumFields] = {FieldType::kInt32, FieldType::kFloat3
 
 namespace {
 
+constexpr size_t kWorkspaceAlignment = 256;
+
 bool fail(std::string* error, const std::string& message) {
     if (error != nullptr) *error = "ccra::LPWCA: " + message;
     return false;
@@ -91,11 +93,7 @@ bool make_shape(const int64_t* v, int32_t v_rank, const int64_t* w, int32_t w_ra
 }
 
 void output_dims(int32_t index, const int64_t v[4], int64_t out[3]) {
-    if (index == 0) {
-        out[0] = v[0], out[1] = v[2], out[2] = v[3];  // fused [B, N, Dv]
-    } else {
-        out[0] = v[0], out[1] = v[1], out[2] = v[2];  // attention [B, L, N]
-    }
+    for (int32_t i = 0; i < 3; ++i) out[i] = v[kOutputDimSource[index][i]];
 }
 
 bool supports_combination(int32_t position, DType type, bool linear_format, DType features_type) {
@@ -112,8 +110,8 @@ bool supports_combination(int32_t position, DType type, bool linear_format, DTyp
 
 size_t workspace_bytes(const Shape& s) {
     const size_t positions = static_cast<size_t>(s.batch) * s.layers * s.patches;
-    const size_t floats = positions * (static_cast<size_t>(s.heads) + 2) + static_cast<size_t>(s.batch) * s.heads * 2;
-    return floats * sizeof(float) + 256;  // + alignment slack
+    const size_t floats = positions * (static_cast<size_t>(s.heads) + 2) + static_cast<size_t>(s.batch) * s.heads * 3;
+    return floats * sizeof(float) + 5 * kWorkspaceAlignment;  // each of the 5 buffers is aligned
 }
 
 }  // namespace lpwca

@@ -59,6 +59,9 @@ bool validate_attributes(const Attributes& attributes, std::string* error);
 bool make_shape(const int64_t* features, int32_t features_rank, const int64_t* weights, int32_t weights_rank,
                 const int64_t* bias, int32_t bias_rank, int32_t num_heads, Shape* out, std::string* error);
 
+// Which features dim each output dim is: fused [B, N, Dv], attention [B, L, N].
+constexpr int32_t kOutputDimSource[kNumOutputs][3] = {{0, 2, 3}, {0, 1, 2}};
+
 // Output dims: fused [B, N, Dv], attention [B, L, N]; `index` selects the output.
 void output_dims(int32_t index, const int64_t features[4], int64_t out[3]);
 
@@ -66,7 +69,8 @@ void output_dims(int32_t index, const int64_t features[4], int64_t out[3]);
 // features and both outputs share one type (float32 or float16), the two query inputs are float32.
 bool supports_combination(int32_t position, DType type, bool linear_format, DType features_type);
 
-// Scratch for scores [B,H,L*N], layer dots [B,L*N], softmax stats [B,H,2] and coefficients [B,L*N].
+// Scratch for scores [B,H,L*N], layer dots [B,L*N], coefficients [B,L*N], softmax stats [B,H,2]
+// and query weight sums [B,H]: the only [B,H,L,N]-sized buffer is the joint softmax's scores.
 size_t workspace_bytes(const Shape& shape);
 
 }  // namespace lpwca

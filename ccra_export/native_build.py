@@ -1,0 +1,91 @@
+"""`ccra-export plugins build`: configure, build and test the native libraries with CMake.
+
+The same commands work by hand (README, "Building the TensorRT plugin"); this wraps them with
+the flags a Jetson user needs, runs the C++ tests, and reports each library with its sha256
+(the hash a bundle manifest records with --plugin-library).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from ccra_export.console import SILENT, Steps
+from ccra_export.errors import CCRAExportError
+from ccra_export.hashing import sha256_file
+
+ROOT = Path(__file__).resolve().parents[1]
+LIBRARIES = {
+    "TensorRT plugin (loadLibrary / getCreators)": "libccra_lpwca_plugin.so",
+    "TensorRT plugin (static registration)": "libccra_lpwca_plugin_static.so",
+    "CUDA kernels, C ABI": "libccra_lpwca_cuda_capi.so",
+    "CPU kernel": "libccra_lpwca_cpu.so",
+}
+
+
+class NativeBuildError(CCRAExportError):
+    """CMake, the compiler or TensorRT's headers are missing or the build failed."""
+
+
+@dataclass
+class BuiltLibrary:
+    label: str
+    path: Path
+    sha256: str
+
+
+def _run(command: list[str], what: str) -> str:
+    result = subprocess.run(command, capture_output=True, text=True, check=False)
+    if result.returncode != 0:
+        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")
+        raise NativeBuildError(f"{what} failed: {reason.strip()}")
+    return result.stdout
+
+
+def build_native(
+    build_dir: Path,
+    *,
+    tensorrt_root: Path | None = None,
+    cuda_architectures: str | None = None,
+    jobs: int | None = None,
+    require_plugin: bool = True,
+    steps: Steps = SILENT,
+) -> list[BuiltLibrary]:
+    if shutil.which("cmake") is None:
+        raise NativeBuildError("cmake not found: install CMake >= 3.18 (JetPack: apt install cmake)")
+    if tensorrt_root is not None and not (Path(tensorrt_root) / "include" / "NvInferRuntime.h").is_file():
+        raise NativeBuildError(f"--tensorrt-root {tensorrt_root}: no include/NvInferRuntime.h there")
+    configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
+    if tensorrt_root is not None:
+        configure.append(f"-DTensorRT_ROOT={Path(tensorrt_root).resolve()}")
+    if cuda_architectures:
+        configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures.replace(',', ';')}")
+    with steps.step("Configuring (CMake)"):
+        log = _run(configure, "cmake configure")
+    for line in log.splitlines():
+        if line.startswith("-- ccra:"):
+            steps.info(line[3:])
+    with steps.step("Compiling (C++, CUDA)"):
+        _run(["cmake", "--build", str(build_dir), "-j", str(jobs or os.cpu_count() or 1)], "cmake build")
+    with steps.step("Running the C++ tests (ctest)"):
+        _run(["ctest", "--test-dir", str(build_dir), "--output-on-failure"], "ctest")
+    built = []
+    for label, name in LIBRARIES.items():
+        path = Path(build_dir) / "trt_plugins" / name
+        if path.is_file():
+            built.append(BuiltLibrary(label, path, sha256_file(path)))
+    if require_plugin and not any(
+        b.path.name == LIBRARIES["TensorRT plugin (loadLibrary / getCreators)"] for b in built
+    ):
+        has_cuda = any(b.path.name == "libccra_lpwca_cuda_capi.so" for b in built)
+        reason = (
+            "TensorRT headers not found (pass --tensorrt-root DIR, the directory holding include/NvInferRuntime.h)"
+            if has_cuda
+            else "no CUDA compiler found (install the CUDA toolkit; JetPack ships it in /usr/local/cuda)"
+        )
+        raise NativeBuildError(f"the TensorRT plugin was not built: {reason}")
+    return built

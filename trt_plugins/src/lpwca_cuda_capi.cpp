@@ -1,0 +1,46 @@
+// C ABI over the CUDA launcher, for the GPU test (ctypes over torch CUDA tensors). No TensorRT.
+#include <cuda_runtime_api.h>
+
+#include <algorithm>
+#include <cstdio>
+#include <string>
+
+#include "ccra/lpwca_params.h"
+#include "lpwca_kernel.h"
+
+extern "C" {
+
+// Device pointers in, device pointers out; runs on `stream` (0: legacy default) and synchronises.
+// features_dtype: 0 float32, 1 float16. Returns 0, or 1 with a one-line reason in `error`.
+int ccra_lpwca_cuda_forward(int features_dtype, const void* features, const float* query_weights,
+                            const float* query_bias, const long long* features_dims, const long long* weights_dims,
+                            const long long* bias_dims, int num_heads, float epsilon, float head_scale,
+                            float layer_scale, void* fused, void* attention, void* stream, char* error,
+                            size_t error_size) {
+    using namespace ccra::lpwca;
+    auto fail = [&](const std::string& message) {
+        if (error != nullptr && error_size > 0) std::snprintf(error, error_size, "%s", message.c_str());
+        return 1;
+    };
+    std::string why;
+    Attributes attributes{num_heads, epsilon, head_scale, layer_scale};
+    int64_t v[4], w[3], b[3];
+    std::copy(features_dims, features_dims + 4, v);
+    std::copy(weights_dims, weights_dims + 3, w);
+    std::copy(bias_dims, bias_dims + 3, b);
+    Shape shape;
+    if (!validate_attributes(attributes, &why) || !make_shape(v, 4, w, 3, b, 3, num_heads, &shape, &why)) return fail(why);
+    const DType type = features_dtype == 1 ? DType::kFloat16 : features_dtype == 0 ? DType::kFloat32 : DType::kOther;
+    if (type == DType::kOther) return fail("ccra::LPWCA: features must be float32 or float16");
+    const size_t bytes = workspace_bytes(shape);
+    void* workspace = nullptr;
+    cudaError_t status = cudaMalloc(&workspace, bytes);
+    if (status != cudaSuccess) return fail(std::string("cudaMalloc: ") + cudaGetErrorString(status));
+    auto s = static_cast<cudaStream_t>(stream);
+    status = launch_forward(type, features, query_weights, query_bias, fused, attention, shape, attributes, workspace, bytes, s);
+    if (status == cudaSuccess) status = cudaStreamSynchronize(s);
+    cudaFree(workspace);
+    return status == cudaSuccess ? 0 : fail(std::string("ccra::LPWCA CUDA: ") + cudaGetErrorString(status));
+}
+
+}  // extern "C"

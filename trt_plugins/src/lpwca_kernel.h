@@ -1,0 +1,22 @@
+// CUDA launcher of the fused LPWCA node. No TensorRT types: the plugin and the C ABI used by the
+// GPU test both call this.
+#pragma once
+
+#include <cuda_runtime_api.h>
+
+#include <cstddef>
+
+#include "ccra/lpwca_params.h"
+
+namespace ccra {
+namespace lpwca {
+
+// features: float or __half per `features_type`, [B, L, N, Dv]; query_weights [B, H+1, Dv] and
+// query_bias [B, L, H] float; fused [B, N, Dv] and attention [B, L, N] in the features type.
+// `workspace` must hold workspace_bytes(shape). Accumulation and softmax are FP32 throughout.
+cudaError_t launch_forward(DType features_type, const void* features, const float* query_weights,
+                           const float* query_bias, void* fused, void* attention, const Shape& shape,
+                           const Attributes& attributes, void* workspace, size_t workspace_size, cudaStream_t stream);
+
+}  // namespace lpwca
+}  // namespace ccra
