@@ -11,12 +11,13 @@ from ccra_export.pipeline import BuildOptions, ParityOptions, build_bundle
 pytestmark = pytest.mark.slow
 
 
-@pytest.mark.parametrize("precision", ["fp16", "fp32"])
-def test_llava_15_7b_builds_and_passes_parity(tmp_path, precision):
+@pytest.mark.parametrize(("precision", "lpwca"), [("fp16", "portable"), ("fp32", "portable"), ("fp16", "fused")])
+def test_llava_15_7b_builds_and_passes_parity(tmp_path, precision, lpwca):
     options = BuildOptions(
         model="llava-1.5-7b",
         output=tmp_path / "b",
         precision=precision,
+        lpwca=lpwca,
         random_weights=True,
         backend="ort",
         parity=ParityOptions(batch=1, text_len=24),

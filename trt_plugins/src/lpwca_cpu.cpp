@@ -15,6 +15,8 @@ namespace ccra {
 namespace lpwca {
 namespace {
 
+constexpr int64_t kChunk = 32;  // values per moment chunk: the CUDA warp width
+
 void forward_one_image(const float* features, const float* weights, const float* bias, const Shape& s,
                        const Attributes& a, float* fused, float* attention) {
     const int64_t positions = s.layers * s.patches;
@@ -34,12 +36,26 @@ void forward_one_image(const float* features, const float* weights, const float*
 #pragma omp parallel for schedule(static)
     for (int64_t p = 0; p < positions; ++p) {
         const float* v = features + p * width;
+        // Moments per chunk of kChunk values (two-pass inside the chunk, which vectorises), merged
+        // with the same moments_merge the CUDA kernel's warp reduction uses.
         Moments m = moments_empty();
+        for (int64_t start = 0; start < width; start += kChunk) {
+            const int64_t count = std::min<int64_t>(kChunk, width - start);
+            float sum = 0.0f, m2 = 0.0f;
+#pragma omp simd reduction(+ : sum)
+            for (int64_t d = start; d < start + count; ++d) sum += v[d];
+            const float mean = sum / static_cast<float>(count);
+#pragma omp simd reduction(+ : m2)
+            for (int64_t d = start; d < start + count; ++d) m2 += (v[d] - mean) * (v[d] - mean);
+            m = moments_merge(m, Moments{static_cast<float>(count), mean, m2});
+        }
         float dots[kMaxHeads + 1] = {};
-        for (int64_t d = 0; d < width; ++d) {
-            const float x = v[d];
-            m = moments_push(m, x);
-            for (int32_t h = 0; h <= heads; ++h) dots[h] += x * weights[h * width + d];
+        for (int32_t h = 0; h <= heads; ++h) {
+            const float* w = weights + h * width;
+            float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+            for (int64_t d = 0; d < width; ++d) acc += v[d] * w[d];
+            dots[h] = acc;
         }
         const float rstd = inverse_std(m, a.epsilon);
         const int64_t layer = p / s.patches;
@@ -91,6 +107,7 @@ void forward_one_image(const float* features, const float* weights, const float*
         for (int64_t l = 0; l < s.layers; ++l) {
             const float c = coefficient[l * s.patches + n];
             const float* v = features + (l * s.patches + n) * width;
+#pragma omp simd
             for (int64_t d = 0; d < width; ++d) out[d] += c * v[d];
         }
     }
