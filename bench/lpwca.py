@@ -58,8 +58,14 @@ def export_stage(stage: LpwcaStage, features: torch.Tensor, q: torch.Tensor, mod
 
     with _quiet_exporter(), torch.no_grad(), lpwca_mode(stage, mode):
         program = torch.onnx.export(
-            stage, (features, q), input_names=["features", "q"], output_names=["fused", "attention"],
-            dynamo=True, opset_version=20, custom_translation_table=TRANSLATION_TABLE, verbose=False,
+            stage,
+            (features, q),
+            input_names=["features", "q"],
+            output_names=["fused", "attention"],
+            dynamo=True,
+            opset_version=20,
+            custom_translation_table=TRANSLATION_TABLE,
+            verbose=False,
         )
     program.save(str(path))
     return path
@@ -84,7 +90,9 @@ def stage_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
         q = model.ccra.text_query(text, torch.ones(batch, 16, dtype=torch.int64))
         want = model.ccra.lpwca(features, q)[0].numpy()
         weights, bias = fold_query(model.ccra, q)
-    attrs = dict(num_heads=c.num_heads, epsilon=c.layer_norm_eps, head_scale=c.head_dim**-0.5, layer_scale=c.attn_dim**-0.5)
+    attrs = dict(
+        num_heads=c.num_heads, epsilon=c.layer_norm_eps, head_scale=c.head_dim**-0.5, layer_scale=c.attn_dim**-0.5
+    )
     stage = LpwcaStage(model)
     feeds = {"features": features.numpy(), "q": q.numpy()}
     candidates = {
@@ -102,8 +110,18 @@ def stage_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
             ms = median_ms(fn, repeats)
             base = base or ms
             cosine = compare_output("F", fn(), want, thresholds_for("fp32")).cosine
-            rows.append({"preset": name, "batch": batch, "candidate": label, "ms": ms, "vs_pytorch": base / ms,
-                         "gbs_2v": 2 * v_bytes / ms / 1e6, "v_mb": v_bytes / 1e6, "cosine": cosine})
+            rows.append(
+                {
+                    "preset": name,
+                    "batch": batch,
+                    "candidate": label,
+                    "ms": ms,
+                    "vs_pytorch": base / ms,
+                    "gbs_2v": 2 * v_bytes / ms / 1e6,
+                    "v_mb": v_bytes / 1e6,
+                    "cosine": cosine,
+                }
+            )
     return rows
 
 
@@ -126,8 +144,16 @@ def graph_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
             ms = median_ms(fn, repeats)
             base = base or ms
             cosine = compare_output("v", fn(), want, thresholds_for("fp32")).cosine
-            rows.append({"preset": name, "batch": batch, "candidate": label, "ms": ms, "vs_pytorch": base / ms,
-                         "cosine": cosine})
+            rows.append(
+                {
+                    "preset": name,
+                    "batch": batch,
+                    "candidate": label,
+                    "ms": ms,
+                    "vs_pytorch": base / ms,
+                    "cosine": cosine,
+                }
+            )
     return rows
 
 
@@ -142,8 +168,10 @@ def main() -> None:
     torch.set_num_threads(threads)
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     bandwidth = copy_bandwidth_gbs()
-    console.print(f"{threads} threads, ONNX Runtime {ort.__version__}, torch {torch.__version__}; "
-                  f"measured copy bandwidth {bandwidth:.1f} GB/s")
+    console.print(
+        f"{threads} threads, ONNX Runtime {ort.__version__}, torch {torch.__version__}; "
+        f"measured copy bandwidth {bandwidth:.1f} GB/s"
+    )
     stages, graphs = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.presets.split(","):
@@ -157,8 +185,16 @@ def main() -> None:
     for col in ("preset", "candidate", "ms", "PyTorch/x", "V MB", "2V GB/s", "% copy BW", "cosine"):
         table.add_column(col, justify="left" if col in ("preset", "candidate") else "right")
     for r in stages:
-        table.add_row(r["preset"], r["candidate"], f"{r['ms']:.2f}", f"{r['vs_pytorch']:.2f}x", f"{r['v_mb']:.1f}",
-                      f"{r['gbs_2v']:.2f}", f"{100 * r['gbs_2v'] / bandwidth:.0f}%", f"{r['cosine']:.7f}")
+        table.add_row(
+            r["preset"],
+            r["candidate"],
+            f"{r['ms']:.2f}",
+            f"{r['vs_pytorch']:.2f}x",
+            f"{r['v_mb']:.1f}",
+            f"{r['gbs_2v']:.2f}",
+            f"{100 * r['gbs_2v'] / bandwidth:.0f}%",
+            f"{r['cosine']:.7f}",
+        )
     console.print(table)
     table = Table(title=f"Whole vision graph (FP32, batch {args.batch})")
     for col in ("preset", "candidate", "ms", "PyTorch/x", "cosine"):

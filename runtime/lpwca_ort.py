@@ -24,6 +24,9 @@ from ccra_export.runtime.lpwca_cpu import lpwca_cpu
 
 ORTX_DOMAIN = "ai.onnx.contrib"
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
+# The C++ kernel parallelises with OpenMP; ORT's intra-op threads spinning meanwhile would take
+# the same cores away from it.
+NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
 
 
 @functools.cache
@@ -118,4 +121,4 @@ def session_model(onnx_path: str | Path) -> tuple[str | bytes, dict[str, str], l
     if not external:
         onnx.load_external_data_for_model(proto, str(path.parent))
     config = {EXTERNAL_FOLDER_KEY: str(path.parent.resolve())} if external else {}
-    return proto.SerializeToString(), config, [custom_ops_library()]
+    return proto.SerializeToString(), {**config, **NO_SPINNING}, [custom_ops_library()]
