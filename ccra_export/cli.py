@@ -112,10 +112,11 @@ def main() -> None:
 )
 @click.option(
     "--precision",
-    type=click.Choice(["fp32", "fp16"]),
+    type=click.Choice(["fp32", "fp16", "int8"]),
     default="fp16",
     show_default=True,
-    help="Precision of the exported graph (weights, compute and I/O). FP16 keeps Softmax and the CCRA module in FP32.",
+    help="Precision of the exported graph. fp16: weights, compute and I/O (Softmax and the CCRA module kept FP32). "
+    "int8: Q/DQ graph calibrated on --calib-data (FP32 I/O; LayerNorm, Softmax and CCRA kept float).",
 )
 @click.option(
     "--random-weights",
@@ -179,6 +180,39 @@ def main() -> None:
     type=click.Path(path_type=Path, dir_okay=False),
     help="The built TensorRT plugin library (libccra_lpwca_plugin.so), hashed into the manifest.",
 )
+@click.option("--calib-data", type=click.Path(path_type=Path), help="INT8: folder of .jpg/.png calibration images.")
+@click.option(
+    "--prompts",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="INT8: one instruction per image (file-name order), else a default set of instructions.",
+)
+@click.option(
+    "--calib-method",
+    type=click.Choice(["entropy", "minmax", "percentile"]),
+    default="entropy",
+    show_default=True,
+    help="INT8 calibration: KL-divergence histogram, min/max, or 99.999th percentile.",
+)
+@click.option(
+    "--calib-batch-size", default=4, show_default=True, type=click.IntRange(1), help="INT8: images per batch."
+)
+@click.option(
+    "--holdout", type=click.IntRange(1), help="INT8: images kept out of calibration for parity (default 10%)."
+)
+@click.option("--max-calib-images", type=click.IntRange(2), help="INT8: use at most this many images of the folder.")
+@click.option("--int8-ccra", is_flag=True, help="INT8: quantize the CCRA module's matmuls too (kept float by default).")
+@click.option(
+    "--pad-to-square/--no-pad-to-square",
+    default=True,
+    show_default=True,
+    help="Preprocess like LLaVA-1.5 (image_aspect_ratio 'pad') before CLIP's resize and crop.",
+)
+@click.option(
+    "--trt-cache-version",
+    default="10.3.0",
+    show_default=True,
+    help="INT8: TensorRT version written into calibration.cache's header (the TensorRT that reads it).",
+)
 @_parity_options
 @_reports_errors
 def build(
@@ -201,14 +235,24 @@ def build(
     backend: str,
     lpwca: str,
     plugin_library: Path | None,
+    calib_data: Path | None,
+    prompts: Path | None,
+    calib_method: str,
+    calib_batch_size: int,
+    holdout: int | None,
+    max_calib_images: int | None,
+    int8_ccra: bool,
+    pad_to_square: bool,
+    trt_cache_version: str,
 ) -> None:
     """Export the vision graph, run it, check parity against PyTorch, write a bundle.
 
     Exit code 0 only when parity passes; 3 when it fails (the bundle is still written, so
     parity.json can be inspected); 2 for bad input (nothing is written).
     """
-    from ccra_export.console import Steps, parity_table
+    from ccra_export.console import Steps, layer_table, parity_table
     from ccra_export.pipeline import BuildOptions, ParityOptions, build_bundle
+    from ccra_export.pipeline_int8 import Int8Options
 
     options = BuildOptions(
         model=model,
@@ -216,6 +260,17 @@ def build(
         precision=precision,
         lpwca=lpwca,
         plugin_library=plugin_library,
+        int8=Int8Options(
+            calib_data=calib_data,
+            prompts=prompts,
+            method=calib_method,
+            batch_size=calib_batch_size,
+            holdout=holdout,
+            limit=max_calib_images,
+            quantize_ccra=int8_ccra,
+            pad_to_square=pad_to_square,
+            trt_version=trt_cache_version,
+        ),
         random_weights=random_weights,
         plain=plain,
         seed=seed,
@@ -236,7 +291,9 @@ def build(
     )
     result = build_bundle(options, Steps(_stderr))
     _stdout.print(parity_table(result.report))
-    files = ", ".join(result.manifest["files"])
+    if result.report.layers is not None:
+        _stdout.print(layer_table(result.report))
+    files = ", ".join(result.manifest["files"])  # graph (+ external data, INT8 caches)
     _stdout.print(f"bundle: {result.bundle} ({files}, manifest.json, parity.json)")
     _finish(result.report)
 

@@ -7,9 +7,17 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
 from ccra_export.parity import ParityReport
@@ -29,6 +37,26 @@ class Steps:
         start = time.perf_counter()
         with self.console.status(f"{title}...", spinner="dots"):
             yield
+        self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+
+    @contextlib.contextmanager
+    def progress(self, title: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
+        """A progress bar over ``total`` items; yields ``advance(n)``."""
+        if self.console is None:
+            yield lambda _n: None
+            return
+        columns = (
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn(unit),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        start = time.perf_counter()
+        with Progress(*columns, console=self.console, transient=True) as bar:
+            task = bar.add_task(title, total=total)
+            yield lambda n: bar.advance(task, n)
         self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
 
     def info(self, line: str) -> None:
@@ -55,4 +83,15 @@ def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Tabl
             str(o.nonfinite),
             result,
         )
+    return table
+
+
+def layer_table(report: ParityReport) -> Table:
+    """INT8 per-layer drift against the FP32 graph; the first layer under the threshold is marked."""
+    table = Table(title="INT8 drift per layer vs the FP32 graph", title_justify="left")
+    for column in ("tap", "cosine", "abs err / scale", ""):
+        table.add_column(column, justify="left" if column in ("tap", "") else "right")
+    for row in report.layers or []:
+        mark = "[red]first to drift below threshold[/red]" if row.label == report.first_drift else ""
+        table.add_row(row.label, f"{row.cosine:.6f}", f"{row.scaled_max_abs_err:.3e}", mark)
     return table

@@ -111,6 +111,8 @@ class ParityReport:
     backend: str
     outputs: list[OutputParity]
     inputs: dict[str, Any] = field(default_factory=dict)
+    layers: list[Any] | None = None  # INT8: per-layer drift rows (calibration.layer_report.LayerDrift)
+    first_drift: str | None = None
 
     @property
     def passed(self) -> bool:
@@ -120,6 +122,13 @@ class ParityReport:
         return "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in self.outputs if o.failures)
 
     def to_dict(self) -> dict[str, Any]:
+        layers = None
+        if self.layers is not None:
+            layers = {
+                "reference": "FP32 ONNX graph (its outputs match PyTorch: see outputs above)",
+                "first_drifting_layer": self.first_drift,
+                "rows": [dataclasses.asdict(row) for row in self.layers],
+            }
         return {
             "passed": self.passed,
             "precision": self.precision,
@@ -143,6 +152,7 @@ class ParityReport:
                 }
                 for o in self.outputs
             ],
+            **({"layers": layers} if layers is not None else {}),
         }
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,9 +30,10 @@ from ccra_export.manifest import (
     verify_files,
 )
 from ccra_export.parity import ParityReport, Thresholds, compare_outputs, thresholds_for
+from ccra_export.pipeline_int8 import Int8Options
 from ccra_export.sample_inputs import random_inputs
 
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")
 LPWCA_MODES = ("auto", "fused", "portable")
 GRAPH_FILE = "vision.onnx"
 
@@ -70,6 +72,7 @@ class BuildOptions:
     keep_ccra_fp32: bool = True
     lpwca: str = "auto"
     plugin_library: Path | None = None
+    int8: Int8Options = field(default_factory=Int8Options)
     max_batch: int = 8
     max_text_len: int = 512
     parity: ParityOptions = field(default_factory=ParityOptions)
@@ -145,12 +148,8 @@ def _thresholds(precision: str, options: ParityOptions, stored: dict[str, Any] |
     return base.with_overrides(min_cosine=options.min_cosine, max_scaled_abs_err=options.max_scaled_abs_err)
 
 
-def run_parity(
-    source: Source, backend: Any, backend_label: str, precision: str, thresholds: Thresholds, options: ParityOptions
-) -> ParityReport:
-    """The artifact and the PyTorch reference on the same seeded inputs."""
-    from ccra_export.vision_model import reference_outputs
-
+def random_parity_feeds(source: Source, options: ParityOptions) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Seeded random graph inputs for parity, and their description for parity.json."""
     feeds = random_inputs(
         source.config,
         batch=options.batch,
@@ -158,16 +157,31 @@ def run_parity(
         seed=options.seed,
         token_embeddings=source.token_embeddings,
     )
-    reference = reference_outputs(source.model, feeds)
-    actual = backend.run(feeds)
     described = {
+        "kind": "random",
         "seed": options.seed,
         "batch": options.batch,
         "text_len": options.text_len if source.config.ccra is not None else None,
         "text_embeds": "token embedding table rows" if source.token_embeddings is not None else "N(0, 1)",
     }
+    return feeds, described
+
+
+def run_parity(
+    source: Source,
+    backend: Any,
+    precision: str,
+    thresholds: Thresholds,
+    feeds: dict[str, np.ndarray],
+    described: dict[str, Any],
+) -> ParityReport:
+    """The artifact and the PyTorch reference on the same inputs."""
+    from ccra_export.vision_model import reference_outputs
+
+    reference = reference_outputs(source.model, feeds)
+    actual = backend.run(feeds)
     return compare_outputs(
-        actual, reference, precision=precision, backend=backend_label, thresholds=thresholds, inputs=described
+        actual, reference, precision=precision, backend=backend.name, thresholds=thresholds, inputs=described
     )
 
 
@@ -227,17 +241,32 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
 
     import torch
 
+    from ccra_export import pipeline_int8
+    from ccra_export.calibration.layer_report import per_layer_drift
     from ccra_export.ccra_module import ccra_parameter_count
     from ccra_export.export import check_graph, convert_to_fp16, export_model_proto, graph_interface, save_model
     from ccra_export.runtime.backends import select_backend
 
     config = source.config
     lpwca, lpwca_reason = resolve_lpwca(options.lpwca, options.backend, config)
+    int8 = options.precision == "int8"
+    if int8 and lpwca == "fused":
+        if options.lpwca == "fused":
+            raise ConfigError(
+                "--precision int8 with --lpwca fused: ONNX Runtime's calibrator opens its own session, which cannot "
+                "load the ccra::LPWCA custom op; use --lpwca portable (TensorRT runs the Q/DQ graph as it is)"
+            )
+        lpwca, lpwca_reason = "portable", "auto: INT8 calibrates the portable graph"
     if lpwca != "none":
         steps.info(f"LPWCA: {lpwca} ({lpwca_reason})")
     plugin = _plugin_record(lpwca, options.plugin_library)
+    calibration = pipeline_int8.prepare(options.int8, source, options.seed, steps) if int8 else None
+    calibration_record = None
     try:
-        with atomic.staged_directory(output, replace=options.force) as stage:
+        with (
+            atomic.staged_directory(output, replace=options.force) as stage,
+            tempfile.TemporaryDirectory(prefix=f".{output.name}.fp32-", dir=output.resolve().parent) as scratch,
+        ):
             fused_note = ", LPWCA fused" if lpwca == "fused" else ""
             with steps.step(f"Exporting {config.name} to ONNX (opset {options.opset}, dynamic batch{fused_note})"):
                 proto = export_model_proto(
@@ -246,17 +275,36 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             if options.precision == "fp16":
                 with steps.step("Converting to FP16 (Softmax and the CCRA module kept FP32)"):
                     proto = convert_to_fp16(proto, keep_ccra_fp32=options.keep_ccra_fp32)
-            with steps.step(f"Writing {GRAPH_FILE}"):
-                graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
+            cache_files: list[str] = []
+            if int8:  # quantize from the FP32 graph, kept aside for the per-layer drift report
+                fp32_graph = Path(scratch) / GRAPH_FILE
+                save_model(proto, fp32_graph, options.external_data)
                 del proto
+                graph_files, calibration_record = pipeline_int8.quantize(
+                    fp32_graph, stage, GRAPH_FILE, calibration, options.int8, steps
+                )
+                cache_files = [pipeline_int8.ORT_CACHE, pipeline_int8.TRT_CACHE]
+            else:
+                with steps.step(f"Writing {GRAPH_FILE}"):
+                    graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
+                    del proto
             with steps.step("onnx.checker full check and shape inference"):
                 interface = graph_interface(check_graph(stage / GRAPH_FILE))
             with steps.step("Creating the runtime session"):
                 backend, backend_line = select_backend(options.backend, stage / GRAPH_FILE)
             steps.info(backend_line)
             thresholds = _thresholds(options.precision, options.parity)
-            with steps.step(f"Parity vs PyTorch (batch {options.parity.batch}, seed {options.parity.seed})"):
-                report = run_parity(source, backend, backend.name, options.precision, thresholds, options.parity)
+            if int8:
+                feeds, described = pipeline_int8.held_out_feeds(calibration)
+                title = f"Parity vs PyTorch (held-out images: {len(calibration.dataset.held_out)})"
+            else:
+                feeds, described = random_parity_feeds(source, options.parity)
+                title = f"Parity vs PyTorch (batch {options.parity.batch}, seed {options.parity.seed})"
+            with steps.step(title):
+                report = run_parity(source, backend, options.precision, thresholds, feeds, described)
+            if int8:
+                with steps.step("Per-layer drift, INT8 vs FP32 graph"):
+                    report.layers, report.first_drift = per_layer_drift(fp32_graph, stage / GRAPH_FILE, feeds)
             atomic.write_json(stage / PARITY_NAME, report.to_dict())
             dynamic_axes = {"batch": {"min": 1, "opt": 1, "max": options.max_batch}}
             if config.ccra is not None:
@@ -281,11 +329,12 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                     "outputs": interface["outputs"],
                 },
                 dynamic_axes=dynamic_axes,
-                files=file_entries(stage, graph_files),
+                files=file_entries(stage, graph_files + cache_files),
                 backend={"name": backend.name, "description": backend.description},
                 parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(thresholds)},
                 engine=None,
                 plugin=plugin,
+                calibration=calibration_record,
             )
             atomic.write_json(stage / MANIFEST_NAME, manifest)
     except OSError as exc:
@@ -335,8 +384,19 @@ def check_bundle(
         raise BundleError(f"{bundle / MANIFEST_NAME}: manifest lacks {exc}") from None
     runner, line = select_backend(backend, Path(bundle) / manifest["graph"]["file"])
     steps.info(line)
-    if parity.seed is None:
-        parity.seed = secrets.randbelow(2**31)
     thresholds = _thresholds(manifest["precision"], parity, manifest["parity"]["thresholds"])
-    with steps.step(f"Parity vs PyTorch (batch {parity.batch}, seed {parity.seed})"):
-        return run_parity(source, runner, runner.name, manifest["precision"], thresholds, parity)
+    if manifest["precision"] == "int8":  # INT8 is judged on held-out images, not on random pixels
+        from ccra_export import pipeline_int8
+
+        calibration = pipeline_int8.held_out_from_manifest(
+            manifest["calibration"], source, manifest["source"].get("seed", 0)
+        )
+        feeds, described = pipeline_int8.held_out_feeds(calibration)
+        title = f"Parity vs PyTorch (held-out images: {len(calibration.dataset.held_out)})"
+    else:
+        if parity.seed is None:
+            parity.seed = secrets.randbelow(2**31)
+        feeds, described = random_parity_feeds(source, parity)
+        title = f"Parity vs PyTorch (batch {parity.batch}, seed {parity.seed})"
+    with steps.step(title):
+        return run_parity(source, runner, manifest["precision"], thresholds, feeds, described)

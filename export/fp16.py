@@ -14,31 +14,13 @@ Graph inputs and outputs become FP16 (the mask stays int64); the manifest record
 
 from __future__ import annotations
 
-import ast
-
 import onnx
 import onnx_ir as ir
 from onnxruntime.transformers import float16
 
-NAME_SCOPES_KEY = "pkg.torch.onnx.name_scopes"
-CCRA_SCOPE = "ccra"
+from ccra_export.graph_scopes import CCRA_SCOPE, nodes_in_scope
+
 FP32_OP_TYPES = ("Softmax",)
-
-
-def node_scope(node: onnx.NodeProto) -> list[str]:
-    """Module path the exporter recorded for a node: ['', 'ccra', 'ccra.key', ...]."""
-    for prop in node.metadata_props:
-        if prop.key == NAME_SCOPES_KEY:
-            try:
-                return list(ast.literal_eval(prop.value))
-            except (ValueError, SyntaxError):
-                return []
-    return []
-
-
-def nodes_in_scope(proto: onnx.ModelProto, scope: str) -> list[str]:
-    """Names of nodes traced from inside the submodule ``scope`` (top-level attribute name)."""
-    return [n.name for n in proto.graph.node if scope in node_scope(n)[1:2]]
 
 
 def _lpwca_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:

@@ -18,6 +18,7 @@ import torch
 
 from ccra_export import __version__
 from ccra_export.config import ModelConfig
+from ccra_export.graph_scopes import NAME_SCOPES_KEY
 from ccra_export.vision_model import (
     PIXEL_VALUES,
     TEXT_EMBEDS,
@@ -110,7 +111,7 @@ def export_model_proto(
 
 #: The one piece of exporter node metadata kept: module scopes, which precision passes use to
 #: select the CCRA module's nodes (FP16 keeps them FP32, INT8 keeps them unquantized).
-KEPT_NODE_METADATA = ("pkg.torch.onnx.name_scopes",)
+KEPT_NODE_METADATA = (NAME_SCOPES_KEY,)
 
 
 def _strip_trace_metadata(proto: onnx.ModelProto) -> None:

@@ -82,15 +82,16 @@ class OrtBackend(VisionBackend):
         providers: Sequence[str] | None = None,
         intra_op_threads: int = 0,
         custom_op_libraries: Sequence[str | Path] = (),
+        extra_outputs: Sequence[str] = (),
     ) -> None:
         import onnxruntime as ort
 
-        from ccra_export.runtime.lpwca_ort import session_model
+        from ccra_export.runtime.ort_session import session_model
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # errors only: ORT's warnings are about its own optimizers
-        model, config, libraries = session_model(onnx_path)  # fused LPWCA graphs need the CPU kernel
+        model, config, libraries = session_model(onnx_path, extra_outputs)  # fused graphs need the CPU kernel
         for key, value in config.items():
             options.add_session_config_entry(key, value)
         for library in [*custom_op_libraries, *libraries]:

@@ -15,7 +15,6 @@ TensorRT's parser and every other consumer see the ``ccra::LPWCA`` node as expor
 from __future__ import annotations
 
 import functools
-from pathlib import Path
 
 import onnx
 
@@ -23,7 +22,6 @@ from ccra_export.lpwca_schema import DOMAIN, OP_TYPE
 from ccra_export.runtime.lpwca_cpu import lpwca_cpu
 
 ORTX_DOMAIN = "ai.onnx.contrib"
-EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 # The C++ kernel parallelises with OpenMP; ORT's intra-op threads spinning meanwhile would take
 # the same cores away from it.
 NO_SPINNING = {"session.intra_op.allow_spinning": "0"}
@@ -104,21 +102,3 @@ def rewrite_for_ort(proto: onnx.ModelProto) -> onnx.ModelProto:
     if not any(o.domain == ORTX_DOMAIN for o in proto.opset_import):
         proto.opset_import.append(onnx.helper.make_opsetid(ORTX_DOMAIN, 1))
     return proto
-
-
-def session_model(onnx_path: str | Path) -> tuple[str | bytes, dict[str, str], list[str]]:
-    """What to hand ``ort.InferenceSession``: (path or model bytes, session config, custom-op libraries).
-
-    Graphs without LPWCA load from their path unchanged. Fused graphs load as rewritten bytes;
-    their weights stay where they are (external data is read from the bundle directory).
-    """
-    path = Path(onnx_path)
-    proto = onnx.load(str(path), load_external_data=False)
-    if not has_lpwca(proto):
-        return str(path), {}, []
-    rewrite_for_ort(proto)
-    external = any(t.data_location == onnx.TensorProto.EXTERNAL for t in proto.graph.initializer)
-    if not external:
-        onnx.load_external_data_for_model(proto, str(path.parent))
-    config = {EXTERNAL_FOLDER_KEY: str(path.parent.resolve())} if external else {}
-    return proto.SerializeToString(), {**config, **NO_SPINNING}, [custom_ops_library()]

@@ -10,7 +10,7 @@ from onnx.reference import ReferenceEvaluator
 
 from ccra_export.config import preset
 from ccra_export.export import check_graph, convert_to_fp16, export_model_proto, graph_interface, save_model
-from ccra_export.export.fp16 import CCRA_SCOPE, node_scope
+from ccra_export.graph_scopes import CCRA_SCOPE, in_scope
 from ccra_export.parity import compare_output
 from ccra_export.sample_inputs import random_inputs
 from ccra_export.vision_model import build_model, reference_outputs
@@ -116,8 +116,8 @@ class TestFp16:
         FLOAT, FLOAT16 = onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16
         softmax_inputs = [types[n.input[0]] for n in model.graph.node if n.op_type == "Softmax"]
         assert softmax_inputs and set(softmax_inputs) == {FLOAT}
-        ccra_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and CCRA_SCOPE in node_scope(n)[1:2]]
-        tower_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and "vision_tower" in node_scope(n)[1:2]]
+        ccra_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and in_scope(n, CCRA_SCOPE)]
+        tower_matmuls = [n for n in model.graph.node if n.op_type == "MatMul" and in_scope(n, "vision_tower")]
         assert ccra_matmuls and {types[n.input[0]] for n in ccra_matmuls} == {FLOAT}
         assert tower_matmuls and {types[n.input[1]] for n in tower_matmuls} == {FLOAT16}
 

@@ -1,0 +1,105 @@
+"""Calibration images and prompts from a folder: discovery, decoding with skip-and-count, held-out split."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from PIL import Image, UnidentifiedImageError
+
+from ccra_export.errors import CCRAExportError
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+DEFAULT_PROMPTS = (
+    "Describe the image in detail.",
+    "What is in this picture?",
+    "What objects can you see and where are they?",
+    "Describe the colours and the background of the image.",
+    "What is the main subject doing?",
+    "Is there any text in the image? What does it say?",
+    "Describe the scene to someone who cannot see it.",
+    "What stands out most in this image?",
+)
+
+
+class CalibrationDataError(CCRAExportError):
+    """The calibration folder or prompts file cannot be used as given."""
+
+
+@dataclass
+class CalibrationImage:
+    path: Path
+    image: Image.Image
+    prompt: str
+
+
+@dataclass
+class CalibrationSet:
+    calibration: list[CalibrationImage]
+    held_out: list[CalibrationImage]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def discover(folder: Path) -> list[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CalibrationDataError(f"--calib-data {folder}: no such directory")
+    paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    if not paths:
+        raise CalibrationDataError(f"--calib-data {folder}: no {'/'.join(IMAGE_SUFFIXES)} images in it")
+    return paths
+
+
+def decode(path: Path) -> Image.Image:
+    with Image.open(path) as handle:
+        handle.load()  # decode now: a truncated file fails here, not in the middle of calibration
+        return handle.convert("RGB")
+
+
+def load_prompts(path: Path | None, count: int) -> list[str]:
+    """One instruction per image (a line each, in image order), or the default set, cycled."""
+    if path is None:
+        return [DEFAULT_PROMPTS[i % len(DEFAULT_PROMPTS)] for i in range(count)]
+    try:
+        lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CalibrationDataError(f"--prompts {path}: unreadable ({exc})") from None
+    if len(lines) != count:
+        raise CalibrationDataError(
+            f"--prompts {path}: {len(lines)} instructions for {count} images; expected one line per image, in "
+            "file-name order"
+        )
+    return lines
+
+
+def load_calibration_set(
+    folder: Path, *, prompts: Path | None = None, holdout: int | None = None, limit: int | None = None
+) -> CalibrationSet:
+    """Decode every image (unreadable ones are skipped with a warning and counted) and split off
+    ``holdout`` images (default: 10%, at least 1) for INT8 parity: they are never calibrated on."""
+    paths = discover(folder)
+    if limit is not None:
+        paths = paths[:limit]
+    instructions = load_prompts(prompts, len(paths))
+    loaded, skipped = [], []
+    for path, prompt in zip(paths, instructions, strict=True):
+        try:
+            loaded.append(CalibrationImage(path, decode(path), prompt))
+        except (UnidentifiedImageError, OSError, ValueError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            warnings.warn(f"{path}: skipped, not a readable image ({reason})", stacklevel=2)
+            skipped.append((path, reason))
+    if not loaded:
+        first = f" (first: {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
+        raise CalibrationDataError(f"--calib-data {folder}: none of the {len(paths)} images could be read{first}")
+    if len(loaded) < 2:
+        raise CalibrationDataError(
+            f"--calib-data {folder}: {len(loaded)} readable image; INT8 needs at least 2 (calibration + held-out parity)"
+        )
+    holdout = max(1, len(loaded) // 10) if holdout is None else holdout
+    if not 1 <= holdout < len(loaded):
+        raise CalibrationDataError(
+            f"--holdout {holdout}: expected 1..{len(loaded) - 1} for {len(loaded)} readable images"
+        )
+    return CalibrationSet(loaded[:-holdout], loaded[-holdout:], skipped)

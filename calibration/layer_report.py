@@ -1,0 +1,66 @@
+"""Which layer's output drifts first: INT8 vs FP32 graphs, tensor by tensor, on the same inputs.
+
+Taps are the output of every vision encoder layer, of the CCRA module and the visual tokens, found
+through the module scopes the exporter recorded. The FP32 graph is the reference here: its
+final outputs are themselves parity-checked against PyTorch in the same report.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from ccra_export.graph_scopes import CCRA_SCOPE, in_scope, node_scope
+from ccra_export.parity import compare_output, thresholds_for
+
+_LAYER_SCOPE = re.compile(r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$")
+
+
+@dataclass
+class LayerDrift:
+    label: str
+    tensor: str
+    cosine: float
+    scaled_max_abs_err: float
+
+
+def layer_taps(proto: onnx.ModelProto) -> list[tuple[str, str]]:
+    """(label, tensor name) in graph order: encoder layers 1..n, the CCRA module, visual tokens."""
+    last_in_scope: dict[str, str] = {}
+    for node in proto.graph.node:  # topological order: the last node of a scope is its output
+        for scope in node_scope(node):
+            match = _LAYER_SCOPE.match(scope)
+            if match is not None:
+                last_in_scope[f"vision layer {int(match[1]) + 1}"] = node.output[0]
+        if in_scope(node, CCRA_SCOPE):
+            last_in_scope["ccra module"] = node.output[0]
+    ordered = sorted((k for k in last_in_scope if k.startswith("vision layer")), key=lambda k: int(k.split()[-1]))
+    taps = [(k, last_in_scope[k]) for k in ordered]
+    if "ccra module" in last_in_scope:
+        taps.append(("ccra module", last_in_scope["ccra module"]))
+    taps.append(("visual tokens", "visual_tokens"))
+    return taps
+
+
+def per_layer_drift(
+    fp32_model: Path, int8_model: Path, feeds: dict[str, np.ndarray]
+) -> tuple[list[LayerDrift], str | None]:
+    """Drift per tap and the first tap below the INT8 cosine threshold (None: none drifts)."""
+    from ccra_export.runtime.backends import OrtBackend
+
+    taps = layer_taps(onnx.load(str(fp32_model), load_external_data=False))
+    names = [tensor for _, tensor in taps]
+    reference = OrtBackend(fp32_model, extra_outputs=names).run(feeds)
+    candidate = OrtBackend(int8_model, extra_outputs=names).run(feeds)
+    threshold = thresholds_for("int8")
+    rows, first = [], None
+    for label, tensor in taps:
+        result = compare_output(tensor, candidate[tensor], reference[tensor], threshold)
+        rows.append(LayerDrift(label, tensor, result.cosine, result.scaled_max_abs_err))
+        if first is None and not result.passed:
+            first = label
+    return rows, first

@@ -1,0 +1,169 @@
+"""The INT8 branch of `ccra-export build`: calibration images -> Q/DQ graph -> caches -> parity inputs.
+
+Parity for INT8 runs on held-out images (split off before calibration, never calibrated on),
+against the FP32 PyTorch reference, plus a per-layer drift report against the FP32 graph.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ccra_export.calibration.images import CalibrationImage, CalibrationSet, load_calibration_set
+from ccra_export.calibration.preprocess import ImageProcessorConfig
+from ccra_export.calibration.text import TextEmbedder
+from ccra_export.console import SILENT, Steps
+from ccra_export.errors import ConfigError
+
+ORT_CACHE = "calibration.json"
+TRT_CACHE = "calibration.cache"
+
+
+@dataclass
+class Int8Options:
+    calib_data: Path | None = None
+    prompts: Path | None = None
+    method: str = "entropy"
+    batch_size: int = 4
+    holdout: int | None = None
+    limit: int | None = None
+    quantize_ccra: bool = False
+    pad_to_square: bool = True
+    trt_version: str = "10.3.0"
+
+
+@dataclass
+class Calibration:
+    dataset: CalibrationSet
+    processor: ImageProcessorConfig
+    embedder: TextEmbedder | None
+
+
+def make_embedder(source: Any, seed: int) -> TextEmbedder | None:
+    """Instruction embeddings: the checkpoint's tokenizer and table, or a seeded table for presets."""
+    config = source.config
+    if config.ccra is None:
+        return None
+    if source.token_embeddings is not None:
+        return TextEmbedder.from_checkpoint(Path(source.record["path"]), source.token_embeddings)
+    return TextEmbedder.seeded(config.text_hidden_size, seed)
+
+
+def processor_for(source: Any, pad_to_square: bool) -> ImageProcessorConfig:
+    size = source.config.vision.image_size
+    if source.record["kind"] == "checkpoint":
+        return ImageProcessorConfig.from_checkpoint(Path(source.record["path"]), size, pad_to_square=pad_to_square)
+    return ImageProcessorConfig.for_image_size(size, pad_to_square=pad_to_square)
+
+
+def prepare(options: Int8Options, source: Any, seed: int, steps: Steps = SILENT) -> Calibration:
+    """Read and split the images before the (slow) export, so bad calibration data fails first."""
+    if options.calib_data is None:
+        raise ConfigError("--precision int8 needs --calib-data DIR (a folder of .jpg/.png calibration images)")
+    with (
+        steps.step(f"Reading calibration images from {options.calib_data}"),
+        warnings.catch_warnings(record=True) as seen,
+    ):
+        warnings.simplefilter("always")
+        dataset = load_calibration_set(
+            Path(options.calib_data), prompts=options.prompts, holdout=options.holdout, limit=options.limit
+        )
+    for warning in seen:
+        steps.info(f"[yellow]warning:[/yellow] {warning.message}")
+    steps.info(
+        f"calibration: {len(dataset.calibration)} images, {len(dataset.held_out)} held out for parity"
+        + (f", {len(dataset.skipped)} unreadable skipped" if dataset.skipped else "")
+    )
+    if len(dataset.calibration) < options.batch_size:
+        steps.info(
+            f"[yellow]warning:[/yellow] {len(dataset.calibration)} calibration images for --calib-batch-size "
+            f"{options.batch_size}: calibrating in one batch of {len(dataset.calibration)}"
+        )
+    return Calibration(dataset, processor_for(source, options.pad_to_square), make_embedder(source, seed))
+
+
+def quantize(
+    fp32_model: Path,
+    stage: Path,
+    graph_file: str,
+    calibration: Calibration,
+    options: Int8Options,
+    steps: Steps = SILENT,
+) -> tuple[list[str], dict[str, Any]]:
+    """Write the Q/DQ graph and both caches into ``stage``; returns (graph files, manifest record)."""
+    from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
+    from ccra_export.calibration.reader import ImageBatchReader
+    from ccra_export.calibration.trt_cache import amax_ranges, read_cache, write_cache
+
+    images = calibration.dataset.calibration
+    title = f"Calibrating ({options.method}, {len(images)} images) and inserting Q/DQ"
+    with steps.progress(title, total=len(images), unit="images") as advance:
+        reader = ImageBatchReader(images, calibration.processor, calibration.embedder, options.batch_size, advance)
+        summary = quantize_int8(
+            fp32_model,
+            stage / graph_file,
+            reader,
+            method=options.method,
+            ort_cache=stage / ORT_CACHE,
+            quantize_ccra=options.quantize_ccra,
+        )
+    write_cache(
+        amax_ranges(stage / ORT_CACHE), stage / TRT_CACHE, method=options.method, trt_version=options.trt_version
+    )
+    header, scales = read_cache(stage / TRT_CACHE)
+    graph_files = sorted(p.name for p in stage.iterdir() if p.name.startswith(graph_file))
+    graph_files.sort(key=lambda name: name != graph_file)  # the graph first, its external data after
+    record = {
+        **asdict(summary),
+        "quantized_op_types": list(QUANTIZED_OP_TYPES),
+        "format": "QDQ, symmetric int8 activations and per-channel weights",
+        "calibration_dir": str(Path(options.calib_data).resolve()),
+        "images_used": [item.path.name for item in images],
+        "held_out": [{"file": item.path.name, "prompt": item.prompt} for item in calibration.dataset.held_out],
+        "skipped": [{"file": p.name, "reason": r} for p, r in calibration.dataset.skipped],
+        "prompts": str(options.prompts) if options.prompts else "default instructions",
+        "batch_size": reader.batch_size,
+        "processor": asdict(calibration.processor),
+        "text_embeddings": calibration.embedder.source if calibration.embedder else None,
+        "ort_cache": ORT_CACHE,
+        "tensorrt_cache": {
+            "file": TRT_CACHE,
+            "header": header,
+            "tensors": len(scales),
+            "applies_to": "implicit INT8 calibrators, TensorRT <= 10 (removed in 11)",
+        },
+    }
+    return graph_files, record
+
+
+def held_out_feeds(calibration: Calibration) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    from ccra_export.calibration.reader import make_feeds
+
+    items = calibration.dataset.held_out
+    described = {"kind": "held-out images", "images": [i.path.name for i in items], "batch": len(items)}
+    return make_feeds(items, calibration.processor, calibration.embedder), described
+
+
+def held_out_from_manifest(record: dict[str, Any], source: Any, seed: int) -> Calibration:
+    """Rebuild the held-out parity inputs an INT8 bundle was checked on (for `ccra-export check`)."""
+    from ccra_export.calibration.images import decode
+
+    folder = Path(record["calibration_dir"])
+    items = []
+    for entry in record["held_out"]:
+        path = folder / entry["file"]
+        if not path.is_file():
+            raise ConfigError(f"{path}: a held-out image of this INT8 bundle is gone; rebuild with --calib-data")
+        items.append(CalibrationImage(path, decode(path), entry["prompt"]))
+    processor = ImageProcessorConfig(
+        **{
+            **record["processor"],
+            "image_mean": tuple(record["processor"]["image_mean"]),
+            "image_std": tuple(record["processor"]["image_std"]),
+        }
+    )
+    return Calibration(CalibrationSet([], items), processor, make_embedder(source, seed))
