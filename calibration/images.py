@@ -95,7 +95,8 @@ def load_calibration_set(
         raise CalibrationDataError(f"--calib-data {folder}: none of the {len(paths)} images could be read{first}")
     if len(loaded) < 2:
         raise CalibrationDataError(
-            f"--calib-data {folder}: {len(loaded)} readable image; INT8 needs at least 2 (calibration + held-out parity)"
+            f"--calib-data {folder}: {len(loaded)} readable image; "
+            "INT8 needs at least 2 (calibration + held-out parity)"
         )
     holdout = max(1, len(loaded) // 10) if holdout is None else holdout
     if not 1 <= holdout < len(loaded):
