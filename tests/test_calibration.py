@@ -66,7 +66,9 @@ class TestPreprocessing:
         image = photo("rocket")  # 640 x 427: padded top and bottom
         square = expand_to_square(image, tuple(int(x * 255) for x in hf.image_mean))
         assert square.size == (640, 640)
-        assert square.getpixel((0, 0)) == (122, 116, 104) and square.getpixel((320, 320)) == image.getpixel((320, 320 - (640 - 427) // 2))
+        assert square.getpixel((0, 0)) == (122, 116, 104) and square.getpixel((320, 320)) == image.getpixel(
+            (320, 320 - (640 - 427) // 2)
+        )
         want = hf(images=square, return_tensors="np")["pixel_values"][0]
         np.testing.assert_array_equal(preprocess(image, ImageProcessorConfig.for_image_size(336)), want)
 
@@ -154,6 +156,7 @@ def test_trt_cache_format(tmp_path):
     assert text[0] == "TRT-100300-EntropyCalibration2"
     assert text[1] == "a: 3f800000"  # amax 127 -> scale 1.0 -> 0x3f800000
     header, scales = read_cache(tmp_path / "c")
+    assert header == text[0] and set(scales) == {"a", "b"}
     assert scales["b"] == struct.unpack(">f", struct.pack(">f", 2.54 / 127))[0]
 
 
