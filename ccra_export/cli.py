@@ -16,8 +16,9 @@ from ccra_export.config import PRESETS
 from ccra_export.errors import CCRAExportError
 
 BACKEND_HELP = (
-    "Runtime that runs the graph for parity. auto: TensorRT when it imports and sees a GPU, "
-    "else ONNX Runtime (CUDA provider if installed, else CPU); ort: ONNX Runtime; trt: TensorRT."
+    "What runs the graph. auto: TensorRT when it imports and sees a GPU (an engine is built into the bundle), "
+    "else ONNX Runtime (CUDA provider if installed, else CPU); ort: ONNX Runtime; trt: a native TensorRT engine; "
+    "ort-trt: ONNX Runtime's TensorRT execution provider."
 )
 
 # Off a terminal (CI logs, pipes) rich falls back to 80 columns, too narrow for the parity table.
@@ -70,7 +71,11 @@ def _parity_options(command: Callable[..., Any]) -> Callable[..., Any]:
             help="Override the max |error| / max |reference| threshold (default: 1e-4 for fp32, off for fp16).",
         ),
         click.option(
-            "--backend", type=click.Choice(["auto", "ort", "trt"]), default="auto", show_default=True, help=BACKEND_HELP
+            "--backend",
+            type=click.Choice(["auto", "ort", "trt", "ort-trt"]),
+            default="auto",
+            show_default=True,
+            help=BACKEND_HELP,
         ),
     ]
     for option in reversed(options):
@@ -213,6 +218,35 @@ def main() -> None:
     show_default=True,
     help="INT8: TensorRT version written into calibration.cache's header (the TensorRT that reads it).",
 )
+@click.option(
+    "--trt-typing",
+    type=click.Choice(["auto", "strong", "weak"]),
+    default="auto",
+    show_default=True,
+    help="TensorRT engine typing. auto: strongly typed on TensorRT 11 (the only mode left), weakly typed with "
+    "FP16/INT8 builder flags on TensorRT 10; strong keeps the ONNX graph's types exactly.",
+)
+@click.option(
+    "--workspace-mib",
+    default=2048,
+    show_default=True,
+    type=click.IntRange(64),
+    help="TensorRT workspace pool limit (Jetson shares its DRAM with the CPU).",
+)
+@click.option(
+    "--opt-level",
+    default=3,
+    show_default=True,
+    type=click.IntRange(0, 5),
+    help="TensorRT builder optimization level (higher: longer build, possibly faster engine).",
+)
+@click.option(
+    "--timing-cache",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=Path.home() / ".cache" / "ccra-export" / "timing.cache",
+    show_default=True,
+    help="TensorRT timing cache, read before and written after every engine build.",
+)
 @_parity_options
 @_reports_errors
 def build(
@@ -244,6 +278,10 @@ def build(
     int8_ccra: bool,
     pad_to_square: bool,
     trt_cache_version: str,
+    trt_typing: str,
+    workspace_mib: int,
+    opt_level: int,
+    timing_cache: Path,
 ) -> None:
     """Export the vision graph, run it, check parity against PyTorch, write a bundle.
 
@@ -251,7 +289,7 @@ def build(
     parity.json can be inspected); 2 for bad input (nothing is written).
     """
     from ccra_export.console import Steps, layer_table, parity_table
-    from ccra_export.pipeline import BuildOptions, ParityOptions, build_bundle
+    from ccra_export.pipeline import BuildOptions, ParityOptions, TrtOptions, build_bundle
     from ccra_export.pipeline_int8 import Int8Options
 
     options = BuildOptions(
@@ -260,6 +298,9 @@ def build(
         precision=precision,
         lpwca=lpwca,
         plugin_library=plugin_library,
+        trt=TrtOptions(
+            typing=trt_typing, workspace_mib=workspace_mib, optimization_level=opt_level, timing_cache=timing_cache
+        ),
         int8=Int8Options(
             calib_data=calib_data,
             prompts=prompts,
@@ -338,6 +379,31 @@ def check(
     report = check_bundle(bundle, parity=parity, backend=backend, model_override=model_override, steps=Steps(_stderr))
     _stdout.print(parity_table(report, title=f"Parity check of {bundle}"))
     _finish(report)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
+@_reports_errors
+def doctor(as_json: bool) -> None:
+    """Report what is installed and usable: ONNX Runtime providers, TensorRT, GPU, Jetson/JetPack,
+    CUDA toolkit, the LPWCA libraries; with the fix for each missing piece."""
+    import dataclasses
+    import json
+
+    from rich.table import Table
+
+    from ccra_export.doctor import run_checks
+
+    checks = run_checks()
+    if as_json:
+        click.echo(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+        return
+    table = Table(title="ccra-export doctor", title_justify="left")
+    for column in ("", "component", "status", "fix"):
+        table.add_column(column)
+    for c in checks:
+        table.add_row("[green]✓[/green]" if c.ok else "[red]✗[/red]", c.component, c.detail, c.fix)
+    _stdout.print(table)
 
 
 @main.group()

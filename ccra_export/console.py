@@ -30,13 +30,14 @@ class Steps:
         self.console = console
 
     @contextlib.contextmanager
-    def step(self, title: str) -> Iterator[None]:
+    def step(self, title: str) -> Iterator[Callable[[str], None]]:
+        """Yields ``update(text)``: shows a sub-status (e.g. TensorRT's build phase) on the spinner."""
         if self.console is None:
-            yield
+            yield lambda _text: None
             return
         start = time.perf_counter()
-        with self.console.status(f"{title}...", spinner="dots"):
-            yield
+        with self.console.status(f"{title}...", spinner="dots") as status:
+            yield lambda text: status.update(f"{title}: {text}")
         self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
 
     @contextlib.contextmanager

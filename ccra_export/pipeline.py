@@ -36,6 +36,7 @@ from ccra_export.sample_inputs import random_inputs
 PRECISIONS = ("fp32", "fp16", "int8")
 LPWCA_MODES = ("auto", "fused", "portable")
 GRAPH_FILE = "vision.onnx"
+ENGINE_FILE = "vision.engine"
 
 
 @dataclass
@@ -58,6 +59,21 @@ class ParityOptions:
 
 
 @dataclass
+class TrtOptions:
+    """TensorRT engine build settings (``--backend trt`` / ``ort-trt``)."""
+
+    typing: str = "auto"
+    workspace_mib: int = 2048
+    optimization_level: int = 3
+    timing_cache: Path | None = Path.home() / ".cache" / "ccra-export" / "timing.cache"
+
+    def settings(self) -> Any:
+        from ccra_export.runtime.trt_engine import EngineSettings
+
+        return EngineSettings(self.workspace_mib, self.optimization_level, self.timing_cache)
+
+
+@dataclass
 class BuildOptions:
     model: str
     output: Path
@@ -73,6 +89,7 @@ class BuildOptions:
     lpwca: str = "auto"
     plugin_library: Path | None = None
     int8: Int8Options = field(default_factory=Int8Options)
+    trt: TrtOptions = field(default_factory=lambda: TrtOptions())
     max_batch: int = 8
     max_text_len: int = 512
     parity: ParityOptions = field(default_factory=ParityOptions)
@@ -187,8 +204,6 @@ def run_parity(
 
 def resolve_lpwca(mode: str, backend: str, config: ModelConfig) -> tuple[str, str]:
     """(portable | fused | none, why): ``auto`` fuses for TensorRT, stays portable for ONNX Runtime."""
-    from ccra_export.runtime.backends import tensorrt_status
-
     if mode not in LPWCA_MODES:
         raise ConfigError(f"--lpwca {mode}: expected one of {', '.join(LPWCA_MODES)}")
     if config.ccra is None:
@@ -197,7 +212,7 @@ def resolve_lpwca(mode: str, backend: str, config: ModelConfig) -> tuple[str, st
         return "none", "plain variant: no LPWCA stage"
     if mode != "auto":
         return mode, f"--lpwca {mode}"
-    if backend in ("auto", "trt") and tensorrt_status()[0]:
+    if backend in ("trt", "ort-trt"):
         return "fused", "auto: TensorRT runs ccra::LPWCA as one plugin node"
     return "portable", (
         "auto: ONNX Runtime runs the decomposed graph with its own kernels; "
@@ -233,8 +248,11 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     """Export, check, run and parity-check the vision graph; write the bundle atomically."""
     if options.precision not in PRECISIONS:
         raise ConfigError(f"--precision {options.precision}: expected one of {', '.join(PRECISIONS)}")
+    from ccra_export.runtime.backends import resolve_backend
+
     output = Path(options.output)
     _check_output_dir(output, options.force)
+    backend_kind, backend_reason = resolve_backend(options.backend)  # before any slow work
     source = resolve_source(
         options.model, random_weights=options.random_weights, seed=options.seed, plain=options.plain, steps=steps
     )
@@ -248,7 +266,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     from ccra_export.runtime.backends import select_backend
 
     config = source.config
-    lpwca, lpwca_reason = resolve_lpwca(options.lpwca, options.backend, config)
+    lpwca, lpwca_reason = resolve_lpwca(options.lpwca, backend_kind, config)
     int8 = options.precision == "int8"
     if int8 and lpwca == "fused":
         if options.lpwca == "fused":
@@ -290,8 +308,18 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                     del proto
             with steps.step("onnx.checker full check and shape inference"):
                 interface = graph_interface(check_graph(stage / GRAPH_FILE))
-            with steps.step("Creating the runtime session"):
-                backend, backend_line = select_backend(options.backend, stage / GRAPH_FILE)
+            dynamic_axes = {"batch": {"min": 1, "opt": 1, "max": options.max_batch}}
+            if config.ccra is not None:
+                dynamic_axes["text_len"] = {"min": 1, "opt": min(64, options.max_text_len), "max": options.max_text_len}
+            engine = None
+            if backend_kind == "trt":
+                backend, engine = _build_trt_engine(stage, interface, dynamic_axes, options, plugin, steps)
+                backend_line = f"backend: {backend.description} ({backend_reason})"
+            else:
+                with steps.step("Creating the runtime session"):
+                    ort_options = _ort_trt_options(stage, options.precision, interface, dynamic_axes, plugin, options)
+                    backend, backend_line = select_backend(backend_kind, stage / GRAPH_FILE, **ort_options)
+                backend_line += f" ({backend_reason})" if backend_reason else ""
             steps.info(backend_line)
             thresholds = _thresholds(options.precision, options.parity)
             if int8:
@@ -306,9 +334,6 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 with steps.step("Per-layer drift, INT8 vs FP32 graph"):
                     report.layers, report.first_drift = per_layer_drift(fp32_graph, stage / GRAPH_FILE, feeds)
             atomic.write_json(stage / PARITY_NAME, report.to_dict())
-            dynamic_axes = {"batch": {"min": 1, "opt": 1, "max": options.max_batch}}
-            if config.ccra is not None:
-                dynamic_axes["text_len"] = {"min": 1, "opt": min(64, options.max_text_len), "max": options.max_text_len}
             manifest = new_manifest(
                 model=config.to_dict(),
                 variant=config.variant,
@@ -329,10 +354,10 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                     "outputs": interface["outputs"],
                 },
                 dynamic_axes=dynamic_axes,
-                files=file_entries(stage, graph_files + cache_files),
+                files=file_entries(stage, graph_files + cache_files + ([ENGINE_FILE] if engine else [])),
                 backend={"name": backend.name, "description": backend.description},
                 parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(thresholds)},
-                engine=None,
+                engine=engine,
                 plugin=plugin,
                 calibration=calibration_record,
             )
@@ -340,6 +365,73 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     except OSError as exc:
         raise BundleError(f"--output {output}: cannot write the bundle ({exc.strerror or exc})") from None
     return BuildResult(output, manifest, report)
+
+
+def _profile(interface: dict[str, Any], dynamic_axes: dict[str, dict[str, int]]) -> Any:
+    from ccra_export.runtime.trt_plan import optimization_profiles
+
+    return optimization_profiles(interface["inputs"], dynamic_axes, {})
+
+
+def _ort_trt_options(
+    stage: Path, precision: str, interface: dict[str, Any], dynamic_axes: dict[str, Any], plugin: Any, options: Any
+) -> dict[str, Any]:
+    """Session options for ONNX Runtime: none for CPU/CUDA, TensorRT EP options for ``ort-trt``."""
+    if options.backend != "ort-trt":
+        return {}
+    from ccra_export.runtime import ort_trt
+
+    library = options.plugin_library if plugin and plugin.get("tensorrt_plugin_library") else None
+    provider = ort_trt.provider_options(
+        stage,
+        precision,
+        _profile(interface, dynamic_axes),
+        plugin_library=library,
+        workspace_mib=options.trt.workspace_mib,
+        optimization_level=options.trt.optimization_level,
+    )
+    return {"providers": ort_trt.providers(provider)}
+
+
+def _build_trt_engine(
+    stage: Path, interface: dict[str, Any], dynamic_axes: dict[str, Any], options: Any, plugin: Any, steps: Steps
+) -> tuple[Any, dict[str, Any]]:
+    """Build ``vision.engine`` in the bundle with TensorRT, and its manifest record."""
+    import tensorrt as trt
+
+    from ccra_export.doctor import gpus
+    from ccra_export.runtime import trt_engine
+    from ccra_export.runtime.trt_plan import TrtVersion, engine_record, precision_plan
+
+    plan = precision_plan(TrtVersion.parse(trt.__version__), options.precision, options.trt.typing)
+    steps.info(f"engine: {plan.why}")
+    profile = _profile(interface, dynamic_axes)
+    libraries = [options.plugin_library] if plugin and options.plugin_library else []
+    if plugin and not libraries:
+        raise ConfigError(
+            "--lpwca fused with --backend trt needs --plugin-library (build it: ccra-export plugins build)"
+        )
+    with steps.step("Building the TensorRT engine (minutes on a Jetson)") as update:
+        serialized = trt_engine.build_engine(
+            stage / GRAPH_FILE, plan, profile, options.trt.settings(), libraries, report=update
+        )
+    (stage / ENGINE_FILE).write_bytes(serialized)
+    name, cc = (gpus() or [("unknown GPU", "unknown")])[0]
+    plugin_hash = plugin["tensorrt_plugin_library"]["sha256"] if plugin and plugin["tensorrt_plugin_library"] else None
+    record = engine_record(
+        trt.__version__,
+        name,
+        cc,
+        plugin_hash,
+        plan,
+        profile,
+        {
+            "file": ENGINE_FILE,
+            "workspace_mib": options.trt.workspace_mib,
+            "optimization_level": options.trt.optimization_level,
+        },
+    )
+    return trt_engine.TensorRTBackend(stage / ENGINE_FILE), record
 
 
 def source_from_manifest(manifest: dict[str, Any], model_override: str | None, steps: Steps = SILENT) -> Source:
@@ -362,6 +454,18 @@ def source_from_manifest(manifest: dict[str, Any], model_override: str | None, s
     return source
 
 
+def _load_trt_engine(bundle: Path, engine: dict[str, Any]) -> Any:
+    """The bundle's engine, after refusing one this TensorRT / GPU cannot run."""
+    import tensorrt as trt
+
+    from ccra_export.doctor import gpus
+    from ccra_export.runtime.trt_engine import TensorRTBackend
+    from ccra_export.runtime.trt_plan import check_engine
+
+    check_engine(engine, trt.__version__, (gpus() or [("", "unknown")])[0][1], None)
+    return TensorRTBackend(bundle / engine["file"])
+
+
 def check_bundle(
     bundle: Path,
     *,
@@ -371,7 +475,7 @@ def check_bundle(
     steps: Steps = SILENT,
 ) -> ParityReport:
     """Re-run parity of a built bundle on fresh random inputs (a new seed unless one is given)."""
-    from ccra_export.runtime.backends import select_backend
+    from ccra_export.runtime.backends import resolve_backend, select_backend
 
     manifest = read_manifest(bundle)
     with steps.step("Verifying bundle file hashes"):
@@ -382,8 +486,18 @@ def check_bundle(
         raise
     except KeyError as exc:
         raise BundleError(f"{bundle / MANIFEST_NAME}: manifest lacks {exc}") from None
-    runner, line = select_backend(backend, Path(bundle) / manifest["graph"]["file"])
-    steps.info(line)
+    kind, reason = resolve_backend(backend)
+    engine = manifest.get("engine")
+    if kind == "trt" and engine is not None:
+        runner = _load_trt_engine(Path(bundle), engine)
+        line = f"backend: {runner.description}"
+    else:
+        if kind == "trt":
+            if backend == "trt":
+                raise BundleError(f"--bundle {bundle}: holds no TensorRT engine; rebuild it with --backend trt")
+            reason = "auto: the bundle holds no TensorRT engine"
+        runner, line = select_backend("ort", Path(bundle) / manifest["graph"]["file"])
+    steps.info(f"{line} ({reason})" if reason else line)
     thresholds = _thresholds(manifest["precision"], parity, manifest["parity"]["thresholds"])
     if manifest["precision"] == "int8":  # INT8 is judged on held-out images, not on random pixels
         from ccra_export import pipeline_int8

@@ -18,8 +18,8 @@ import numpy as np
 
 from ccra_export.errors import BackendUnavailableError, BundleError
 
-BackendKind = Literal["auto", "ort", "trt"]
-BACKEND_KINDS: tuple[str, ...] = ("auto", "ort", "trt")
+BackendKind = Literal["auto", "ort", "trt", "ort-trt"]
+BACKEND_KINDS: tuple[str, ...] = ("auto", "ort", "trt", "ort-trt")
 
 _ORT_TYPES = {
     "tensor(float)": np.float32,
@@ -143,23 +143,29 @@ def tensorrt_status() -> tuple[bool, str]:
     return True, f"TensorRT {version}"
 
 
-def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> tuple[VisionBackend, str]:
-    """The backend for ``--backend kind`` and one line saying what was picked and why."""
+def resolve_backend(kind: str) -> tuple[str, str]:
+    """``--backend`` -> ``trt`` | ``ort`` | ``ort-trt``, and why (empty when the user named it)."""
     if kind not in BACKEND_KINDS:
         raise BackendUnavailableError(f"--backend {kind}: expected one of {', '.join(BACKEND_KINDS)}")
-    if kind in ("auto", "trt"):
-        usable, reason = tensorrt_status()
-        if usable:
-            # The native engine backend (engine build, plugin loading, manifest checks) is the
-            # TensorRT issue's work; until it lands, say so rather than run something else silently.
-            message = f"{reason} found, but the native TensorRT engine backend is not implemented yet"
-            if kind == "trt":
-                raise BackendUnavailableError(f"--backend trt: {message}; use --backend ort")
-            backend = OrtBackend(onnx_path, **ort_options)
-            return backend, f"backend: {backend.description} ({message})"
-        if kind == "trt":
-            raise BackendUnavailableError(f"--backend trt: {reason}; install TensorRT 10+ or use --backend ort")
-        backend = OrtBackend(onnx_path, **ort_options)
-        return backend, f"backend: {backend.description} (auto: {reason})"
+    if kind == "ort":
+        return "ort", ""
+    if kind == "ort-trt":
+        if "TensorrtExecutionProvider" not in _ort_info().providers:
+            raise BackendUnavailableError(
+                "--backend ort-trt: this ONNX Runtime has no TensorrtExecutionProvider; install onnxruntime-gpu "
+                "built with TensorRT (and only it), or use --backend trt / ort"
+            )
+        return "ort-trt", ""
+    usable, reason = tensorrt_status()
+    if usable:
+        return "trt", reason
+    if kind == "trt":
+        raise BackendUnavailableError(f"--backend trt: {reason}; install TensorRT 10+ or use --backend ort")
+    return "ort", f"auto: {reason}"
+
+
+def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> tuple[VisionBackend, str]:
+    """An ONNX Runtime backend for ``kind`` (``ort``, or ``ort-trt`` with its provider options in
+    ``ort_options['providers']``) and one line saying what runs it."""
     backend = OrtBackend(onnx_path, **ort_options)
     return backend, f"backend: {backend.description}"

@@ -1,0 +1,51 @@
+"""ONNX Runtime's TensorRT execution provider: the second way to run a bundle on a GPU.
+
+ORT builds and caches the TensorRT engine itself (``trt_engine_cache_path`` inside the bundle)
+and loads the LPWCA plugin through ``trt_extra_plugin_lib_paths``. Option names follow ORT's
+TensorRT EP documentation; the profile strings are its ``name:d0xd1x...`` format.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from ccra_export.runtime.trt_plan import Profile
+
+PROVIDER = "TensorrtExecutionProvider"
+
+
+def _shape_list(profile: Profile, index: int) -> str:
+    return ",".join(f"{name}:{'x'.join(map(str, shapes[index]))}" for name, shapes in profile.shapes.items())
+
+
+def provider_options(
+    bundle: Path,
+    precision: str,
+    profile: Profile,
+    *,
+    plugin_library: Path | None = None,
+    workspace_mib: int = 2048,
+    optimization_level: int = 3,
+) -> dict[str, Any]:
+    options: dict[str, Any] = {
+        "trt_fp16_enable": precision in ("fp16", "int8"),
+        "trt_int8_enable": precision == "int8",  # Q/DQ graph: explicit quantization, no calibration table
+        "trt_engine_cache_enable": True,
+        "trt_engine_cache_path": str(Path(bundle) / "ort_trt_cache"),
+        "trt_timing_cache_enable": True,
+        "trt_timing_cache_path": str(Path(bundle) / "ort_trt_cache"),
+        "trt_builder_optimization_level": optimization_level,
+        "trt_max_workspace_size": workspace_mib << 20,
+        "trt_profile_min_shapes": _shape_list(profile, 0),
+        "trt_profile_opt_shapes": _shape_list(profile, 1),
+        "trt_profile_max_shapes": _shape_list(profile, 2),
+    }
+    if plugin_library is not None:
+        options["trt_extra_plugin_lib_paths"] = str(plugin_library)
+    return options
+
+
+def providers(options: dict[str, Any]) -> list[Any]:
+    """TensorRT first, CUDA for what TensorRT does not take, CPU last (ORT's own fallback order)."""
+    return [(PROVIDER, options), "CUDAExecutionProvider", "CPUExecutionProvider"]

@@ -1,0 +1,140 @@
+"""Everything about a TensorRT engine build that needs no TensorRT: decided here, tested on CPU.
+
+- ``precision_plan``: TensorRT 11 removed weak typing (``BuilderFlag.FP16/INT8``) and implicit INT8;
+  there the network is strongly typed and the ONNX graph's types decide. TensorRT 10 (JetPack 6)
+  still builds weakly typed networks with precision flags, and also offers strong typing.
+- ``optimization_profiles``: min/opt/max shapes per input from the bundle's symbolic axes.
+- ``engine_record`` / ``check_engine``: what an engine was built for, and refusing a mismatch.
+The thin layer that calls TensorRT (trt_engine.py) only translates these into API calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from ccra_export.errors import BundleError, ConfigError
+
+TYPING_CHOICES = ("auto", "strong", "weak")
+
+
+@dataclass(frozen=True)
+class TrtVersion:
+    major: int
+    minor: int
+    patch: int
+
+    @classmethod
+    def parse(cls, text: str) -> TrtVersion:
+        try:
+            parts = [int(p) for p in text.split(".")[:3]]
+        except ValueError:
+            raise ConfigError(f"TensorRT version {text!r}: expected MAJOR.MINOR.PATCH") from None
+        return cls(*[*parts, 0, 0][:3])
+
+    def __str__(self) -> str:
+        return f"{self.major}.{self.minor}.{self.patch}"
+
+
+@dataclass(frozen=True)
+class PrecisionPlan:
+    """How to ask TensorRT for the bundle's precision: network creation flags and builder flags."""
+
+    strongly_typed: bool
+    builder_flags: tuple[str, ...]
+    why: str
+
+
+def precision_plan(version: TrtVersion, precision: str, typing: str = "auto") -> PrecisionPlan:
+    if typing not in TYPING_CHOICES:
+        raise ConfigError(f"--trt-typing {typing}: expected one of {', '.join(TYPING_CHOICES)}")
+    if version.major < 10:
+        raise ConfigError(f"TensorRT {version}: IPluginV3 and this builder need TensorRT >= 10 (JetPack 6)")
+    if version.major >= 11:
+        if typing == "weak":
+            raise ConfigError(f"--trt-typing weak: TensorRT {version} removed weak typing; the graph's types decide")
+        return PrecisionPlan(True, (), f"TensorRT {version}: strongly typed, precision from the {precision} graph")
+    if typing == "strong":
+        return PrecisionPlan(True, (), f"TensorRT {version}: strongly typed on request (ONNX types are kept exactly)")
+    flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}[precision]
+    why = f"TensorRT {version}: weakly typed with {'+'.join(flags) or 'no'} precision flags"
+    if precision == "int8":
+        why += " (Q/DQ decides the INT8 layers; FP16 for the rest)"
+    return PrecisionPlan(False, flags, why)
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Optimization profile: per input, (min, opt, max) shapes."""
+
+    shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
+
+
+def optimization_profiles(
+    graph_inputs: list[dict[str, Any]], dynamic_axes: dict[str, dict[str, int]], overrides: dict[str, dict[str, int]]
+) -> Profile:
+    """Resolve every symbolic dimension of every input to its (min, opt, max), flags over manifest."""
+    axes = {name: {**bounds, **overrides.get(name, {})} for name, bounds in dynamic_axes.items()}
+    for name, bounds in axes.items():
+        if not 1 <= bounds["min"] <= bounds["opt"] <= bounds["max"]:
+            raise ConfigError(f"profile for {name!r}: need 1 <= min <= opt <= max, got {bounds}")
+    shapes = {}
+    for spec in graph_inputs:
+        triple = []
+        for key in ("min", "opt", "max"):
+            dims = []
+            for dim in spec["shape"]:
+                if isinstance(dim, int):
+                    dims.append(dim)
+                elif dim in axes:
+                    dims.append(axes[dim][key])
+                else:
+                    raise ConfigError(f"input {spec['name']}: symbolic axis {dim!r} has no min/opt/max in the manifest")
+            triple.append(tuple(dims))
+        shapes[spec["name"]] = tuple(triple)
+    return Profile(shapes)
+
+
+def engine_record(
+    trt_version: str,
+    gpu_name: str,
+    compute_capability: str,
+    plugin_sha256: str | None,
+    plan: PrecisionPlan,
+    profile: Profile,
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "tensorrt_version": trt_version,
+        "gpu": gpu_name,
+        "compute_capability": compute_capability,
+        "plugin_sha256": plugin_sha256,
+        "strongly_typed": plan.strongly_typed,
+        "builder_flags": list(plan.builder_flags),
+        "profile": {name: [list(s) for s in triple] for name, triple in profile.shapes.items()},
+        **settings,
+    }
+
+
+def check_engine(record: dict[str, Any], trt_version: str, compute_capability: str, plugin_sha256: str | None) -> None:
+    """Refuse, in one line, an engine this TensorRT / GPU / plugin library cannot run correctly.
+
+    Engines are not portable: TensorRT refuses other versions (unless built version-compatible)
+    and kernels are compiled for one compute capability.
+    """
+    built, here = record.get("tensorrt_version"), trt_version
+    reasons = []
+    if built != here:
+        reasons.append(f"TensorRT {built} built it, this is TensorRT {here}")
+    if record.get("compute_capability") != compute_capability:
+        reasons.append(
+            f"built for compute capability {record.get('compute_capability')} ({record.get('gpu')}), "
+            f"this GPU is {compute_capability}"
+        )
+    if record.get("plugin_sha256") and plugin_sha256 and record["plugin_sha256"] != plugin_sha256:
+        reasons.append("the LPWCA plugin library differs from the one serialised with it")
+    if reasons:
+        raise BundleError(
+            f"engine mismatch: {'; '.join(reasons)}: rebuild it here with "
+            "`ccra-export build --backend trt` (the ONNX graph in the bundle is portable)"
+        )
