@@ -103,25 +103,21 @@ def stage_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
         backend = OrtBackend(export_stage(stage, features, q, mode, work / f"{name}-stage-{mode}.onnx"))
         candidates[f"ORT {mode} stage graph"] = lambda backend=backend: backend.run(feeds)["fused"]
     v_bytes = features.numel() * 4
-    rows = []
+    rows = time_candidates(candidates, want, repeats, {"preset": name, "batch": batch})
+    for row in rows:
+        row.update(gbs_2v=2 * v_bytes / row["ms"] / 1e6, v_mb=v_bytes / 1e6)
+    return rows
+
+
+def time_candidates(candidates: dict, want: np.ndarray, repeats: int, labels: dict) -> list[dict]:
+    """Median time and cosine vs ``want`` per candidate; the first candidate is the PyTorch baseline."""
+    rows, base = [], None
     with torch.inference_mode():
-        base = None
         for label, fn in candidates.items():
             ms = median_ms(fn, repeats)
             base = base or ms
-            cosine = compare_output("F", fn(), want, thresholds_for("fp32")).cosine
-            rows.append(
-                {
-                    "preset": name,
-                    "batch": batch,
-                    "candidate": label,
-                    "ms": ms,
-                    "vs_pytorch": base / ms,
-                    "gbs_2v": 2 * v_bytes / ms / 1e6,
-                    "v_mb": v_bytes / 1e6,
-                    "cosine": cosine,
-                }
-            )
+            cosine = compare_output("out", fn(), want, thresholds_for("fp32")).cosine
+            rows.append({**labels, "candidate": label, "ms": ms, "vs_pytorch": base / ms, "cosine": cosine})
     return rows
 
 
@@ -137,24 +133,7 @@ def graph_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
         save_model(export_model_proto(model, lpwca=mode), path, "auto")
         backend = OrtBackend(path)
         candidates[f"ORT, LPWCA {mode}"] = lambda backend=backend: backend.run(feeds)["visual_tokens"]
-    rows = []
-    with torch.inference_mode():
-        base = None
-        for label, fn in candidates.items():
-            ms = median_ms(fn, repeats)
-            base = base or ms
-            cosine = compare_output("v", fn(), want, thresholds_for("fp32")).cosine
-            rows.append(
-                {
-                    "preset": name,
-                    "batch": batch,
-                    "candidate": label,
-                    "ms": ms,
-                    "vs_pytorch": base / ms,
-                    "cosine": cosine,
-                }
-            )
-    return rows
+    return time_candidates(candidates, want, repeats, {"preset": name, "batch": batch})
 
 
 def main() -> None:

@@ -13,19 +13,12 @@ from ccra_export.config import preset
 
 def make_hf_llava(seed: int = 0):
     """A tiny ``LlavaForConditionalGeneration`` whose vision sizes are the ``tiny`` preset's."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    from ccra_export.vision_model import hf_vision_config
 
     tiny = preset("tiny")
-    v = tiny.vision
-    vision = CLIPVisionConfig(
-        hidden_size=v.hidden_size,
-        intermediate_size=v.intermediate_size,
-        num_hidden_layers=v.num_layers,
-        num_attention_heads=v.num_heads,
-        image_size=v.image_size,
-        patch_size=v.patch_size,
-        projection_dim=32,
-    )
+    vision = hf_vision_config(tiny)
     text = LlamaConfig(
         hidden_size=tiny.lm_hidden_size,
         intermediate_size=192,
@@ -34,7 +27,9 @@ def make_hf_llava(seed: int = 0):
         num_key_value_heads=4,
         vocab_size=128,
     )
-    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=127, image_seq_length=v.num_patches)
+    config = LlavaConfig(
+        vision_config=vision, text_config=text, image_token_index=127, image_seq_length=tiny.num_patches
+    )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(config).eval()
     with torch.no_grad():  # HF init leaves LayerNorms at identity: perturb so the check sees them
