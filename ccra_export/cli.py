@@ -219,6 +219,12 @@ def main() -> None:
     help="INT8: TensorRT version written into calibration.cache's header (the TensorRT that reads it).",
 )
 @click.option(
+    "--lm-precision",
+    type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+    help="Also build the language model (onnxruntime-genai builder: INT4 MatMulNBits, INT8, FP16 or FP32) into the "
+    "bundle, for `ccra-export run`. Needs a checkpoint with its tokenizer.",
+)
+@click.option(
     "--trt-typing",
     type=click.Choice(["auto", "strong", "weak"]),
     default="auto",
@@ -278,6 +284,7 @@ def build(
     int8_ccra: bool,
     pad_to_square: bool,
     trt_cache_version: str,
+    lm_precision: str | None,
     trt_typing: str,
     workspace_mib: int,
     opt_level: int,
@@ -298,6 +305,7 @@ def build(
         precision=precision,
         lpwca=lpwca,
         plugin_library=plugin_library,
+        lm_precision=lm_precision,
         trt=TrtOptions(
             typing=trt_typing, workspace_mib=workspace_mib, optimization_level=opt_level, timing_cache=timing_cache
         ),
@@ -379,6 +387,45 @@ def check(
     report = check_bundle(bundle, parity=parity, backend=backend, model_override=model_override, steps=Steps(_stderr))
     _stdout.print(parity_table(report, title=f"Parity check of {bundle}"))
     _finish(report)
+
+
+@main.command()
+@click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle built with --lm-precision.")
+@click.option("--image", required=True, type=click.Path(path_type=Path), help="Image file (jpg, png, ...).")
+@click.option("--prompt", required=True, help="The question or instruction about the image.")
+@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--temperature",
+    default=0.0,
+    show_default=True,
+    type=click.FloatRange(0.0),
+    help="0: greedy decoding; above 0: sampling at this temperature.",
+)
+@click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0), help="Nucleus sampling mass.")
+@click.option("--seed", type=int, help="Sampling seed.")
+@_reports_errors
+def run(
+    bundle: Path, image: Path, prompt: str, max_new_tokens: int, temperature: float, top_p: float, seed: int | None
+) -> None:
+    """Answer PROMPT about IMAGE with the bundle's vision graph and language model, streaming tokens."""
+    from ccra_export.runtime.language_model import Sampling
+    from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
+
+    picture = load_image(image)  # a bad image fails before the models load
+    pipeline = Pipeline.from_bundle(bundle)
+    sampling = Sampling(
+        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=pipeline.lm.eos_ids
+    )
+    _, generation, prepared = pipeline.generate_tokens(
+        picture, prompt, sampling, on_text=lambda piece: click.echo(piece, nl=False)
+    )
+    click.echo()
+    steps = len(generation.tokens)
+    _stderr.print(
+        f"[dim]{prepared.inputs_embeds.shape[1]} prompt tokens ({prepared.visual_tokens.shape[1]} visual), "
+        f"{steps} new; first token {generation.prefill_s * 1e3:.0f} ms, "
+        f"{max(steps - 1, 0) / max(generation.decode_s, 1e-9):.1f} tokens/s[/dim]"
+    )
 
 
 @main.command()

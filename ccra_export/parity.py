@@ -113,13 +113,16 @@ class ParityReport:
     inputs: dict[str, Any] = field(default_factory=dict)
     layers: list[Any] | None = None  # INT8: per-layer drift rows (calibration.layer_report.LayerDrift)
     first_drift: str | None = None
+    language_model: dict[str, Any] | None = None  # --lm-precision: decoder vs transformers
+    extra_failures: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs)
+        return all(o.passed for o in self.outputs) and not self.extra_failures
 
     def failure_summary(self) -> str:
-        return "; ".join(f"{o.name}: {', '.join(o.failures)}" for o in self.outputs if o.failures)
+        parts = [f"{o.name}: {', '.join(o.failures)}" for o in self.outputs if o.failures]
+        return "; ".join(parts + self.extra_failures)
 
     def to_dict(self) -> dict[str, Any]:
         layers = None
@@ -153,6 +156,8 @@ class ParityReport:
                 for o in self.outputs
             ],
             **({"layers": layers} if layers is not None else {}),
+            **({"language_model": self.language_model} if self.language_model is not None else {}),
+            **({"failures": self.extra_failures} if self.extra_failures else {}),
         }
 
 

@@ -89,6 +89,7 @@ class BuildOptions:
     lpwca: str = "auto"
     plugin_library: Path | None = None
     int8: Int8Options = field(default_factory=Int8Options)
+    lm_precision: str | None = None
     trt: TrtOptions = field(default_factory=lambda: TrtOptions())
     max_batch: int = 8
     max_text_len: int = 512
@@ -253,6 +254,8 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     output = Path(options.output)
     _check_output_dir(output, options.force)
     backend_kind, backend_reason = resolve_backend(options.backend)  # before any slow work
+    if options.lm_precision and options.model in PRESETS:
+        raise ConfigError("--lm-precision needs a checkpoint directory: presets have no language model or tokenizer")
     source = resolve_source(
         options.model, random_weights=options.random_weights, seed=options.seed, plain=options.plain, steps=steps
     )
@@ -333,6 +336,20 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             if int8:
                 with steps.step("Per-layer drift, INT8 vs FP32 graph"):
                     report.layers, report.first_drift = per_layer_drift(fp32_graph, stage / GRAPH_FILE, feeds)
+            lm_record = None
+            if options.lm_precision:
+                from ccra_export import pipeline_lm
+
+                lm_record = pipeline_lm.export_into(
+                    Path(source.record["path"]), stage, Path(scratch), options.lm_precision, steps
+                )
+                lm_parity = pipeline_lm.parity(Path(lm_record.pop("hf_dir")), stage / "lm", steps)
+                report.language_model = lm_parity
+                if options.lm_precision == "fp32" and lm_parity["tokens_agreeing"] != lm_parity["greedy_steps"]:
+                    report.extra_failures.append(
+                        "language model: FP32 greedy tokens differ from transformers at step "
+                        f"{lm_parity['identical_prefix']}"
+                    )
             atomic.write_json(stage / PARITY_NAME, report.to_dict())
             manifest = new_manifest(
                 model=config.to_dict(),
@@ -354,12 +371,16 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                     "outputs": interface["outputs"],
                 },
                 dynamic_axes=dynamic_axes,
-                files=file_entries(stage, graph_files + cache_files + ([ENGINE_FILE] if engine else [])),
+                files=file_entries(
+                    stage,
+                    graph_files + cache_files + ([ENGINE_FILE] if engine else []) + (lm_record or {}).get("files", []),
+                ),
                 backend={"name": backend.name, "description": backend.description},
                 parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(thresholds)},
                 engine=engine,
                 plugin=plugin,
                 calibration=calibration_record,
+                language_model=lm_record,
             )
             atomic.write_json(stage / MANIFEST_NAME, manifest)
     except OSError as exc:

@@ -23,8 +23,8 @@ def make_hf_llava(seed: int = 0):
         hidden_size=tiny.lm_hidden_size,
         intermediate_size=192,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
+        num_attention_heads=6,  # head size 16: ONNX Runtime's CPU GroupQueryAttention needs a multiple of 16
+        num_key_value_heads=2,
         vocab_size=128,
     )
     config = LlavaConfig(
@@ -39,6 +39,29 @@ def make_hf_llava(seed: int = 0):
     return model
 
 
+def save_tokenizer(directory: Path) -> None:
+    """A byte-level BPE tokenizer trained in-process: 127 tokens + ``<image>`` = 127 (image_token_index)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=127,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()[:60],
+    )
+    corpus = ["USER: describe the image in detail. ASSISTANT: a cat sits on a red mat near the window."] * 50
+    tokenizer.train_from_iterator(corpus, trainer)
+    tokenizer.add_special_tokens(["<image>"])
+    tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    assert tokenizer.token_to_id("<image>") == 127 and tokenizer.get_vocab_size() == 128
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(directory)
+
+
 @pytest.fixture(scope="session")
 def hf_llava():
     return make_hf_llava()
@@ -49,6 +72,7 @@ def plain_checkpoint(tmp_path_factory, hf_llava) -> Path:
     """A plain LLaVA-1.5 checkpoint directory as ``save_pretrained`` writes it."""
     path = tmp_path_factory.mktemp("ckpt") / "tiny-llava"
     hf_llava.save_pretrained(path)
+    save_tokenizer(path)
     return path
 
 

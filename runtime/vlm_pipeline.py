@@ -1,0 +1,133 @@
+"""Image + prompt -> text with a bundle: ``Pipeline.from_bundle(dir).generate(image, prompt)``.
+
+LLaVA-1.5's conversation template, its tokenizer, CLIP preprocessing (identical to
+transformers'), the vision graph (with CCRA's text input when the model has CCRA), the N visual
+tokens spliced in place of ``<image>``, then prefill and decode. No torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ccra_export.calibration.preprocess import ImageProcessorConfig, preprocess
+from ccra_export.errors import BundleError, CCRAExportError
+from ccra_export.manifest import read_manifest, verify_files
+from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
+
+TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5 (vicuna_v1) single turn
+IMAGE_TOKEN = "<image>"
+LM_DIR = "lm"
+
+
+class InputError(CCRAExportError):
+    """An image or prompt given to `run` cannot be used."""
+
+
+@dataclass
+class Prepared:
+    inputs_embeds: np.ndarray
+    input_ids: list[int]  # the prompt's tokens, <image> included once
+    image_position: int
+    visual_tokens: np.ndarray
+
+
+def load_image(path: str | Path) -> Image.Image:
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return handle.convert("RGB")
+    except FileNotFoundError:
+        raise InputError(f"--image {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise InputError(f"--image {path}: not a readable image ({exc})") from None
+
+
+class Pipeline:
+    def __init__(self, bundle: Path, manifest: dict[str, Any], vision: Any, lm: LanguageModel, tokenizer: Any) -> None:
+        self.bundle, self.manifest, self.vision, self.lm, self.tokenizer = bundle, manifest, vision, lm, tokenizer
+        record = manifest["language_model"]
+        self.image_token_id = int(record["image_token_id"])
+        self.ccra = manifest["variant"] == "ccra"
+        self.processor = ImageProcessorConfig.for_image_size(manifest["model"]["vision"]["image_size"])
+
+    @classmethod
+    def from_bundle(cls, bundle: str | Path, backend: str = "ort") -> Pipeline:
+        from tokenizers import Tokenizer
+
+        from ccra_export.runtime.backends import select_backend
+
+        bundle = Path(bundle)
+        manifest = read_manifest(bundle)
+        if not manifest.get("language_model"):
+            raise BundleError(
+                f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision int4|int8|fp16"
+            )
+        verify_files(bundle, manifest)
+        vision, _ = select_backend(backend, bundle / manifest["graph"]["file"])
+        lm = LanguageModel(bundle / LM_DIR)
+        tokenizer = Tokenizer.from_file(str(bundle / LM_DIR / "decoder" / "tokenizer.json"))
+        return cls(bundle, manifest, vision, lm, tokenizer)
+
+    def prepare(self, image: Image.Image, prompt: str) -> Prepared:
+        if not prompt or not prompt.strip():
+            raise InputError("--prompt: empty; ask something about the image")
+        ids = self.tokenizer.encode(TEMPLATE.format(prompt=prompt.strip())).ids
+        if ids.count(self.image_token_id) != 1:
+            raise BundleError(f"tokenizer: {IMAGE_TOKEN} must encode to token {self.image_token_id} exactly once")
+        feeds = {"pixel_values": preprocess(image, self.processor)[None]}
+        if self.ccra:  # CCRA's text input: the instruction's own token embeddings
+            instruction = self.tokenizer.encode(prompt.strip(), add_special_tokens=False).ids or [0]
+            feeds["text_embeds"] = self.lm.embed(instruction).astype(np.float32)
+            feeds["text_mask"] = np.ones((1, len(instruction)), np.int64)
+        visual = self.vision.run(feeds)["visual_tokens"].astype(self.lm.embeds_dtype)
+        position = ids.index(self.image_token_id)
+        parts = [self.lm.embed(ids[:position]), visual, self.lm.embed(ids[position + 1 :])]
+        return Prepared(np.concatenate([p for p in parts if p.shape[1]], axis=1), ids, position, visual)
+
+    def generate(
+        self,
+        image: Image.Image | str | Path,
+        prompt: str,
+        sampling: Sampling | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> str:
+        """The model's answer; ``on_text`` receives it piece by piece as tokens arrive."""
+        return self.generate_tokens(image, prompt, sampling, on_text)[0]
+
+    def generate_tokens(
+        self,
+        image: Image.Image | str | Path,
+        prompt: str,
+        sampling: Sampling | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> tuple[str, Generation, Prepared]:
+        sampling = sampling or Sampling(stop_ids=self.lm.eos_ids)
+        picture = image if isinstance(image, Image.Image) else load_image(image)
+        prepared = self.prepare(picture, prompt)
+        length = prepared.inputs_embeds.shape[1]
+        if length + sampling.max_new_tokens > self.lm.context_length:
+            raise InputError(
+                f"--prompt: {length} prompt tokens (with {prepared.visual_tokens.shape[1]} image tokens) + "
+                f"{sampling.max_new_tokens} new tokens exceed the context of {self.lm.context_length}"
+            )
+        emitted = ""
+        streamed: list[int] = []
+
+        def stream(token: int) -> None:
+            nonlocal emitted
+            if on_text is None or token in sampling.stop_ids:
+                return
+            streamed.append(token)
+            text = self.tokenizer.decode(streamed)
+            on_text(text[len(emitted) :])
+            emitted = text
+
+        generation = self.lm.generate(prepared.inputs_embeds, sampling, stream)
+        answer = [t for t in generation.tokens if t not in sampling.stop_ids]
+        return self.tokenizer.decode(answer), generation, prepared

@@ -1,0 +1,161 @@
+"""Image + prompt -> text: our ONNX pipeline against Hugging Face's LlavaForConditionalGeneration."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import skimage.data
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+from ccra_export.calibration.preprocess import ImageProcessorConfig, preprocess
+from ccra_export.cli import main
+from ccra_export.parity import compare_output, thresholds_for
+from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.vlm_pipeline import Pipeline
+
+PROMPT = "What is in the picture?"
+
+
+def build(bundle, checkpoint, lm_precision, *extra):
+    result = CliRunner().invoke(
+        main,
+        [
+            "build",
+            "--model",
+            str(checkpoint),
+            "--precision",
+            "fp32",
+            "--lm-precision",
+            lm_precision,
+            "-o",
+            str(bundle),
+            *extra,
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    return bundle
+
+
+@pytest.fixture(scope="module")
+def fp32_bundle(tmp_path_factory, plain_checkpoint):
+    return build(tmp_path_factory.mktemp("gen") / "b", plain_checkpoint, "fp32")
+
+
+@pytest.fixture(scope="module")
+def cat():
+    return Image.fromarray(skimage.data.chelsea()).convert("RGB")
+
+
+def hf_generate(hf_llava, prepared, image, steps):
+    """HF's own path: the <image> token expanded to N image tokens, pixel values from the processor."""
+    n = prepared.visual_tokens.shape[1]
+    ids = prepared.input_ids
+    expanded = ids[: prepared.image_position] + [127] * n + ids[prepared.image_position + 1 :]
+    input_ids = torch.tensor([expanded])
+    pixels = torch.from_numpy(preprocess(image, ImageProcessorConfig.for_image_size(56))[None])
+    hf_llava.generation_config.eos_token_id = None
+    with torch.no_grad():
+        logits = hf_llava(input_ids=input_ids, pixel_values=pixels).logits[0, -1].numpy()
+        out = hf_llava.generate(
+            input_ids=input_ids,
+            pixel_values=pixels,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=steps,
+            do_sample=False,
+            pad_token_id=0,
+        )
+    return out[0, input_ids.shape[1] :].tolist(), logits
+
+
+def test_fp32_pipeline_reproduces_hf_llava_greedy_tokens(fp32_bundle, hf_llava, cat):
+    pipeline = Pipeline.from_bundle(fp32_bundle)
+    _, generation, prepared = pipeline.generate_tokens(cat, PROMPT, Sampling(max_new_tokens=32))
+    want, want_logits = hf_generate(hf_llava, prepared, cat, 32)
+    assert generation.tokens == want  # 32 identical greedy tokens
+    logits = compare_output("logits", generation.first_logits, want_logits, thresholds_for("fp32"))
+    assert logits.passed, logits.failures
+
+
+@pytest.mark.parametrize("lm_precision", ["int8", "int4"])
+def test_quantized_language_models_report_agreement(tmp_path, plain_checkpoint, hf_llava, cat, lm_precision):
+    bundle = build(tmp_path / "b", plain_checkpoint, lm_precision)
+    report = json.loads((bundle / "parity.json").read_text())["language_model"]
+    assert report["greedy_steps"] == 32 and 0 <= report["tokens_agreeing"] <= 32
+    assert report["first_token_logits"]["cosine"] > 0.9  # quantized, but the same model
+    pipeline = Pipeline.from_bundle(bundle)
+    _, generation, prepared = pipeline.generate_tokens(cat, PROMPT, Sampling(max_new_tokens=8))
+    _, want_logits = hf_generate(hf_llava, prepared, cat, 1)
+    cosine = compare_output("logits", generation.first_logits, want_logits, thresholds_for("int8")).cosine
+    assert cosine > 0.9
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["language_model"]["precision"] == lm_precision
+    assert "lm/decoder/model.onnx" in manifest["files"]
+
+
+def test_sampling_is_seeded_and_streams(fp32_bundle, cat):
+    pipeline = Pipeline.from_bundle(fp32_bundle)
+    pieces = []
+    sampling = Sampling(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)
+    first = pipeline.generate(cat, PROMPT, sampling, on_text=pieces.append)
+    assert "".join(pieces) == first
+    assert pipeline.generate(cat, PROMPT, Sampling(max_new_tokens=12, temperature=0.8, top_p=0.9, seed=3)) == first
+
+
+def test_run_command_streams_the_answer(fp32_bundle, tmp_path, cat):
+    cat.save(tmp_path / "cat.jpg")
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--bundle",
+            str(fp32_bundle),
+            "--image",
+            str(tmp_path / "cat.jpg"),
+            "--prompt",
+            PROMPT,
+            "--max-new-tokens",
+            "8",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "prompt tokens (16 visual), 8 new" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--image", "{tmp}/missing.jpg"], "--image {tmp}/missing.jpg: no such file"),
+        (["--image", "{tmp}/broken.jpg"], "not a readable image"),
+        (["--prompt", "  "], "--prompt: empty"),
+        (["--max-new-tokens", "100000"], "exceed the context of"),
+    ],
+)
+def test_run_bad_input(fp32_bundle, tmp_path, cat, args, message):
+    cat.save(tmp_path / "cat.jpg")
+    (tmp_path / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    base = {"--bundle": str(fp32_bundle), "--image": str(tmp_path / "cat.jpg"), "--prompt": PROMPT}
+    base.update(dict(zip(args[::2], [a.format(tmp=tmp_path) for a in args[1::2]], strict=True)))
+    result = CliRunner().invoke(main, ["run", *[x for kv in base.items() for x in kv]])
+    assert result.exit_code == 2 and message.format(tmp=tmp_path) in result.stderr
+
+
+def test_run_needs_a_language_model_in_the_bundle(tmp_path, cat):
+    assert (
+        CliRunner().invoke(main, ["build", "--model", "tiny", "--random-weights", "-o", str(tmp_path / "b")]).exit_code
+        == 0
+    )
+    cat.save(tmp_path / "cat.jpg")
+    result = CliRunner().invoke(
+        main, ["run", "--bundle", str(tmp_path / "b"), "--image", str(tmp_path / "cat.jpg"), "--prompt", PROMPT]
+    )
+    assert result.exit_code == 2 and "holds no language model" in result.stderr
+
+
+def test_preset_has_no_language_model(tmp_path):
+    result = CliRunner().invoke(
+        main, ["build", "--model", "tiny", "--random-weights", "--lm-precision", "int4", "-o", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 2 and "--lm-precision needs a checkpoint directory" in result.stderr
