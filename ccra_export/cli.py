@@ -429,6 +429,44 @@ def run(
 
 
 @main.command()
+@click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle built with --lm-precision.")
+@click.option("--image", type=click.Path(path_type=Path, dir_okay=False), help="Image (default: a synthetic gradient).")
+@click.option("--new-tokens", default=32, show_default=True, type=click.IntRange(2), help="Tokens decoded per round.")
+@click.option(
+    "--repeats", default=3, show_default=True, type=click.IntRange(1), help="Timed rounds (after one warm-up)."
+)
+@_reports_errors
+def bench(bundle: Path, image: Path | None, new_tokens: int, repeats: int) -> None:
+    """Vision latency, time to first token, decode tokens/s and peak memory of the bundle's pipeline,
+    against Hugging Face on the same checkpoint in the same run (each side in its own process)."""
+    from rich.table import Table
+
+    from ccra_export.bench_bundle import run_bench
+
+    with _stderr.status("Benchmarking the bundle, then Hugging Face"):
+        ours, theirs = run_bench(bundle, image, new_tokens, repeats)
+    table = Table(title=f"{bundle}: {new_tokens} new tokens, median of {repeats}", title_justify="left")
+    for column in ("", "vision ms", "first token ms", "decode tok/s", "peak RSS MB"):
+        table.add_column(column, justify="left" if not column else "right")
+    for f in (ours, theirs):
+        table.add_row(
+            f.side,
+            f"{f.vision_ms:.1f}",
+            f"{f.first_token_ms:.1f}",
+            f"{f.decode_tokens_per_s:.1f}",
+            f"{f.peak_rss_mb:.0f}",
+        )
+    table.add_row(
+        "ratio (HF / ours; tok/s ours / HF)",
+        f"{theirs.vision_ms / ours.vision_ms:.2f}x",
+        f"{theirs.first_token_ms / ours.first_token_ms:.2f}x",
+        f"{ours.decode_tokens_per_s / theirs.decode_tokens_per_s:.2f}x",
+        f"{theirs.peak_rss_mb / ours.peak_rss_mb:.2f}x",
+    )
+    _stdout.print(table)
+
+
+@main.command()
 @click.option("--json", "as_json", is_flag=True, help="Print the checks as JSON.")
 @_reports_errors
 def doctor(as_json: bool) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import skimage.data
 import torch
@@ -159,3 +160,58 @@ def test_preset_has_no_language_model(tmp_path):
         main, ["build", "--model", "tiny", "--random-weights", "--lm-precision", "int4", "-o", str(tmp_path / "b")]
     )
     assert result.exit_code == 2 and "--lm-precision needs a checkpoint directory" in result.stderr
+
+
+def test_ccra_pipeline_matches_the_pytorch_reference(tmp_path, ccra_checkpoint, hf_llava, cat):
+    """With CCRA, the reference is our PyTorch vision model feeding Hugging Face's language model."""
+    from ccra_export.checkpoint import load_checkpoint
+    from ccra_export.vision_model import reference_outputs
+
+    bundle = build(tmp_path / "b", ccra_checkpoint, "fp32")
+    pipeline = Pipeline.from_bundle(bundle)
+    _, generation, prepared = pipeline.generate_tokens(cat, PROMPT, Sampling(max_new_tokens=32))
+    instruction = pipeline.tokenizer.encode(PROMPT, add_special_tokens=False).ids
+    lm = hf_llava.model.language_model
+    table = lm.embed_tokens.weight.detach()
+    feeds = {
+        "pixel_values": preprocess(cat, ImageProcessorConfig.for_image_size(56))[None],
+        "text_embeds": table[instruction][None].numpy(),
+        "text_mask": np.ones((1, len(instruction)), np.int64),
+    }
+    visual = torch.from_numpy(reference_outputs(load_checkpoint(ccra_checkpoint).model, feeds)["visual_tokens"])
+    ids, pos = prepared.input_ids, prepared.image_position
+    embeds = torch.cat([table[ids[:pos]][None], visual, table[ids[pos + 1 :]][None]], dim=1)
+    hf_llava.generation_config.eos_token_id = None
+    with torch.no_grad():
+        hidden = lm(inputs_embeds=embeds).last_hidden_state
+        want_logits = hf_llava.lm_head(hidden)[0, -1].numpy()
+        tokens = [int(want_logits.argmax())]
+        past = None
+        out = lm(inputs_embeds=embeds, use_cache=True)
+        past = out.past_key_values
+        for _ in range(31):
+            step = lm(inputs_embeds=table[[tokens[-1]]][None], past_key_values=past, use_cache=True)
+            past = step.past_key_values
+            tokens.append(int(hf_llava.lm_head(step.last_hidden_state)[0, -1].argmax()))
+    assert generation.tokens == tokens
+    assert compare_output("logits", generation.first_logits, want_logits, thresholds_for("fp32")).passed
+
+
+def test_bench_reports_both_sides(fp32_bundle):
+    result = CliRunner().invoke(main, ["bench", "--bundle", str(fp32_bundle), "--new-tokens", "4", "--repeats", "1"])
+    assert result.exit_code == 0, result.output
+    assert "ccra-export (ONNX Runtime)" in result.stdout and "Hugging Face (PyTorch eager)" in result.stdout
+
+
+def test_bundle_from_another_format_version_is_refused(tmp_path, fp32_bundle, cat):
+    import shutil
+
+    shutil.copytree(fp32_bundle, tmp_path / "old")
+    manifest = json.loads((tmp_path / "old" / "manifest.json").read_text())
+    manifest["format_version"] = 0
+    (tmp_path / "old" / "manifest.json").write_text(json.dumps(manifest))
+    cat.save(tmp_path / "cat.jpg")
+    result = CliRunner().invoke(
+        main, ["run", "--bundle", str(tmp_path / "old"), "--image", str(tmp_path / "cat.jpg"), "--prompt", PROMPT]
+    )
+    assert result.exit_code == 2 and "rebuild the bundle" in result.stderr

@@ -1,0 +1,154 @@
+"""`ccra-export bench --bundle`: the bundle's pipeline vs Hugging Face generate, same model, same run.
+
+Each side runs in its own spawned process, so its peak memory is its own. Measured: vision
+latency, time to first token (preprocessing + vision + prefill), decode tokens/s (end-of-sequence
+disabled so both decode the same number of tokens). The Hugging Face side is the checkpoint's
+vision path in PyTorch (our reference model: Hugging Face's CLIP tower, with CCRA when the bundle
+has it) feeding transformers' language model with its KV cache.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import resource
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROMPT = "Describe the image in detail."
+
+
+@dataclass
+class Figures:
+    side: str
+    vision_ms: float
+    first_token_ms: float
+    decode_tokens_per_s: float
+    new_tokens: int
+    peak_rss_mb: float
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def _ours(bundle: str, image: str | None, tokens: int, repeats: int) -> dict[str, Any]:
+    from ccra_export.calibration.preprocess import preprocess
+    from ccra_export.runtime.language_model import Sampling
+    from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
+
+    pipeline = Pipeline.from_bundle(bundle)
+    picture = load_image(image) if image else _default_image()
+    pixels = {"pixel_values": preprocess(picture, pipeline.processor)[None]}
+    if pipeline.ccra:
+        ids = pipeline.tokenizer.encode(PROMPT, add_special_tokens=False).ids
+        pixels.update(text_embeds=pipeline.lm.embed(ids).astype(np.float32), text_mask=np.ones((1, len(ids)), np.int64))
+    vision, first, rate = [], [], []
+    for _ in range(repeats + 1):  # the first round warms up
+        start = time.perf_counter()
+        pipeline.vision.run(pixels)
+        vision.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        prepared = pipeline.prepare(picture, PROMPT)
+        generation = pipeline.lm.generate(prepared.inputs_embeds, Sampling(max_new_tokens=tokens))
+        first.append(time.perf_counter() - start - generation.decode_s)
+        rate.append((len(generation.tokens) - 1) / generation.decode_s)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return asdict(
+        Figures(
+            "ccra-export (ONNX Runtime)",
+            _median(vision[1:]) * 1e3,
+            _median(first[1:]) * 1e3,
+            _median(rate[1:]),
+            tokens,
+            peak,
+        )
+    )
+
+
+def _default_image():
+    from PIL import Image
+
+    gradient = bytes((x * 255 // 335) for _ in range(336) for x in range(336))
+    return Image.frombytes("L", (336, 336), gradient).convert("RGB")
+
+
+def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: int) -> dict[str, Any]:
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import LlavaForConditionalGeneration
+    from transformers.utils import logging as hf_logging
+
+    from ccra_export.calibration.preprocess import ImageProcessorConfig, preprocess
+    from ccra_export.checkpoint import load_checkpoint
+    from ccra_export.manifest import read_manifest
+    from ccra_export.runtime.vlm_pipeline import TEMPLATE, load_image
+
+    hf_logging.disable_progress_bar()
+    manifest = read_manifest(bundle)
+    vision_model = load_checkpoint(checkpoint).model
+    llava = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    lm, head = llava.model.language_model, llava.lm_head
+    table = lm.embed_tokens.weight.detach()
+    tokenizer = Tokenizer.from_file(str(Path(bundle) / "lm" / "decoder" / "tokenizer.json"))
+    image_id = manifest["language_model"]["image_token_id"]
+    picture = load_image(image) if image else _default_image()
+    processor = ImageProcessorConfig.for_image_size(manifest["model"]["vision"]["image_size"])
+    ids = tokenizer.encode(TEMPLATE.format(prompt=PROMPT)).ids
+    position = ids.index(image_id)
+    vision, first, rate = [], [], []
+    with torch.inference_mode():
+        for _ in range(repeats + 1):
+            start = time.perf_counter()
+            args = [torch.from_numpy(preprocess(picture, processor)[None])]
+            if vision_model.ccra is not None:
+                instruction = tokenizer.encode(PROMPT, add_special_tokens=False).ids
+                args += [table[instruction][None], torch.ones(1, len(instruction), dtype=torch.int64)]
+            out = vision_model(*args)
+            visual = out[0] if isinstance(out, tuple) else out
+            vision.append(time.perf_counter() - start)
+            embeds = torch.cat([table[ids[:position]][None], visual, table[ids[position + 1 :]][None]], dim=1)
+            step = lm(inputs_embeds=embeds, use_cache=True)
+            token = int(head(step.last_hidden_state[:, -1]).argmax())
+            first.append(time.perf_counter() - start)
+            start = time.perf_counter()
+            past = step.past_key_values
+            for _ in range(tokens - 1):
+                step = lm(inputs_embeds=table[[token]][None], past_key_values=past, use_cache=True)
+                past = step.past_key_values
+                token = int(head(step.last_hidden_state[:, -1]).argmax())
+            rate.append((tokens - 1) / (time.perf_counter() - start))
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return asdict(
+        Figures(
+            "Hugging Face (PyTorch eager)",
+            _median(vision[1:]) * 1e3,
+            _median(first[1:]) * 1e3,
+            _median(rate[1:]),
+            tokens,
+            peak,
+        )
+    )
+
+
+def run_bench(bundle: Path, image: Path | None, tokens: int = 32, repeats: int = 3) -> list[Figures]:
+    from ccra_export.errors import BundleError
+    from ccra_export.manifest import read_manifest
+
+    manifest = read_manifest(bundle)
+    if not manifest.get("language_model"):
+        raise BundleError(f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision")
+    if manifest["source"]["kind"] != "checkpoint" or not Path(manifest["source"]["path"]).is_dir():
+        raise BundleError(f"--bundle {bundle}: its source checkpoint is not here; the Hugging Face side needs it")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        ours = pool.apply(_ours, (str(bundle), str(image) if image else None, tokens, repeats))
+    with context.Pool(1) as pool:
+        theirs = pool.apply(
+            _hf, (manifest["source"]["path"], str(bundle), str(image) if image else None, tokens, repeats)
+        )
+    return [Figures(**ours), Figures(**theirs)]
