@@ -75,6 +75,10 @@ def build_decoder(lm_dir: Path, out: Path, precision: str) -> None:
     """Run onnxruntime-genai's model builder (CPU execution provider, inputs_embeds in)."""
     if precision not in LM_PRECISIONS:
         raise ValueError(f"--lm-precision {precision}: expected one of {', '.join(LM_PRECISIONS)}")
+    import importlib.util
+
+    if importlib.util.find_spec("onnxruntime_genai") is None:
+        raise CheckpointError("--lm-precision needs onnxruntime-genai's model builder: pip install 'ccra-export[lm]'")
     command = [
         sys.executable,
         "-m",
