@@ -27,12 +27,12 @@ from rich.table import Table
 from vision import median_ms
 
 from ccra_export.calibration.images import load_calibration_set
-from ccra_export.calibration.preprocess import ImageProcessorConfig
 from ccra_export.calibration.quantize import quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
 from ccra_export.config import preset
 from ccra_export.export import export_model_proto, save_model
+from ccra_export.image_preprocess import ImageProcessorConfig
 from ccra_export.parity import compare_output, thresholds_for
 from ccra_export.runtime.backends import OrtBackend
 from ccra_export.vision_model import build_model, reference_outputs

@@ -9,6 +9,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from ccra_export.errors import CCRAExportError
+from ccra_export.image_preprocess import open_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_PROMPTS = (
@@ -51,12 +52,6 @@ def discover(folder: Path) -> list[Path]:
     return paths
 
 
-def decode(path: Path) -> Image.Image:
-    with Image.open(path) as handle:
-        handle.load()  # decode now: a truncated file fails here, not in the middle of calibration
-        return handle.convert("RGB")
-
-
 def load_prompts(path: Path | None, count: int) -> list[str]:
     """One instruction per image (a line each, in image order), or the default set, cycled."""
     if path is None:
@@ -85,7 +80,7 @@ def load_calibration_set(
     loaded, skipped = [], []
     for path, prompt in zip(paths, instructions, strict=True):
         try:
-            loaded.append(CalibrationImage(path, decode(path), prompt))
+            loaded.append(CalibrationImage(path, open_rgb(path), prompt))
         except (UnidentifiedImageError, OSError, ValueError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             warnings.warn(f"{path}: skipped, not a readable image ({reason})", stacklevel=2)

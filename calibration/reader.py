@@ -8,8 +8,8 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
 from ccra_export.calibration.images import CalibrationImage
-from ccra_export.calibration.preprocess import ImageProcessorConfig, preprocess
 from ccra_export.calibration.text import TextEmbedder
+from ccra_export.image_preprocess import ImageProcessorConfig, preprocess
 
 
 def make_feeds(

@@ -37,7 +37,7 @@ def _median(values: list[float]) -> float:
 
 
 def _ours(bundle: str, image: str | None, tokens: int, repeats: int) -> dict[str, Any]:
-    from ccra_export.calibration.preprocess import preprocess
+    from ccra_export.image_preprocess import preprocess
     from ccra_export.runtime.language_model import Sampling
     from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
 
@@ -83,10 +83,10 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
     from transformers import LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from ccra_export.calibration.preprocess import ImageProcessorConfig, preprocess
     from ccra_export.checkpoint import load_checkpoint
+    from ccra_export.image_preprocess import preprocess
     from ccra_export.manifest import read_manifest
-    from ccra_export.runtime.vlm_pipeline import TEMPLATE, load_image
+    from ccra_export.runtime.vlm_pipeline import TEMPLATE, load_image, processor_from_manifest
 
     hf_logging.disable_progress_bar()
     manifest = read_manifest(bundle)
@@ -97,7 +97,7 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
     tokenizer = Tokenizer.from_file(str(Path(bundle) / "lm" / "decoder" / "tokenizer.json"))
     image_id = manifest["language_model"]["image_token_id"]
     picture = load_image(image) if image else _default_image()
-    processor = ImageProcessorConfig.for_image_size(manifest["model"]["vision"]["image_size"])
+    processor = processor_from_manifest(manifest)
     ids = tokenizer.encode(TEMPLATE.format(prompt=PROMPT)).ids
     position = ids.index(image_id)
     vision, first, rate = [], [], []

@@ -381,6 +381,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 plugin=plugin,
                 calibration=calibration_record,
                 language_model=lm_record,
+                image_processor=dataclasses.asdict(pipeline_int8.processor_for(source, pad_to_square=True)),
             )
             atomic.write_json(stage / MANIFEST_NAME, manifest)
     except OSError as exc:

@@ -14,10 +14,10 @@ from typing import Any
 import numpy as np
 
 from ccra_export.calibration.images import CalibrationImage, CalibrationSet, load_calibration_set
-from ccra_export.calibration.preprocess import ImageProcessorConfig
 from ccra_export.calibration.text import TextEmbedder
 from ccra_export.console import SILENT, Steps
 from ccra_export.errors import ConfigError
+from ccra_export.image_preprocess import ImageProcessorConfig
 
 ORT_CACHE = "calibration.json"
 TRT_CACHE = "calibration.cache"
@@ -150,7 +150,7 @@ def held_out_feeds(calibration: Calibration) -> tuple[dict[str, np.ndarray], dic
 
 def held_out_from_manifest(record: dict[str, Any], source: Any, seed: int) -> Calibration:
     """Rebuild the held-out parity inputs an INT8 bundle was checked on (for `ccra-export check`)."""
-    from ccra_export.calibration.images import decode
+    from ccra_export.image_preprocess import open_rgb
 
     folder = Path(record["calibration_dir"])
     items = []
@@ -158,12 +158,6 @@ def held_out_from_manifest(record: dict[str, Any], source: Any, seed: int) -> Ca
         path = folder / entry["file"]
         if not path.is_file():
             raise ConfigError(f"{path}: a held-out image of this INT8 bundle is gone; rebuild with --calib-data")
-        items.append(CalibrationImage(path, decode(path), entry["prompt"]))
-    processor = ImageProcessorConfig(
-        **{
-            **record["processor"],
-            "image_mean": tuple(record["processor"]["image_mean"]),
-            "image_std": tuple(record["processor"]["image_std"]),
-        }
-    )
+        items.append(CalibrationImage(path, open_rgb(path), entry["prompt"]))
+    processor = ImageProcessorConfig.from_dict(record["processor"])
     return Calibration(CalibrationSet([], items), processor, make_embedder(source, seed))

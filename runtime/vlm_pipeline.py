@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ccra_export.calibration.preprocess import ImageProcessorConfig, preprocess
 from ccra_export.errors import BundleError, CCRAExportError
+from ccra_export.image_preprocess import ImageProcessorConfig, open_rgb, preprocess
 from ccra_export.manifest import read_manifest, verify_files
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 
@@ -39,13 +39,21 @@ class Prepared:
 
 def load_image(path: str | Path) -> Image.Image:
     try:
-        with Image.open(path) as handle:
-            handle.load()
-            return handle.convert("RGB")
+        return open_rgb(path)
     except FileNotFoundError:
         raise InputError(f"--image {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"--image {path}: not a readable image ({exc})") from None
+
+
+def processor_from_manifest(manifest: dict[str, Any]) -> ImageProcessorConfig:
+    """The checkpoint's image processor as recorded at build time (CLIP defaults for presets)."""
+    record = manifest.get("image_processor")
+    if not record:
+        return ImageProcessorConfig.for_image_size(manifest["model"]["vision"]["image_size"])
+    return ImageProcessorConfig(
+        **{**record, "image_mean": tuple(record["image_mean"]), "image_std": tuple(record["image_std"])}
+    )
 
 
 class Pipeline:
@@ -54,7 +62,7 @@ class Pipeline:
         record = manifest["language_model"]
         self.image_token_id = int(record["image_token_id"])
         self.ccra = manifest["variant"] == "ccra"
-        self.processor = ImageProcessorConfig.for_image_size(manifest["model"]["vision"]["image_size"])
+        self.processor = processor_from_manifest(manifest)
 
     @classmethod
     def from_bundle(cls, bundle: str | Path, backend: str = "ort") -> Pipeline:

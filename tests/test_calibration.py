@@ -16,7 +16,6 @@ from PIL import Image
 
 from ccra_export.calibration.images import CalibrationDataError, load_calibration_set
 from ccra_export.calibration.layer_report import layer_taps, per_layer_drift
-from ccra_export.calibration.preprocess import ImageProcessorConfig, expand_to_square, preprocess
 from ccra_export.calibration.quantize import METHODS, quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
@@ -25,6 +24,7 @@ from ccra_export.cli import main
 from ccra_export.config import preset
 from ccra_export.export import export_model_proto, save_model
 from ccra_export.graph_scopes import CCRA_SCOPE, in_scope
+from ccra_export.image_preprocess import ImageProcessorConfig, expand_to_square, preprocess
 from ccra_export.parity import compare_output, thresholds_for
 from ccra_export.runtime.backends import OrtBackend
 from ccra_export.vision_model import build_model, reference_outputs

@@ -11,8 +11,8 @@ import torch
 from click.testing import CliRunner
 from PIL import Image
 
-from ccra_export.calibration.preprocess import ImageProcessorConfig, preprocess
 from ccra_export.cli import main
+from ccra_export.image_preprocess import ImageProcessorConfig, preprocess
 from ccra_export.parity import compare_output, thresholds_for
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
@@ -215,3 +215,25 @@ def test_bundle_from_another_format_version_is_refused(tmp_path, fp32_bundle, ca
         main, ["run", "--bundle", str(tmp_path / "old"), "--image", str(tmp_path / "cat.jpg"), "--prompt", PROMPT]
     )
     assert result.exit_code == 2 and "rebuild the bundle" in result.stderr
+
+
+def test_runtime_uses_the_checkpoints_image_processor(tmp_path, plain_checkpoint):
+    import shutil
+
+    from transformers import CLIPImageProcessor
+
+    from ccra_export.runtime.vlm_pipeline import processor_from_manifest
+
+    checkpoint = tmp_path / "ckpt"
+    shutil.copytree(plain_checkpoint, checkpoint)
+    CLIPImageProcessor(
+        size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56}, image_mean=[0.5] * 3, image_std=[0.25] * 3
+    ).save_pretrained(checkpoint)
+    result = CliRunner().invoke(
+        main, ["build", "--model", str(checkpoint), "--precision", "fp32", "-o", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    processor = processor_from_manifest(manifest)
+    assert processor.image_mean == (0.5, 0.5, 0.5) and processor.image_std == (0.25, 0.25, 0.25)
+    assert processor == ImageProcessorConfig.from_checkpoint(checkpoint, 56)

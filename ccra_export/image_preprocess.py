@@ -1,5 +1,7 @@
 """Image preprocessing identical to Hugging Face's ``CLIPImageProcessor`` (PIL backend).
 
+Shared by calibration (INT8) and the runtime (generation), so it lives in core; numpy + Pillow only.
+
 Same operations in the same order and dtypes (uint8 PIL bicubic resize of the shortest edge,
 centre crop, float64 rescale cast to float32, float32 normalise), so the tests can require
 bit-equality with transformers' processor. LLaVA-1.5's ``image_aspect_ratio == "pad"`` first
@@ -34,6 +36,11 @@ class ImageProcessorConfig:
     pad_to_square: bool = True  # LLaVA-1.5's image_aspect_ratio "pad"
 
     @classmethod
+    def from_dict(cls, record: dict) -> ImageProcessorConfig:
+        """Inverse of ``dataclasses.asdict`` (JSON turns the mean/std tuples into lists)."""
+        return cls(**{**record, "image_mean": tuple(record["image_mean"]), "image_std": tuple(record["image_std"])})
+
+    @classmethod
     def for_image_size(cls, image_size: int, *, pad_to_square: bool = True) -> ImageProcessorConfig:
         return cls(shortest_edge=image_size, crop_height=image_size, crop_width=image_size, pad_to_square=pad_to_square)
 
@@ -61,6 +68,13 @@ class ImageProcessorConfig:
             )
         except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: not a valid image processor config ({exc})") from None
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """Decode an image file fully (a truncated file fails here, not later) as RGB."""
+    with Image.open(path) as handle:
+        handle.load()
+        return handle.convert("RGB")
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
