@@ -260,17 +260,12 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         options.model, random_weights=options.random_weights, seed=options.seed, plain=options.plain, steps=steps
     )
 
-    import torch
-
     from ccra_export import pipeline_int8
     from ccra_export.calibration.layer_report import per_layer_drift
-    from ccra_export.ccra_module import ccra_parameter_count
-    from ccra_export.export import check_graph, convert_to_fp16, export_model_proto, graph_interface, save_model
-    from ccra_export.runtime.backends import select_backend
+    from ccra_export.export import check_graph, graph_interface
 
-    config = source.config
-    lpwca, lpwca_reason = resolve_lpwca(options.lpwca, backend_kind, config)
     int8 = options.precision == "int8"
+    lpwca, lpwca_reason = resolve_lpwca(options.lpwca, backend_kind, source.config)
     if int8 and lpwca == "fused":
         if options.lpwca == "fused":
             raise ConfigError(
@@ -282,48 +277,18 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         steps.info(f"LPWCA: {lpwca} ({lpwca_reason})")
     plugin = _plugin_record(lpwca, options.plugin_library)
     calibration = pipeline_int8.prepare(options.int8, source, options.seed, steps) if int8 else None
-    calibration_record = None
     try:
         with (
             atomic.staged_directory(output, replace=options.force) as stage,
             tempfile.TemporaryDirectory(prefix=f".{output.name}.fp32-", dir=output.resolve().parent) as scratch,
         ):
-            fused_note = ", LPWCA fused" if lpwca == "fused" else ""
-            with steps.step(f"Exporting {config.name} to ONNX (opset {options.opset}, dynamic batch{fused_note})"):
-                proto = export_model_proto(
-                    source.model, opset=options.opset, lpwca="fused" if lpwca == "fused" else "portable"
-                )
-            if options.precision == "fp16":
-                with steps.step("Converting to FP16 (Softmax and the CCRA module kept FP32)"):
-                    proto = convert_to_fp16(proto, keep_ccra_fp32=options.keep_ccra_fp32)
-            cache_files: list[str] = []
-            if int8:  # quantize from the FP32 graph, kept aside for the per-layer drift report
-                fp32_graph = Path(scratch) / GRAPH_FILE
-                save_model(proto, fp32_graph, options.external_data)
-                del proto
-                graph_files, calibration_record = pipeline_int8.quantize(
-                    fp32_graph, stage, GRAPH_FILE, calibration, options.int8, steps
-                )
-                cache_files = [pipeline_int8.ORT_CACHE, pipeline_int8.TRT_CACHE]
-            else:
-                with steps.step(f"Writing {GRAPH_FILE}"):
-                    graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
-                    del proto
+            written = _write_graph(stage, Path(scratch), source, lpwca, calibration, options, steps)
             with steps.step("onnx.checker full check and shape inference"):
                 interface = graph_interface(check_graph(stage / GRAPH_FILE))
-            dynamic_axes = {"batch": {"min": 1, "opt": 1, "max": options.max_batch}}
-            if config.ccra is not None:
-                dynamic_axes["text_len"] = {"min": 1, "opt": min(64, options.max_text_len), "max": options.max_text_len}
-            engine = None
-            if backend_kind == "trt":
-                backend, engine = _build_trt_engine(stage, interface, dynamic_axes, options, plugin, steps)
-                backend_line = f"backend: {backend.description} ({backend_reason})"
-            else:
-                with steps.step("Creating the runtime session"):
-                    ort_options = _ort_trt_options(stage, options.precision, interface, dynamic_axes, plugin, options)
-                    backend, backend_line = select_backend(backend_kind, stage / GRAPH_FILE, **ort_options)
-                backend_line += f" ({backend_reason})" if backend_reason else ""
-            steps.info(backend_line)
+            dynamic_axes = _dynamic_axes(source.config, options)
+            backend, engine = _open_backend(
+                stage, backend_kind, backend_reason, interface, dynamic_axes, plugin, options, steps
+            )
             thresholds = _thresholds(options.precision, options.parity)
             if int8:
                 feeds, described = pipeline_int8.held_out_feeds(calibration)
@@ -335,58 +300,145 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 report = run_parity(source, backend, options.precision, thresholds, feeds, described)
             if int8:
                 with steps.step("Per-layer drift, INT8 vs FP32 graph"):
-                    report.layers, report.first_drift = per_layer_drift(fp32_graph, stage / GRAPH_FILE, feeds)
-            lm_record = None
-            if options.lm_precision:
-                from ccra_export import pipeline_lm
-
-                lm_record = pipeline_lm.export_into(
-                    Path(source.record["path"]), stage, Path(scratch), options.lm_precision, steps
-                )
-                lm_parity = pipeline_lm.parity(Path(lm_record.pop("hf_dir")), stage / "lm", steps)
-                report.language_model = lm_parity
-                if options.lm_precision == "fp32" and lm_parity["tokens_agreeing"] != lm_parity["greedy_steps"]:
-                    report.extra_failures.append(
-                        "language model: FP32 greedy tokens differ from transformers at step "
-                        f"{lm_parity['identical_prefix']}"
-                    )
+                    report.layers, report.first_drift = per_layer_drift(written.fp32_graph, stage / GRAPH_FILE, feeds)
+            lm_record = _add_language_model(stage, Path(scratch), source, report, options, steps)
             atomic.write_json(stage / PARITY_NAME, report.to_dict())
+            files = written.files + ([ENGINE_FILE] if engine else []) + (lm_record or {}).get("files", [])
             manifest = new_manifest(
-                model=config.to_dict(),
-                variant=config.variant,
-                ccra_parameters=ccra_parameter_count(config.ccra, config.vision.hidden_size) if config.ccra else 0,
-                source=source.record,
-                precision=options.precision,
-                export={
-                    "exporter": f"torch.onnx (dynamo) torch {torch.__version__}",
-                    "opset": interface["opset"],
-                    "ir_version": interface["ir_version"],
-                    "ccra_fp32_in_fp16": options.keep_ccra_fp32 if options.precision == "fp16" else None,
-                    "lpwca": lpwca,
-                },
-                graph={
-                    "file": GRAPH_FILE,
-                    "external_data": graph_files[1:],
-                    "inputs": interface["inputs"],
-                    "outputs": interface["outputs"],
-                },
-                dynamic_axes=dynamic_axes,
-                files=file_entries(
-                    stage,
-                    graph_files + cache_files + ([ENGINE_FILE] if engine else []) + (lm_record or {}).get("files", []),
-                ),
+                **_manifest_fields(source, options, lpwca, interface, dynamic_axes, written.graph_files),
+                files=file_entries(stage, files),
                 backend={"name": backend.name, "description": backend.description},
                 parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(thresholds)},
                 engine=engine,
                 plugin=plugin,
-                calibration=calibration_record,
+                calibration=written.calibration,
                 language_model=lm_record,
-                image_processor=dataclasses.asdict(pipeline_int8.processor_for(source, pad_to_square=True)),
+                image_processor=dataclasses.asdict(pipeline_int8.processor_for(source, options.int8.pad_to_square)),
             )
             atomic.write_json(stage / MANIFEST_NAME, manifest)
     except OSError as exc:
         raise BundleError(f"--output {output}: cannot write the bundle ({exc.strerror or exc})") from None
     return BuildResult(output, manifest, report)
+
+
+@dataclass
+class _WrittenGraph:
+    graph_files: list[str]  # the graph, then its external data
+    files: list[str]  # everything written (graph files and INT8 caches)
+    calibration: dict[str, Any] | None = None
+    fp32_graph: Path | None = None  # INT8: the FP32 graph it was quantized from (scratch)
+
+
+def _write_graph(
+    stage: Path, scratch: Path, source: Source, lpwca: str, calibration: Any, options: BuildOptions, steps: Steps
+) -> _WrittenGraph:
+    """Export to ONNX and write the graph in the bundle's precision (FP32, FP16, or calibrated INT8)."""
+    from ccra_export import pipeline_int8
+    from ccra_export.export import convert_to_fp16, export_model_proto, save_model
+
+    fused_note = ", LPWCA fused" if lpwca == "fused" else ""
+    with steps.step(f"Exporting {source.config.name} to ONNX (opset {options.opset}, dynamic batch{fused_note})"):
+        proto = export_model_proto(source.model, opset=options.opset, lpwca="fused" if lpwca == "fused" else "portable")
+    if options.precision == "fp16":
+        with steps.step("Converting to FP16 (Softmax and the CCRA module kept FP32)"):
+            proto = convert_to_fp16(proto, keep_ccra_fp32=options.keep_ccra_fp32)
+    if options.precision != "int8":
+        with steps.step(f"Writing {GRAPH_FILE}"):
+            graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
+        return _WrittenGraph(graph_files, list(graph_files))
+    fp32_graph = scratch / GRAPH_FILE  # kept aside for the per-layer drift report
+    save_model(proto, fp32_graph, options.external_data)
+    del proto
+    graph_files, record = pipeline_int8.quantize(fp32_graph, stage, GRAPH_FILE, calibration, options.int8, steps)
+    caches = [pipeline_int8.ORT_CACHE, pipeline_int8.TRT_CACHE]
+    return _WrittenGraph(graph_files, [*graph_files, *caches], record, fp32_graph)
+
+
+def _dynamic_axes(config: ModelConfig, options: BuildOptions) -> dict[str, dict[str, int]]:
+    """min/opt/max of the symbolic axes: the optimization profile of TensorRT engines."""
+    axes = {"batch": {"min": 1, "opt": 1, "max": options.max_batch}}
+    if config.ccra is not None:
+        axes["text_len"] = {"min": 1, "opt": min(64, options.max_text_len), "max": options.max_text_len}
+    return axes
+
+
+def _open_backend(
+    stage: Path,
+    kind: str,
+    reason: str,
+    interface: dict[str, Any],
+    dynamic_axes: dict[str, Any],
+    plugin: dict[str, Any] | None,
+    options: BuildOptions,
+    steps: Steps,
+) -> tuple[Any, dict[str, Any] | None]:
+    """The backend that runs the bundle for parity, and the engine record when TensorRT built one."""
+    from ccra_export.runtime.backends import select_backend
+
+    engine = None
+    if kind == "trt":
+        backend, engine = _build_trt_engine(stage, interface, dynamic_axes, options, plugin, steps)
+        line = f"backend: {backend.description}"
+    else:
+        with steps.step("Creating the runtime session"):
+            ort_options = _ort_trt_options(stage, options.precision, interface, dynamic_axes, plugin, options)
+            backend, line = select_backend(kind, stage / GRAPH_FILE, **ort_options)
+    steps.info(f"{line} ({reason})" if reason else line)
+    return backend, engine
+
+
+def _add_language_model(
+    stage: Path, scratch: Path, source: Source, report: ParityReport, options: BuildOptions, steps: Steps
+) -> dict[str, Any] | None:
+    """``--lm-precision``: the decoder and embedding model into the bundle, their parity into the report."""
+    if not options.lm_precision:
+        return None
+    from ccra_export import pipeline_lm
+
+    record = pipeline_lm.export_into(Path(source.record["path"]), stage, scratch, options.lm_precision, steps)
+    report.language_model = pipeline_lm.parity(Path(record.pop("hf_dir")), stage / "lm", steps)
+    lm = report.language_model
+    if options.lm_precision == "fp32" and lm["tokens_agreeing"] != lm["greedy_steps"]:
+        report.extra_failures.append(
+            f"language model: FP32 greedy tokens differ from transformers at step {lm['identical_prefix']}"
+        )
+    return record
+
+
+def _manifest_fields(
+    source: Source,
+    options: BuildOptions,
+    lpwca: str,
+    interface: dict[str, Any],
+    dynamic_axes: dict[str, Any],
+    graph_files: list[str],
+) -> dict[str, Any]:
+    import torch
+
+    from ccra_export.ccra_module import ccra_parameter_count
+
+    config = source.config
+    return {
+        "model": config.to_dict(),
+        "variant": config.variant,
+        "ccra_parameters": ccra_parameter_count(config.ccra, config.vision.hidden_size) if config.ccra else 0,
+        "source": source.record,
+        "precision": options.precision,
+        "export": {
+            "exporter": f"torch.onnx (dynamo) torch {torch.__version__}",
+            "opset": interface["opset"],
+            "ir_version": interface["ir_version"],
+            "ccra_fp32_in_fp16": options.keep_ccra_fp32 if options.precision == "fp16" else None,
+            "lpwca": lpwca,
+        },
+        "graph": {
+            "file": GRAPH_FILE,
+            "external_data": graph_files[1:],
+            "inputs": interface["inputs"],
+            "outputs": interface["outputs"],
+        },
+        "dynamic_axes": dynamic_axes,
+    }
 
 
 def _profile(interface: dict[str, Any], dynamic_axes: dict[str, dict[str, int]]) -> Any:
