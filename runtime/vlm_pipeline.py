@@ -65,7 +65,8 @@ class Pipeline:
         self.processor = processor_from_manifest(manifest)
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, backend: str = "ort") -> Pipeline:
+    def from_bundle(cls, bundle: str | Path, backend: str = "ort", verify: bool = False) -> Pipeline:
+        """Load a bundle. ``verify`` re-hashes every file against the manifest (seconds per GB)."""
         from tokenizers import Tokenizer
 
         from ccra_export.runtime.backends import select_backend
@@ -76,7 +77,8 @@ class Pipeline:
             raise BundleError(
                 f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision int4|int8|fp16"
             )
-        verify_files(bundle, manifest)
+        if verify:
+            verify_files(bundle, manifest)
         vision, _ = select_backend(backend, bundle / manifest["graph"]["file"])
         lm = LanguageModel(bundle / LM_DIR)
         tokenizer = Tokenizer.from_file(str(bundle / LM_DIR / "decoder" / "tokenizer.json"))
@@ -85,6 +87,8 @@ class Pipeline:
     def prepare(self, image: Image.Image, prompt: str) -> Prepared:
         if not prompt or not prompt.strip():
             raise InputError("--prompt: empty; ask something about the image")
+        if IMAGE_TOKEN in prompt:
+            raise InputError(f"--prompt: contains {IMAGE_TOKEN}; the image goes in through --image")
         ids = self.tokenizer.encode(TEMPLATE.format(prompt=prompt.strip())).ids
         if ids.count(self.image_token_id) != 1:
             raise BundleError(f"tokenizer: {IMAGE_TOKEN} must encode to token {self.image_token_id} exactly once")

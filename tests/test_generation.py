@@ -131,6 +131,7 @@ def test_run_command_streams_the_answer(fp32_bundle, tmp_path, cat):
         (["--image", "{tmp}/missing.jpg"], "--image {tmp}/missing.jpg: no such file"),
         (["--image", "{tmp}/broken.jpg"], "not a readable image"),
         (["--prompt", "  "], "--prompt: empty"),
+        (["--prompt", "<image> what?"], "--prompt: contains <image>"),
         (["--max-new-tokens", "100000"], "exceed the context of"),
     ],
 )
@@ -201,6 +202,29 @@ def test_bench_reports_both_sides(fp32_bundle):
     result = CliRunner().invoke(main, ["bench", "--bundle", str(fp32_bundle), "--new-tokens", "4", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert "ccra-export (ONNX Runtime)" in result.stdout and "Hugging Face (PyTorch eager)" in result.stdout
+
+
+def test_run_verify_catches_a_changed_language_model(tmp_path, fp32_bundle, cat):
+    import shutil
+
+    shutil.copytree(fp32_bundle, tmp_path / "b")
+    with open(tmp_path / "b" / "lm" / "embed.onnx", "ab") as handle:
+        handle.write(b"\0")
+    cat.save(tmp_path / "cat.jpg")
+    args = [
+        "run",
+        "--bundle",
+        str(tmp_path / "b"),
+        "--image",
+        str(tmp_path / "cat.jpg"),
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "2",
+        "--verify",
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "embed.onnx: sha256 differs from the manifest" in result.stderr
 
 
 def test_bundle_from_another_format_version_is_refused(tmp_path, fp32_bundle, cat):
