@@ -86,16 +86,21 @@ def _parity_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ccra-export")
 def main() -> None:
-    """Export CCRA (and plain LLaVA-1.5) vision graphs to ONNX / TensorRT, with parity proof.
+    """Export CCRA (and plain LLaVA-1.5) vision-language models to ONNX / TensorRT, with parity proof.
 
-    A build traces the CLIP vision tower + CCRA module + LLaVA projector from PyTorch to ONNX,
-    runs the result on the selected backend and compares it with PyTorch on the same inputs.
-    The bundle directory it writes holds the graph, manifest.json and parity.json.
+    A build traces the CLIP vision tower + CCRA module + LLaVA projector from PyTorch to ONNX
+    (FP32, FP16 or calibrated INT8), runs the result on the selected backend and compares it with
+    PyTorch on the same inputs; with --lm-precision it adds the quantized language model. The
+    bundle directory it writes holds the graphs, manifest.json and parity.json.
 
     \b
     Quick start (no GPU needed):
       ccra-export build --model tiny --random-weights --precision fp16 --output out/tiny
       ccra-export check --bundle out/tiny
+    \b
+    From a LLaVA checkpoint to text:
+      ccra-export build --model CKPT --lm-precision int4 --output out/vlm
+      ccra-export run --bundle out/vlm --image photo.jpg --prompt "What is in the picture?"
     """
 
 
@@ -369,7 +374,7 @@ def check(
     max_scaled_abs_err: float | None,
     backend: str,
 ) -> None:
-    """Re-run parity of a bundle against PyTorch on fresh random inputs.
+    """Re-run parity of a bundle against PyTorch (fresh random inputs; INT8: its held-out images).
 
     Verifies the bundle's file hashes, rebuilds the PyTorch reference from the manifest's
     source (preset + seed, or the checkpoint, whose weights hash must match), and compares.
@@ -393,7 +398,13 @@ def check(
 @click.option("--bundle", required=True, type=click.Path(path_type=Path), help="Bundle built with --lm-precision.")
 @click.option("--image", required=True, type=click.Path(path_type=Path), help="Image file (jpg, png, ...).")
 @click.option("--prompt", required=True, help="The question or instruction about the image.")
-@click.option("--max-new-tokens", default=256, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--max-new-tokens",
+    default=256,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Stop after this many generated tokens (or at the end-of-sequence token).",
+)
 @click.option(
     "--temperature",
     default=0.0,
