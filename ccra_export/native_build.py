@@ -57,6 +57,11 @@ def build_native(
 ) -> list[BuiltLibrary]:
     if shutil.which("cmake") is None:
         raise NativeBuildError("cmake not found: install CMake >= 3.18 (JetPack: apt install cmake)")
+    if not (ROOT / "CMakeLists.txt").is_file():
+        raise NativeBuildError(
+            f"no CMakeLists.txt at {ROOT}: plugins build needs the source tree; run it from a clone "
+            "installed with `pip install -e .`"
+        )
     if tensorrt_root is not None and not (Path(tensorrt_root) / "include" / "NvInferRuntime.h").is_file():
         raise NativeBuildError(f"--tensorrt-root {tensorrt_root}: no include/NvInferRuntime.h there")
     configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
