@@ -415,6 +415,13 @@ def check(
 @click.option("--top-p", default=1.0, show_default=True, type=click.FloatRange(0.0, 1.0), help="Nucleus sampling mass.")
 @click.option("--seed", type=int, help="Sampling seed.")
 @click.option("--verify", is_flag=True, help="Re-hash every bundle file against the manifest before running.")
+@click.option(
+    "--backend",
+    type=click.Choice(["auto", "ort", "trt"]),
+    default="auto",
+    show_default=True,
+    help="Vision graph runtime: auto uses the bundle's TensorRT engine where TensorRT is usable.",
+)
 @_reports_errors
 def run(
     bundle: Path,
@@ -425,13 +432,14 @@ def run(
     top_p: float,
     seed: int | None,
     verify: bool,
+    backend: str,
 ) -> None:
     """Answer PROMPT about IMAGE with the bundle's vision graph and language model, streaming tokens."""
     from ccra_export.runtime.language_model import Sampling
     from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
 
     picture = load_image(image)  # a bad image fails before the models load
-    pipeline = Pipeline.from_bundle(bundle, verify=verify)
+    pipeline = Pipeline.from_bundle(bundle, backend=backend, verify=verify)
     sampling = Sampling(
         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=pipeline.lm.eos_ids
     )

@@ -20,7 +20,7 @@ import numpy as np
 from ccra_export import atomic
 from ccra_export.config import PRESETS, ModelConfig
 from ccra_export.console import SILENT, Steps
-from ccra_export.errors import BundleError, CCRAExportError, CheckpointError, ConfigError
+from ccra_export.errors import BundleError, CheckpointError, ConfigError
 from ccra_export.manifest import (
     MANIFEST_NAME,
     PARITY_NAME,
@@ -528,18 +528,6 @@ def source_from_manifest(manifest: dict[str, Any], model_override: str | None, s
     return source
 
 
-def _load_trt_engine(bundle: Path, engine: dict[str, Any]) -> Any:
-    """The bundle's engine, after refusing one this TensorRT / GPU cannot run."""
-    import tensorrt as trt
-
-    from ccra_export.doctor import gpus
-    from ccra_export.runtime.trt_engine import TensorRTBackend
-    from ccra_export.runtime.trt_plan import check_engine
-
-    check_engine(engine, trt.__version__, (gpus() or [("", "unknown")])[0][1], None)
-    return TensorRTBackend(bundle / engine["file"])
-
-
 def check_bundle(
     bundle: Path,
     *,
@@ -549,29 +537,17 @@ def check_bundle(
     steps: Steps = SILENT,
 ) -> ParityReport:
     """Re-run parity of a built bundle on fresh random inputs (a new seed unless one is given)."""
-    from ccra_export.runtime.backends import resolve_backend, select_backend
+    from ccra_export.runtime.backends import bundle_backend
 
     manifest = read_manifest(bundle)
     with steps.step("Verifying bundle file hashes"):
         verify_files(bundle, manifest)
     try:
         source = source_from_manifest(manifest, model_override, steps)
-    except CCRAExportError:
-        raise
     except KeyError as exc:
         raise BundleError(f"{bundle / MANIFEST_NAME}: manifest lacks {exc}") from None
-    kind, reason = resolve_backend(backend)
-    engine = manifest.get("engine")
-    if kind == "trt" and engine is not None:
-        runner = _load_trt_engine(Path(bundle), engine)
-        line = f"backend: {runner.description}"
-    else:
-        if kind == "trt":
-            if backend == "trt":
-                raise BundleError(f"--bundle {bundle}: holds no TensorRT engine; rebuild it with --backend trt")
-            reason = "auto: the bundle holds no TensorRT engine"
-        runner, line = select_backend("ort", Path(bundle) / manifest["graph"]["file"])
-    steps.info(f"{line} ({reason})" if reason else line)
+    runner, line = bundle_backend(bundle, manifest, backend)
+    steps.info(line)
     thresholds = _thresholds(manifest["precision"], parity, manifest["parity"]["thresholds"])
     if manifest["precision"] == "int8":  # INT8 is judged on held-out images, not on random pixels
         from ccra_export import pipeline_int8

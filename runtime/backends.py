@@ -169,3 +169,21 @@ def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> t
     ``ort_options['providers']``) and one line saying what runs it."""
     backend = OrtBackend(onnx_path, **ort_options)
     return backend, f"backend: {backend.description}"
+
+
+def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") -> tuple[VisionBackend, str]:
+    """What runs a built bundle's vision graph: its TensorRT engine when it has one and TensorRT is
+    usable (after the engine compatibility check), else ONNX Runtime on its ONNX graph."""
+    kind, reason = resolve_backend(backend)
+    engine = manifest.get("engine")
+    if kind == "trt" and engine is not None:
+        from ccra_export.runtime.trt_engine import load_bundle_engine
+
+        runner = load_bundle_engine(Path(bundle), engine)
+        return runner, f"backend: {runner.description}"
+    if kind == "trt":
+        if backend == "trt":
+            raise BundleError(f"--bundle {bundle}: holds no TensorRT engine; rebuild it with --backend trt")
+        reason = "auto: the bundle holds no TensorRT engine"
+    runner, line = select_backend("ort", Path(bundle) / manifest["graph"]["file"])
+    return runner, f"{line} ({reason})" if reason else line

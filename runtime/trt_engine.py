@@ -126,3 +126,12 @@ class TensorRTBackend(VisionBackend):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return {k: np.asarray(v) for k, v in self._runner.infer(feeds).items()}
+
+
+def load_bundle_engine(bundle: Path, engine: dict) -> TensorRTBackend:
+    """The bundle's engine, after refusing one this TensorRT or GPU cannot run (one line)."""
+    from ccra_export.doctor import gpus
+    from ccra_export.runtime.trt_plan import check_engine
+
+    check_engine(engine, trt.__version__, (gpus() or [("", "unknown")])[0][1], None)
+    return TensorRTBackend(Path(bundle) / engine["file"])

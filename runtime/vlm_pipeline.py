@@ -65,11 +65,10 @@ class Pipeline:
         self.processor = processor_from_manifest(manifest)
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, backend: str = "ort", verify: bool = False) -> Pipeline:
-        """Load a bundle. ``verify`` re-hashes every file against the manifest (seconds per GB)."""
+    def from_bundle(cls, bundle: str | Path, backend: str = "auto", verify: bool = False) -> Pipeline:
+        """Load a bundle. ``backend``: auto runs the bundle's TensorRT engine where TensorRT is usable,
+        else ONNX Runtime. ``verify`` re-hashes every file against the manifest (seconds per GB)."""
         from tokenizers import Tokenizer
-
-        from ccra_export.runtime.backends import select_backend
 
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
@@ -79,7 +78,9 @@ class Pipeline:
             )
         if verify:
             verify_files(bundle, manifest)
-        vision, _ = select_backend(backend, bundle / manifest["graph"]["file"])
+        from ccra_export.runtime.backends import bundle_backend
+
+        vision, _ = bundle_backend(bundle, manifest, backend)
         lm = LanguageModel(bundle / LM_DIR)
         tokenizer = Tokenizer.from_file(str(bundle / LM_DIR / "decoder" / "tokenizer.json"))
         return cls(bundle, manifest, vision, lm, tokenizer)
