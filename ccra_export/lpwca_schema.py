@@ -26,6 +26,12 @@ VERSION = 1
 PLUGIN_VERSION = "1"
 PLUGIN_NAMESPACE = "ccra"
 FLOAT_TYPES = ["tensor(float)", "tensor(float16)"]
+#: the attributes the kernels read (the plugin's fields); the plugin_* ones only route the node
+KERNEL_ATTRIBUTES = ("num_heads", "epsilon", "head_scale", "layer_scale")
+
+
+def is_lpwca(node: onnx.NodeProto) -> bool:
+    return node.op_type == OP_TYPE and node.domain == DOMAIN
 
 
 def _dims(type_proto: onnx.TypeProto) -> list[onnx.TensorShapeProto.Dimension] | None:

@@ -276,6 +276,10 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     if lpwca != "none":
         steps.info(f"LPWCA: {lpwca} ({lpwca_reason})")
     plugin = _plugin_record(lpwca, options.plugin_library)
+    if backend_kind == "trt" and plugin and not options.plugin_library:
+        raise ConfigError(
+            "--lpwca fused with --backend trt needs --plugin-library (build it: ccra-export plugins build)"
+        )
     calibration = pipeline_int8.prepare(options.int8, source, options.seed, steps) if int8 else None
     try:
         with (
@@ -381,7 +385,7 @@ def _open_backend(
         line = f"backend: {backend.description}"
     else:
         with steps.step("Creating the runtime session"):
-            ort_options = _ort_trt_options(stage, options.precision, interface, dynamic_axes, plugin, options)
+            ort_options = _ort_trt_options(stage, kind, interface, dynamic_axes, plugin, options)
             backend, line = select_backend(kind, stage / GRAPH_FILE, **ort_options)
     steps.info(f"{line} ({reason})" if reason else line)
     return backend, engine
@@ -448,17 +452,17 @@ def _profile(interface: dict[str, Any], dynamic_axes: dict[str, dict[str, int]])
 
 
 def _ort_trt_options(
-    stage: Path, precision: str, interface: dict[str, Any], dynamic_axes: dict[str, Any], plugin: Any, options: Any
+    stage: Path, kind: str, interface: dict[str, Any], dynamic_axes: dict[str, Any], plugin: Any, options: Any
 ) -> dict[str, Any]:
     """Session options for ONNX Runtime: none for CPU/CUDA, TensorRT EP options for ``ort-trt``."""
-    if options.backend != "ort-trt":
+    if kind != "ort-trt":
         return {}
     from ccra_export.runtime import ort_trt
 
     library = options.plugin_library if plugin and plugin.get("tensorrt_plugin_library") else None
     provider = ort_trt.provider_options(
         stage,
-        precision,
+        options.precision,
         _profile(interface, dynamic_axes),
         plugin_library=library,
         workspace_mib=options.trt.workspace_mib,
@@ -480,11 +484,7 @@ def _build_trt_engine(
     plan = precision_plan(TrtVersion.parse(trt.__version__), options.precision, options.trt.typing)
     steps.info(f"engine: {plan.why}")
     profile = _profile(interface, dynamic_axes)
-    libraries = [options.plugin_library] if plugin and options.plugin_library else []
-    if plugin and not libraries:
-        raise ConfigError(
-            "--lpwca fused with --backend trt needs --plugin-library (build it: ccra-export plugins build)"
-        )
+    libraries = [options.plugin_library] if plugin else []  # build_bundle checked it is given
     with steps.step("Building the TensorRT engine (minutes on a Jetson)") as update:
         serialized = trt_engine.build_engine(
             stage / GRAPH_FILE, plan, profile, options.trt.settings(), libraries, report=update

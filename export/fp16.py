@@ -24,9 +24,9 @@ FP32_OP_TYPES = ("Softmax",)
 
 
 def _lpwca_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    from ccra_export.lpwca_schema import DOMAIN, OP_TYPE
+    from ccra_export.lpwca_schema import is_lpwca
 
-    return [n for n in proto.graph.node if n.op_type == OP_TYPE and n.domain == DOMAIN]
+    return [n for n in proto.graph.node if is_lpwca(n)]
 
 
 def _lpwca_reads_fp16(proto: onnx.ModelProto) -> None:

@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -116,18 +115,3 @@ def build_embedding_model(lm_dir: Path, out: Path, dtype: np.dtype) -> None:
     onnx.checker.check_model(model)
     large = table.nbytes > (1 << 30)
     onnx.save_model(model, str(out), save_as_external_data=large, location=f"{out.name}.data" if large else None)
-
-
-def export_language_model(checkpoint: Path, out: Path, precision: str) -> dict[str, str]:
-    """``out/decoder/`` (builder output + tokenizer) and ``out/embed.onnx``; returns the file roles."""
-    out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ccra-lm-") as scratch:
-        lm_dir = language_model_dir(Path(checkpoint), Path(scratch) / "hf")
-        build_decoder(lm_dir, out / "decoder", precision)
-        build_embedding_model(lm_dir, out / "embed.onnx", np.float16 if precision == "fp16" else np.float32)
-    return {
-        "decoder": "decoder/model.onnx",
-        "genai_config": "decoder/genai_config.json",
-        "embed": "embed.onnx",
-        "tokenizer": "decoder/tokenizer.json",
-    }

@@ -21,7 +21,7 @@ from ccra_export.errors import BackendUnavailableError, BundleError
 BackendKind = Literal["auto", "ort", "trt", "ort-trt"]
 BACKEND_KINDS: tuple[str, ...] = ("auto", "ort", "trt", "ort-trt")
 
-_ORT_TYPES = {
+ORT_NUMPY_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
@@ -102,7 +102,7 @@ class OrtBackend(VisionBackend):
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise BundleError(f"{onnx_path}: ONNX Runtime cannot load the graph ({first})") from None
-        self._dtypes = {i.name: np.dtype(_ORT_TYPES[i.type]) for i in self.session.get_inputs()}
+        self._dtypes = {i.name: np.dtype(ORT_NUMPY_TYPES[i.type]) for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     @property

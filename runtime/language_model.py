@@ -8,13 +8,14 @@ names the tensors. No torch: this runs on a Jetson next to the TensorRT vision e
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-_ORT_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+from ccra_export.runtime.backends import ORT_NUMPY_TYPES
 
 
 @dataclass
@@ -66,8 +67,8 @@ class LanguageModel:
         self.decoder = ort.InferenceSession(str(directory / "decoder" / decoder["filename"]), options, providers=chosen)
         self.embedder = ort.InferenceSession(str(directory / "embed.onnx"), options, providers=chosen)
         types = {i.name: i.type for i in self.decoder.get_inputs()}
-        self.embeds_dtype = _ORT_TYPES[types[self.names[0]["inputs_embeds"]]]
-        self.kv_dtype = _ORT_TYPES[types[self.names[0]["past_key_names"] % 0]]
+        self.embeds_dtype = ORT_NUMPY_TYPES[types[self.names[0]["inputs_embeds"]]]
+        self.kv_dtype = ORT_NUMPY_TYPES[types[self.names[0]["past_key_names"] % 0]]
         self._outputs = [o.name for o in self.decoder.get_outputs()]
 
     def embed(self, ids: list[int] | np.ndarray) -> np.ndarray:
@@ -87,8 +88,6 @@ class LanguageModel:
     def generate(
         self, inputs_embeds: np.ndarray, sampling: Sampling, on_token: Callable[[int], None] | None = None
     ) -> Generation:
-        import time
-
         inputs, outputs = self.names
         rng = np.random.default_rng(sampling.seed)
         stop = sampling.stop_ids

@@ -18,7 +18,7 @@ import functools
 
 import onnx
 
-from ccra_export.lpwca_schema import DOMAIN, OP_TYPE
+from ccra_export.lpwca_schema import KERNEL_ATTRIBUTES, OP_TYPE, is_lpwca
 from ccra_export.runtime.lpwca_cpu import lpwca_cpu
 
 ORTX_DOMAIN = "ai.onnx.contrib"
@@ -37,28 +37,18 @@ def custom_ops_library() -> str:
         inputs=[PyCustomOpDef.dt_float] * 3,
         outputs=[PyCustomOpDef.dt_float] * 2,
         attrs={
-            "num_heads": PyCustomOpDef.dt_int64,
-            "epsilon": PyCustomOpDef.dt_float,
-            "head_scale": PyCustomOpDef.dt_float,
-            "layer_scale": PyCustomOpDef.dt_float,
+            name: PyCustomOpDef.dt_int64 if name == "num_heads" else PyCustomOpDef.dt_float
+            for name in KERNEL_ATTRIBUTES
         },
     )
-    def _lpwca(features, query_weights, query_bias, num_heads, epsilon, head_scale, layer_scale):  # noqa: ANN001
-        return lpwca_cpu(
-            features,
-            query_weights,
-            query_bias,
-            num_heads=num_heads,
-            epsilon=epsilon,
-            head_scale=head_scale,
-            layer_scale=layer_scale,
-        )
+    def _lpwca(features, query_weights, query_bias, **attributes):  # noqa: ANN001
+        return lpwca_cpu(features, query_weights, query_bias, **attributes)
 
     return get_library_path()
 
 
 def has_lpwca(proto: onnx.ModelProto) -> bool:
-    return any(n.op_type == OP_TYPE and n.domain == DOMAIN for n in proto.graph.node)
+    return any(is_lpwca(n) for n in proto.graph.node)
 
 
 def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
@@ -77,11 +67,11 @@ def rewrite_for_ort(proto: onnx.ModelProto) -> onnx.ModelProto:
     types = _value_types(proto)
     nodes = []
     for node in proto.graph.node:
-        if node.op_type != OP_TYPE or node.domain != DOMAIN:
+        if not is_lpwca(node):
             nodes.append(node)
             continue
         node.domain = ORTX_DOMAIN
-        kept = [a for a in node.attribute if a.name in ("num_heads", "epsilon", "head_scale", "layer_scale")]
+        kept = [a for a in node.attribute if a.name in KERNEL_ATTRIBUTES]
         del node.attribute[:]
         node.attribute.extend(kept)
         half = types.get(node.input[0]) == onnx.TensorProto.FLOAT16
