@@ -21,6 +21,12 @@ BACKEND_HELP = (
     "ort-trt: ONNX Runtime's TensorRT execution provider."
 )
 
+REFERENCE_HELP = (
+    "What parity compares against. pytorch: the PyTorch model rebuilt from the bundle's source, on fresh inputs; "
+    "recorded: the PyTorch outputs the build stored in the bundle (no PyTorch or checkpoint needed); "
+    "auto: pytorch where PyTorch is installed, else recorded."
+)
+
 # Off a terminal (CI logs, pipes) rich falls back to 80 columns, too narrow for the parity table.
 _stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 130)
 _stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 130)
@@ -76,6 +82,44 @@ def _parity_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default="auto",
             show_default=True,
             help=BACKEND_HELP,
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+def _engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """TensorRT builder settings, shared by `build` (--backend trt / ort-trt) and `engine`."""
+    options = [
+        click.option(
+            "--trt-typing",
+            type=click.Choice(["auto", "strong", "weak"]),
+            default="auto",
+            show_default=True,
+            help="TensorRT engine typing. auto: strongly typed on TensorRT 11 (the only mode left), weakly typed with "
+            "FP16/INT8 builder flags on TensorRT 10; strong keeps the ONNX graph's types exactly.",
+        ),
+        click.option(
+            "--workspace-mib",
+            default=2048,
+            show_default=True,
+            type=click.IntRange(64),
+            help="TensorRT workspace pool limit (Jetson shares its DRAM with the CPU).",
+        ),
+        click.option(
+            "--opt-level",
+            default=3,
+            show_default=True,
+            type=click.IntRange(0, 5),
+            help="TensorRT builder optimization level (higher: longer build, possibly faster engine).",
+        ),
+        click.option(
+            "--timing-cache",
+            type=click.Path(path_type=Path, dir_okay=False),
+            default=Path.home() / ".cache" / "ccra-export" / "timing.cache",
+            show_default=True,
+            help="TensorRT timing cache, read before and written after every engine build.",
         ),
     ]
     for option in reversed(options):
@@ -171,11 +215,21 @@ def main() -> None:
     help="Largest batch recorded in the manifest's optimization profile (TensorRT engines).",
 )
 @click.option(
+    "--opt-batch",
+    type=click.IntRange(1),
+    help="Batch TensorRT tunes its kernels for (the profile's opt shape). Default: 1.",
+)
+@click.option(
     "--max-text-len",
     default=512,
     show_default=True,
     type=click.IntRange(1),
     help="Longest instruction (tokens) recorded in the manifest's optimization profile.",
+)
+@click.option(
+    "--opt-text-len",
+    type=click.IntRange(1),
+    help="Instruction length TensorRT tunes its kernels for. Default: 64 (or --max-text-len if smaller).",
 )
 @click.option(
     "--lpwca",
@@ -229,35 +283,7 @@ def main() -> None:
     help="Also build the language model (onnxruntime-genai builder: INT4 MatMulNBits, INT8, FP16 or FP32) into the "
     "bundle, for `ccra-export run`. Needs a checkpoint with its tokenizer.",
 )
-@click.option(
-    "--trt-typing",
-    type=click.Choice(["auto", "strong", "weak"]),
-    default="auto",
-    show_default=True,
-    help="TensorRT engine typing. auto: strongly typed on TensorRT 11 (the only mode left), weakly typed with "
-    "FP16/INT8 builder flags on TensorRT 10; strong keeps the ONNX graph's types exactly.",
-)
-@click.option(
-    "--workspace-mib",
-    default=2048,
-    show_default=True,
-    type=click.IntRange(64),
-    help="TensorRT workspace pool limit (Jetson shares its DRAM with the CPU).",
-)
-@click.option(
-    "--opt-level",
-    default=3,
-    show_default=True,
-    type=click.IntRange(0, 5),
-    help="TensorRT builder optimization level (higher: longer build, possibly faster engine).",
-)
-@click.option(
-    "--timing-cache",
-    type=click.Path(path_type=Path, dir_okay=False),
-    default=Path.home() / ".cache" / "ccra-export" / "timing.cache",
-    show_default=True,
-    help="TensorRT timing cache, read before and written after every engine build.",
-)
+@_engine_options
 @_parity_options
 @_reports_errors
 def build(
@@ -272,7 +298,9 @@ def build(
     external_data: str,
     ccra_fp16: bool,
     max_batch: int,
+    opt_batch: int | None,
     max_text_len: int,
+    opt_text_len: int | None,
     parity_batch: int,
     parity_text_len: int,
     min_cosine: float | None,
@@ -334,7 +362,9 @@ def build(
         external_data=external_data,
         keep_ccra_fp32=not ccra_fp16,
         max_batch=max_batch,
+        opt_batch=opt_batch,
         max_text_len=max_text_len,
+        opt_text_len=opt_text_len,
         parity=ParityOptions(
             batch=parity_batch,
             text_len=parity_text_len,
@@ -362,12 +392,26 @@ def build(
 @click.option(
     "--model", "model_override", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build."
 )
+@click.option(
+    "--reference",
+    type=click.Choice(["auto", "pytorch", "recorded"]),
+    default="auto",
+    show_default=True,
+    help=REFERENCE_HELP,
+)
+@click.option(
+    "--plugin-library",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="--backend ort-trt with a fused graph: the LPWCA plugin library built for this machine.",
+)
 @_parity_options
 @_reports_errors
 def check(
     bundle: Path,
     seed: int | None,
     model_override: str | None,
+    reference: str,
+    plugin_library: Path | None,
     parity_batch: int,
     parity_text_len: int,
     min_cosine: float | None,
@@ -378,6 +422,8 @@ def check(
 
     Verifies the bundle's file hashes, rebuilds the PyTorch reference from the manifest's
     source (preset + seed, or the checkpoint, whose weights hash must match), and compares.
+    Where PyTorch is not installed (a Jetson), it compares with the PyTorch outputs the build
+    recorded in the bundle instead.
     """
     from ccra_export.console import Steps, parity_table
     from ccra_export.pipeline import ParityOptions, check_bundle
@@ -389,8 +435,94 @@ def check(
         min_cosine=min_cosine,
         max_scaled_abs_err=max_scaled_abs_err,
     )
-    report = check_bundle(bundle, parity=parity, backend=backend, model_override=model_override, steps=Steps(_stderr))
+    report = check_bundle(
+        bundle,
+        parity=parity,
+        backend=backend,
+        model_override=model_override,
+        reference=reference,
+        plugin_library=plugin_library,
+        steps=Steps(_stderr),
+    )
     _stdout.print(parity_table(report, title=f"Parity check of {bundle}"))
+    _finish(report)
+
+
+@main.command()
+@click.option(
+    "--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory written by `ccra-export build`."
+)
+@click.option(
+    "--plugin-library",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The LPWCA plugin built for this machine (ccra-export plugins build); needed for a fused graph, and "
+    "serialised into the engine.",
+)
+@click.option("--max-batch", type=click.IntRange(1), help="Profile's largest batch. Default: the manifest's.")
+@click.option("--opt-batch", type=click.IntRange(1), help="Profile's tuning batch. Default: the manifest's.")
+@click.option("--max-text-len", type=click.IntRange(1), help="Profile's longest instruction. Default: the manifest's.")
+@click.option("--opt-text-len", type=click.IntRange(1), help="Profile's tuning length. Default: the manifest's.")
+@click.option(
+    "--reference",
+    type=click.Choice(["auto", "pytorch", "recorded"]),
+    default="auto",
+    show_default=True,
+    help=REFERENCE_HELP,
+)
+@click.option(
+    "--model", "model_override", metavar="DIR", help="--reference pytorch: where the source checkpoint is now."
+)
+@click.option("--force", is_flag=True, help="Replace the engine the bundle already holds.")
+@_engine_options
+@_reports_errors
+def engine(
+    bundle: Path,
+    plugin_library: Path | None,
+    max_batch: int | None,
+    opt_batch: int | None,
+    max_text_len: int | None,
+    opt_text_len: int | None,
+    reference: str,
+    model_override: str | None,
+    force: bool,
+    trt_typing: str,
+    workspace_mib: int,
+    opt_level: int,
+    timing_cache: Path,
+) -> None:
+    """Build the TensorRT engine of an existing bundle on this machine, and prove its parity.
+
+    Engines are tied to one TensorRT version and GPU, so build the bundle on a workstation, copy
+    it to the Jetson and run this there: it needs TensorRT, not PyTorch or the checkpoint (the
+    engine is compared with the PyTorch outputs the build recorded). The engine and its record
+    (TensorRT version, GPU, compute capability, plugin hash) go into the bundle; `run`, `bench`
+    and `check` then use it. Exit code 3 when parity fails (the engine is kept for inspection).
+    """
+    from ccra_export.console import Steps, parity_table
+    from ccra_export.pipeline_engine import TrtOptions, add_engine
+
+    overrides: dict[str, dict[str, int]] = {}
+    for axis, key, value in (
+        ("batch", "max", max_batch),
+        ("batch", "opt", opt_batch),
+        ("text_len", "max", max_text_len),
+        ("text_len", "opt", opt_text_len),
+    ):
+        if value is not None:
+            overrides.setdefault(axis, {})[key] = value
+    report = add_engine(
+        bundle,
+        trt_options=TrtOptions(
+            typing=trt_typing, workspace_mib=workspace_mib, optimization_level=opt_level, timing_cache=timing_cache
+        ),
+        plugin_library=plugin_library,
+        profile_overrides=overrides,
+        reference=reference,
+        model_override=model_override,
+        force=force,
+        steps=Steps(_stderr),
+    )
+    _stdout.print(parity_table(report, title=f"Parity of {bundle}/vision.engine"))
     _finish(report)
 
 

@@ -13,6 +13,9 @@ from typing import Any
 
 import numpy as np
 
+PYTORCH_REFERENCE = "PyTorch fp32 (ccra_export.vision_model)"
+RECORDED_REFERENCE = "PyTorch fp32 outputs recorded at build time (reference.npz)"
+
 #: |a - b| / max(|b|, REL_ERR_FLOOR * max|b|): relative error without blowing up on zeros.
 REL_ERR_FLOOR = 1e-3
 
@@ -115,6 +118,7 @@ class ParityReport:
     first_drift: str | None = None
     language_model: dict[str, Any] | None = None  # --lm-precision: decoder vs transformers
     extra_failures: list[str] = field(default_factory=list)
+    reference: str = PYTORCH_REFERENCE
 
     @property
     def passed(self) -> bool:
@@ -136,7 +140,7 @@ class ParityReport:
             "passed": self.passed,
             "precision": self.precision,
             "backend": self.backend,
-            "reference": "PyTorch fp32 (ccra_export.vision_model)",
+            "reference": self.reference,
             "rel_err_floor": f"{REL_ERR_FLOOR} * max|reference|",
             "inputs": self.inputs,
             "outputs": [
@@ -169,6 +173,7 @@ def compare_outputs(
     backend: str,
     thresholds: Thresholds,
     inputs: dict[str, Any] | None = None,
+    reference_name: str = PYTORCH_REFERENCE,
 ) -> ParityReport:
     outputs = [compare_output(name, actual[name], reference[name], thresholds) for name in reference]
-    return ParityReport(precision, backend, outputs, inputs or {})
+    return ParityReport(precision, backend, outputs, inputs or {}, reference=reference_name)

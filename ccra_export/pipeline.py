@@ -29,14 +29,23 @@ from ccra_export.manifest import (
     read_manifest,
     verify_files,
 )
-from ccra_export.parity import ParityReport, Thresholds, compare_outputs, thresholds_for
+from ccra_export.parity import (
+    PYTORCH_REFERENCE,
+    RECORDED_REFERENCE,
+    ParityReport,
+    Thresholds,
+    compare_outputs,
+    thresholds_for,
+)
+from ccra_export.pipeline_engine import ENGINE_FILE, TrtOptions
 from ccra_export.pipeline_int8 import Int8Options
+from ccra_export.reference_record import REFERENCE_FILE, load_reference, record_reference
 from ccra_export.sample_inputs import random_inputs
 
 PRECISIONS = ("fp32", "fp16", "int8")
 LPWCA_MODES = ("auto", "fused", "portable")
 GRAPH_FILE = "vision.onnx"
-ENGINE_FILE = "vision.engine"
+REFERENCE_CHOICES = ("auto", "pytorch", "recorded")
 
 
 @dataclass
@@ -59,21 +68,6 @@ class ParityOptions:
 
 
 @dataclass
-class TrtOptions:
-    """TensorRT engine build settings (``--backend trt`` / ``ort-trt``)."""
-
-    typing: str = "auto"
-    workspace_mib: int = 2048
-    optimization_level: int = 3
-    timing_cache: Path | None = Path.home() / ".cache" / "ccra-export" / "timing.cache"
-
-    def settings(self) -> Any:
-        from ccra_export.runtime.trt_engine import EngineSettings
-
-        return EngineSettings(self.workspace_mib, self.optimization_level, self.timing_cache)
-
-
-@dataclass
 class BuildOptions:
     model: str
     output: Path
@@ -92,7 +86,9 @@ class BuildOptions:
     lm_precision: str | None = None
     trt: TrtOptions = field(default_factory=lambda: TrtOptions())
     max_batch: int = 8
+    opt_batch: int | None = None  # None: 1
     max_text_len: int = 512
+    opt_text_len: int | None = None  # None: min(64, max_text_len)
     parity: ParityOptions = field(default_factory=ParityOptions)
 
 
@@ -185,21 +181,31 @@ def random_parity_feeds(source: Source, options: ParityOptions) -> tuple[dict[st
     return feeds, described
 
 
+def pytorch_outputs(source: Source, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The FP32 PyTorch reference on ``feeds``, keyed by graph output name."""
+    from ccra_export.vision_model import reference_outputs
+
+    return reference_outputs(source.model, feeds)
+
+
 def run_parity(
-    source: Source,
     backend: Any,
     precision: str,
     thresholds: Thresholds,
     feeds: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
     described: dict[str, Any],
+    reference_name: str = PYTORCH_REFERENCE,
 ) -> ParityReport:
-    """The artifact and the PyTorch reference on the same inputs."""
-    from ccra_export.vision_model import reference_outputs
-
-    reference = reference_outputs(source.model, feeds)
-    actual = backend.run(feeds)
+    """The artifact on ``feeds`` against the reference outputs for the same inputs."""
     return compare_outputs(
-        actual, reference, precision=precision, backend=backend.name, thresholds=thresholds, inputs=described
+        backend.run(feeds),
+        reference,
+        precision=precision,
+        backend=backend.name,
+        thresholds=thresholds,
+        inputs=described,
+        reference_name=reference_name,
     )
 
 
@@ -263,6 +269,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     from ccra_export import pipeline_int8
     from ccra_export.calibration.layer_report import per_layer_drift
     from ccra_export.export import check_graph, graph_interface
+    from ccra_export.runtime.trt_plan import profile_axes
 
     int8 = options.precision == "int8"
     lpwca, lpwca_reason = resolve_lpwca(options.lpwca, backend_kind, source.config)
@@ -280,6 +287,13 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         raise ConfigError(
             "--lpwca fused with --backend trt needs --plugin-library (build it: ccra-export plugins build)"
         )
+    dynamic_axes = profile_axes(
+        has_text=source.config.ccra is not None,
+        max_batch=options.max_batch,
+        opt_batch=options.opt_batch,
+        max_text_len=options.max_text_len,
+        opt_text_len=options.opt_text_len,
+    )
     calibration = pipeline_int8.prepare(options.int8, source, options.seed, steps) if int8 else None
     try:
         with (
@@ -289,7 +303,6 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             written = _write_graph(stage, Path(scratch), source, lpwca, calibration, options, steps)
             with steps.step("onnx.checker full check and shape inference"):
                 interface = graph_interface(check_graph(stage / GRAPH_FILE))
-            dynamic_axes = _dynamic_axes(source.config, options)
             backend, engine = _open_backend(
                 stage, backend_kind, backend_reason, interface, dynamic_axes, plugin, options, steps
             )
@@ -301,18 +314,26 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 feeds, described = random_parity_feeds(source, options.parity)
                 title = f"Parity vs PyTorch (batch {options.parity.batch}, seed {options.parity.seed})"
             with steps.step(title):
-                report = run_parity(source, backend, options.precision, thresholds, feeds, described)
+                reference = pytorch_outputs(source, feeds)
+                report = run_parity(backend, options.precision, thresholds, feeds, reference, described)
+            recorded = record_reference(stage / REFERENCE_FILE, feeds, reference)
             if int8:
                 with steps.step("Per-layer drift, INT8 vs FP32 graph"):
                     report.layers, report.first_drift = per_layer_drift(written.fp32_graph, stage / GRAPH_FILE, feeds)
             lm_record = _add_language_model(stage, Path(scratch), source, report, options, steps)
             atomic.write_json(stage / PARITY_NAME, report.to_dict())
-            files = written.files + ([ENGINE_FILE] if engine else []) + (lm_record or {}).get("files", [])
+            files = [
+                *written.files,
+                REFERENCE_FILE,
+                *([ENGINE_FILE] if engine else []),
+                *(lm_record or {}).get("files", []),
+            ]
             manifest = new_manifest(
                 **_manifest_fields(source, options, lpwca, interface, dynamic_axes, written.graph_files),
                 files=file_entries(stage, files),
                 backend={"name": backend.name, "description": backend.description},
                 parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(thresholds)},
+                reference={"file": REFERENCE_FILE, "samples": recorded, "inputs": described},
                 engine=engine,
                 plugin=plugin,
                 calibration=written.calibration,
@@ -358,14 +379,6 @@ def _write_graph(
     return _WrittenGraph(graph_files, [*graph_files, *caches], record, fp32_graph)
 
 
-def _dynamic_axes(config: ModelConfig, options: BuildOptions) -> dict[str, dict[str, int]]:
-    """min/opt/max of the symbolic axes: the optimization profile of TensorRT engines."""
-    axes = {"batch": {"min": 1, "opt": 1, "max": options.max_batch}}
-    if config.ccra is not None:
-        axes["text_len"] = {"min": 1, "opt": min(64, options.max_text_len), "max": options.max_text_len}
-    return axes
-
-
 def _open_backend(
     stage: Path,
     kind: str,
@@ -377,15 +390,33 @@ def _open_backend(
     steps: Steps,
 ) -> tuple[Any, dict[str, Any] | None]:
     """The backend that runs the bundle for parity, and the engine record when TensorRT built one."""
+    from ccra_export.pipeline_engine import build_trt_engine
     from ccra_export.runtime.backends import select_backend
+    from ccra_export.runtime.trt_plan import optimization_profiles
 
     engine = None
+    profile = optimization_profiles(interface["inputs"], dynamic_axes)
+    library = options.plugin_library if plugin else None  # build_bundle checked it is given for TensorRT
     if kind == "trt":
-        backend, engine = _build_trt_engine(stage, interface, dynamic_axes, options, plugin, steps)
+        backend, engine = build_trt_engine(
+            stage / GRAPH_FILE, stage / ENGINE_FILE, options.precision, profile, library, options.trt, steps
+        )
         line = f"backend: {backend.description}"
     else:
         with steps.step("Creating the runtime session"):
-            ort_options = _ort_trt_options(stage, kind, interface, dynamic_axes, plugin, options)
+            ort_options = {}
+            if kind == "ort-trt":
+                from ccra_export.runtime import ort_trt
+
+                provider = ort_trt.provider_options(
+                    stage,
+                    options.precision,
+                    profile,
+                    plugin_library=library,
+                    workspace_mib=options.trt.workspace_mib,
+                    optimization_level=options.trt.optimization_level,
+                )
+                ort_options = {"providers": ort_trt.providers(provider)}
             backend, line = select_backend(kind, stage / GRAPH_FILE, **ort_options)
     steps.info(f"{line} ({reason})" if reason else line)
     return backend, engine
@@ -445,69 +476,6 @@ def _manifest_fields(
     }
 
 
-def _profile(interface: dict[str, Any], dynamic_axes: dict[str, dict[str, int]]) -> Any:
-    from ccra_export.runtime.trt_plan import optimization_profiles
-
-    return optimization_profiles(interface["inputs"], dynamic_axes, {})
-
-
-def _ort_trt_options(
-    stage: Path, kind: str, interface: dict[str, Any], dynamic_axes: dict[str, Any], plugin: Any, options: Any
-) -> dict[str, Any]:
-    """Session options for ONNX Runtime: none for CPU/CUDA, TensorRT EP options for ``ort-trt``."""
-    if kind != "ort-trt":
-        return {}
-    from ccra_export.runtime import ort_trt
-
-    library = options.plugin_library if plugin and plugin.get("tensorrt_plugin_library") else None
-    provider = ort_trt.provider_options(
-        stage,
-        options.precision,
-        _profile(interface, dynamic_axes),
-        plugin_library=library,
-        workspace_mib=options.trt.workspace_mib,
-        optimization_level=options.trt.optimization_level,
-    )
-    return {"providers": ort_trt.providers(provider)}
-
-
-def _build_trt_engine(
-    stage: Path, interface: dict[str, Any], dynamic_axes: dict[str, Any], options: Any, plugin: Any, steps: Steps
-) -> tuple[Any, dict[str, Any]]:
-    """Build ``vision.engine`` in the bundle with TensorRT, and its manifest record."""
-    import tensorrt as trt
-
-    from ccra_export.doctor import gpus
-    from ccra_export.runtime import trt_engine
-    from ccra_export.runtime.trt_plan import TrtVersion, engine_record, precision_plan
-
-    plan = precision_plan(TrtVersion.parse(trt.__version__), options.precision, options.trt.typing)
-    steps.info(f"engine: {plan.why}")
-    profile = _profile(interface, dynamic_axes)
-    libraries = [options.plugin_library] if plugin else []  # build_bundle checked it is given
-    with steps.step("Building the TensorRT engine (minutes on a Jetson)") as update:
-        serialized = trt_engine.build_engine(
-            stage / GRAPH_FILE, plan, profile, options.trt.settings(), libraries, report=update
-        )
-    (stage / ENGINE_FILE).write_bytes(serialized)
-    name, cc = (gpus() or [("unknown GPU", "unknown")])[0]
-    plugin_hash = plugin["tensorrt_plugin_library"]["sha256"] if plugin and plugin["tensorrt_plugin_library"] else None
-    record = engine_record(
-        trt.__version__,
-        name,
-        cc,
-        plugin_hash,
-        plan,
-        profile,
-        {
-            "file": ENGINE_FILE,
-            "workspace_mib": options.trt.workspace_mib,
-            "optimization_level": options.trt.optimization_level,
-        },
-    )
-    return trt_engine.TensorRTBackend(stage / ENGINE_FILE), record
-
-
 def source_from_manifest(manifest: dict[str, Any], model_override: str | None, steps: Steps = SILENT) -> Source:
     """Rebuild the PyTorch reference a bundle was built from, refusing a changed checkpoint."""
     record = manifest["source"]
@@ -528,28 +496,69 @@ def source_from_manifest(manifest: dict[str, Any], model_override: str | None, s
     return source
 
 
-def check_bundle(
+def _torch_importable() -> bool:
+    try:
+        import torch  # noqa: F401  (pytorch mode imports it anyway)
+    except ImportError:
+        return False
+    return True
+
+
+def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str | None = None) -> tuple[str, str]:
+    """``--reference`` -> ``pytorch`` | ``recorded``, and one line saying which and why.
+
+    auto recomputes with PyTorch (fresh inputs, the checkpoint re-hashed) where PyTorch and the
+    bundle's source are at hand, and otherwise, as on a Jetson, uses the outputs recorded at build.
+    """
+    if kind not in REFERENCE_CHOICES:
+        raise ConfigError(f"--reference {kind}: expected one of {', '.join(REFERENCE_CHOICES)}")
+    why = ""
+    if kind == "auto" and not manifest.get("reference"):
+        kind, why = "pytorch", " (auto: the bundle records no PyTorch outputs)"
+    elif kind == "auto":
+        source = manifest.get("source", {})
+        checkpoint = model_override or source.get("path")
+        if not _torch_importable():
+            kind, why = "recorded", " (auto: PyTorch is not installed here)"
+        elif source.get("kind") == "checkpoint" and not (checkpoint and Path(checkpoint).is_dir()):
+            kind, why = "recorded", f" (auto: checkpoint {checkpoint} is not here; --model DIR to recompute)"
+        else:
+            kind, why = "pytorch", " (auto: PyTorch and the bundle's source are here)"
+    if kind == "recorded" and not manifest.get("reference"):
+        raise BundleError(
+            "--reference recorded: this bundle has no recorded PyTorch outputs (built by an older ccra-export); "
+            "rebuild it, or check it where PyTorch is installed"
+        )
+    if kind == "pytorch":
+        return kind, f"reference: PyTorch, recomputed from the bundle's source{why}"
+    return kind, f"reference: the PyTorch outputs recorded at build time ({REFERENCE_FILE}){why}"
+
+
+def check_parity(
     bundle: Path,
+    manifest: dict[str, Any],
+    runner: Any,
+    reference: str,
     *,
-    parity: ParityOptions,
-    backend: str = "auto",
+    parity: ParityOptions | None = None,
     model_override: str | None = None,
     steps: Steps = SILENT,
 ) -> ParityReport:
-    """Re-run parity of a built bundle on fresh random inputs (a new seed unless one is given)."""
-    from ccra_export.runtime.backends import bundle_backend
-
-    manifest = read_manifest(bundle)
-    with steps.step("Verifying bundle file hashes"):
-        verify_files(bundle, manifest)
+    """Parity of ``runner`` (the bundle's graph or engine) against ``reference`` (pytorch | recorded)."""
+    parity = parity or ParityOptions(seed=None)
+    precision = manifest["precision"]
+    thresholds = _thresholds(precision, parity, manifest["parity"]["thresholds"])
+    if reference == "recorded":
+        entry = manifest["reference"]
+        feeds, expected = load_reference(Path(bundle) / entry["file"])
+        described = {**entry["inputs"], "recorded_samples": entry["samples"]}
+        with steps.step(f"Parity vs recorded PyTorch outputs ({entry['samples']} samples)"):
+            return run_parity(runner, precision, thresholds, feeds, expected, described, RECORDED_REFERENCE)
     try:
         source = source_from_manifest(manifest, model_override, steps)
     except KeyError as exc:
-        raise BundleError(f"{bundle / MANIFEST_NAME}: manifest lacks {exc}") from None
-    runner, line = bundle_backend(bundle, manifest, backend)
-    steps.info(line)
-    thresholds = _thresholds(manifest["precision"], parity, manifest["parity"]["thresholds"])
-    if manifest["precision"] == "int8":  # INT8 is judged on held-out images, not on random pixels
+        raise BundleError(f"{Path(bundle) / MANIFEST_NAME}: manifest lacks {exc}") from None
+    if precision == "int8":  # INT8 is judged on held-out images, not on random pixels
         from ccra_export import pipeline_int8
 
         calibration = pipeline_int8.held_out_from_manifest(
@@ -563,4 +572,28 @@ def check_bundle(
         feeds, described = random_parity_feeds(source, parity)
         title = f"Parity vs PyTorch (batch {parity.batch}, seed {parity.seed})"
     with steps.step(title):
-        return run_parity(source, runner, manifest["precision"], thresholds, feeds, described)
+        return run_parity(runner, precision, thresholds, feeds, pytorch_outputs(source, feeds), described)
+
+
+def check_bundle(
+    bundle: Path,
+    *,
+    parity: ParityOptions,
+    backend: str = "auto",
+    model_override: str | None = None,
+    reference: str = "auto",
+    plugin_library: Path | None = None,
+    steps: Steps = SILENT,
+) -> ParityReport:
+    """Re-run parity of a built bundle: against PyTorch on fresh random inputs (a new seed unless
+    one is given; INT8: the held-out images), or against the PyTorch outputs recorded at build time."""
+    from ccra_export.runtime.backends import bundle_backend
+
+    manifest = read_manifest(bundle)
+    reference, reference_line = resolve_reference(reference, manifest, model_override)
+    with steps.step("Verifying bundle file hashes"):
+        verify_files(bundle, manifest)
+    runner, line = bundle_backend(bundle, manifest, backend, plugin_library=plugin_library)
+    steps.info(line)
+    steps.info(reference_line)
+    return check_parity(bundle, manifest, runner, reference, parity=parity, model_override=model_override, steps=steps)

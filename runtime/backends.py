@@ -171,11 +171,15 @@ def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> t
     return backend, f"backend: {backend.description}"
 
 
-def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") -> tuple[VisionBackend, str]:
+def bundle_backend(
+    bundle: str | Path, manifest: dict, backend: str = "auto", plugin_library: Path | None = None
+) -> tuple[VisionBackend, str]:
     """What runs a built bundle's vision graph: its TensorRT engine when it has one and TensorRT is
-    usable (after the engine compatibility check), else ONNX Runtime on its ONNX graph."""
+    usable (after the engine compatibility check), ONNX Runtime's TensorRT provider for ``ort-trt``,
+    else ONNX Runtime on its ONNX graph."""
     kind, reason = resolve_backend(backend)
     engine = manifest.get("engine")
+    graph = Path(bundle) / manifest["graph"]["file"]
     if kind == "trt" and engine is not None:
         from ccra_export.runtime.trt_engine import load_bundle_engine
 
@@ -183,7 +187,13 @@ def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") ->
         return runner, f"backend: {runner.description}"
     if kind == "trt":
         if backend == "trt":
-            raise BundleError(f"--bundle {bundle}: holds no TensorRT engine; rebuild it with --backend trt")
+            raise BundleError(
+                f"--bundle {bundle}: holds no TensorRT engine; build one with `ccra-export engine --bundle {bundle}`"
+            )
         reason = "auto: the bundle holds no TensorRT engine"
-    runner, line = select_backend("ort", Path(bundle) / manifest["graph"]["file"])
+    if kind == "ort-trt":
+        from ccra_export.runtime import ort_trt
+
+        return select_backend(kind, graph, **ort_trt.bundle_session_options(Path(bundle), manifest, plugin_library))
+    runner, line = select_backend("ort", graph)
     return runner, f"{line} ({reason})" if reason else line

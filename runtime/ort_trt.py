@@ -49,3 +49,21 @@ def provider_options(
 def providers(options: dict[str, Any]) -> list[Any]:
     """TensorRT first, CUDA for what TensorRT does not take, CPU last (ORT's own fallback order)."""
     return [(PROVIDER, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+
+
+def bundle_session_options(
+    bundle: Path, manifest: dict[str, Any], plugin_library: Path | None = None, **settings: Any
+) -> dict[str, Any]:
+    """``OrtBackend`` keyword arguments for a built bundle: its precision and the profile its
+    manifest records; a fused graph needs the plugin library built for this machine."""
+    from ccra_export.errors import BundleError
+    from ccra_export.runtime.trt_plan import optimization_profiles
+
+    if manifest.get("plugin") and plugin_library is None:
+        raise BundleError(
+            f"--bundle {bundle}: its graph has the fused ccra::LPWCA node; ONNX Runtime's TensorRT provider "
+            "needs --plugin-library (ccra-export plugins build)"
+        )
+    profile = optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"])
+    options = provider_options(bundle, manifest["precision"], profile, plugin_library=plugin_library, **settings)
+    return {"providers": providers(options)}

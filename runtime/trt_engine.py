@@ -133,5 +133,5 @@ def load_bundle_engine(bundle: Path, engine: dict) -> TensorRTBackend:
     from ccra_export.doctor import gpus
     from ccra_export.runtime.trt_plan import check_engine
 
-    check_engine(engine, trt.__version__, (gpus() or [("", "unknown")])[0][1], None)
+    check_engine(engine, trt.__version__, (gpus() or [("", "unknown")])[0][1], None, str(bundle))
     return TensorRTBackend(Path(bundle) / engine["file"])

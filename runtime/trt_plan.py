@@ -70,14 +70,48 @@ class Profile:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
+def profile_axes(
+    *,
+    has_text: bool,
+    max_batch: int,
+    opt_batch: int | None = None,
+    max_text_len: int = 512,
+    opt_text_len: int | None = None,
+) -> dict[str, dict[str, int]]:
+    """min/opt/max of the graph's symbolic axes from the build flags (recorded in the manifest).
+
+    opt defaults to batch 1 (one camera frame) and 64 instruction tokens: the shapes TensorRT
+    tunes its tactics for.
+    """
+    batch = {"min": 1, "opt": 1 if opt_batch is None else opt_batch, "max": max_batch}
+    axes = {"batch": _checked("--opt-batch/--max-batch", batch)}
+    if has_text:
+        opt = min(64, max_text_len) if opt_text_len is None else opt_text_len
+        axes["text_len"] = _checked("--opt-text-len/--max-text-len", {"min": 1, "opt": opt, "max": max_text_len})
+    return axes
+
+
+def _checked(what: str, bounds: dict[str, int]) -> dict[str, int]:
+    if not 1 <= bounds["min"] <= bounds["opt"] <= bounds["max"]:
+        raise ConfigError(f"{what}: need 1 <= min <= opt <= max, got {bounds}")
+    return bounds
+
+
 def optimization_profiles(
-    graph_inputs: list[dict[str, Any]], dynamic_axes: dict[str, dict[str, int]], overrides: dict[str, dict[str, int]]
+    graph_inputs: list[dict[str, Any]],
+    dynamic_axes: dict[str, dict[str, int]],
+    overrides: dict[str, dict[str, int]] | None = None,
 ) -> Profile:
-    """Resolve every symbolic dimension of every input to its (min, opt, max), flags over manifest."""
-    axes = {name: {**bounds, **overrides.get(name, {})} for name, bounds in dynamic_axes.items()}
-    for name, bounds in axes.items():
-        if not 1 <= bounds["min"] <= bounds["opt"] <= bounds["max"]:
-            raise ConfigError(f"profile for {name!r}: need 1 <= min <= opt <= max, got {bounds}")
+    """Resolve every symbolic dimension of every input to its (min, opt, max): the manifest's axes,
+    with ``overrides`` (the profile flags of `ccra-export engine`) on top."""
+    overrides = overrides or {}
+    for name in overrides:
+        if name not in dynamic_axes:
+            raise ConfigError(f"profile: this graph has no symbolic axis {name!r} (it has {sorted(dynamic_axes)})")
+    axes = {
+        name: _checked(f"profile for {name!r}", {**bounds, **overrides.get(name, {})})
+        for name, bounds in dynamic_axes.items()
+    }
     shapes = {}
     for spec in graph_inputs:
         triple = []
@@ -116,7 +150,13 @@ def engine_record(
     }
 
 
-def check_engine(record: dict[str, Any], trt_version: str, compute_capability: str, plugin_sha256: str | None) -> None:
+def check_engine(
+    record: dict[str, Any],
+    trt_version: str,
+    compute_capability: str,
+    plugin_sha256: str | None,
+    bundle: str = "DIR",
+) -> None:
     """Refuse, in one line, an engine this TensorRT / GPU / plugin library cannot run correctly.
 
     Engines are not portable: TensorRT refuses other versions (unless built version-compatible)
@@ -135,6 +175,6 @@ def check_engine(record: dict[str, Any], trt_version: str, compute_capability: s
         reasons.append("the LPWCA plugin library differs from the one serialised with it")
     if reasons:
         raise BundleError(
-            f"engine mismatch: {'; '.join(reasons)}: rebuild it here with "
-            "`ccra-export build --backend trt` (the ONNX graph in the bundle is portable)"
+            f"engine mismatch: {'; '.join(reasons)}: rebuild it here from the bundle's portable ONNX graph "
+            f"with `ccra-export engine --bundle {bundle} --force`"
         )

@@ -256,6 +256,7 @@ class TestCli:
             "calibration.json",
             "manifest.json",
             "parity.json",
+            "reference.npz",
             "vision.onnx",
         ]
         parity = json.loads((out / "parity.json").read_text())
@@ -272,6 +273,10 @@ class TestCli:
         try:
             moved = CliRunner().invoke(main, ["check", "--bundle", str(out)])
             assert moved.exit_code == 2 and "held-out image of this INT8 bundle is gone" in moved.stderr
+            # the PyTorch outputs on the held-out images were recorded at build time: no image needed
+            recorded = CliRunner().invoke(main, ["check", "--bundle", str(out), "--reference", "recorded"])
+            assert recorded.exit_code == 0, recorded.output
+            assert "recorded PyTorch outputs (2 samples)" in recorded.stderr
         finally:
             (tmp_path / "moved").rename(photo_dir / record["held_out"][0]["file"])
 

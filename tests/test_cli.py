@@ -43,7 +43,12 @@ def fp16_bundle(tmp_path_factory):
 class TestBuild:
     def test_fp16_bundle_contents(self, fp16_bundle):
         out, result = fp16_bundle
-        assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "parity.json", "vision.onnx"]
+        assert sorted(p.name for p in out.iterdir()) == [
+            "manifest.json",
+            "parity.json",
+            "reference.npz",
+            "vision.onnx",
+        ]
         manifest = json.loads((out / "manifest.json").read_text())
         parity = json.loads((out / "parity.json").read_text())
         assert manifest["precision"] == "fp16" and manifest["variant"] == "ccra"
@@ -170,9 +175,12 @@ class TestCheck:
         assert run("build", "--model", checkpoint_copy, "-o", tmp_path / "b").exit_code == 0
         moved = tmp_path / "moved"
         checkpoint_copy.rename(moved)
-        result = run("check", "--bundle", tmp_path / "b")
+        result = run("check", "--bundle", tmp_path / "b", "--reference", "pytorch")
         assert result.exit_code == 2 and "pass --model with its new location" in one_line_error(result)
-        assert run("check", "--bundle", tmp_path / "b", "--model", moved).exit_code == 0
+        fallback = run("check", "--bundle", tmp_path / "b")  # auto: the recorded outputs, and says so
+        assert fallback.exit_code == 0 and "is not here; --model DIR to recompute" in fallback.stderr
+        recomputed = run("check", "--bundle", tmp_path / "b", "--model", moved)
+        assert recomputed.exit_code == 0 and "reference: PyTorch, recomputed" in recomputed.stderr
 
     def test_changed_checkpoint_is_refused(self, tmp_path, checkpoint_copy):
         from ccra_export.checkpoint import save_ccra_weights
@@ -185,7 +193,7 @@ class TestCheck:
         assert result.exit_code == 2 and "sha256 mismatch" in one_line_error(result)
 
 
-@pytest.mark.parametrize("command", [[], ["build"], ["check"]])
+@pytest.mark.parametrize("command", [[], ["build"], ["check"], ["engine"]])
 def test_help_explains(command):
     result = subprocess.run(
         [sys.executable, "-m", "ccra_export.cli", *command, "--help"], capture_output=True, text=True, check=True

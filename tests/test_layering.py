@@ -20,6 +20,10 @@ RUNTIME_MODULES = [
     "ccra_export.calibration.trt_cache",
     "ccra_export.calibration.layer_report",
     "ccra_export.doctor",
+    # what `ccra-export engine` and `check --reference recorded` need on a target without torch
+    "ccra_export.pipeline_engine",
+    "ccra_export.reference_record",
+    "ccra_export.cli",
 ]
 
 

@@ -78,10 +78,11 @@ def test_engine_compatibility():
     record = engine_record("10.3.0", "Orin", "8.7", "abc", plan, optimization_profiles(INPUTS, AXES, {}), {})
     check_engine(record, "10.3.0", "8.7", "abc")  # same everything: accepted
     with pytest.raises(BundleError) as info:
-        check_engine(record, "10.7.0", "9.0", "abc")
+        check_engine(record, "10.7.0", "9.0", "abc", "out/vlm")
     message = str(info.value)
     assert "TensorRT 10.3.0 built it, this is TensorRT 10.7.0" in message and "this GPU is 9.0" in message
-    assert "rebuild it here with `ccra-export build --backend trt`" in message and "\n" not in message
+    assert "rebuild it here" in message and "`ccra-export engine --bundle out/vlm --force`" in message
+    assert "\n" not in message
     with pytest.raises(BundleError, match="plugin library differs"):
         check_engine(record, "10.3.0", "8.7", "def")
 
