@@ -141,9 +141,11 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
 
 def run_bench(bundle: Path, image: Path | None, tokens: int = 32, repeats: int = 3) -> list[Figures]:
     from ccra_export.errors import BundleError
+    from ccra_export.extras import require_export_stack
     from ccra_export.manifest import read_manifest
 
     manifest = read_manifest(bundle)
+    require_export_stack("ccra-export bench (its Hugging Face side)")
     if not manifest.get("language_model"):
         raise BundleError(f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision")
     if manifest["source"]["kind"] != "checkpoint" or not Path(manifest["source"]["path"]).is_dir():

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 from rich.console import Console
+from rich.markup import escape
 
 from ccra_export import __version__
 from ccra_export.config import PRESETS
@@ -40,7 +41,7 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except CCRAExportError as exc:
-            _stderr.print(f"[bold red]error:[/bold red] {exc}", soft_wrap=True)
+            _stderr.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             _stderr.print("[bold red]interrupted[/bold red]: nothing was written")
@@ -378,7 +379,7 @@ def build(
     if result.report.layers is not None:
         _stdout.print(layer_table(result.report))
     files = ", ".join(result.manifest["files"])  # graph (+ external data, INT8 caches)
-    _stdout.print(f"bundle: {result.bundle} ({files}, manifest.json, parity.json)")
+    _stdout.print(escape(f"bundle: {result.bundle} ({files}, manifest.json, parity.json)"))
     _finish(result.report)
 
 
@@ -646,7 +647,7 @@ def doctor(as_json: bool) -> None:
     for column in ("", "component", "status", "fix"):
         table.add_column(column)
     for c in checks:
-        table.add_row("[green]✓[/green]" if c.ok else "[red]✗[/red]", c.component, c.detail, c.fix)
+        table.add_row("[green]✓[/green]" if c.ok else "[red]✗[/red]", c.component, escape(c.detail), escape(c.fix))
     _stdout.print(table)
 
 
@@ -702,7 +703,7 @@ def _finish(report: Any) -> None:
     if report.passed:
         _stdout.print("[green]parity passed[/green]")
         return
-    _stderr.print(f"[bold red]parity FAILED:[/bold red] {report.failure_summary()}", soft_wrap=True)
+    _stderr.print(f"[bold red]parity FAILED:[/bold red] {escape(report.failure_summary())}", soft_wrap=True)
     sys.exit(3)
 
 

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -36,8 +37,9 @@ class Steps:
             yield lambda _text: None
             return
         start = time.perf_counter()
+        title = escape(title)  # paths and flags like [export] are text, not rich markup
         with self.console.status(f"{title}...", spinner="dots") as status:
-            yield lambda text: status.update(f"{title}: {text}")
+            yield lambda text: status.update(f"{title}: {escape(text)}")
         self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
 
     @contextlib.contextmanager
@@ -55,6 +57,7 @@ class Steps:
             TimeRemainingColumn(),
         )
         start = time.perf_counter()
+        title = escape(title)
         with Progress(*columns, console=self.console, transient=True) as bar:
             task = bar.add_task(title, total=total)
             yield lambda n: bar.advance(task, n)
@@ -62,14 +65,14 @@ class Steps:
 
     def info(self, line: str) -> None:
         if self.console is not None:
-            self.console.print(line, highlight=False)
+            self.console.print(escape(line), highlight=False)
 
 
 SILENT = Steps(None)
 
 
 def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Table:
-    table = Table(title=f"{title} ({report.precision}, {report.backend})", title_justify="left")
+    table = Table(title=escape(f"{title} ({report.precision}, {report.backend})"), title_justify="left")
     for column in ("output", "shape", "max abs err", "max rel err", "abs err / scale", "cosine", "NaN/Inf", "result"):
         table.add_column(column, justify="left" if column in ("output", "shape", "result") else "right")
     for o in report.outputs:

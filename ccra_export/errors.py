@@ -29,6 +29,10 @@ class BackendUnavailableError(CCRAExportError):
     """The requested backend (TensorRT, a CUDA provider) is not installed or has no device."""
 
 
+class MissingDependencyError(CCRAExportError):
+    """An optional part of ccra-export (an extra of the package) is not installed."""
+
+
 class ParityError(CCRAExportError):
     """The built artifact does not compute what the PyTorch reference computes."""
 

@@ -21,6 +21,7 @@ from ccra_export import atomic
 from ccra_export.config import PRESETS, ModelConfig
 from ccra_export.console import SILENT, Steps
 from ccra_export.errors import BundleError, CheckpointError, ConfigError
+from ccra_export.extras import export_stack_available, require_export_stack
 from ccra_export.manifest import (
     MANIFEST_NAME,
     PARITY_NAME,
@@ -255,6 +256,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     """Export, check, run and parity-check the vision graph; write the bundle atomically."""
     if options.precision not in PRECISIONS:
         raise ConfigError(f"--precision {options.precision}: expected one of {', '.join(PRECISIONS)}")
+    require_export_stack("ccra-export build")
     from ccra_export.runtime.backends import resolve_backend
 
     output = Path(options.output)
@@ -496,14 +498,6 @@ def source_from_manifest(manifest: dict[str, Any], model_override: str | None, s
     return source
 
 
-def _torch_importable() -> bool:
-    try:
-        import torch  # noqa: F401  (pytorch mode imports it anyway)
-    except ImportError:
-        return False
-    return True
-
-
 def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str | None = None) -> tuple[str, str]:
     """``--reference`` -> ``pytorch`` | ``recorded``, and one line saying which and why.
 
@@ -518,7 +512,7 @@ def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str |
     elif kind == "auto":
         source = manifest.get("source", {})
         checkpoint = model_override or source.get("path")
-        if not _torch_importable():
+        if not export_stack_available():
             kind, why = "recorded", " (auto: PyTorch is not installed here)"
         elif source.get("kind") == "checkpoint" and not (checkpoint and Path(checkpoint).is_dir()):
             kind, why = "recorded", f" (auto: checkpoint {checkpoint} is not here; --model DIR to recompute)"
@@ -554,6 +548,7 @@ def check_parity(
         described = {**entry["inputs"], "recorded_samples": entry["samples"]}
         with steps.step(f"Parity vs recorded PyTorch outputs ({entry['samples']} samples)"):
             return run_parity(runner, precision, thresholds, feeds, expected, described, RECORDED_REFERENCE)
+    require_export_stack("parity against a fresh PyTorch run (--reference pytorch)")
     try:
         source = source_from_manifest(manifest, model_override, steps)
     except KeyError as exc:

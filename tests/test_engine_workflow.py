@@ -76,6 +76,15 @@ class TestRecordedReference:
         assert result.returncode == 0, result.stderr
         assert "auto: PyTorch is not installed here" in result.stderr and "parity passed" in result.stdout
 
+    def test_build_without_the_export_stack_is_one_line(self, tmp_path):
+        code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
+        args = ["build", "--model", "tiny", "--random-weights", "-o", str(tmp_path / "b")]
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+        assert "ccra-export build needs PyTorch" in result.stderr
+        assert "pip install 'ccra-export[export]'" in result.stderr  # brackets survive rich's markup
+        assert list(tmp_path.iterdir()) == []
+
     def test_recorded_check_fails_when_the_graph_disagrees(self, bundle, tmp_path):
         copy = tmp_path / "b"
         shutil.copytree(bundle, copy)
