@@ -22,12 +22,6 @@ BACKEND_HELP = (
     "ort-trt: ONNX Runtime's TensorRT execution provider."
 )
 
-REFERENCE_HELP = (
-    "What parity compares against. pytorch: the PyTorch model rebuilt from the bundle's source, on fresh inputs; "
-    "recorded: the PyTorch outputs the build stored in the bundle (no PyTorch or checkpoint needed); "
-    "auto: pytorch where PyTorch is installed, else recorded."
-)
-
 # Off a terminal (CI logs, pipes) rich falls back to 80 columns, too narrow for the parity table.
 _stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 130)
 _stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 130)
@@ -50,82 +44,94 @@ def _reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
-def _parity_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    options = [
-        click.option(
-            "--parity-batch",
-            default=2,
-            show_default=True,
-            type=click.IntRange(1, 64),
-            help="Batch size of the parity inputs.",
-        ),
-        click.option(
-            "--parity-text-len",
-            default=16,
-            show_default=True,
-            type=click.IntRange(1, 4096),
-            help="Instruction length (tokens) of the parity inputs.",
-        ),
-        click.option(
-            "--min-cosine",
-            type=click.FloatRange(-1.0, 1.0),
-            help="Override the cosine-similarity threshold (default per precision: fp32 0.99999, fp16 0.999).",
-        ),
-        click.option(
-            "--max-abs-err",
-            "max_scaled_abs_err",
-            type=click.FloatRange(0.0),
-            help="Override the max |error| / max |reference| threshold (default: 1e-4 for fp32, off for fp16).",
-        ),
-        click.option(
-            "--backend",
-            type=click.Choice(["auto", "ort", "trt", "ort-trt"]),
-            default="auto",
-            show_default=True,
-            help=BACKEND_HELP,
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+def _options(*options: Callable[[Any], Any]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """One decorator applying several click options in the order listed (as --help shows them)."""
+
+    def apply(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return apply
 
 
-def _engine_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """TensorRT builder settings, shared by `build` (--backend trt / ort-trt) and `engine`."""
-    options = [
-        click.option(
-            "--trt-typing",
-            type=click.Choice(["auto", "strong", "weak"]),
-            default="auto",
-            show_default=True,
-            help="TensorRT engine typing. auto: strongly typed on TensorRT 11 (the only mode left), weakly typed with "
-            "FP16/INT8 builder flags on TensorRT 10; strong keeps the ONNX graph's types exactly.",
-        ),
-        click.option(
-            "--workspace-mib",
-            default=2048,
-            show_default=True,
-            type=click.IntRange(64),
-            help="TensorRT workspace pool limit (Jetson shares its DRAM with the CPU).",
-        ),
-        click.option(
-            "--opt-level",
-            default=3,
-            show_default=True,
-            type=click.IntRange(0, 5),
-            help="TensorRT builder optimization level (higher: longer build, possibly faster engine).",
-        ),
-        click.option(
-            "--timing-cache",
-            type=click.Path(path_type=Path, dir_okay=False),
-            default=Path.home() / ".cache" / "ccra-export" / "timing.cache",
-            show_default=True,
-            help="TensorRT timing cache, read before and written after every engine build.",
-        ),
-    ]
-    for option in reversed(options):
-        command = option(command)
-    return command
+_parity_options = _options(
+    click.option(
+        "--parity-batch",
+        default=2,
+        show_default=True,
+        type=click.IntRange(1, 64),
+        help="Batch size of the parity inputs.",
+    ),
+    click.option(
+        "--parity-text-len",
+        default=16,
+        show_default=True,
+        type=click.IntRange(1, 4096),
+        help="Instruction length (tokens) of the parity inputs.",
+    ),
+    click.option(
+        "--min-cosine",
+        type=click.FloatRange(-1.0, 1.0),
+        help="Override the cosine-similarity threshold (default per precision: fp32 0.99999, fp16 0.999).",
+    ),
+    click.option(
+        "--max-abs-err",
+        "max_scaled_abs_err",
+        type=click.FloatRange(0.0),
+        help="Override the max |error| / max |reference| threshold (default: 1e-4 for fp32, off for fp16).",
+    ),
+    click.option(
+        "--backend",
+        type=click.Choice(["auto", "ort", "trt", "ort-trt"]),
+        default="auto",
+        show_default=True,
+        help=BACKEND_HELP,
+    ),
+)
+
+# TensorRT builder settings, shared by `build` (--backend trt / ort-trt) and `engine`.
+_engine_options = _options(
+    click.option(
+        "--trt-typing",
+        type=click.Choice(["auto", "strong", "weak"]),
+        default="auto",
+        show_default=True,
+        help="TensorRT engine typing. auto: strongly typed on TensorRT 11 (the only mode left), weakly typed with "
+        "FP16/INT8 builder flags on TensorRT 10; strong keeps the ONNX graph's types exactly.",
+    ),
+    click.option(
+        "--workspace-mib",
+        default=2048,
+        show_default=True,
+        type=click.IntRange(64),
+        help="TensorRT workspace pool limit (Jetson shares its DRAM with the CPU).",
+    ),
+    click.option(
+        "--opt-level",
+        default=3,
+        show_default=True,
+        type=click.IntRange(0, 5),
+        help="TensorRT builder optimization level (higher: longer build, possibly faster engine).",
+    ),
+    click.option(
+        "--timing-cache",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=Path.home() / ".cache" / "ccra-export" / "timing.cache",
+        show_default=True,
+        help="TensorRT timing cache, read before and written after every engine build.",
+    ),
+)
+
+_reference_option = click.option(
+    "--reference",
+    type=click.Choice(["auto", "pytorch", "recorded"]),
+    default="auto",
+    show_default=True,
+    help="What parity compares against. pytorch: the PyTorch model rebuilt from the bundle's source, on fresh "
+    "inputs; recorded: the PyTorch outputs the build stored in the bundle (no PyTorch or checkpoint needed); "
+    "auto: pytorch where PyTorch and the source are at hand, else recorded.",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -393,13 +399,7 @@ def build(
 @click.option(
     "--model", "model_override", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build."
 )
-@click.option(
-    "--reference",
-    type=click.Choice(["auto", "pytorch", "recorded"]),
-    default="auto",
-    show_default=True,
-    help=REFERENCE_HELP,
-)
+@_reference_option
 @click.option(
     "--plugin-library",
     type=click.Path(path_type=Path, dir_okay=False),
@@ -463,13 +463,7 @@ def check(
 @click.option("--opt-batch", type=click.IntRange(1), help="Profile's tuning batch. Default: the manifest's.")
 @click.option("--max-text-len", type=click.IntRange(1), help="Profile's longest instruction. Default: the manifest's.")
 @click.option("--opt-text-len", type=click.IntRange(1), help="Profile's tuning length. Default: the manifest's.")
-@click.option(
-    "--reference",
-    type=click.Choice(["auto", "pytorch", "recorded"]),
-    default="auto",
-    show_default=True,
-    help=REFERENCE_HELP,
-)
+@_reference_option
 @click.option(
     "--model", "model_override", metavar="DIR", help="--reference pytorch: where the source checkpoint is now."
 )

@@ -37,20 +37,21 @@ def snapshot(bundle):
     return {p.name: sha256_file(p) for p in sorted(bundle.iterdir())}
 
 
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine") / "tiny-fp32"
-    result = run("build", "--model", "tiny", "--random-weights", "--precision", "fp32", "--seed", "3", "-o", out)
+def built(tmp_path_factory, name: str, *flags: str):
+    out = tmp_path_factory.mktemp("engine") / name
+    result = run("build", "--model", "tiny", "--random-weights", *flags, "-o", out)
     assert result.exit_code == 0, result.output
     return out
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory):
+    return built(tmp_path_factory, "tiny-fp32", "--precision", "fp32", "--seed", "3")
 
 
 @pytest.fixture(scope="module")
 def fused_bundle(tmp_path_factory):
-    out = tmp_path_factory.mktemp("engine") / "tiny-fused"
-    result = run("build", "--model", "tiny", "--random-weights", "--precision", "fp16", "--lpwca", "fused", "-o", out)
-    assert result.exit_code == 0, result.output
-    return out
+    return built(tmp_path_factory, "tiny-fused", "--precision", "fp16", "--lpwca", "fused")
 
 
 class TestRecordedReference:
