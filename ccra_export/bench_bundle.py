@@ -1,4 +1,8 @@
-"""`ccra-export bench --bundle`: the bundle's pipeline vs Hugging Face generate, same model, same run.
+"""`ccra-export bench --bundle`: the bundle vs PyTorch, same model, same inputs, same run.
+
+With a language model in the bundle, the whole pipeline against Hugging Face generate; without
+one (or with --vision-only), the vision graph or engine against the PyTorch reference on the
+parity inputs the build recorded.
 
 Each side runs in its own spawned process, so its peak memory is its own. Measured: vision
 latency, time to first token (preprocessing + vision + prefill), decode tokens/s (end-of-sequence
@@ -36,12 +40,12 @@ def _median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def _ours(bundle: str, image: str | None, tokens: int, repeats: int) -> dict[str, Any]:
+def _ours(bundle: str, image: str | None, tokens: int, repeats: int, backend: str) -> dict[str, Any]:
     from ccra_export.image_preprocess import preprocess
     from ccra_export.runtime.language_model import Sampling
     from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
 
-    pipeline = Pipeline.from_bundle(bundle)
+    pipeline = Pipeline.from_bundle(bundle, backend=backend)
     picture = load_image(image) if image else _default_image()
     pixels = {"pixel_values": preprocess(picture, pipeline.processor)[None]}
     if pipeline.ccra:
@@ -60,7 +64,7 @@ def _ours(bundle: str, image: str | None, tokens: int, repeats: int) -> dict[str
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     return asdict(
         Figures(
-            "ccra-export (ONNX Runtime)",
+            f"ccra-export ({pipeline.vision.description})",
             _median(vision[1:]) * 1e3,
             _median(first[1:]) * 1e3,
             _median(rate[1:]),
@@ -139,7 +143,9 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
     )
 
 
-def run_bench(bundle: Path, image: Path | None, tokens: int = 32, repeats: int = 3) -> list[Figures]:
+def run_bench(
+    bundle: Path, image: Path | None, tokens: int = 32, repeats: int = 3, backend: str = "auto"
+) -> list[Figures]:
     from ccra_export.errors import BundleError
     from ccra_export.extras import require_export_stack
     from ccra_export.manifest import read_manifest
@@ -152,9 +158,102 @@ def run_bench(bundle: Path, image: Path | None, tokens: int = 32, repeats: int =
         raise BundleError(f"--bundle {bundle}: its source checkpoint is not here; the Hugging Face side needs it")
     context = multiprocessing.get_context("spawn")
     with context.Pool(1) as pool:
-        ours = pool.apply(_ours, (str(bundle), str(image) if image else None, tokens, repeats))
+        ours = pool.apply(_ours, (str(bundle), str(image) if image else None, tokens, repeats, backend))
     with context.Pool(1) as pool:
         theirs = pool.apply(
             _hf, (manifest["source"]["path"], str(bundle), str(image) if image else None, tokens, repeats)
         )
     return [Figures(**ours), Figures(**theirs)]
+
+
+@dataclass
+class VisionFigures:
+    side: str
+    batch: int
+    vision_ms: float
+    images_per_s: float
+    peak_rss_mb: float
+    cosine_vs_pytorch: float | None = None
+
+
+def _batch_of(arrays: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
+    """``batch`` rows cycled from the recorded samples (rows are independent)."""
+    return {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:])).astype(v.dtype)) for k, v in arrays.items()}
+
+
+def _timed(fn: Any, repeats: int) -> tuple[float, Any]:
+    result = fn()  # warm-up (ORT arena, TensorRT context, PyTorch allocator)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append(time.perf_counter() - start)
+    return _median(times), result
+
+
+def _vision_ours(bundle: str, batch: int, repeats: int, backend: str) -> tuple[dict[str, Any], dict]:
+    from ccra_export.manifest import read_manifest
+    from ccra_export.reference_record import load_reference
+    from ccra_export.runtime.backends import bundle_backend
+
+    manifest = read_manifest(bundle)
+    runner, _ = bundle_backend(bundle, manifest, backend)
+    feeds, _ = load_reference(Path(bundle) / manifest["reference"]["file"])
+    feeds = _batch_of(feeds, batch)
+    seconds, outputs = _timed(lambda: runner.run(feeds), repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    first = next(iter(outputs))
+    figures = VisionFigures(f"ccra-export ({runner.description})", batch, seconds * 1e3, batch / seconds, peak)
+    return asdict(figures), {first: np.asarray(outputs[first], np.float32)}
+
+
+def _vision_pytorch(bundle: str, batch: int, repeats: int) -> tuple[dict[str, Any], dict]:
+    import torch
+
+    from ccra_export.manifest import read_manifest
+    from ccra_export.pipeline import source_from_manifest
+    from ccra_export.reference_record import load_reference
+    from ccra_export.vision_model import reference_outputs
+
+    manifest = read_manifest(bundle)
+    source = source_from_manifest(manifest, None)
+    feeds, _ = load_reference(Path(bundle) / manifest["reference"]["file"])
+    feeds = _batch_of(feeds, batch)
+    with torch.inference_mode():
+        seconds, outputs = _timed(lambda: reference_outputs(source.model, feeds), repeats)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    figures = VisionFigures(f"PyTorch eager (torch {torch.__version__})", batch, seconds * 1e3, batch / seconds, peak)
+    return asdict(figures), outputs
+
+
+def run_vision_bench(
+    bundle: Path, batch: int = 1, repeats: int = 10, backend: str = "auto"
+) -> tuple[list[VisionFigures], str | None]:
+    """Vision latency of the bundle's graph or engine, and of the PyTorch reference when PyTorch and
+    the bundle's source are here (else why not), on the recorded parity inputs."""
+    from ccra_export.errors import BundleError
+    from ccra_export.extras import export_stack_available
+    from ccra_export.manifest import read_manifest
+    from ccra_export.parity import compare_output, thresholds_for
+
+    manifest = read_manifest(bundle)
+    if not manifest.get("reference"):
+        raise BundleError(f"--bundle {bundle}: has no recorded parity inputs (built by an older ccra-export)")
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        ours, our_outputs = pool.apply(_vision_ours, (str(bundle), batch, repeats, backend))
+    ours = VisionFigures(**ours)
+    source = manifest["source"]
+    skipped = None
+    if not export_stack_available():
+        skipped = "PyTorch is not installed here"
+    elif source["kind"] == "checkpoint" and not Path(source["path"]).is_dir():
+        skipped = f"the source checkpoint {source['path']} is not here"
+    if skipped:
+        return [ours], skipped
+    with context.Pool(1) as pool:
+        theirs, reference = pool.apply(_vision_pytorch, (str(bundle), batch, repeats))
+    name = next(iter(our_outputs))
+    agreement = compare_output(name, our_outputs[name], reference[name], thresholds_for(manifest["precision"]))
+    ours.cosine_vs_pytorch = agreement.cosine
+    return [ours, VisionFigures(**theirs)], None

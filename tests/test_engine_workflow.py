@@ -164,3 +164,21 @@ def test_ort_tensorrt_provider_options_from_a_bundle(bundle, fused_bundle):
     fused = json.loads((fused_bundle / "manifest.json").read_text())
     with pytest.raises(BundleError, match="needs --plugin-library"):
         ort_trt.bundle_session_options(fused_bundle, fused)
+
+
+class TestVisionBench:
+    def test_bundle_and_pytorch_on_the_recorded_inputs(self, bundle):
+        result = run("bench", "--bundle", bundle, "--batch", "3", "--repeats", "1")
+        assert result.exit_code == 0, result.output
+        rows = {line.split("│")[1].strip(): line for line in result.stdout.splitlines() if line.startswith("│")}
+        ours = next(line for name, line in rows.items() if name.startswith("ccra-export (ONNX Runtime"))
+        assert float(ours.split("│")[5]) > 0.99999  # the timed graph computes what PyTorch computes
+        assert any(name.startswith("PyTorch eager") for name in rows) and "ratio (PyTorch / ours)" in rows
+
+    def test_without_torch_times_ours_and_says_why_not_pytorch(self, bundle):
+        code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
+        args = ["bench", "--bundle", str(bundle), "--repeats", "1"]
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr
+        assert "ccra-export (ONNX Runtime" in result.stdout and "PyTorch eager" not in result.stdout
+        assert "PyTorch side skipped: PyTorch is not installed here" in result.stderr

@@ -201,7 +201,9 @@ def test_ccra_pipeline_matches_the_pytorch_reference(tmp_path, ccra_checkpoint, 
 def test_bench_reports_both_sides(fp32_bundle):
     result = CliRunner().invoke(main, ["bench", "--bundle", str(fp32_bundle), "--new-tokens", "4", "--repeats", "1"])
     assert result.exit_code == 0, result.output
-    assert "ccra-export (ONNX Runtime)" in result.stdout and "Hugging Face (PyTorch eager)" in result.stdout
+    assert "ccra-export (ONNX Runtime" in result.stdout and "Hugging Face (PyTorch eager)" in result.stdout
+    vision = CliRunner().invoke(main, ["bench", "--bundle", str(fp32_bundle), "--vision-only", "--repeats", "1"])
+    assert vision.exit_code == 0 and "ratio (PyTorch / ours)" in vision.stdout
 
 
 def test_run_verify_catches_a_changed_language_model(tmp_path, fp32_bundle, cat):
