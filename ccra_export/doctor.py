@@ -135,6 +135,20 @@ def _ort_checks() -> list[Check]:
     return checks
 
 
+def _export_stack_check() -> Check:
+    from ccra_export.extras import EXPORT_MODULES, missing_modules
+
+    missing = missing_modules(EXPORT_MODULES)
+    if missing:
+        return Check(
+            "PyTorch export stack",
+            False,
+            f"{', '.join(missing)} not installed: this machine can run, check (recorded reference) and build engines",
+            "only `build` needs it: pip install 'ccra-export[export]' (Jetson: JetPack's PyTorch first)",
+        )
+    return Check("PyTorch export stack", True, f"torch {importlib.metadata.version('torch')}: `build` works here")
+
+
 def _installed(distribution: str) -> bool:
     try:
         importlib.metadata.version(distribution)
@@ -185,6 +199,7 @@ def run_checks() -> list[Check]:
         )
     else:
         checks.append(Check("Jetson", True, f"not a Jetson ({TEGRA_RELEASE} absent)"))
+    checks.append(_export_stack_check())
     cudart = _run(["nvcc", "--version"])
     version = re.search(r"release ([\d.]+)", cudart or "")
     checks.append(

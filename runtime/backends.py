@@ -8,6 +8,7 @@ absent, asking for it fails with one line that says so, never a traceback. No to
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -140,6 +141,8 @@ def tensorrt_status() -> tuple[bool, str]:
         return False, f"TensorRT {version} is installed but cannot create a builder ({exc})"
     if builder is None:
         return False, f"TensorRT {version} is installed but found no usable GPU"
+    if importlib.util.find_spec("polygraphy") is None:  # engines run through Polygraphy's TrtRunner
+        return False, f"TensorRT {version} is installed but Polygraphy is not (pip install 'ccra-export[tensorrt]')"
     return True, f"TensorRT {version}"
 
 

@@ -182,3 +182,15 @@ class TestVisionBench:
         assert result.returncode == 0, result.stderr
         assert "ccra-export (ONNX Runtime" in result.stdout and "PyTorch eager" not in result.stdout
         assert "PyTorch side skipped: PyTorch is not installed here" in result.stderr
+
+
+@pytest.mark.parametrize("block_torch", [False, True])
+def test_doctor_reports_the_export_stack(block_torch):
+    code = ("import sys; sys.modules['torch'] = None; " if block_torch else "") + (
+        "from ccra_export.cli import main; main()"
+    )
+    result = subprocess.run([sys.executable, "-c", code, "doctor", "--json"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    row = next(c for c in json.loads(result.stdout) if c["component"] == "PyTorch export stack")
+    assert row["ok"] is (not block_torch)
+    assert ("pip install 'ccra-export[export]'" in row["fix"]) is block_torch
