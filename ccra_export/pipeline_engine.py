@@ -129,7 +129,10 @@ def add_engine(
             f"ccra-export engine: {reason}; run it where TensorRT 10+ and a GPU are (`ccra-export doctor`)"
         )
     steps.info(reference_line)
-    scratch = Path(tempfile.mkdtemp(prefix=".engine-", dir=bundle))
+    try:
+        scratch = Path(tempfile.mkdtemp(prefix=".engine-", dir=bundle))
+    except OSError as exc:
+        raise BundleError(f"--bundle {bundle}: not writable ({exc.strerror or exc})") from None
     try:
         runner, record = build_trt_engine(
             bundle / manifest["graph"]["file"],
@@ -147,6 +150,8 @@ def add_engine(
         manifest["engine"] = record
         manifest["files"][ENGINE_FILE] = sha256_file(bundle / ENGINE_FILE)
         atomic.write_json(bundle / MANIFEST_NAME, manifest)
+    except OSError as exc:
+        raise BundleError(f"--bundle {bundle}: cannot write the engine ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report

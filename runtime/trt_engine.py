@@ -80,7 +80,7 @@ def build_engine(
         trt_profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(trt_profile)
     cache_path = settings.timing_cache
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    cache = config.create_timing_cache(_read_cache(cache_path))
     config.set_timing_cache(cache, ignore_mismatch=False)
     if plugin_libraries:  # ship the plugin inside the engine: the runtime needs no library path
         config.plugins_to_serialize = [str(p) for p in plugin_libraries]
@@ -90,9 +90,19 @@ def build_engine(
     if serialized is None:
         raise BundleError(f"{onnx_path}: TensorRT could not build an engine (its log above says why)")
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        try:
+            cache_path.parent.mkdir(parents=True, exist_ok=True)
+            cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+        except OSError as exc:  # the cache only saves time: an unwritable one must not cost the engine
+            logger.log(trt.Logger.WARNING, f"timing cache {cache_path} not saved: {exc.strerror or exc}")
     return bytes(serialized)
+
+
+def _read_cache(path: Path | None) -> bytes:
+    try:
+        return path.read_bytes() if path is not None and path.is_file() else b""
+    except OSError:
+        return b""  # unreadable: start a fresh cache
 
 
 class TensorRTBackend(VisionBackend):
