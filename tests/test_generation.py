@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -123,6 +125,14 @@ def test_run_command_streams_the_answer(fp32_bundle, tmp_path, cat):
     )
     assert result.exit_code == 0, result.output
     assert "prompt tokens (16 visual), 8 new" in result.stderr
+    # the same answer on a target without PyTorch: torch made unimportable in a fresh interpreter
+    code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
+    args = ["run", "--bundle", str(fp32_bundle), "--image", str(tmp_path / "cat.jpg"), "--prompt", PROMPT]
+    torchless = subprocess.run(
+        [sys.executable, "-c", code, *args, "--max-new-tokens", "8"], capture_output=True, text=True
+    )
+    assert torchless.returncode == 0, torchless.stderr
+    assert torchless.stdout == result.stdout  # greedy: token for token
 
 
 @pytest.mark.parametrize(
