@@ -128,11 +128,10 @@ def test_run_command_streams_the_answer(fp32_bundle, tmp_path, cat):
     # the same answer on a target without PyTorch: torch made unimportable in a fresh interpreter
     code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
     args = ["run", "--bundle", str(fp32_bundle), "--image", str(tmp_path / "cat.jpg"), "--prompt", PROMPT]
-    torchless = subprocess.run(
-        [sys.executable, "-c", code, *args, "--max-new-tokens", "8"], capture_output=True, text=True
-    )
-    assert torchless.returncode == 0, torchless.stderr
-    assert torchless.stdout == result.stdout  # greedy: token for token
+    torchless = subprocess.run([sys.executable, "-c", code, *args, "--max-new-tokens", "8"], capture_output=True)
+    assert torchless.returncode == 0, torchless.stderr.decode()
+    # bytes, not text mode: universal newlines would turn a generated "\r" into "\n"
+    assert torchless.stdout.decode() == result.stdout  # greedy: token for token
 
 
 @pytest.mark.parametrize(
