@@ -19,6 +19,7 @@ from ccra_export.errors import BundleError, CCRAExportError
 from ccra_export.image_preprocess import ImageProcessorConfig, open_rgb, preprocess
 from ccra_export.manifest import read_manifest, verify_files
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
+from ccra_export.runtime.text_stream import TextStream
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5 (vicuna_v1) single turn
 IMAGE_TOKEN = "<image>"
@@ -129,18 +130,14 @@ class Pipeline:
                 f"--prompt: {length} prompt tokens (with {prepared.visual_tokens.shape[1]} image tokens) + "
                 f"{sampling.max_new_tokens} new tokens exceed the context of {self.lm.context_length}"
             )
-        emitted = ""
-        streamed: list[int] = []
+        text_stream = TextStream(self.tokenizer)
 
         def stream(token: int) -> None:
-            nonlocal emitted
-            if on_text is None or token in sampling.stop_ids:
-                return
-            streamed.append(token)
-            text = self.tokenizer.decode(streamed)
-            on_text(text[len(emitted) :])
-            emitted = text
+            if on_text is not None and token not in sampling.stop_ids and (piece := text_stream.push(token)):
+                on_text(piece)
 
         generation = self.lm.generate(prepared.inputs_embeds, sampling, stream)
+        if on_text is not None and (rest := text_stream.flush()):
+            on_text(rest)
         answer = [t for t in generation.tokens if t not in sampling.stop_ids]
         return self.tokenizer.decode(answer), generation, prepared
