@@ -182,6 +182,22 @@ def random_parity_feeds(source: Source, options: ParityOptions) -> tuple[dict[st
     return feeds, described
 
 
+def parity_inputs(
+    source: Source, parity: ParityOptions, calibration: Any = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+    """(feeds, description, step title) of a parity run: INT8 is judged on its held-out images,
+    every other precision on seeded random inputs (a fresh seed when ``parity.seed`` is None)."""
+    if calibration is not None:
+        from ccra_export import pipeline_int8
+
+        feeds, described = pipeline_int8.held_out_feeds(calibration)
+        return feeds, described, f"Parity vs PyTorch (held-out images: {len(calibration.dataset.held_out)})"
+    if parity.seed is None:
+        parity.seed = secrets.randbelow(2**31)
+    feeds, described = random_parity_feeds(source, parity)
+    return feeds, described, f"Parity vs PyTorch (batch {parity.batch}, seed {parity.seed})"
+
+
 def pytorch_outputs(source: Source, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """The FP32 PyTorch reference on ``feeds``, keyed by graph output name."""
     from ccra_export.vision_model import reference_outputs
@@ -309,12 +325,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 stage, backend_kind, backend_reason, interface, dynamic_axes, plugin, options, steps
             )
             thresholds = _thresholds(options.precision, options.parity)
-            if int8:
-                feeds, described = pipeline_int8.held_out_feeds(calibration)
-                title = f"Parity vs PyTorch (held-out images: {len(calibration.dataset.held_out)})"
-            else:
-                feeds, described = random_parity_feeds(source, options.parity)
-                title = f"Parity vs PyTorch (batch {options.parity.batch}, seed {options.parity.seed})"
+            feeds, described, title = parity_inputs(source, options.parity, calibration)
             with steps.step(title):
                 reference = pytorch_outputs(source, feeds)
                 report = run_parity(backend, options.precision, thresholds, feeds, reference, described)
@@ -410,15 +421,14 @@ def _open_backend(
             if kind == "ort-trt":
                 from ccra_export.runtime import ort_trt
 
-                provider = ort_trt.provider_options(
+                ort_options = ort_trt.session_options(
                     stage,
                     options.precision,
                     profile,
-                    plugin_library=library,
+                    library,
                     workspace_mib=options.trt.workspace_mib,
                     optimization_level=options.trt.optimization_level,
                 )
-                ort_options = {"providers": ort_trt.providers(provider)}
             backend, line = select_backend(kind, stage / GRAPH_FILE, **ort_options)
     steps.info(f"{line} ({reason})" if reason else line)
     return backend, engine
@@ -553,19 +563,14 @@ def check_parity(
         source = source_from_manifest(manifest, model_override, steps)
     except KeyError as exc:
         raise BundleError(f"{Path(bundle) / MANIFEST_NAME}: manifest lacks {exc}") from None
-    if precision == "int8":  # INT8 is judged on held-out images, not on random pixels
+    calibration = None
+    if precision == "int8":
         from ccra_export import pipeline_int8
 
         calibration = pipeline_int8.held_out_from_manifest(
             manifest["calibration"], source, manifest["source"].get("seed", 0)
         )
-        feeds, described = pipeline_int8.held_out_feeds(calibration)
-        title = f"Parity vs PyTorch (held-out images: {len(calibration.dataset.held_out)})"
-    else:
-        if parity.seed is None:
-            parity.seed = secrets.randbelow(2**31)
-        feeds, described = random_parity_feeds(source, parity)
-        title = f"Parity vs PyTorch (batch {parity.batch}, seed {parity.seed})"
+    feeds, described, title = parity_inputs(source, parity, calibration)
     with steps.step(title):
         return run_parity(runner, precision, thresholds, feeds, pytorch_outputs(source, feeds), described)
 

@@ -51,6 +51,15 @@ def providers(options: dict[str, Any]) -> list[Any]:
     return [(PROVIDER, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
 
 
+def session_options(
+    bundle: Path, precision: str, profile: Profile, plugin_library: Path | None = None, **settings: Any
+) -> dict[str, Any]:
+    """``OrtBackend`` keyword arguments: the TensorRT provider (then CUDA, CPU) for a bundle's graph."""
+    return {
+        "providers": providers(provider_options(bundle, precision, profile, plugin_library=plugin_library, **settings))
+    }
+
+
 def bundle_session_options(
     bundle: Path, manifest: dict[str, Any], plugin_library: Path | None = None, **settings: Any
 ) -> dict[str, Any]:
@@ -65,5 +74,4 @@ def bundle_session_options(
             "needs --plugin-library (ccra-export plugins build)"
         )
     profile = optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"])
-    options = provider_options(bundle, manifest["precision"], profile, plugin_library=plugin_library, **settings)
-    return {"providers": providers(options)}
+    return session_options(bundle, manifest["precision"], profile, plugin_library, **settings)
