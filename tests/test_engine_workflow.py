@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -21,6 +19,7 @@ from ccra_export.runtime import ort_trt
 from ccra_export.runtime.backends import tensorrt_status
 from ccra_export.sample_inputs import random_inputs
 from ccra_export.vision_model import build_model, reference_outputs
+from tests.torchless import run_cli
 
 
 def run(*args):
@@ -70,17 +69,12 @@ class TestRecordedReference:
 
     def test_check_against_recorded_outputs_needs_no_torch(self, bundle):
         # torch made unimportable in a fresh interpreter: --reference auto must fall back to the record
-        code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
-        result = subprocess.run(
-            [sys.executable, "-c", code, "check", "--bundle", str(bundle)], capture_output=True, text=True
-        )
+        result = run_cli("check", "--bundle", bundle)
         assert result.returncode == 0, result.stderr
         assert "auto: PyTorch is not installed here" in result.stderr and "parity passed" in result.stdout
 
     def test_build_without_the_export_stack_is_one_line(self, tmp_path):
-        code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
-        args = ["build", "--model", "tiny", "--random-weights", "-o", str(tmp_path / "b")]
-        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        result = run_cli("build", "--model", "tiny", "--random-weights", "-o", tmp_path / "b")
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "ccra-export build needs PyTorch" in result.stderr
         assert "pip install 'ccra-export[export]'" in result.stderr  # brackets survive rich's markup
@@ -176,9 +170,7 @@ class TestVisionBench:
         assert any(name.startswith("PyTorch eager") for name in rows) and "ratio (PyTorch / ours)" in rows
 
     def test_without_torch_times_ours_and_says_why_not_pytorch(self, bundle):
-        code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
-        args = ["bench", "--bundle", str(bundle), "--repeats", "1"]
-        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True)
+        result = run_cli("bench", "--bundle", bundle, "--repeats", "1")
         assert result.returncode == 0, result.stderr
         assert "ccra-export (ONNX Runtime" in result.stdout and "PyTorch eager" not in result.stdout
         assert "PyTorch side skipped: PyTorch is not installed here" in result.stderr
@@ -186,10 +178,7 @@ class TestVisionBench:
 
 @pytest.mark.parametrize("block_torch", [False, True])
 def test_doctor_reports_the_export_stack(block_torch):
-    code = ("import sys; sys.modules['torch'] = None; " if block_torch else "") + (
-        "from ccra_export.cli import main; main()"
-    )
-    result = subprocess.run([sys.executable, "-c", code, "doctor", "--json"], capture_output=True, text=True)
+    result = run_cli("doctor", "--json", block_torch=block_torch)
     assert result.returncode == 0, result.stderr
     row = next(c for c in json.loads(result.stdout) if c["component"] == "PyTorch export stack")
     assert row["ok"] is (not block_torch)

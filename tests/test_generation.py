@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,6 +16,7 @@ from ccra_export.image_preprocess import ImageProcessorConfig, preprocess
 from ccra_export.parity import compare_output, thresholds_for
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
+from tests.torchless import run_cli
 
 PROMPT = "What is in the picture?"
 
@@ -126,9 +125,18 @@ def test_run_command_streams_the_answer(fp32_bundle, tmp_path, cat):
     assert result.exit_code == 0, result.output
     assert "prompt tokens (16 visual), 8 new" in result.stderr
     # the same answer on a target without PyTorch: torch made unimportable in a fresh interpreter
-    code = "import sys; sys.modules['torch'] = None; from ccra_export.cli import main; main()"
-    args = ["run", "--bundle", str(fp32_bundle), "--image", str(tmp_path / "cat.jpg"), "--prompt", PROMPT]
-    torchless = subprocess.run([sys.executable, "-c", code, *args, "--max-new-tokens", "8"], capture_output=True)
+    args = [
+        "run",
+        "--bundle",
+        fp32_bundle,
+        "--image",
+        tmp_path / "cat.jpg",
+        "--prompt",
+        PROMPT,
+        "--max-new-tokens",
+        "8",
+    ]
+    torchless = run_cli(*args, text=False)
     assert torchless.returncode == 0, torchless.stderr.decode()
     # bytes, not text mode: universal newlines would turn a generated "\r" into "\n"
     assert torchless.stdout.decode() == result.stdout  # greedy: token for token
