@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from ccra_export.config import ModelConfig
+from ccra_export.core.config import ModelConfig
 
 
 def tower_flops(config: ModelConfig) -> float:

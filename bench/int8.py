@@ -30,12 +30,12 @@ from ccra_export.calibration.images import load_calibration_set
 from ccra_export.calibration.quantize import quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
-from ccra_export.config import preset
-from ccra_export.export import export_model_proto, save_model
-from ccra_export.image_preprocess import ImageProcessorConfig
-from ccra_export.parity import compare_output, thresholds_for
-from ccra_export.runtime.backends import OrtBackend
-from ccra_export.vision_model import build_model, reference_outputs
+from ccra_export.core.config import preset
+from ccra_export.core.image_preprocess import ImageProcessorConfig
+from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.export.onnx_export import export_model_proto, save_model
+from ccra_export.model.vision_model import build_model, reference_outputs
+from ccra_export.runtime.vision_backend import OrtBackend
 
 PHOTOS = (
     "astronaut",

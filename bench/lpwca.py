@@ -29,14 +29,14 @@ from rich.console import Console
 from rich.table import Table
 from vision import median_ms
 
-from ccra_export.config import preset
-from ccra_export.export import export_model_proto, save_model
-from ccra_export.lpwca_fused import fold_query
-from ccra_export.parity import compare_output, thresholds_for
-from ccra_export.runtime.backends import OrtBackend
+from ccra_export.core.config import preset
+from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.core.sample_inputs import random_inputs
+from ccra_export.export.onnx_export import export_model_proto, save_model
+from ccra_export.model.lpwca_fused import fold_query
+from ccra_export.model.vision_model import build_model, input_names
 from ccra_export.runtime.lpwca_cpu import lpwca_cpu
-from ccra_export.sample_inputs import random_inputs
-from ccra_export.vision_model import build_model, input_names
+from ccra_export.runtime.vision_backend import OrtBackend
 
 
 class LpwcaStage(torch.nn.Module):

@@ -27,11 +27,11 @@ from flops import measured_gemm_peak, vision_graph_flops
 from rich.console import Console
 from rich.table import Table
 
-from ccra_export.config import preset
-from ccra_export.export import export_model_proto, save_model
-from ccra_export.parity import compare_output, thresholds_for
-from ccra_export.sample_inputs import random_inputs
-from ccra_export.vision_model import build_model, input_names, output_names
+from ccra_export.core.config import preset
+from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.core.sample_inputs import random_inputs
+from ccra_export.export.onnx_export import export_model_proto, save_model
+from ccra_export.model.vision_model import build_model, input_names, output_names
 
 
 def median_ms(fn, repeats: int, warmup: int = 1) -> float:

@@ -8,8 +8,8 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
-from ccra_export.errors import CCRAExportError
-from ccra_export.image_preprocess import open_rgb
+from ccra_export.core.errors import CCRAExportError
+from ccra_export.core.image_preprocess import open_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_PROMPTS = (

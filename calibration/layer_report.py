@@ -14,8 +14,9 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from ccra_export.graph_scopes import CCRA_SCOPE, in_scope, node_scope
-from ccra_export.parity import compare_output, thresholds_for
+from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope, node_scope
+from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.runtime.vision_backend import OrtBackend
 
 _LAYER_SCOPE = re.compile(r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$")
 
@@ -50,8 +51,6 @@ def per_layer_drift(
     fp32_model: Path, int8_model: Path, feeds: dict[str, np.ndarray]
 ) -> tuple[list[LayerDrift], str | None]:
     """Drift per tap and the first tap below the INT8 cosine threshold (None: none drifts)."""
-    from ccra_export.runtime.backends import OrtBackend
-
     taps = layer_taps(onnx.load(str(fp32_model), load_external_data=False))
     names = [tensor for _, tensor in taps]
     reference = OrtBackend(fp32_model, extra_outputs=names).run(feeds)

@@ -22,8 +22,8 @@ from pathlib import Path
 import onnx
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from ccra_export.graph_scopes import CCRA_SCOPE, in_scope
-from ccra_export.lpwca_schema import OP_TYPE as LPWCA_OP
+from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
+from ccra_export.core.lpwca_schema import OP_TYPE as LPWCA_OP
 
 METHODS = {
     "minmax": CalibrationMethod.MinMax,

@@ -9,7 +9,7 @@ from onnxruntime.quantization import CalibrationDataReader
 
 from ccra_export.calibration.images import CalibrationImage
 from ccra_export.calibration.text import TextEmbedder
-from ccra_export.image_preprocess import ImageProcessorConfig, preprocess
+from ccra_export.core.image_preprocess import ImageProcessorConfig, preprocess
 
 
 def make_feeds(

@@ -10,7 +10,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ccra_export.runtime.trt_plan import Profile
+from ccra_export.core.errors import BundleError
+from ccra_export.engine.plan import Profile, optimization_profiles
+from ccra_export.runtime.backends import select_backend
+from ccra_export.runtime.vision_backend import VisionBackend
 
 PROVIDER = "TensorrtExecutionProvider"
 
@@ -65,9 +68,6 @@ def bundle_session_options(
 ) -> dict[str, Any]:
     """``OrtBackend`` keyword arguments for a built bundle: its precision and the profile its
     manifest records; a fused graph needs the plugin library built for this machine."""
-    from ccra_export.errors import BundleError
-    from ccra_export.runtime.trt_plan import optimization_profiles
-
     if manifest.get("plugin") and plugin_library is None:
         raise BundleError(
             f"--bundle {bundle}: its graph has the fused ccra::LPWCA node; ONNX Runtime's TensorRT provider "
@@ -75,3 +75,12 @@ def bundle_session_options(
         )
     profile = optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"])
     return session_options(bundle, manifest["precision"], profile, plugin_library, **settings)
+
+
+def bundle_backend(
+    bundle: Path, manifest: dict[str, Any], plugin_library: Path | None = None
+) -> tuple[VisionBackend, str]:
+    """A built bundle's graph on ONNX Runtime's TensorRT provider, and one line saying so."""
+    return select_backend(
+        "ort-trt", Path(bundle) / manifest["graph"]["file"], **bundle_session_options(bundle, manifest, plugin_library)
+    )

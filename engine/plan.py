@@ -4,8 +4,9 @@
   there the network is strongly typed and the ONNX graph's types decide. TensorRT 10 (JetPack 6)
   still builds weakly typed networks with precision flags, and also offers strong typing.
 - ``optimization_profiles``: min/opt/max shapes per input from the bundle's symbolic axes.
-- ``engine_record`` / ``check_engine``: what an engine was built for, and refusing a mismatch.
-The thin layer that calls TensorRT (trt_engine.py) only translates these into API calls.
+- ``engine_record``: what an engine was built for (the manifest's ``engine`` entry); the runtime
+  refuses a mismatch when it loads one (``ccra_export.runtime.engine_compat``).
+The thin layer that calls TensorRT (build.py) only translates these into API calls.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from ccra_export.errors import BundleError, ConfigError
+from ccra_export.core.errors import ConfigError
 
 TYPING_CHOICES = ("auto", "strong", "weak")
 
@@ -70,19 +71,25 @@ class Profile:
     shapes: dict[str, tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]] = field(default_factory=dict)
 
 
+DEFAULT_MAX_BATCH = 8
+DEFAULT_MAX_TEXT_LEN = 512
+
+
 def profile_axes(
     *,
     has_text: bool,
-    max_batch: int,
+    max_batch: int | None = None,
     opt_batch: int | None = None,
-    max_text_len: int = 512,
+    max_text_len: int | None = None,
     opt_text_len: int | None = None,
 ) -> dict[str, dict[str, int]]:
     """min/opt/max of the graph's symbolic axes from the build flags (recorded in the manifest).
 
-    opt defaults to batch 1 (one camera frame) and 64 instruction tokens: the shapes TensorRT
-    tunes its tactics for.
+    max defaults to batch 8 and 512 instruction tokens; opt to batch 1 (one camera frame) and 64
+    tokens: the shapes TensorRT tunes its tactics for.
     """
+    max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
+    max_text_len = DEFAULT_MAX_TEXT_LEN if max_text_len is None else max_text_len
     batch = {"min": 1, "opt": 1 if opt_batch is None else opt_batch, "max": max_batch}
     axes = {"batch": _checked("--opt-batch/--max-batch", batch)}
     if has_text:
@@ -150,31 +157,6 @@ def engine_record(
     }
 
 
-def check_engine(
-    record: dict[str, Any],
-    trt_version: str,
-    compute_capability: str,
-    plugin_sha256: str | None,
-    bundle: str = "DIR",
-) -> None:
-    """Refuse, in one line, an engine this TensorRT / GPU / plugin library cannot run correctly.
-
-    Engines are not portable: TensorRT refuses other versions (unless built version-compatible)
-    and kernels are compiled for one compute capability.
-    """
-    built, here = record.get("tensorrt_version"), trt_version
-    reasons = []
-    if built != here:
-        reasons.append(f"TensorRT {built} built it, this is TensorRT {here}")
-    if record.get("compute_capability") != compute_capability:
-        reasons.append(
-            f"built for compute capability {record.get('compute_capability')} ({record.get('gpu')}), "
-            f"this GPU is {compute_capability}"
-        )
-    if record.get("plugin_sha256") and plugin_sha256 and record["plugin_sha256"] != plugin_sha256:
-        reasons.append("the LPWCA plugin library differs from the one serialised with it")
-    if reasons:
-        raise BundleError(
-            f"engine mismatch: {'; '.join(reasons)}: rebuild it here from the bundle's portable ONNX graph "
-            f"with `ccra-export engine --bundle {bundle} --force`"
-        )
+def bundle_profile(manifest: dict[str, Any], overrides: dict[str, dict[str, int]] | None = None) -> Profile:
+    """The optimization profile of a bundle's graph: its manifest's symbolic axes, flags on top."""
+    return optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"], overrides)

@@ -18,14 +18,13 @@ import onnx
 import onnx_ir as ir
 from onnxruntime.transformers import float16
 
-from ccra_export.graph_scopes import CCRA_SCOPE, nodes_in_scope
+from ccra_export.core.graph_scopes import CCRA_SCOPE, nodes_in_scope
+from ccra_export.core.lpwca_schema import is_lpwca
 
 FP32_OP_TYPES = ("Softmax",)
 
 
 def _lpwca_nodes(proto: onnx.ModelProto) -> list[onnx.NodeProto]:
-    from ccra_export.lpwca_schema import is_lpwca
-
     return [n for n in proto.graph.node if is_lpwca(n)]
 
 

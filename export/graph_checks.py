@@ -7,9 +7,9 @@ from typing import Any
 
 import onnx
 
-from ccra_export import lpwca_schema
-from ccra_export.errors import CCRAExportError
-from ccra_export.manifest import tensor_spec
+from ccra_export.core import lpwca_schema
+from ccra_export.core.errors import CCRAExportError
+from ccra_export.core.manifest import tensor_spec
 
 
 class GraphCheckError(CCRAExportError):

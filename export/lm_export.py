@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from ccra_export.errors import CheckpointError
+from ccra_export.core.errors import CheckpointError
 
 LM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")

@@ -8,8 +8,8 @@ from collections.abc import Iterator
 import onnxscript
 import torch
 
-from ccra_export import lpwca_schema
-from ccra_export.lpwca_fused import check_kernel_limits, lpwca
+from ccra_export.core import lpwca_schema
+from ccra_export.model.lpwca_fused import check_kernel_limits, lpwca
 
 lpwca_schema.register()  # onnxscript resolves the op's outputs from the registered schema
 _CCRA = onnxscript.values.Opset(lpwca_schema.DOMAIN, lpwca_schema.VERSION)

@@ -17,9 +17,10 @@ import onnx
 import torch
 
 from ccra_export import __version__
-from ccra_export.config import ModelConfig
-from ccra_export.graph_scopes import NAME_SCOPES_KEY
-from ccra_export.vision_model import (
+from ccra_export.core.config import ModelConfig
+from ccra_export.core.graph_scopes import NAME_SCOPES_KEY
+from ccra_export.export.lpwca_op import TRANSLATION_TABLE, lpwca_mode
+from ccra_export.model.vision_model import (
     PIXEL_VALUES,
     TEXT_EMBEDS,
     TEXT_MASK,
@@ -81,8 +82,6 @@ def export_model_proto(
 
     ``lpwca="fused"`` emits CCRA stages 2-3 as one ``ccra::LPWCA`` node (see ``lpwca_op``).
     """
-    from ccra_export.export.lpwca_op import TRANSLATION_TABLE, lpwca_mode
-
     if opset < MIN_OPSET:
         raise ValueError(f"--opset {opset}: LayerNormalization needs opset >= {MIN_OPSET}")
     config = model.config

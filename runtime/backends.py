@@ -9,123 +9,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-
-from ccra_export.errors import BackendUnavailableError, BundleError
+from ccra_export.core.errors import BackendUnavailableError, BundleError
+from ccra_export.runtime.vision_backend import OrtBackend, VisionBackend, available_providers
 
 BackendKind = Literal["auto", "ort", "trt", "ort-trt"]
 BACKEND_KINDS: tuple[str, ...] = ("auto", "ort", "trt", "ort-trt")
-
-ORT_NUMPY_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-}
-
-
-class VisionBackend(ABC):
-    """Runs the vision graph: named numpy inputs in, named numpy outputs out."""
-
-    #: short engine name recorded in manifests and parity reports
-    name: str
-
-    @property
-    @abstractmethod
-    def description(self) -> str:
-        """One line for the terminal: engine, version, device."""
-
-    @property
-    @abstractmethod
-    def input_dtypes(self) -> dict[str, np.dtype]:
-        """dtype each graph input expects (float16 inputs for FP16 graphs)."""
-
-    @abstractmethod
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
-
-    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        """Run with ``feeds`` cast to the graph's input types; unknown names are an error."""
-        dtypes = self.input_dtypes
-        unknown = set(feeds) - set(dtypes)
-        missing = set(dtypes) - set(feeds)
-        if unknown or missing:
-            raise ValueError(f"graph inputs are {sorted(dtypes)}; got {sorted(feeds)}")
-        return self._run({k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feeds.items()})
-
-
-@dataclass(frozen=True)
-class _OrtInfo:
-    version: str
-    providers: tuple[str, ...]
-
-
-def _ort_info() -> _OrtInfo:
-    import onnxruntime as ort
-
-    return _OrtInfo(ort.__version__, tuple(ort.get_available_providers()))
-
-
-class OrtBackend(VisionBackend):
-    """ONNX Runtime session over an ONNX file (external data next to it is found by ORT)."""
-
-    name = "onnxruntime"
-
-    def __init__(
-        self,
-        onnx_path: str | Path,
-        *,
-        providers: Sequence[str] | None = None,
-        intra_op_threads: int = 0,
-        custom_op_libraries: Sequence[str | Path] = (),
-        extra_outputs: Sequence[str] = (),
-    ) -> None:
-        import onnxruntime as ort
-
-        from ccra_export.runtime.ort_session import session_model
-
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = intra_op_threads
-        options.log_severity_level = 3  # errors only: ORT's warnings are about its own optimizers
-        model, config, libraries = session_model(onnx_path, extra_outputs)  # fused graphs need the CPU kernel
-        for key, value in config.items():
-            options.add_session_config_entry(key, value)
-        for library in [*custom_op_libraries, *libraries]:
-            options.register_custom_ops_library(str(library))
-        chosen = list(providers) if providers else default_ort_providers()
-        try:
-            self.session = ort.InferenceSession(model, sess_options=options, providers=chosen)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{onnx_path}: ONNX Runtime cannot load the graph ({first})") from None
-        self._dtypes = {i.name: np.dtype(ORT_NUMPY_TYPES[i.type]) for i in self.session.get_inputs()}
-        self._outputs = [o.name for o in self.session.get_outputs()]
-
-    @property
-    def providers(self) -> list[str]:
-        return self.session.get_providers()
-
-    @property
-    def description(self) -> str:
-        return f"ONNX Runtime {_ort_info().version} ({self.providers[0]})"
-
-    @property
-    def input_dtypes(self) -> dict[str, np.dtype]:
-        return dict(self._dtypes)
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
-
-
-def default_ort_providers() -> list[str]:
-    """CUDA first when this ONNX Runtime build has it, CPU always last."""
-    available = _ort_info().providers
-    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
 
 
 def tensorrt_status() -> tuple[bool, str]:
@@ -153,7 +44,7 @@ def resolve_backend(kind: str) -> tuple[str, str]:
     if kind == "ort":
         return "ort", ""
     if kind == "ort-trt":
-        if "TensorrtExecutionProvider" not in _ort_info().providers:
+        if "TensorrtExecutionProvider" not in available_providers():
             raise BackendUnavailableError(
                 "--backend ort-trt: this ONNX Runtime has no TensorrtExecutionProvider; install onnxruntime-gpu "
                 "built with TensorRT (and only it), or use --backend trt / ort"
@@ -174,17 +65,22 @@ def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> t
     return backend, f"backend: {backend.description}"
 
 
-def bundle_backend(
-    bundle: str | Path, manifest: dict, backend: str = "auto", plugin_library: Path | None = None
-) -> tuple[VisionBackend, str]:
+def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") -> tuple[VisionBackend, str]:
     """What runs a built bundle's vision graph: its TensorRT engine when it has one and TensorRT is
-    usable (after the engine compatibility check), ONNX Runtime's TensorRT provider for ``ort-trt``,
-    else ONNX Runtime on its ONNX graph."""
+    usable (after the engine compatibility check), else ONNX Runtime on its ONNX graph.
+
+    ONNX Runtime's TensorRT provider (``ort-trt``) builds engines, so it is opened by the engine
+    stage (``ccra_export.engine.ort_trt.bundle_backend``), not here.
+    """
     kind, reason = resolve_backend(backend)
+    if kind == "ort-trt":
+        raise BackendUnavailableError(
+            "--backend ort-trt: ONNX Runtime's TensorRT provider is opened by ccra_export.engine.ort_trt.bundle_backend"
+        )
     engine = manifest.get("engine")
     graph = Path(bundle) / manifest["graph"]["file"]
     if kind == "trt" and engine is not None:
-        from ccra_export.runtime.trt_engine import load_bundle_engine
+        from ccra_export.runtime.trt_engine import load_bundle_engine  # imports tensorrt: only where it is usable
 
         runner = load_bundle_engine(Path(bundle), engine)
         return runner, f"backend: {runner.description}"
@@ -194,9 +90,5 @@ def bundle_backend(
                 f"--bundle {bundle}: holds no TensorRT engine; build one with `ccra-export engine --bundle {bundle}`"
             )
         reason = "auto: the bundle holds no TensorRT engine"
-    if kind == "ort-trt":
-        from ccra_export.runtime import ort_trt
-
-        return select_backend(kind, graph, **ort_trt.bundle_session_options(Path(bundle), manifest, plugin_library))
     runner, line = select_backend("ort", graph)
     return runner, f"{line} ({reason})" if reason else line

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccra_export.runtime.backends import ORT_NUMPY_TYPES
+from ccra_export.runtime.vision_backend import ORT_NUMPY_TYPES
 
 
 @dataclass

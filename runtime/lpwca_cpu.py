@@ -1,4 +1,4 @@
-"""ctypes binding of the C++ CPU reference kernel of ``ccra::LPWCA`` (trt_plugins/src/lpwca_cpu.cpp).
+"""ctypes binding of the C++ CPU reference kernel of ``ccra::LPWCA`` (trt_plugins/lpwca/lpwca_cpu.cpp).
 
 The library is built by the root CMakeLists.txt; ``pip install`` builds it into this package
 (setup.py). ``CCRA_LPWCA_CPU_LIBRARY`` points elsewhere, e.g. at a CMake build tree.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccra_export.errors import BackendUnavailableError
+from ccra_export.core.errors import BackendUnavailableError
 
 LIBRARY_ENV = "CCRA_LPWCA_CPU_LIBRARY"
 LIBRARY_STEM = "_ccra_lpwca_cpu"

@@ -18,7 +18,8 @@ import functools
 
 import onnx
 
-from ccra_export.lpwca_schema import KERNEL_ATTRIBUTES, OP_TYPE, is_lpwca
+from ccra_export.core import lpwca_schema
+from ccra_export.core.lpwca_schema import KERNEL_ATTRIBUTES, OP_TYPE, is_lpwca
 from ccra_export.runtime.lpwca_cpu import lpwca_cpu
 
 ORTX_DOMAIN = "ai.onnx.contrib"
@@ -61,8 +62,6 @@ def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
 
 def rewrite_for_ort(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Move LPWCA nodes to the onnxruntime-extensions domain, FP32 at their boundary (in place)."""
-    from ccra_export import lpwca_schema
-
     lpwca_schema.register()
     types = _value_types(proto)
     nodes = []

@@ -1,108 +1,23 @@
-"""Build and run native TensorRT engines (TensorRT 10 / 11 Python API). Thin by design.
+"""Run a native TensorRT engine (TensorRT 10 / 11 Python API) behind the vision-backend interface.
 
-Every decision (precision flags vs strong typing, profiles, compatibility) is made in trt_plan.py,
-which CI tests; this module only turns those decisions into TensorRT calls. It is imported only
-after ``tensorrt_status()`` said TensorRT imports and sees a GPU. Inference goes through
-Polygraphy's ``TrtRunner`` (its own CUDA bindings: no torch and no pycuda on a Jetson).
-Polygraphy's ``CreateConfig(fp16=..., int8=...)`` relies on builder flags TensorRT 11 removed,
-so the builder config is made here with the raw API instead.
+Imported only after ``tensorrt_status()`` said TensorRT imports and sees a GPU. Inference goes
+through Polygraphy's ``TrtRunner`` (its own CUDA bindings: no torch and no pycuda on a Jetson).
+A bundle's engine is refused, in one line, when this TensorRT or GPU cannot run it
+(``engine_compat.check_engine``). Building engines is the engine stage's (``ccra_export.engine``).
 """
 
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import tensorrt as trt
 
-from ccra_export.errors import BundleError
-from ccra_export.runtime.backends import VisionBackend
-from ccra_export.runtime.trt_plan import PrecisionPlan, Profile
-
-ENGINE_FILE = "vision.engine"
-
-
-@dataclass
-class EngineSettings:
-    workspace_mib: int = 2048  # Jetson shares DRAM with the CPU: keep the pool bounded
-    optimization_level: int = 3
-    timing_cache: Path | None = None
-
-
-class _Progress(trt.IProgressMonitor):
-    """Forwards TensorRT's build phases to a callback (the CLI's progress line)."""
-
-    def __init__(self, report: Callable[[str], None]) -> None:
-        trt.IProgressMonitor.__init__(self)
-        self._report = report
-
-    def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
-        self._report(f"{phase_name} (0/{num_steps})")
-
-    def step_complete(self, phase_name: str, step: int) -> bool:
-        self._report(f"{phase_name} ({step + 1})")
-        return True  # False would cancel the build
-
-    def phase_finish(self, phase_name: str) -> None:
-        self._report(f"{phase_name} done")
-
-
-def build_engine(
-    onnx_path: Path,
-    plan: PrecisionPlan,
-    profile: Profile,
-    settings: EngineSettings,
-    plugin_libraries: Sequence[Path] = (),
-    report: Callable[[str], None] | None = None,
-) -> bytes:
-    """Parse the ONNX graph and build a serialized engine; saves the timing cache for reuse."""
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    registry = builder.get_plugin_registry()
-    for library in plugin_libraries:  # getCreators()/setLoggerFinder() variant: loadLibrary
-        registry.load_library(str(library))
-    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the graph
-        errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
-        raise BundleError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[0] if errors else 'no reason given'}")
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
-    config.builder_optimization_level = settings.optimization_level
-    for flag in plan.builder_flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
-    trt_profile = builder.create_optimization_profile()
-    for name, (low, opt, high) in profile.shapes.items():
-        trt_profile.set_shape(name, low, opt, high)
-    config.add_optimization_profile(trt_profile)
-    cache_path = settings.timing_cache
-    cache = config.create_timing_cache(_read_cache(cache_path))
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    if plugin_libraries:  # ship the plugin inside the engine: the runtime needs no library path
-        config.plugins_to_serialize = [str(p) for p in plugin_libraries]
-    if report is not None:
-        config.progress_monitor = _Progress(report)
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise BundleError(f"{onnx_path}: TensorRT could not build an engine (its log above says why)")
-    if cache_path is not None:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        except OSError as exc:  # the cache only saves time: an unwritable one must not cost the engine
-            logger.log(trt.Logger.WARNING, f"timing cache {cache_path} not saved: {exc.strerror or exc}")
-    return bytes(serialized)
-
-
-def _read_cache(path: Path | None) -> bytes:
-    try:
-        return path.read_bytes() if path is not None and path.is_file() else b""
-    except OSError:
-        return b""  # unreadable: start a fresh cache
+from ccra_export.core.platform import gpus
+from ccra_export.runtime.engine_compat import check_engine
+from ccra_export.runtime.vision_backend import VisionBackend
 
 
 class TensorRTBackend(VisionBackend):
@@ -140,8 +55,5 @@ class TensorRTBackend(VisionBackend):
 
 def load_bundle_engine(bundle: Path, engine: dict) -> TensorRTBackend:
     """The bundle's engine, after refusing one this TensorRT or GPU cannot run (one line)."""
-    from ccra_export.doctor import gpus
-    from ccra_export.runtime.trt_plan import check_engine
-
     check_engine(engine, trt.__version__, (gpus() or [("", "unknown")])[0][1], None, str(bundle))
     return TensorRTBackend(Path(bundle) / engine["file"])

@@ -15,9 +15,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from ccra_export.errors import BundleError, CCRAExportError
-from ccra_export.image_preprocess import ImageProcessorConfig, open_rgb, preprocess
-from ccra_export.manifest import read_manifest, verify_files
+from ccra_export.core.errors import BundleError, CCRAExportError
+from ccra_export.core.image_preprocess import ImageProcessorConfig, open_rgb, preprocess
+from ccra_export.core.manifest import read_manifest, verify_files
+from ccra_export.runtime.backends import bundle_backend
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
 
@@ -79,8 +80,6 @@ class Pipeline:
             )
         if verify:
             verify_files(bundle, manifest)
-        from ccra_export.runtime.backends import bundle_backend
-
         vision, _ = bundle_backend(bundle, manifest, backend)
         lm = LanguageModel(bundle / LM_DIR)
         tokenizer = Tokenizer.from_file(str(bundle / LM_DIR / "decoder" / "tokenizer.json"))

@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccra_export.config import preset
+from ccra_export.core.config import preset
 
 
 def make_hf_llava(seed: int = 0):
     """A tiny ``LlavaForConditionalGeneration`` whose vision sizes are the ``tiny`` preset's."""
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    from ccra_export.vision_model import hf_vision_config
+    from ccra_export.model.vision_model import hf_vision_config
 
     tiny = preset("tiny")
     vision = hf_vision_config(tiny)
@@ -79,8 +79,8 @@ def plain_checkpoint(tmp_path_factory, hf_llava) -> Path:
 @pytest.fixture(scope="session")
 def ccra_checkpoint(tmp_path_factory, plain_checkpoint) -> Path:
     """The same checkpoint plus ``ccra.safetensors`` with seeded random CCRA weights."""
-    from ccra_export.checkpoint import save_ccra_weights
-    from ccra_export.vision_model import build_model
+    from ccra_export.model.checkpoint import save_ccra_weights
+    from ccra_export.model.vision_model import build_model
 
     path = tmp_path_factory.mktemp("ckpt") / "tiny-ccra-llava"
     shutil.copytree(plain_checkpoint, path)

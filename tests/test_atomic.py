@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ccra_export.atomic import staged_directory, write_json
+from ccra_export.core.atomic import staged_directory, write_json
 
 
 def test_failure_leaves_nothing(tmp_path):

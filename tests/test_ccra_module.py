@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from ccra_export.ccra_module import CCRA, ccra_parameter_count
-from ccra_export.config import CCRAConfig, preset
+from ccra_export.core.config import CCRAConfig, preset
+from ccra_export.model.ccra_module import CCRA, ccra_parameter_count
 
 
 def _softmax(x: np.ndarray, axis: int) -> np.ndarray:
@@ -62,7 +62,7 @@ def numpy_ccra(p: dict[str, np.ndarray], cfg: CCRAConfig, V: np.ndarray, X: np.n
 
 @pytest.fixture
 def tiny_ccra():
-    from ccra_export.vision_model import build_model
+    from ccra_export.model.vision_model import build_model
 
     config = preset("tiny")
     return build_model(config, seed=3).ccra, config

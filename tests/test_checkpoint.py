@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ccra_export.checkpoint import CCRA_WEIGHTS, load_checkpoint, save_ccra_weights
-from ccra_export.config import preset
-from ccra_export.errors import CheckpointError
-from ccra_export.vision_model import build_model
+from ccra_export.core.config import preset
+from ccra_export.core.errors import CheckpointError
+from ccra_export.model.checkpoint import CCRA_WEIGHTS, load_checkpoint, save_ccra_weights
+from ccra_export.model.vision_model import build_model
 
 
 def hf_image_features(hf_llava, pixel_values: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ import torch
 from click.testing import CliRunner
 
 from ccra_export.cli import main
-from ccra_export.hashing import sha256_file
+from ccra_export.core.hashing import sha256_file
 
 
 def run(*args: str):
@@ -69,7 +69,7 @@ class TestBuild:
             assert output["scaled_max_abs_err"] <= 1e-4 and output["cosine"] >= 0.99999
 
     def test_from_ccra_checkpoint(self, tmp_path, ccra_checkpoint):
-        from ccra_export.checkpoint import load_checkpoint
+        from ccra_export.model.checkpoint import load_checkpoint
 
         result = run("build", "--model", ccra_checkpoint, "--precision", "fp32", "-o", tmp_path / "b")
         assert result.exit_code == 0, result.output
@@ -183,9 +183,9 @@ class TestCheck:
         assert recomputed.exit_code == 0 and "reference: PyTorch, recomputed" in recomputed.stderr
 
     def test_changed_checkpoint_is_refused(self, tmp_path, checkpoint_copy):
-        from ccra_export.checkpoint import save_ccra_weights
-        from ccra_export.config import preset
-        from ccra_export.vision_model import build_model
+        from ccra_export.core.config import preset
+        from ccra_export.model.checkpoint import save_ccra_weights
+        from ccra_export.model.vision_model import build_model
 
         assert run("build", "--model", checkpoint_copy, "-o", tmp_path / "b").exit_code == 0
         save_ccra_weights(build_model(preset("tiny"), seed=99), checkpoint_copy)

@@ -11,14 +11,14 @@ import pytest
 from click.testing import CliRunner
 
 from ccra_export.cli import main
-from ccra_export.config import preset
-from ccra_export.errors import BundleError
-from ccra_export.hashing import sha256_file
-from ccra_export.reference_record import MAX_RECORDED_SAMPLES, load_reference, record_reference
-from ccra_export.runtime import ort_trt
+from ccra_export.core.config import preset
+from ccra_export.core.errors import BundleError
+from ccra_export.core.hashing import sha256_file
+from ccra_export.core.reference_record import MAX_RECORDED_SAMPLES, load_reference, record_reference
+from ccra_export.core.sample_inputs import random_inputs
+from ccra_export.engine import ort_trt
+from ccra_export.model.vision_model import build_model, reference_outputs
 from ccra_export.runtime.backends import tensorrt_status
-from ccra_export.sample_inputs import random_inputs
-from ccra_export.vision_model import build_model, reference_outputs
 from tests.torchless import run_cli
 
 

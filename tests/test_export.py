@@ -8,12 +8,14 @@ import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
 
-from ccra_export.config import preset
-from ccra_export.export import check_graph, convert_to_fp16, export_model_proto, graph_interface, save_model
-from ccra_export.graph_scopes import CCRA_SCOPE, in_scope
-from ccra_export.parity import compare_output
-from ccra_export.sample_inputs import random_inputs
-from ccra_export.vision_model import build_model, reference_outputs
+from ccra_export.core.config import preset
+from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
+from ccra_export.core.parity import compare_output
+from ccra_export.core.sample_inputs import random_inputs
+from ccra_export.export.fp16 import convert_to_fp16
+from ccra_export.export.graph_checks import check_graph, graph_interface
+from ccra_export.export.onnx_export import export_model_proto, save_model
+from ccra_export.model.vision_model import build_model, reference_outputs
 
 
 @pytest.fixture(scope="module")
@@ -134,6 +136,6 @@ class TestFp16:
 
 
 def _fp16():
-    from ccra_export.parity import thresholds_for
+    from ccra_export.core.parity import thresholds_for
 
     return thresholds_for("fp16")

@@ -12,8 +12,8 @@ from click.testing import CliRunner
 from PIL import Image
 
 from ccra_export.cli import main
-from ccra_export.image_preprocess import ImageProcessorConfig, preprocess
-from ccra_export.parity import compare_output, thresholds_for
+from ccra_export.core.image_preprocess import ImageProcessorConfig, preprocess
+from ccra_export.core.parity import compare_output, thresholds_for
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
 from tests.torchless import run_cli
@@ -182,8 +182,8 @@ def test_preset_has_no_language_model(tmp_path):
 
 def test_ccra_pipeline_matches_the_pytorch_reference(tmp_path, ccra_checkpoint, hf_llava, cat):
     """With CCRA, the reference is our PyTorch vision model feeding Hugging Face's language model."""
-    from ccra_export.checkpoint import load_checkpoint
-    from ccra_export.vision_model import reference_outputs
+    from ccra_export.model.checkpoint import load_checkpoint
+    from ccra_export.model.vision_model import reference_outputs
 
     bundle = build(tmp_path / "b", ccra_checkpoint, "fp32")
     pipeline = Pipeline.from_bundle(bundle)

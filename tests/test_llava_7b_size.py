@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from ccra_export.pipeline import BuildOptions, ParityOptions, build_bundle
+from ccra_export.workflows.build import BuildOptions, ParityOptions, build_bundle
 
 pytestmark = pytest.mark.slow
 

@@ -9,17 +9,18 @@ import onnx
 import pytest
 import torch
 
-from ccra_export.config import preset
-from ccra_export.errors import ConfigError
-from ccra_export.export import check_graph, convert_to_fp16, export_model_proto, save_model
-from ccra_export.export.graph_checks import GraphCheckError
-from ccra_export.hashing import sha256_file
-from ccra_export.lpwca_fused import LIMIT_HEADS, LIMIT_LAYERS, fold_query, lpwca
-from ccra_export.parity import compare_output, thresholds_for
-from ccra_export.runtime.backends import OrtBackend
+from ccra_export.core.config import preset
+from ccra_export.core.errors import ConfigError
+from ccra_export.core.hashing import sha256_file
+from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.core.sample_inputs import random_inputs
+from ccra_export.export.fp16 import convert_to_fp16
+from ccra_export.export.graph_checks import GraphCheckError, check_graph
+from ccra_export.export.onnx_export import export_model_proto, save_model
+from ccra_export.model.lpwca_fused import LIMIT_HEADS, LIMIT_LAYERS, fold_query, lpwca
+from ccra_export.model.vision_model import build_model, reference_outputs
 from ccra_export.runtime.lpwca_cpu import LpwcaKernelError, kernel_limits, lpwca_cpu
-from ccra_export.sample_inputs import random_inputs
-from ccra_export.vision_model import build_model, reference_outputs
+from ccra_export.runtime.vision_backend import OrtBackend
 
 
 def _case(seed: int, batch=2, offset=0.0, scale=1.0, config=None):

@@ -1,6 +1,6 @@
 """The CUDA kernel of ccra::LPWCA against the plain PyTorch reference, on a GPU.
 
-Runs the kernel through its C ABI (trt_plugins/src/lpwca_cuda_capi.cpp) over torch CUDA tensors.
+Runs the kernel through its C ABI (trt_plugins/lpwca/lpwca_cuda_capi.cpp) over torch CUDA tensors.
 Needs a CUDA device and nvcc; builds the library with CMake for the local GPU unless
 CCRA_LPWCA_CUDA_LIBRARY points at one.
 """
@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from ccra_export.config import preset
-from ccra_export.lpwca_fused import fold_query
-from ccra_export.parity import compare_output, thresholds_for
-from ccra_export.vision_model import build_model
+from ccra_export.core.config import preset
+from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.model.lpwca_fused import fold_query
+from ccra_export.model.vision_model import build_model
 
 pytestmark = pytest.mark.gpu
 ROOT = Path(__file__).resolve().parents[1]

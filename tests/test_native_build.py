@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 
 from ccra_export.cli import main
-from ccra_export.hashing import sha256_file
+from ccra_export.core.hashing import sha256_file
 
 needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not installed: CUDA kernels cannot compile")
 

@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 
-from ccra_export.parity import DEFAULT_THRESHOLDS, Thresholds, compare_output, compare_outputs
+from ccra_export.core.parity import DEFAULT_THRESHOLDS, Thresholds, compare_output, compare_outputs
 
 
 def test_metrics_match_hand_computation():

@@ -9,16 +9,11 @@ import pytest
 from click.testing import CliRunner
 
 from ccra_export.cli import main
-from ccra_export.doctor import jetson_info, parse_nvidia_smi, parse_tegra_release
-from ccra_export.errors import BundleError, ConfigError
-from ccra_export.runtime import ort_trt
-from ccra_export.runtime.trt_plan import (
-    TrtVersion,
-    check_engine,
-    engine_record,
-    optimization_profiles,
-    precision_plan,
-)
+from ccra_export.core.errors import BundleError, ConfigError
+from ccra_export.core.platform import jetson_info, parse_nvidia_smi, parse_tegra_release
+from ccra_export.engine import ort_trt
+from ccra_export.engine.plan import TrtVersion, engine_record, optimization_profiles, precision_plan
+from ccra_export.runtime.engine_compat import check_engine
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INPUTS = [

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from ccra_export.errors import ConfigError
+from ccra_export.core.errors import ConfigError
 
 
 @dataclass(frozen=True)

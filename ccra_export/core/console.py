@@ -21,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ccra_export.parity import ParityReport
+from ccra_export.core.parity import ParityReport
 
 
 class Steps:
@@ -64,8 +64,14 @@ class Steps:
         self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
 
     def info(self, line: str) -> None:
+        """One line of plain text (escaped: paths and flags such as [export] are not markup)."""
         if self.console is not None:
             self.console.print(escape(line), highlight=False)
+
+    def warn(self, line: str) -> None:
+        """Like ``info``, after a yellow ``warning:`` label."""
+        if self.console is not None:
+            self.console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
 
 
 SILENT = Steps(None)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from ccra_export.errors import MissingDependencyError
+from ccra_export.core.errors import MissingDependencyError
 
 EXPORT_MODULES = ("torch", "transformers", "onnxscript", "safetensors")
 

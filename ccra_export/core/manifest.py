@@ -13,11 +13,14 @@ from pathlib import Path
 from typing import Any
 
 from ccra_export import __version__
-from ccra_export.errors import BundleError
-from ccra_export.hashing import sha256_file
+from ccra_export.core.errors import BundleError
+from ccra_export.core.hashing import sha256_file
 
 MANIFEST_NAME = "manifest.json"
 PARITY_NAME = "parity.json"
+GRAPH_FILE = "vision.onnx"
+ENGINE_FILE = "vision.engine"
+ENGINE_PARITY_FILE = "parity_engine.json"
 FORMAT = "ccra-export-bundle"
 FORMAT_VERSION = 1
 

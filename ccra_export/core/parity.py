@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-PYTORCH_REFERENCE = "PyTorch fp32 (ccra_export.vision_model)"
+PYTORCH_REFERENCE = "PyTorch fp32 (ccra_export.model.vision_model)"
 RECORDED_REFERENCE = "PyTorch fp32 outputs recorded at build time (reference.npz)"
 
 #: |a - b| / max(|b|, REL_ERR_FLOOR * max|b|): relative error without blowing up on zeros.

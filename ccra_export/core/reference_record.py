@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccra_export.errors import BundleError
+from ccra_export.core.errors import BundleError
 
 REFERENCE_FILE = "reference.npz"
 #: Samples (batch rows) kept: enough to cover full and padded instructions, small at 7B sizes

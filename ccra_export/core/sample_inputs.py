@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ccra_export.config import ModelConfig
+from ccra_export.core.config import ModelConfig
 
 
 def random_inputs(

@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from ccra_export.config import CCRAConfig
+from ccra_export.core.config import CCRAConfig
+from ccra_export.model.lpwca_fused import fold_query, lpwca
 
 
 class CCRA(nn.Module):
@@ -74,8 +75,6 @@ class CCRA(nn.Module):
 
     def lpwca_fused(self, features: torch.Tensor, q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stages 2-3 through the fused ``ccra::lpwca`` op on folded queries (same result as ``lpwca``)."""
-        from ccra_export.lpwca_fused import fold_query, lpwca
-
         weights, bias = fold_query(self, q)
         cfg = self.config
         return lpwca(features, weights, bias, cfg.num_heads, cfg.layer_norm_eps, cfg.head_dim**-0.5, cfg.attn_dim**-0.5)

@@ -25,10 +25,10 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from ccra_export.config import CCRAConfig, ModelConfig, VisionTowerConfig
-from ccra_export.errors import CheckpointError, ConfigError
-from ccra_export.hashing import TensorDigest
-from ccra_export.vision_model import CCRAVisionModel, build_model
+from ccra_export.core.config import CCRAConfig, ModelConfig, VisionTowerConfig
+from ccra_export.core.errors import CheckpointError, ConfigError
+from ccra_export.core.hashing import TensorDigest
+from ccra_export.model.vision_model import CCRAVisionModel, build_model
 
 CCRA_WEIGHTS = "ccra.safetensors"
 CCRA_CONFIG_KEY = "ccra_config"

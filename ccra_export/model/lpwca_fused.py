@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import torch
 
-LIMIT_HEADS = 16  # trt_plugins/include/ccra/lpwca_params.h kMaxHeads (a test checks they agree)
+from ccra_export.core.errors import ConfigError
+
+LIMIT_HEADS = 16  # trt_plugins/lpwca/lpwca_params.h kMaxHeads (a test checks they agree)
 LIMIT_LAYERS = 64  # kMaxLayers
 
 
@@ -71,8 +73,6 @@ def _lpwca_fake(features, query_weights, query_bias, num_heads, epsilon, head_sc
 
 def check_kernel_limits(heads: int, layers: int, where: str) -> None:
     """Refuse at export time what the kernels cannot run, instead of failing at engine build."""
-    from ccra_export.errors import ConfigError
-
     if not 1 <= heads <= LIMIT_HEADS:
         raise ConfigError(f"{where}: --lpwca fused supports 1..{LIMIT_HEADS} heads, the model has {heads}")
     if not 1 <= layers <= LIMIT_LAYERS:

@@ -13,8 +13,8 @@ from torch import nn
 from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.activations import ACT2FN
 
-from ccra_export.ccra_module import CCRA
-from ccra_export.config import ModelConfig
+from ccra_export.core.config import ModelConfig
+from ccra_export.model.ccra_module import CCRA
 
 # Graph I/O names: the ONNX graph, the TensorRT engine and the runtime all use these.
 PIXEL_VALUES = "pixel_values"

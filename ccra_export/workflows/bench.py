@@ -9,6 +9,9 @@ latency, time to first token (preprocessing + vision + prefill), decode tokens/s
 disabled so both decode the same number of tokens). The Hugging Face side is the checkpoint's
 vision path in PyTorch (our reference model: Hugging Face's CLIP tower, with CCRA when the bundle
 has it) feeding ``LlavaForConditionalGeneration.generate`` the spliced embeddings.
+
+Each side's imports are made inside its own function, so a side's process loads only what that
+side needs (ours never loads torch) and its peak memory is not inflated by the other's stack.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def _median(values: list[float]) -> float:
 
 
 def _ours(bundle: str, image: str | None, tokens: int, repeats: int, backend: str) -> dict[str, Any]:
-    from ccra_export.image_preprocess import preprocess
+    from ccra_export.core.image_preprocess import preprocess
     from ccra_export.runtime.language_model import Sampling
     from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
 
@@ -87,9 +90,9 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
     from transformers import LlavaForConditionalGeneration
     from transformers.utils import logging as hf_logging
 
-    from ccra_export.checkpoint import load_checkpoint
-    from ccra_export.image_preprocess import preprocess
-    from ccra_export.manifest import read_manifest
+    from ccra_export.core.image_preprocess import preprocess
+    from ccra_export.core.manifest import read_manifest
+    from ccra_export.model.checkpoint import load_checkpoint
     from ccra_export.runtime.vlm_pipeline import TEMPLATE, load_image, processor_from_manifest
 
     hf_logging.disable_progress_bar()
@@ -146,9 +149,9 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
 def run_bench(
     bundle: Path, image: Path | None, tokens: int = 32, repeats: int = 3, backend: str = "auto"
 ) -> list[Figures]:
-    from ccra_export.errors import BundleError
-    from ccra_export.extras import require_export_stack
-    from ccra_export.manifest import read_manifest
+    from ccra_export.core.errors import BundleError
+    from ccra_export.core.extras import require_export_stack
+    from ccra_export.core.manifest import read_manifest
 
     manifest = read_manifest(bundle)
     require_export_stack("ccra-export bench (its Hugging Face side)")
@@ -192,8 +195,8 @@ def _timed(fn: Any, repeats: int) -> tuple[float, Any]:
 
 
 def _vision_ours(bundle: str, batch: int, repeats: int, backend: str) -> tuple[dict[str, Any], dict]:
-    from ccra_export.manifest import read_manifest
-    from ccra_export.reference_record import load_reference
+    from ccra_export.core.manifest import read_manifest
+    from ccra_export.core.reference_record import load_reference
     from ccra_export.runtime.backends import bundle_backend
 
     manifest = read_manifest(bundle)
@@ -210,10 +213,10 @@ def _vision_ours(bundle: str, batch: int, repeats: int, backend: str) -> tuple[d
 def _vision_pytorch(bundle: str, batch: int, repeats: int) -> tuple[dict[str, Any], dict]:
     import torch
 
-    from ccra_export.manifest import read_manifest
-    from ccra_export.pipeline import source_from_manifest
-    from ccra_export.reference_record import load_reference
-    from ccra_export.vision_model import reference_outputs
+    from ccra_export.core.manifest import read_manifest
+    from ccra_export.core.reference_record import load_reference
+    from ccra_export.model.vision_model import reference_outputs
+    from ccra_export.workflows.source import source_from_manifest
 
     manifest = read_manifest(bundle)
     source = source_from_manifest(manifest, None)
@@ -231,10 +234,10 @@ def run_vision_bench(
 ) -> tuple[list[VisionFigures], str | None]:
     """Vision latency of the bundle's graph or engine, and of the PyTorch reference when PyTorch and
     the bundle's source are here (else why not), on the recorded parity inputs."""
-    from ccra_export.errors import BundleError
-    from ccra_export.extras import export_stack_available
-    from ccra_export.manifest import read_manifest
-    from ccra_export.parity import compare_output, thresholds_for
+    from ccra_export.core.errors import BundleError
+    from ccra_export.core.extras import export_stack_available
+    from ccra_export.core.manifest import read_manifest
+    from ccra_export.core.parity import compare_output, thresholds_for
 
     manifest = read_manifest(bundle)
     if not manifest.get("reference"):

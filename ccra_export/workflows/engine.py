@@ -4,87 +4,26 @@
 Engines are not portable across TensorRT versions or GPUs, so the usual deployment is: build
 and parity-check the bundle on a workstation, copy it to the Jetson, build the engine there.
 That target needs neither PyTorch nor the checkpoint: the engine is checked against the PyTorch
-outputs the build recorded (reference_record.py). Nothing here imports torch.
+outputs the build recorded (core/reference_record.py). Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
-from ccra_export import atomic
-from ccra_export.console import SILENT, Steps
-from ccra_export.errors import BackendUnavailableError, BundleError, ConfigError
-from ccra_export.hashing import sha256_file
-from ccra_export.manifest import MANIFEST_NAME, read_manifest, verify_files
-
-ENGINE_FILE = "vision.engine"
-ENGINE_PARITY_FILE = "parity_engine.json"
-
-
-@dataclass
-class TrtOptions:
-    """TensorRT engine build settings (``--backend trt`` / ``ort-trt``, ``ccra-export engine``)."""
-
-    typing: str = "auto"
-    workspace_mib: int = 2048
-    optimization_level: int = 3
-    timing_cache: Path | None = Path.home() / ".cache" / "ccra-export" / "timing.cache"
-
-    def settings(self) -> Any:
-        from ccra_export.runtime.trt_engine import EngineSettings
-
-        return EngineSettings(self.workspace_mib, self.optimization_level, self.timing_cache)
-
-
-def bundle_profile(manifest: dict[str, Any], overrides: dict[str, dict[str, int]] | None = None) -> Any:
-    """The optimization profile of a bundle's graph: its manifest's symbolic axes, flags on top."""
-    from ccra_export.runtime.trt_plan import optimization_profiles
-
-    return optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"], overrides)
-
-
-def build_trt_engine(
-    graph: Path,
-    engine_path: Path,
-    precision: str,
-    profile: Any,
-    plugin_library: Path | None,
-    trt_options: TrtOptions,
-    steps: Steps = SILENT,
-) -> tuple[Any, dict[str, Any]]:
-    """Build ``engine_path`` from the ONNX ``graph`` with TensorRT; the backend running it and its
-    manifest record (TensorRT version, GPU, compute capability, plugin hash, typing, profile)."""
-    import tensorrt as trt
-
-    from ccra_export.doctor import gpus
-    from ccra_export.runtime import trt_engine
-    from ccra_export.runtime.trt_plan import TrtVersion, engine_record, precision_plan
-
-    plan = precision_plan(TrtVersion.parse(trt.__version__), precision, trt_options.typing)
-    steps.info(f"engine: {plan.why}")
-    libraries = [plugin_library] if plugin_library else []
-    with steps.step("Building the TensorRT engine (minutes on a Jetson)") as update:
-        serialized = trt_engine.build_engine(graph, plan, profile, trt_options.settings(), libraries, report=update)
-    engine_path.write_bytes(serialized)
-    name, cc = (gpus() or [("unknown GPU", "unknown")])[0]
-    record = engine_record(
-        trt.__version__,
-        name,
-        cc,
-        sha256_file(plugin_library) if plugin_library else None,
-        plan,
-        profile,
-        {
-            "file": ENGINE_FILE,
-            "workspace_mib": trt_options.workspace_mib,
-            "optimization_level": trt_options.optimization_level,
-        },
-    )
-    return trt_engine.TensorRTBackend(engine_path), record
+from ccra_export.core import atomic
+from ccra_export.core.console import SILENT, Steps
+from ccra_export.core.errors import BackendUnavailableError, BundleError, ConfigError
+from ccra_export.core.hashing import sha256_file
+from ccra_export.core.manifest import ENGINE_FILE, ENGINE_PARITY_FILE, MANIFEST_NAME, read_manifest, verify_files
+from ccra_export.core.parity import ParityReport
+from ccra_export.engine.build import build_trt_engine
+from ccra_export.engine.plan import bundle_profile
+from ccra_export.engine.settings import TrtOptions
+from ccra_export.runtime.backends import tensorrt_status
+from ccra_export.workflows.parity import check_parity, resolve_reference
 
 
 def add_engine(
@@ -97,7 +36,7 @@ def add_engine(
     model_override: str | None = None,
     force: bool = False,
     steps: Steps = SILENT,
-) -> Any:
+) -> ParityReport:
     """`ccra-export engine`: build ``vision.engine`` into an existing bundle, check its parity
     against PyTorch, record it in the manifest. Returns the parity report.
 
@@ -105,9 +44,6 @@ def add_engine(
     engine is built in a scratch directory inside the bundle and moved in, then the manifest is
     replaced atomically: an interrupted build leaves the bundle as it was.
     """
-    from ccra_export.pipeline import check_parity, resolve_reference
-    from ccra_export.runtime.backends import tensorrt_status
-
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
     if manifest.get("engine") and not force:

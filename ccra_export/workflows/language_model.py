@@ -14,8 +14,11 @@ from typing import Any
 
 import numpy as np
 
-from ccra_export.console import SILENT, Steps
-from ccra_export.errors import ConfigError
+from ccra_export.core.console import SILENT, Steps
+from ccra_export.core.errors import ConfigError
+from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.export.lm_export import build_decoder, build_embedding_model, language_model_dir
+from ccra_export.runtime.language_model import LanguageModel, Sampling
 
 PARITY_STEPS = 32
 PROMPT_TOKENS = 24
@@ -24,8 +27,6 @@ PROMPT_TOKENS = 24
 def export_into(checkpoint: Path, stage: Path, scratch: Path, precision: str, steps: Steps = SILENT) -> dict[str, Any]:
     """Write ``stage/lm`` (decoder + embedding model + tokenizer); returns the manifest record."""
     from transformers import LlavaConfig
-
-    from ccra_export.export.lm_export import build_decoder, build_embedding_model, language_model_dir
 
     with steps.step("Extracting the language model from the LLaVA checkpoint"):
         hf_dir = language_model_dir(checkpoint, scratch / "lm-hf")
@@ -56,9 +57,6 @@ def parity(hf_dir: Path, lm_dir: Path, steps: Steps = SILENT) -> dict[str, Any]:
     import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
-
-    from ccra_export.parity import compare_output, thresholds_for
-    from ccra_export.runtime.language_model import LanguageModel, Sampling
 
     with steps.step(f"Language model parity vs Hugging Face ({PARITY_STEPS} greedy tokens)"):
         hf_logging.disable_progress_bar()  # our step line is the progress; keep the terminal clean

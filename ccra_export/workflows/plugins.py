@@ -13,11 +13,11 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccra_export.console import SILENT, Steps
-from ccra_export.errors import CCRAExportError
-from ccra_export.hashing import sha256_file
+from ccra_export.core.console import SILENT, Steps
+from ccra_export.core.errors import CCRAExportError
+from ccra_export.core.hashing import sha256_file
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]  # the repository: ccra_export/workflows/plugins.py
 LIBRARIES = {
     "TensorRT plugin (loadLibrary / getCreators)": "libccra_lpwca_plugin.so",
     "TensorRT plugin (static registration)": "libccra_lpwca_plugin_static.so",

@@ -14,10 +14,13 @@ from typing import Any
 import numpy as np
 
 from ccra_export.calibration.images import CalibrationImage, CalibrationSet, load_calibration_set
+from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
+from ccra_export.calibration.reader import ImageBatchReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
-from ccra_export.console import SILENT, Steps
-from ccra_export.errors import ConfigError
-from ccra_export.image_preprocess import ImageProcessorConfig
+from ccra_export.calibration.trt_cache import amax_ranges, read_cache, write_cache
+from ccra_export.core.console import SILENT, Steps
+from ccra_export.core.errors import ConfigError
+from ccra_export.core.image_preprocess import ImageProcessorConfig, open_rgb
 
 ORT_CACHE = "calibration.json"
 TRT_CACHE = "calibration.cache"
@@ -73,14 +76,14 @@ def prepare(options: Int8Options, source: Any, seed: int, steps: Steps = SILENT)
             Path(options.calib_data), prompts=options.prompts, holdout=options.holdout, limit=options.limit
         )
     for warning in seen:
-        steps.info(f"[yellow]warning:[/yellow] {warning.message}")
+        steps.warn(str(warning.message))
     steps.info(
         f"calibration: {len(dataset.calibration)} images, {len(dataset.held_out)} held out for parity"
         + (f", {len(dataset.skipped)} unreadable skipped" if dataset.skipped else "")
     )
     if len(dataset.calibration) < options.batch_size:
-        steps.info(
-            f"[yellow]warning:[/yellow] {len(dataset.calibration)} calibration images for --calib-batch-size "
+        steps.warn(
+            f"{len(dataset.calibration)} calibration images for --calib-batch-size "
             f"{options.batch_size}: calibrating in one batch of {len(dataset.calibration)}"
         )
     return Calibration(dataset, processor_for(source, options.pad_to_square), make_embedder(source, seed))
@@ -95,10 +98,6 @@ def quantize(
     steps: Steps = SILENT,
 ) -> tuple[list[str], dict[str, Any]]:
     """Write the Q/DQ graph and both caches into ``stage``; returns (graph files, manifest record)."""
-    from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
-    from ccra_export.calibration.reader import ImageBatchReader
-    from ccra_export.calibration.trt_cache import amax_ranges, read_cache, write_cache
-
     images = calibration.dataset.calibration
     title = f"Calibrating ({options.method}, {len(images)} images) and inserting Q/DQ"
     with steps.progress(title, total=len(images), unit="images") as advance:
@@ -141,8 +140,6 @@ def quantize(
 
 
 def held_out_feeds(calibration: Calibration) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    from ccra_export.calibration.reader import make_feeds
-
     items = calibration.dataset.held_out
     described = {"kind": "held-out images", "images": [i.path.name for i in items], "batch": len(items)}
     return make_feeds(items, calibration.processor, calibration.embedder), described
@@ -150,8 +147,6 @@ def held_out_feeds(calibration: Calibration) -> tuple[dict[str, np.ndarray], dic
 
 def held_out_from_manifest(record: dict[str, Any], source: Any, seed: int) -> Calibration:
     """Rebuild the held-out parity inputs an INT8 bundle was checked on (for `ccra-export check`)."""
-    from ccra_export.image_preprocess import open_rgb
-
     folder = Path(record["calibration_dir"])
     items = []
     for entry in record["held_out"]:

@@ -5,7 +5,7 @@
 #include <cstdio>
 #include <string>
 
-#include "ccra/lpwca_params.h"
+#include "lpwca_params.h"
 #include "lpwca_kernel.h"
 
 extern "C" {

@@ -14,7 +14,7 @@
 #include <cfloat>
 #include <cstdint>
 
-#include "ccra/lpwca_math.h"
+#include "lpwca_math.h"
 #include "lpwca_kernel.h"
 
 namespace ccra {

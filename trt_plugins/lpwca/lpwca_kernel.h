@@ -6,7 +6,7 @@
 
 #include <cstddef>
 
-#include "ccra/lpwca_params.h"
+#include "lpwca_params.h"
 
 namespace ccra {
 namespace lpwca {

@@ -1,4 +1,4 @@
-#include "ccra/lpwca_params.h"
+#include "lpwca_params.h"
 
 #include <cmath>
 #include <cstring>

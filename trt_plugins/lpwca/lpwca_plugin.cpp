@@ -1,12 +1,12 @@
 // TensorRT IPluginV3 plugin for the fused ccra::LPWCA ONNX node (TensorRT 10 and 11).
 //
 // Deliberately thin: every method converts TensorRT types into the TensorRT-free types of
-// ccra/lpwca_params.h (fields, dims, data types) and calls code that CI compiles and tests; the
+// lpwca_params.h (fields, dims, data types) and calls code that CI compiles and tests; the
 // arithmetic is in lpwca_kernel.cu. The ONNX parser finds this creator by the node's op_type
 // ("LPWCA"), plugin_version ("1") and plugin_namespace ("ccra") attributes, and hands it the
 // node's attributes as the fields listed by getFieldNames().
 //
-// Two libraries are built from this file (trt_plugins/CMakeLists.txt):
+// Two libraries are built from this file (CMakeLists.txt beside it):
 //   libccra_lpwca_plugin.so         getCreators() / setLoggerFinder(): IPluginRegistry::loadLibrary,
 //                                   trtexec --dynamicPlugins, serialising the plugin into an engine
 //   libccra_lpwca_plugin_static.so  REGISTER_TENSORRT_PLUGIN at load time: Polygraphy --plugins,
@@ -19,7 +19,7 @@
 #include <string>
 #include <vector>
 
-#include "ccra/lpwca_params.h"
+#include "lpwca_params.h"
 #include "lpwca_kernel.h"
 
 namespace ccra {

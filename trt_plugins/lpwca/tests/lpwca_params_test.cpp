@@ -4,8 +4,8 @@
 #include <string>
 #include <vector>
 
-#include "ccra/lpwca_math.h"
-#include "ccra/lpwca_params.h"
+#include "lpwca_math.h"
+#include "lpwca_params.h"
 
 using namespace ccra::lpwca;
 

@@ -1,0 +1,380 @@
+"""Every command-line option, declared once: its flags, its help and the options field it fills.
+
+A verb lists the declarations it takes (``@options(...)``) and receives their values gathered by
+destination: ``dest="int8.method"`` arrives as ``int8={"method": ...}``, which ``into`` turns into
+the workflow's own dataclass (``Int8Options``). So a flag is written in one place; the dataclasses
+in ``workflows`` and ``engine`` hold the defaults the Python API shares.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import typing
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from ccra_export.core.config import PRESETS
+from ccra_export.engine.settings import DEFAULT_TIMING_CACHE
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Opt:
+    """One click option and the dotted field paths its value fills (``also``: extra copies)."""
+
+    dest: str
+    decorator: Callable[[Callable[..., Any]], Callable[..., Any]]
+    also: tuple[str, ...] = ()
+
+    @property
+    def param(self) -> str:
+        return self.dest.replace(".", "__")
+
+
+def opt(dest: str, *flags: str, also: tuple[str, ...] = (), **attrs: Any) -> Opt:
+    """``click.option(*flags, **attrs)`` whose value goes to ``dest`` (and ``also``)."""
+    return Opt(dest, click.option(*flags, dest.replace(".", "__"), **attrs), also)
+
+
+def options(*declared: Opt | tuple[Opt, ...]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Apply the declared options in the order listed (as --help shows them); the command gets
+    their values nested by destination."""
+    flat = [o for item in declared for o in (item if isinstance(item, tuple) else (item,))]
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            nested: dict[str, Any] = {}
+            for o in flat:
+                value = values.pop(o.param)
+                for path in (o.dest, *o.also):
+                    _put(nested, path, value)
+            return command(**values, **nested)
+
+        for o in reversed(flat):
+            wrapper = o.decorator(wrapper)
+        return wrapper
+
+    return decorate
+
+
+def _put(nested: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for key in parents:
+        nested = nested.setdefault(key, {})
+    nested[leaf] = value
+
+
+def into(cls: type[T], values: dict[str, Any]) -> T:
+    """The dataclass ``cls`` from nested option values; fields not given keep their defaults."""
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for field in dataclasses.fields(cls):  # type: ignore[arg-type]
+        if field.name not in values:
+            continue
+        value = values[field.name]
+        kind = hints[field.name]
+        kwargs[field.name] = into(kind, value) if dataclasses.is_dataclass(kind) and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+BACKEND_HELP = (
+    "What runs the graph. auto: TensorRT when it imports and sees a GPU (an engine is built into the bundle), "
+    "else ONNX Runtime (CUDA provider if installed, else CPU); ort: ONNX Runtime; trt: a native TensorRT engine; "
+    "ort-trt: ONNX Runtime's TensorRT execution provider."
+)
+RUN_BACKEND_HELP = "What runs the vision graph: auto uses the bundle's TensorRT engine where TensorRT is usable."
+
+
+def backend(*choices: str, help: str = BACKEND_HELP) -> Opt:
+    """``--backend``: the verbs differ only in which backends they offer."""
+    return opt("backend", "--backend", type=click.Choice(choices), default="auto", show_default=True, help=help)
+
+
+BUNDLE = opt(
+    "bundle", "--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory written by `build`."
+)
+MODEL_OVERRIDE = opt(
+    "model_override", "--model", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build."
+)
+PLUGIN_LIBRARY = opt(
+    "plugin_library",
+    "--plugin-library",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="The LPWCA TensorRT plugin library built for this machine (libccra_lpwca_plugin.so, `ccra-export plugins "
+    "build`): a fused graph needs it on TensorRT and on ONNX Runtime's TensorRT provider. `build` hashes it into "
+    "the manifest; `engine` serialises it into the engine.",
+)
+REFERENCE = opt(
+    "reference",
+    "--reference",
+    type=click.Choice(["auto", "pytorch", "recorded"]),
+    default="auto",
+    show_default=True,
+    help="What parity compares against. pytorch: the PyTorch model rebuilt from the bundle's source, on fresh "
+    "inputs; recorded: the PyTorch outputs the build stored in the bundle (no PyTorch or checkpoint needed); "
+    "auto: pytorch where PyTorch and the source are at hand, else recorded.",
+)
+
+# Parity run and thresholds (ParityOptions), shared by `build` and `check`.
+PARITY = (
+    opt(
+        "parity.batch",
+        "--parity-batch",
+        default=2,
+        show_default=True,
+        type=click.IntRange(1, 64),
+        help="Batch size of the parity inputs.",
+    ),
+    opt(
+        "parity.text_len",
+        "--parity-text-len",
+        default=16,
+        show_default=True,
+        type=click.IntRange(1, 4096),
+        help="Instruction length (tokens) of the parity inputs.",
+    ),
+    opt(
+        "parity.min_cosine",
+        "--min-cosine",
+        type=click.FloatRange(-1.0, 1.0),
+        help="Override the cosine-similarity threshold (default per precision: fp32 0.99999, fp16 0.999).",
+    ),
+    opt(
+        "parity.max_scaled_abs_err",
+        "--max-abs-err",
+        type=click.FloatRange(0.0),
+        help="Override the max |error| / max |reference| threshold (default: 1e-4 for fp32, off for fp16).",
+    ),
+)
+
+# TensorRT builder settings (TrtOptions), shared by `build` (--backend trt / ort-trt) and `engine`.
+ENGINE = (
+    opt(
+        "trt.typing",
+        "--trt-typing",
+        type=click.Choice(["auto", "strong", "weak"]),
+        default="auto",
+        show_default=True,
+        help="TensorRT engine typing. auto: strongly typed on TensorRT 11 (the only mode left), weakly typed with "
+        "FP16/INT8 builder flags on TensorRT 10; strong keeps the ONNX graph's types exactly.",
+    ),
+    opt(
+        "trt.workspace_mib",
+        "--workspace-mib",
+        default=2048,
+        show_default=True,
+        type=click.IntRange(64),
+        help="TensorRT workspace pool limit (Jetson shares its DRAM with the CPU).",
+    ),
+    opt(
+        "trt.optimization_level",
+        "--opt-level",
+        default=3,
+        show_default=True,
+        type=click.IntRange(0, 5),
+        help="TensorRT builder optimization level (higher: longer build, possibly faster engine).",
+    ),
+    opt(
+        "trt.timing_cache",
+        "--timing-cache",
+        type=click.Path(path_type=Path, dir_okay=False),
+        default=DEFAULT_TIMING_CACHE,
+        show_default=True,
+        help="TensorRT timing cache, read before and written after every engine build.",
+    ),
+)
+
+# The optimization profile (ProfileOptions): recorded at build, overridden per engine.
+PROFILE = (
+    opt(
+        "profile.max_batch",
+        "--max-batch",
+        type=click.IntRange(1),
+        help="Largest batch of the optimization profile. Default: 8 at build; the manifest's for `engine`.",
+    ),
+    opt(
+        "profile.opt_batch",
+        "--opt-batch",
+        type=click.IntRange(1),
+        help="Batch TensorRT tunes its kernels for (the profile's opt shape). Default: 1; the manifest's for `engine`.",
+    ),
+    opt(
+        "profile.max_text_len",
+        "--max-text-len",
+        type=click.IntRange(1),
+        help="Longest instruction (tokens) of the profile. Default: 512 at build; the manifest's for `engine`.",
+    ),
+    opt(
+        "profile.opt_text_len",
+        "--opt-text-len",
+        type=click.IntRange(1),
+        help="Instruction length TensorRT tunes for. Default: 64 (or --max-text-len if smaller); the manifest's "
+        "for `engine`.",
+    ),
+)
+
+# INT8 calibration (Int8Options).
+INT8 = (
+    opt(
+        "int8.calib_data",
+        "--calib-data",
+        type=click.Path(path_type=Path),
+        help="INT8: folder of .jpg/.png calibration images.",
+    ),
+    opt(
+        "int8.prompts",
+        "--prompts",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="INT8: one instruction per image (file-name order), else a default set of instructions.",
+    ),
+    opt(
+        "int8.method",
+        "--calib-method",
+        type=click.Choice(["entropy", "minmax", "percentile"]),
+        default="entropy",
+        show_default=True,
+        help="INT8 calibration: KL-divergence histogram, min/max, or 99.999th percentile.",
+    ),
+    opt(
+        "int8.batch_size",
+        "--calib-batch-size",
+        default=4,
+        show_default=True,
+        type=click.IntRange(1),
+        help="INT8: images per batch.",
+    ),
+    opt(
+        "int8.holdout",
+        "--holdout",
+        type=click.IntRange(1),
+        help="INT8: images kept out of calibration for parity (default 10%).",
+    ),
+    opt(
+        "int8.limit",
+        "--max-calib-images",
+        type=click.IntRange(2),
+        help="INT8: use at most this many images of the folder.",
+    ),
+    opt(
+        "int8.quantize_ccra",
+        "--int8-ccra",
+        is_flag=True,
+        help="INT8: quantize the CCRA module's matmuls too (kept float by default).",
+    ),
+    opt(
+        "int8.pad_to_square",
+        "--pad-to-square/--no-pad-to-square",
+        default=True,
+        show_default=True,
+        help="Preprocess like LLaVA-1.5 (image_aspect_ratio 'pad') before CLIP's resize and crop.",
+    ),
+    opt(
+        "int8.trt_version",
+        "--trt-cache-version",
+        default="10.3.0",
+        show_default=True,
+        help="INT8: TensorRT version written into calibration.cache's header (the TensorRT that reads it).",
+    ),
+)
+
+# What `build` exports (BuildOptions' own fields).
+EXPORT = (
+    opt(
+        "model",
+        "--model",
+        required=True,
+        metavar="PRESET|DIR",
+        help=f"A preset ({', '.join(PRESETS)}) with --random-weights, or a local Hugging Face LLaVA-1.5 "
+        "checkpoint directory (see README: Checkpoint layout).",
+    ),
+    opt(
+        "output",
+        "--output",
+        "-o",
+        required=True,
+        type=click.Path(path_type=Path),
+        help="Bundle directory to write; must be new or empty (or a bundle, with --force).",
+    ),
+    opt(
+        "precision",
+        "--precision",
+        type=click.Choice(["fp32", "fp16", "int8"]),
+        default="fp16",
+        show_default=True,
+        help="Precision of the exported graph. fp16: weights, compute and I/O (Softmax and the CCRA module kept "
+        "FP32). int8: Q/DQ graph calibrated on --calib-data (FP32 I/O; LayerNorm, Softmax and CCRA kept float).",
+    ),
+    opt(
+        "random_weights",
+        "--random-weights",
+        is_flag=True,
+        help="Fill a preset with seeded random weights (tests, benchmarks, trying the toolchain).",
+    ),
+    opt(
+        "plain",
+        "--plain",
+        is_flag=True,
+        help="With a preset: the plain LLaVA-1.5 variant (projector only, no CCRA; input pixel_values only).",
+    ),
+    opt(
+        "seed",
+        "--seed",
+        also=("parity.seed",),
+        default=0,
+        show_default=True,
+        type=int,
+        help="Seed for --random-weights and for the parity inputs.",
+    ),
+    opt(
+        "force",
+        "--force",
+        is_flag=True,
+        help="Replace an existing bundle in --output (only once the new one is complete).",
+    ),
+    opt(
+        "opset",
+        "--opset",
+        default=20,
+        show_default=True,
+        type=click.IntRange(17, 23),
+        help="ONNX opset (>= 17 for LayerNormalization).",
+    ),
+    opt(
+        "external_data",
+        "--external-data",
+        type=click.Choice(["auto", "always", "never"]),
+        default="auto",
+        show_default=True,
+        help="Store weights in vision.onnx.data. auto: when they exceed 1.5 GiB (protobuf's limit is 2 GiB).",
+    ),
+    opt(
+        "ccra_fp16",
+        "--ccra-fp16/--ccra-fp32",
+        default=False,
+        show_default=True,
+        help="With --precision fp16: run the CCRA module in FP16 too (LPWCA's re-weighting can overflow FP16).",
+    ),
+    opt(
+        "lpwca",
+        "--lpwca",
+        type=click.Choice(["auto", "fused", "portable"]),
+        default="auto",
+        show_default=True,
+        help="LPWCA as one ccra::LPWCA node (fused: the TensorRT plugin; the C++ CPU kernel under ONNX Runtime) "
+        "or as standard ops (portable). auto: fused for TensorRT, portable for ONNX Runtime.",
+    ),
+    opt(
+        "lm_precision",
+        "--lm-precision",
+        type=click.Choice(["int4", "int8", "fp16", "fp32"]),
+        help="Also build the language model (onnxruntime-genai builder: INT4 MatMulNBits, INT8, FP16 or FP32) into "
+        "the bundle, for `ccra-export run`. Needs a checkpoint with its tokenizer.",
+    ),
+)

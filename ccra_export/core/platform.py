@@ -1,0 +1,94 @@
+"""What hardware this is: the visible NVIDIA GPUs and, on a Jetson, its module, L4T and JetPack.
+
+Detection reads files and runs ``nvidia-smi``, never imports a GPU library, so every layer can ask
+(the runtime before loading an engine, ``doctor`` for its report). The parsers take text so the
+tests can feed them what real Jetsons and GPUs print.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+TEGRA_RELEASE = Path("/etc/nv_tegra_release")
+DEVICE_TREE_MODEL = Path("/proc/device-tree/model")
+
+# L4T (R<major>.<minor>) -> JetPack, for the releases that carry TensorRT >= 8.5.
+_JETPACK = {
+    (35, 1): "5.0.2",
+    (35, 2): "5.1",
+    (35, 3): "5.1.1",
+    (35, 4): "5.1.2",
+    (35, 5): "5.1.3",
+    (35, 6): "5.1.4",
+    (36, 2): "6.0 DP",
+    (36, 3): "6.0",
+    (36, 4): "6.1 / 6.2",
+    (38, 2): "7.0",
+}
+# Jetson module family -> CUDA compute capability.
+_JETSON_SM = (("Thor", "11.0"), ("Orin", "8.7"), ("Xavier", "7.2"), ("TX2", "6.2"), ("Nano", "5.3"))
+
+
+@dataclass(frozen=True)
+class JetsonInfo:
+    l4t: str
+    jetpack: str | None
+    model: str | None
+    compute_capability: str | None
+
+
+def parse_tegra_release(text: str) -> tuple[int, int, int] | None:
+    """'# R36 (release), REVISION: 3.0, GCID: ...' -> (36, 3, 0)."""
+    match = re.search(r"#\s*R(\d+)\s*\(release\),\s*REVISION:\s*(\d+)\.(\d+)", text)
+    return (int(match[1]), int(match[2]), int(match[3])) if match else None
+
+
+def jetson_info(release_text: str, model_text: str | None) -> JetsonInfo | None:
+    version = parse_tegra_release(release_text)
+    if version is None:
+        return None
+    model = model_text.strip("\x00 \n") if model_text else None
+    sm = next((cc for family, cc in _JETSON_SM if model and family in model), None)
+    return JetsonInfo(f"R{version[0]}.{version[1]}.{version[2]}", _JETPACK.get(version[:2]), model, sm)
+
+
+def parse_nvidia_smi(text: str) -> list[tuple[str, str]]:
+    """``nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader`` -> [(name, '9.0'), ...]."""
+    rows = []
+    for line in text.strip().splitlines():
+        name, _, cc = line.rpartition(",")
+        if name:
+            rows.append((name.strip(), cc.strip()))
+    return rows
+
+
+def run_quiet(command: list[str]) -> str | None:
+    if shutil.which(command[0]) is None:
+        return None
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=20, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def gpus() -> list[tuple[str, str]]:
+    """(name, compute capability) of each visible GPU: nvidia-smi, else the Jetson module."""
+    smi = run_quiet(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"])
+    if smi:
+        return parse_nvidia_smi(smi)
+    jetson = detect_jetson()
+    if jetson and jetson.compute_capability:
+        return [(jetson.model or "Jetson", jetson.compute_capability)]
+    return []
+
+
+def detect_jetson() -> JetsonInfo | None:
+    if not TEGRA_RELEASE.is_file():
+        return None
+    model = DEVICE_TREE_MODEL.read_text(errors="replace") if DEVICE_TREE_MODEL.is_file() else None
+    return jetson_info(TEGRA_RELEASE.read_text(errors="replace"), model)

@@ -1,0 +1,172 @@
+"""Parity runs: the artifact (graph or engine) against PyTorch, recomputed or recorded at build.
+
+INT8 is judged on its held-out calibration images, every other precision on seeded random inputs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from ccra_export.core.console import SILENT, Steps
+from ccra_export.core.errors import BundleError, ConfigError
+from ccra_export.core.extras import export_stack_available, require_export_stack
+from ccra_export.core.manifest import MANIFEST_NAME
+from ccra_export.core.parity import (
+    PYTORCH_REFERENCE,
+    RECORDED_REFERENCE,
+    ParityReport,
+    Thresholds,
+    compare_outputs,
+    thresholds_for,
+)
+from ccra_export.core.reference_record import REFERENCE_FILE, load_reference
+from ccra_export.core.sample_inputs import random_inputs
+from ccra_export.workflows import quantization
+from ccra_export.workflows.source import Source, source_from_manifest
+
+REFERENCE_CHOICES = ("auto", "pytorch", "recorded")
+
+
+@dataclass
+class ParityOptions:
+    batch: int = 2
+    text_len: int = 16
+    seed: int | None = 0  # None: a fresh random seed (check)
+    min_cosine: float | None = None
+    max_scaled_abs_err: float | None = None
+
+
+def thresholds(precision: str, options: ParityOptions, stored: dict[str, Any] | None = None) -> Thresholds:
+    base = Thresholds(**stored) if stored else thresholds_for(precision)
+    return base.with_overrides(min_cosine=options.min_cosine, max_scaled_abs_err=options.max_scaled_abs_err)
+
+
+def random_parity_feeds(source: Source, options: ParityOptions) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    """Seeded random graph inputs for parity, and their description for parity.json."""
+    feeds = random_inputs(
+        source.config,
+        batch=options.batch,
+        text_len=options.text_len,
+        seed=options.seed,
+        token_embeddings=source.token_embeddings,
+    )
+    described = {
+        "kind": "random",
+        "seed": options.seed,
+        "batch": options.batch,
+        "text_len": options.text_len if source.config.ccra is not None else None,
+        "text_embeds": "token embedding table rows" if source.token_embeddings is not None else "N(0, 1)",
+    }
+    return feeds, described
+
+
+def parity_inputs(
+    source: Source, parity: ParityOptions, calibration: Any = None
+) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+    """(feeds, description, step title) of a parity run: INT8 is judged on its held-out images,
+    every other precision on seeded random inputs (a fresh seed when ``parity.seed`` is None)."""
+    if calibration is not None:
+        feeds, described = quantization.held_out_feeds(calibration)
+        return feeds, described, f"Parity vs PyTorch (held-out images: {len(calibration.dataset.held_out)})"
+    if parity.seed is None:
+        parity.seed = secrets.randbelow(2**31)
+    feeds, described = random_parity_feeds(source, parity)
+    return feeds, described, f"Parity vs PyTorch (batch {parity.batch}, seed {parity.seed})"
+
+
+def pytorch_outputs(source: Source, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The FP32 PyTorch reference on ``feeds``, keyed by graph output name."""
+    from ccra_export.model.vision_model import reference_outputs
+
+    return reference_outputs(source.model, feeds)
+
+
+def run_parity(
+    backend: Any,
+    precision: str,
+    thresholds: Thresholds,
+    feeds: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    described: dict[str, Any],
+    reference_name: str = PYTORCH_REFERENCE,
+) -> ParityReport:
+    """The artifact on ``feeds`` against the reference outputs for the same inputs."""
+    return compare_outputs(
+        backend.run(feeds),
+        reference,
+        precision=precision,
+        backend=backend.name,
+        thresholds=thresholds,
+        inputs=described,
+        reference_name=reference_name,
+    )
+
+
+def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str | None = None) -> tuple[str, str]:
+    """``--reference`` -> ``pytorch`` | ``recorded``, and one line saying which and why.
+
+    auto recomputes with PyTorch (fresh inputs, the checkpoint re-hashed) where PyTorch and the
+    bundle's source are at hand, and otherwise, as on a Jetson, uses the outputs recorded at build.
+    """
+    if kind not in REFERENCE_CHOICES:
+        raise ConfigError(f"--reference {kind}: expected one of {', '.join(REFERENCE_CHOICES)}")
+    why = ""
+    if kind == "auto" and not manifest.get("reference"):
+        kind, why = "pytorch", " (auto: the bundle records no PyTorch outputs)"
+    elif kind == "auto":
+        source = manifest.get("source", {})
+        checkpoint = model_override or source.get("path")
+        if not export_stack_available():
+            kind, why = "recorded", " (auto: PyTorch is not installed here)"
+        elif source.get("kind") == "checkpoint" and not (checkpoint and Path(checkpoint).is_dir()):
+            kind, why = "recorded", f" (auto: checkpoint {checkpoint} is not here; --model DIR to recompute)"
+        else:
+            kind, why = "pytorch", " (auto: PyTorch and the bundle's source are here)"
+    if kind == "recorded" and not manifest.get("reference"):
+        raise BundleError(
+            "--reference recorded: this bundle has no recorded PyTorch outputs (built by an older ccra-export); "
+            "rebuild it, or check it where PyTorch is installed"
+        )
+    if kind == "pytorch":
+        return kind, f"reference: PyTorch, recomputed from the bundle's source{why}"
+    return kind, f"reference: the PyTorch outputs recorded at build time ({REFERENCE_FILE}){why}"
+
+
+def check_parity(
+    bundle: Path,
+    manifest: dict[str, Any],
+    runner: Any,
+    reference: str,
+    *,
+    parity: ParityOptions | None = None,
+    model_override: str | None = None,
+    steps: Steps = SILENT,
+) -> ParityReport:
+    """Parity of ``runner`` (the bundle's graph or engine) against ``reference`` (pytorch | recorded)."""
+    parity = parity or ParityOptions(seed=None)
+    precision = manifest["precision"]
+    limits = thresholds(precision, parity, manifest["parity"]["thresholds"])
+    if reference == "recorded":
+        entry = manifest["reference"]
+        feeds, expected = load_reference(Path(bundle) / entry["file"])
+        described = {**entry["inputs"], "recorded_samples": entry["samples"]}
+        with steps.step(f"Parity vs recorded PyTorch outputs ({entry['samples']} samples)"):
+            return run_parity(runner, precision, limits, feeds, expected, described, RECORDED_REFERENCE)
+    require_export_stack("parity against a fresh PyTorch run (--reference pytorch)")
+    try:
+        source = source_from_manifest(manifest, model_override, steps)
+    except KeyError as exc:
+        raise BundleError(f"{Path(bundle) / MANIFEST_NAME}: manifest lacks {exc}") from None
+    calibration = None
+    if precision == "int8":
+        calibration = quantization.held_out_from_manifest(
+            manifest["calibration"], source, manifest["source"].get("seed", 0)
+        )
+    feeds, described, title = parity_inputs(source, parity, calibration)
+    with steps.step(title):
+        return run_parity(runner, precision, limits, feeds, pytorch_outputs(source, feeds), described)

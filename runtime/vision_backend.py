@@ -1,0 +1,125 @@
+"""The interface of "a compiled vision graph you can run", and its embedded default: ONNX Runtime.
+
+ONNX Runtime runs everywhere (CPU execution provider; CUDA when the onnxruntime-gpu build is
+installed). Other engines (runtime/trt_engine.py) implement the same interface. No torch here.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ccra_export.core.errors import BundleError
+from ccra_export.runtime.ort_session import session_model
+
+ORT_NUMPY_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+class VisionBackend(ABC):
+    """Runs the vision graph: named numpy inputs in, named numpy outputs out."""
+
+    #: short engine name recorded in manifests and parity reports
+    name: str
+
+    @property
+    @abstractmethod
+    def description(self) -> str:
+        """One line for the terminal: engine, version, device."""
+
+    @property
+    @abstractmethod
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        """dtype each graph input expects (float16 inputs for FP16 graphs)."""
+
+    @abstractmethod
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]: ...
+
+    def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Run with ``feeds`` cast to the graph's input types; unknown names are an error."""
+        dtypes = self.input_dtypes
+        unknown = set(feeds) - set(dtypes)
+        missing = set(dtypes) - set(feeds)
+        if unknown or missing:
+            raise ValueError(f"graph inputs are {sorted(dtypes)}; got {sorted(feeds)}")
+        return self._run({k: np.ascontiguousarray(v, dtype=dtypes[k]) for k, v in feeds.items()})
+
+
+@dataclass(frozen=True)
+class _OrtInfo:
+    version: str
+    providers: tuple[str, ...]
+
+
+def _ort_info() -> _OrtInfo:
+    import onnxruntime as ort
+
+    return _OrtInfo(ort.__version__, tuple(ort.get_available_providers()))
+
+
+class OrtBackend(VisionBackend):
+    """ONNX Runtime session over an ONNX file (external data next to it is found by ORT)."""
+
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        onnx_path: str | Path,
+        *,
+        providers: Sequence[str] | None = None,
+        intra_op_threads: int = 0,
+        custom_op_libraries: Sequence[str | Path] = (),
+        extra_outputs: Sequence[str] = (),
+    ) -> None:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = intra_op_threads
+        options.log_severity_level = 3  # errors only: ORT's warnings are about its own optimizers
+        model, config, libraries = session_model(onnx_path, extra_outputs)  # fused graphs need the CPU kernel
+        for key, value in config.items():
+            options.add_session_config_entry(key, value)
+        for library in [*custom_op_libraries, *libraries]:
+            options.register_custom_ops_library(str(library))
+        chosen = list(providers) if providers else default_ort_providers()
+        try:
+            self.session = ort.InferenceSession(model, sess_options=options, providers=chosen)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise BundleError(f"{onnx_path}: ONNX Runtime cannot load the graph ({first})") from None
+        self._dtypes = {i.name: np.dtype(ORT_NUMPY_TYPES[i.type]) for i in self.session.get_inputs()}
+        self._outputs = [o.name for o in self.session.get_outputs()]
+
+    @property
+    def providers(self) -> list[str]:
+        return self.session.get_providers()
+
+    @property
+    def description(self) -> str:
+        return f"ONNX Runtime {_ort_info().version} ({self.providers[0]})"
+
+    @property
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        return dict(self._dtypes)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
+
+
+def available_providers() -> tuple[str, ...]:
+    """The execution providers this ONNX Runtime build offers."""
+    return _ort_info().providers
+
+
+def default_ort_providers() -> list[str]:
+    """CUDA first when this ONNX Runtime build has it, CPU always last."""
+    available = _ort_info().providers
+    return [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
