@@ -4,8 +4,8 @@ onnxruntime-genai's model builder makes the decoder (INT4 MatMulNBits / INT8 / F
 GroupQueryAttention, ``exclude_embeds``: it takes ``inputs_embeds``), because the visual tokens are
 spliced in as embeddings. The token embedding lookup is a one-Gather ONNX graph over the same table.
 The builder reads a Hugging Face causal-LM directory, so the LLaVA checkpoint's ``language_model``
-tensors are re-saved under LlamaForCausalLM names first, one tensor at a time (a 7B LM is never
-instantiated in PyTorch).
+tensors are copied under LlamaForCausalLM names first, byte for byte in 16 MiB chunks (a 7B LM is
+never held in memory, nor instantiated in PyTorch).
 """
 
 from __future__ import annotations
@@ -16,12 +16,12 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
 from ccra_export.core.errors import CheckpointError
 
@@ -39,28 +39,69 @@ def _weight_files(checkpoint: Path) -> list[Path]:
     return files
 
 
+_COPY_CHUNK = 16 << 20
+
+
+def _header(path: Path) -> tuple[dict[str, Any], int]:
+    """A safetensors file's header (tensor name -> dtype, shape, byte range) and where its data starts."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return json.loads(handle.read(size)), 8 + size
+
+
+def _write_streamed(sources: dict[str, tuple[Path, str]], out: Path) -> None:
+    """Write ``{name: (file, name there)}`` as one safetensors file, copying each tensor's bytes in
+    chunks: the peak memory is one chunk, whatever the model's size or dtype (bf16 included)."""
+    headers = {file: _header(file) for file, _ in sources.values()}
+    entries: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name, (file, source) in sources.items():
+        meta = headers[file][0][source]
+        begin, end = meta["data_offsets"]
+        entries[name] = {"dtype": meta["dtype"], "shape": meta["shape"], "data_offsets": [offset, offset + end - begin]}
+        offset += end - begin
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format allows space padding; keeps the data 8-byte aligned
+    with open(out, "wb") as target:
+        target.write(len(header).to_bytes(8, "little") + header)
+        for file, source in sources.values():
+            _, data_start = headers[file]
+            begin, end = headers[file][0][source]["data_offsets"]
+            with open(file, "rb") as handle:
+                handle.seek(data_start + begin)
+                left = end - begin
+                while left:
+                    chunk = handle.read(min(left, _COPY_CHUNK))
+                    if not chunk:
+                        raise CheckpointError(f"{file}: truncated: tensor {source} ends past the end of the file")
+                    target.write(chunk)
+                    left -= len(chunk)
+
+
 def language_model_dir(checkpoint: Path, out: Path) -> Path:
-    """Write a LlamaForCausalLM directory (config, weights, tokenizer) from a LLaVA checkpoint."""
+    """Write a LlamaForCausalLM directory (config, weights, tokenizer) from a LLaVA checkpoint.
+
+    The language model's tensors are renamed and copied byte for byte, one chunk at a time: a 7B
+    model is never held in memory (nor instantiated in PyTorch)."""
     config = json.loads((checkpoint / "config.json").read_text())
     from transformers import LlavaConfig
 
     text = LlavaConfig.from_dict(config).text_config.to_dict()
     text["architectures"] = ["LlamaForCausalLM"]
     out.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, np.ndarray] = {}
+    sources: dict[str, tuple[Path, str]] = {}
     for file in _weight_files(checkpoint):
-        with safe_open(str(file), "np") as handle:
-            for name in handle.keys():
-                if (match := _LM_KEY.match(name)) is not None:
-                    rest = match["rest"]
-                    tensors[rest if rest.startswith("lm_head") else f"model.{rest}"] = handle.get_tensor(name)
-                elif _HEAD_KEY.match(name):
-                    tensors["lm_head.weight"] = handle.get_tensor(name)
-    if "lm_head.weight" not in tensors and text.get("tie_word_embeddings"):
-        tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-    if "model.embed_tokens.weight" not in tensors or "lm_head.weight" not in tensors:
+        for name in _header(file)[0]:
+            if (match := _LM_KEY.match(name)) is not None:
+                rest = match["rest"]
+                sources[rest if rest.startswith("lm_head") else f"model.{rest}"] = (file, name)
+            elif _HEAD_KEY.match(name):
+                sources["lm_head.weight"] = (file, name)
+    if "lm_head.weight" not in sources and text.get("tie_word_embeddings") and "model.embed_tokens.weight" in sources:
+        sources["lm_head.weight"] = sources["model.embed_tokens.weight"]
+    if "model.embed_tokens.weight" not in sources or "lm_head.weight" not in sources:
         raise CheckpointError(f"{checkpoint}: no language_model.* / lm_head tensors: is this a full LLaVA checkpoint?")
-    save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
+    _write_streamed(sources, out / "model.safetensors")
     (out / "config.json").write_text(json.dumps(text, indent=2))
     copied = [name for name in TOKENIZER_FILES if (checkpoint / name).is_file()]
     if "tokenizer.json" not in copied and "tokenizer.model" not in copied:
@@ -70,8 +111,18 @@ def language_model_dir(checkpoint: Path, out: Path) -> Path:
     return out
 
 
-def build_decoder(lm_dir: Path, out: Path, precision: str) -> None:
-    """Run onnxruntime-genai's model builder (CPU execution provider, inputs_embeds in)."""
+LM_DEVICES = ("cpu", "cuda")
+
+
+def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu") -> None:
+    """Run onnxruntime-genai's model builder for ``device`` (inputs_embeds in).
+
+    ``cuda`` is the builder's CUDA target: FP16 activations, INT4/INT8 weights (MatMulNBits), the
+    CUDA attention kernels and a genai_config naming the CUDA provider. It is written on any
+    machine; ONNX Runtime's CPU provider also runs it, which is how a CPU workstation checks it.
+    """
+    if device not in LM_DEVICES:
+        raise ValueError(f"--lm-device {device}: expected one of {', '.join(LM_DEVICES)}")
     if precision not in LM_PRECISIONS:
         raise ValueError(f"--lm-precision {precision}: expected one of {', '.join(LM_PRECISIONS)}")
     import importlib.util
@@ -89,7 +140,7 @@ def build_decoder(lm_dir: Path, out: Path, precision: str) -> None:
         "-p",
         precision,
         "-e",
-        "cpu",
+        device,
         "--extra_options",
         "exclude_embeds=true",
     ]

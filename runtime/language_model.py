@@ -1,8 +1,14 @@
-"""The bundle's language model in ONNX Runtime: embedding lookup, prefill, decode with KV cache.
+"""The bundle's language model in ONNX Runtime: embedding lookup, prefill, decode with a KV cache
+that is written in place.
 
 The decoder is onnxruntime-genai's builder output (``inputs_embeds``, ``attention_mask``,
-``past_key_values.N.key/value`` -> ``logits``, ``present.N.key/value``); its genai_config.json
-names the tensors. No torch: this runs on a Jetson next to the TensorRT vision engine.
+``past_key_values.N.key/value`` -> ``logits``, ``present.N.key/value``) around
+GroupQueryAttention. Its past and present tensors are bound (ORT IOBinding) to the same
+preallocated buffers of the context length (GroupQueryAttention's past_present_share_buffer, the
+mode onnxruntime-genai's own generator uses): each step writes its keys and values at the current
+position and no step copies the cache, on the CPU or on a CUDA device. The cache outlives a
+generation, so a conversation's next turn prefills only its own tokens (runtime/conversation.py).
+No torch: this runs on a Jetson next to the TensorRT vision engine.
 """
 
 from __future__ import annotations
@@ -15,7 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-from ccra_export.runtime.vision_backend import ORT_NUMPY_TYPES
+from ccra_export.core.errors import BackendUnavailableError, BundleError
+from ccra_export.runtime.vision_backend import ORT_NUMPY_TYPES, available_providers
+
+LM_DEVICES = ("cpu", "cuda")
+_PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
 @dataclass
@@ -46,15 +56,75 @@ class Generation:
     first_logits: np.ndarray  # logits of the first generated position (parity checks)
     prefill_s: float
     decode_s: float
+    prefill_tokens: int = 0  # tokens this call fed before its first new token
+
+
+def lm_providers(device: str, where: str = "language model") -> list[str]:
+    """ONNX Runtime providers for a language model built for ``device``; one line when missing."""
+    if device not in LM_DEVICES:
+        raise BundleError(f"{where}: device {device!r}, expected one of {', '.join(LM_DEVICES)}")
+    if _PROVIDERS[device] not in available_providers():
+        raise BackendUnavailableError(
+            f"{where} was built for CUDA and this ONNX Runtime has no CUDAExecutionProvider: install the "
+            "onnxruntime-gpu build for your CUDA (and only it), or rebuild the bundle for this machine with "
+            "`ccra-export build ... --lm-device cpu`"
+        )
+    return [_PROVIDERS[device]] if device == "cpu" else [_PROVIDERS[device], _PROVIDERS["cpu"]]
+
+
+class KVCache:
+    """One sequence's keys and values, preallocated for the whole context on the decoder's device.
+
+    Past and present outputs are bound to the same buffers, so GroupQueryAttention writes each
+    step's keys/values in place (past_present_share_buffer). ``length`` tokens are cached.
+    """
+
+    def __init__(self, model: LanguageModel) -> None:
+        import onnxruntime as ort
+
+        self.model = model
+        self.capacity = model.context_length
+        self.length = 0
+        self.binding = model.decoder.io_binding()
+        inputs, outputs = model.names
+        shape = [1, model.kv_heads, self.capacity, model.head_size]
+        self._buffers = []
+        for layer in range(model.layers):
+            for past, present in (("past_key_names", "present_key_names"), ("past_value_names", "present_value_names")):
+                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype, model.device, 0)
+                self.binding.bind_ortvalue_input(inputs[past] % layer, buffer)
+                self.binding.bind_ortvalue_output(outputs[present] % layer, buffer)
+                self._buffers.append(buffer)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the cache's buffers (the whole context, whatever ``length`` is)."""
+        return len(self._buffers) * self.model.kv_heads * self.capacity * self.model.head_size * self.model.kv_itemsize
+
+    def step(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Feed [1, S, D] embeddings after the cached ones; returns the last position's logits (float32)."""
+        count = inputs_embeds.shape[1]
+        if self.length + count > self.capacity:
+            raise BundleError(f"language model: {self.length + count} tokens exceed the context of {self.capacity}")
+        inputs, outputs = self.model.names
+        binding = self.binding
+        binding.bind_cpu_input(inputs["inputs_embeds"], np.ascontiguousarray(inputs_embeds, self.model.embeds_dtype))
+        binding.bind_cpu_input(inputs["attention_mask"], np.ones((1, self.length + count), np.int64))
+        binding.bind_output(outputs["logits"], "cpu")  # only the logits come back to the host
+        self.model.decoder.run_with_iobinding(binding)
+        self.length += count
+        logits = binding.get_outputs()[self.model.logits_index].numpy()
+        return logits[0, -1].astype(np.float32)
 
 
 class LanguageModel:
-    def __init__(self, directory: Path, providers: list[str] | None = None) -> None:
+    def __init__(self, directory: Path, device: str = "cpu") -> None:
         import onnxruntime as ort
 
         directory = Path(directory)
         config = json.loads((directory / "decoder" / "genai_config.json").read_text())["model"]
         decoder = config["decoder"]
+        self.device = device
         self.context_length = int(config.get("context_length", 4096))
         self.layers = int(decoder["num_hidden_layers"])
         self.kv_heads = int(decoder["num_key_value_heads"])
@@ -63,58 +133,56 @@ class LanguageModel:
         self.eos_ids = set(np.atleast_1d(config.get("eos_token_id", [])).tolist())
         options = ort.SessionOptions()
         options.log_severity_level = 3
-        chosen = providers or ["CPUExecutionProvider"]
-        self.decoder = ort.InferenceSession(str(directory / "decoder" / decoder["filename"]), options, providers=chosen)
-        self.embedder = ort.InferenceSession(str(directory / "embed.onnx"), options, providers=chosen)
+        providers = lm_providers(device, f"{directory}: the language model")
+        self.decoder = ort.InferenceSession(
+            str(directory / "decoder" / decoder["filename"]), options, providers=providers
+        )
+        # one Gather per token: the CPU does it, the device gets the embeddings with the step's input
+        self.embedder = ort.InferenceSession(str(directory / "embed.onnx"), options, providers=["CPUExecutionProvider"])
         types = {i.name: i.type for i in self.decoder.get_inputs()}
         self.embeds_dtype = ORT_NUMPY_TYPES[types[self.names[0]["inputs_embeds"]]]
         self.kv_dtype = ORT_NUMPY_TYPES[types[self.names[0]["past_key_names"] % 0]]
-        self._outputs = [o.name for o in self.decoder.get_outputs()]
+        self.kv_itemsize = np.dtype(self.kv_dtype).itemsize
+        # IOBinding returns outputs in the order they were bound: every present, then the logits
+        self.logits_index = 2 * self.layers
 
     def embed(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """[S] token ids -> [1, S, D] embeddings in the decoder's input type."""
         array = np.asarray(ids, dtype=np.int64).reshape(1, -1)
         return self.embedder.run(None, {"input_ids": array})[0].astype(self.embeds_dtype)
 
-    def _empty_past(self) -> dict[str, np.ndarray]:
-        inputs = self.names[0]
-        empty = np.zeros((1, self.kv_heads, 0, self.head_size), self.kv_dtype)
-        return {
-            name % layer: empty
-            for layer in range(self.layers)
-            for name in (inputs["past_key_names"], inputs["past_value_names"])
-        }
+    def new_cache(self) -> KVCache:
+        return KVCache(self)
 
-    def generate(
-        self, inputs_embeds: np.ndarray, sampling: Sampling, on_token: Callable[[int], None] | None = None
+    def decode(
+        self,
+        cache: KVCache,
+        inputs_embeds: np.ndarray,
+        sampling: Sampling,
+        on_token: Callable[[int], None] | None = None,
     ) -> Generation:
-        inputs, outputs = self.names
+        """Prefill ``inputs_embeds`` after what ``cache`` holds, then sample up to
+        ``sampling.max_new_tokens`` tokens. The last token chosen is returned but not fed: the
+        caller feeds it with whatever comes next (a conversation's next turn)."""
         rng = np.random.default_rng(sampling.seed)
-        stop = sampling.stop_ids
-        past, x, total = self._empty_past(), inputs_embeds.astype(self.embeds_dtype), inputs_embeds.shape[1]
         tokens: list[int] = []
-        first = None
         start = time.perf_counter()
-        prefill_s = 0.0
-        for _ in range(sampling.max_new_tokens):
-            feeds = {inputs["inputs_embeds"]: x, inputs["attention_mask"]: np.ones((1, total), np.int64), **past}
-            result = dict(zip(self._outputs, self.decoder.run(self._outputs, feeds), strict=True))
-            logits = result[outputs["logits"]][0, -1].astype(np.float32)
-            if first is None:
-                first, prefill_s = logits, time.perf_counter() - start
+        logits = first = cache.step(inputs_embeds)
+        prefill_s = time.perf_counter() - start
+        for step in range(sampling.max_new_tokens):
+            if step:
+                logits = cache.step(self.embed([tokens[-1]]))
             token = sampling.choose(logits, rng)
             tokens.append(token)
             if on_token is not None:
                 on_token(token)
-            if token in stop:
+            if token in sampling.stop_ids:
                 break
-            past = {
-                inputs[kind] % layer: result[outputs[present] % layer]
-                for layer in range(self.layers)
-                for kind, present in (
-                    ("past_key_names", "present_key_names"),
-                    ("past_value_names", "present_value_names"),
-                )
-            }
-            x, total = self.embed([token]), total + 1
-        return Generation(tokens, first, prefill_s, time.perf_counter() - start - prefill_s)
+        decode_s = time.perf_counter() - start - prefill_s
+        return Generation(tokens, first, prefill_s, decode_s, int(inputs_embeds.shape[1]))
+
+    def generate(
+        self, inputs_embeds: np.ndarray, sampling: Sampling, on_token: Callable[[int], None] | None = None
+    ) -> Generation:
+        """One prompt, a fresh cache."""
+        return self.decode(self.new_cache(), inputs_embeds, sampling, on_token)

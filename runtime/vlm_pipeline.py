@@ -13,22 +13,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ccra_export.core.errors import BundleError, CCRAExportError
-from ccra_export.core.image_preprocess import ImageProcessorConfig, open_rgb, preprocess
+from ccra_export.core.errors import BundleError
+from ccra_export.core.image_preprocess import ImageProcessorConfig, crop_geometry, preprocess
 from ccra_export.core.manifest import read_manifest, verify_files
+from ccra_export.runtime.attention import AttentionMap
 from ccra_export.runtime.backends import bundle_backend
+from ccra_export.runtime.conversation import Conversation
+from ccra_export.runtime.inputs import IMAGE_TOKEN, InputError, check_prompt, load_image
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
+from ccra_export.runtime.vision_backend import VisionBackend
 
-TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5 (vicuna_v1) single turn
-IMAGE_TOKEN = "<image>"
+TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5 (vicuna_v1), first turn
 LM_DIR = "lm"
 
-
-class InputError(CCRAExportError):
-    """An image or prompt given to `run` cannot be used."""
+__all__ = ["IMAGE_TOKEN", "TEMPLATE", "Conversation", "InputError", "Pipeline", "Prepared", "load_image"]
 
 
 @dataclass
@@ -37,15 +38,15 @@ class Prepared:
     input_ids: list[int]  # the prompt's tokens, <image> included once
     image_position: int
     visual_tokens: np.ndarray
+    attention: np.ndarray | None = None  # CCRA: the LPWCA map [1, L, N] the vision graph gave
+    image_size: tuple[int, int] | None = None
 
 
-def load_image(path: str | Path) -> Image.Image:
-    try:
-        return open_rgb(path)
-    except FileNotFoundError:
-        raise InputError(f"--image {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise InputError(f"--image {path}: not a readable image ({exc})") from None
+def no_attention_map(bundle: Path) -> str:
+    return (
+        f"--bundle {bundle}: the plain LLaVA-1.5 variant has no LPWCA attention map "
+        "(only CCRA bundles output lpwca_attention)"
+    )
 
 
 def processor_from_manifest(manifest: dict[str, Any]) -> ImageProcessorConfig:
@@ -67,9 +68,19 @@ class Pipeline:
         self.processor = processor_from_manifest(manifest)
 
     @classmethod
-    def from_bundle(cls, bundle: str | Path, backend: str = "auto", verify: bool = False) -> Pipeline:
+    def from_bundle(
+        cls,
+        bundle: str | Path,
+        backend: str = "auto",
+        verify: bool = False,
+        *,
+        vision: VisionBackend | None = None,
+        lm_device: str | None = None,
+    ) -> Pipeline:
         """Load a bundle. ``backend``: auto runs the bundle's TensorRT engine where TensorRT is usable,
-        else ONNX Runtime. ``verify`` re-hashes every file against the manifest (seconds per GB)."""
+        else ONNX Runtime; ``vision`` passes a backend opened elsewhere instead. The language model
+        runs on the device it was built for (``lm_device`` overrides it, e.g. ``"cpu"`` to check a
+        CUDA-built decoder on a workstation). ``verify`` re-hashes every file (seconds per GB)."""
         from tokenizers import Tokenizer
 
         bundle = Path(bundle)
@@ -80,28 +91,54 @@ class Pipeline:
             )
         if verify:
             verify_files(bundle, manifest)
-        vision, _ = bundle_backend(bundle, manifest, backend)
-        lm = LanguageModel(bundle / LM_DIR)
+        if vision is None:
+            vision, _ = bundle_backend(bundle, manifest, backend)
+        lm = LanguageModel(bundle / LM_DIR, lm_device or manifest["language_model"].get("device", "cpu"))
         tokenizer = Tokenizer.from_file(str(bundle / LM_DIR / "decoder" / "tokenizer.json"))
         return cls(bundle, manifest, vision, lm, tokenizer)
 
+    def chat(self) -> Conversation:
+        """A multi-turn conversation about one image (the KV cache is kept between turns)."""
+        return Conversation(self)
+
+    def encode_text(self, text: str) -> list[int]:
+        """Token ids of ``text`` inside a conversation (no beginning-of-sequence token)."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def _vision(self, image: Image.Image, prompt: str) -> dict[str, np.ndarray]:
+        """The vision graph on one image (and, with CCRA, the instruction's token embeddings)."""
+        feeds = {"pixel_values": preprocess(image, self.processor)[None]}
+        if self.ccra:  # CCRA's text input: the instruction's own token embeddings
+            instruction = self.encode_text(prompt.strip()) or [0]
+            feeds["text_embeds"] = self.lm.embed(instruction).astype(np.float32)
+            feeds["text_mask"] = np.ones((1, len(instruction)), np.int64)
+        return self.vision.run(feeds)
+
     def prepare(self, image: Image.Image, prompt: str) -> Prepared:
-        if not prompt or not prompt.strip():
-            raise InputError("--prompt: empty; ask something about the image")
-        if IMAGE_TOKEN in prompt:
-            raise InputError(f"--prompt: contains {IMAGE_TOKEN}; the image goes in through --image")
+        check_prompt(prompt)
         ids = self.tokenizer.encode(TEMPLATE.format(prompt=prompt.strip())).ids
         if ids.count(self.image_token_id) != 1:
             raise BundleError(f"tokenizer: {IMAGE_TOKEN} must encode to token {self.image_token_id} exactly once")
-        feeds = {"pixel_values": preprocess(image, self.processor)[None]}
-        if self.ccra:  # CCRA's text input: the instruction's own token embeddings
-            instruction = self.tokenizer.encode(prompt.strip(), add_special_tokens=False).ids or [0]
-            feeds["text_embeds"] = self.lm.embed(instruction).astype(np.float32)
-            feeds["text_mask"] = np.ones((1, len(instruction)), np.int64)
-        visual = self.vision.run(feeds)["visual_tokens"].astype(self.lm.embeds_dtype)
+        outputs = self._vision(image, prompt)
+        visual = outputs["visual_tokens"].astype(self.lm.embeds_dtype)
         position = ids.index(self.image_token_id)
         parts = [self.lm.embed(ids[:position]), visual, self.lm.embed(ids[position + 1 :])]
-        return Prepared(np.concatenate([p for p in parts if p.shape[1]], axis=1), ids, position, visual)
+        embeds = np.concatenate([p for p in parts if p.shape[1]], axis=1)
+        return Prepared(embeds, ids, position, visual, outputs.get("lpwca_attention"), image.size)
+
+    def attention(self, image: Image.Image | str | Path, prompt: str) -> AttentionMap:
+        """CCRA's LPWCA map for ``prompt`` about ``image``, with the geometry that puts each patch on
+        the photo (the vision graph only; no text is generated)."""
+        check_prompt(prompt)
+        picture = image if isinstance(image, Image.Image) else load_image(image)
+        if not self.ccra:
+            raise InputError(no_attention_map(self.bundle))
+        return self.attention_map(self._vision(picture, prompt)["lpwca_attention"][0], picture.size)
+
+    def attention_map(self, attention: np.ndarray, image_size: tuple[int, int]) -> AttentionMap:
+        """One image's ``lpwca_attention`` [L, N] as an ``AttentionMap`` of a photo of ``image_size``."""
+        layers = tuple(self.manifest["model"]["ccra"]["feature_layers"])
+        return AttentionMap.from_output(np.asarray(attention), layers, crop_geometry(image_size, self.processor))
 
     def generate(
         self,

@@ -94,3 +94,28 @@ def checkpoint_copy(tmp_path, ccra_checkpoint) -> Path:
     path = tmp_path / "ckpt"
     shutil.copytree(ccra_checkpoint, path)
     return path
+
+
+@pytest.fixture(scope="session")
+def fp32_bundle(tmp_path_factory, plain_checkpoint):
+    """The plain checkpoint with its FP32 language model: Hugging Face's LLaVA is the reference."""
+    from tests.bundles import build
+
+    return build(tmp_path_factory.mktemp("gen") / "b", plain_checkpoint, "fp32")
+
+
+@pytest.fixture(scope="session")
+def ccra_bundle(tmp_path_factory, ccra_checkpoint):
+    """The CCRA checkpoint with its FP32 language model."""
+    from tests.bundles import build
+
+    return build(tmp_path_factory.mktemp("gen") / "ccra", ccra_checkpoint, "fp32")
+
+
+@pytest.fixture(scope="session")
+def cat():
+    """A real photo (scikit-image's bundled chelsea), not square."""
+    import skimage.data
+    from PIL import Image
+
+    return Image.fromarray(skimage.data.chelsea()).convert("RGB")

@@ -6,49 +6,18 @@ import json
 
 import numpy as np
 import pytest
-import skimage.data
 import torch
 from click.testing import CliRunner
-from PIL import Image
 
 from ccra_export.cli import main
 from ccra_export.core.image_preprocess import ImageProcessorConfig, preprocess
 from ccra_export.core.parity import compare_output, thresholds_for
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
+from tests.bundles import build
 from tests.torchless import run_cli
 
 PROMPT = "What is in the picture?"
-
-
-def build(bundle, checkpoint, lm_precision, *extra):
-    result = CliRunner().invoke(
-        main,
-        [
-            "build",
-            "--model",
-            str(checkpoint),
-            "--precision",
-            "fp32",
-            "--lm-precision",
-            lm_precision,
-            "-o",
-            str(bundle),
-            *extra,
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    return bundle
-
-
-@pytest.fixture(scope="module")
-def fp32_bundle(tmp_path_factory, plain_checkpoint):
-    return build(tmp_path_factory.mktemp("gen") / "b", plain_checkpoint, "fp32")
-
-
-@pytest.fixture(scope="module")
-def cat():
-    return Image.fromarray(skimage.data.chelsea()).convert("RGB")
 
 
 def hf_generate(hf_llava, prepared, image, steps):
@@ -180,13 +149,12 @@ def test_preset_has_no_language_model(tmp_path):
     assert result.exit_code == 2 and "--lm-precision needs a checkpoint directory" in result.stderr
 
 
-def test_ccra_pipeline_matches_the_pytorch_reference(tmp_path, ccra_checkpoint, hf_llava, cat):
+def test_ccra_pipeline_matches_the_pytorch_reference(ccra_bundle, ccra_checkpoint, hf_llava, cat):
     """With CCRA, the reference is our PyTorch vision model feeding Hugging Face's language model."""
     from ccra_export.model.checkpoint import load_checkpoint
     from ccra_export.model.vision_model import reference_outputs
 
-    bundle = build(tmp_path / "b", ccra_checkpoint, "fp32")
-    pipeline = Pipeline.from_bundle(bundle)
+    pipeline = Pipeline.from_bundle(ccra_bundle)
     _, generation, prepared = pipeline.generate_tokens(cat, PROMPT, Sampling(max_new_tokens=32))
     instruction = pipeline.tokenizer.encode(PROMPT, add_special_tokens=False).ids
     lm = hf_llava.model.language_model

@@ -10,6 +10,7 @@ from ccra_export.cli.build import build
 from ccra_export.cli.check import check
 from ccra_export.cli.doctor import doctor
 from ccra_export.cli.engine import engine
+from ccra_export.cli.explain import explain
 from ccra_export.cli.plugins import plugins
 from ccra_export.cli.run import run
 
@@ -35,7 +36,7 @@ def main() -> None:
     """
 
 
-for verb in (build, check, engine, run, bench, doctor, plugins):
+for verb in (build, check, engine, run, explain, bench, doctor, plugins):
     main.add_command(verb)
 
 if __name__ == "__main__":

@@ -377,4 +377,15 @@ EXPORT = (
         help="Also build the language model (onnxruntime-genai builder: INT4 MatMulNBits, INT8, FP16 or FP32) into "
         "the bundle, for `ccra-export run`. Needs a checkpoint with its tokenizer.",
     ),
+    opt(
+        "lm_device",
+        "--lm-device",
+        type=click.Choice(["auto", "cpu", "cuda"]),
+        default="auto",
+        show_default=True,
+        help="Where the language model will run. cuda: the builder's CUDA target (FP16 activations, INT4/INT8 "
+        "weights, CUDA attention), for a Jetson or a datacenter GPU; it is built and checked on any machine (on "
+        "the CPU provider where there is no GPU). auto: the vision backend's device (CUDA for TensorRT or where "
+        "ONNX Runtime has the CUDA provider), else cpu.",
+    ),
 )

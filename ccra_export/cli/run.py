@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import click
 
 from ccra_export.cli import options as o
 from ccra_export.cli.output import reports_errors, stderr
+from ccra_export.runtime.inputs import InputError, load_image
 from ccra_export.runtime.language_model import Sampling
-from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
+from ccra_export.runtime.vlm_pipeline import Pipeline, no_attention_map
+from ccra_export.workflows.explain import require_matplotlib, save_overlay
 
 
 @click.command()
@@ -18,7 +21,19 @@ from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
         "bundle", "--bundle", required=True, type=click.Path(path_type=Path), help="Bundle built with --lm-precision."
     ),
     o.opt("image", "--image", required=True, type=click.Path(path_type=Path), help="Image file (jpg, png, ...)."),
-    o.opt("prompt", "--prompt", required=True, help="The question or instruction about the image."),
+    o.opt(
+        "prompt",
+        "--prompt",
+        help="The question or instruction about the image (with --interactive: the first one; asked for if absent).",
+    ),
+    o.opt(
+        "interactive",
+        "--interactive",
+        "-i",
+        is_flag=True,
+        help="Chat about the image: after each answer, read the next question from the terminal (an empty line or "
+        "end of input ends it). Follow-ups reuse the conversation's KV cache, so each prefills only its own tokens.",
+    ),
     o.opt(
         "max_new_tokens",
         "--max-new-tokens",
@@ -44,6 +59,13 @@ from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
         help="Nucleus sampling mass.",
     ),
     o.opt("seed", "--seed", type=int, help="Sampling seed."),
+    o.opt(
+        "attention_map",
+        "--attention-map",
+        type=click.Path(path_type=Path, dir_okay=False),
+        help="CCRA bundles: also write the photo with the LPWCA attention over it to this .png (needs the "
+        "[explain] extra; `ccra-export explain` draws the rest).",
+    ),
     o.opt("verify", "--verify", is_flag=True, help="Re-hash every bundle file against the manifest before running."),
     o.backend("auto", "ort", "trt", help=o.RUN_BACKEND_HELP),
 )
@@ -51,27 +73,52 @@ from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
 def run(
     bundle: Path,
     image: Path,
-    prompt: str,
+    prompt: str | None,
+    interactive: bool,
     max_new_tokens: int,
     temperature: float,
     top_p: float,
     seed: int | None,
+    attention_map: Path | None,
     verify: bool,
     backend: str,
 ) -> None:
-    """Answer PROMPT about IMAGE with the bundle's vision graph and language model, streaming tokens."""
+    """Answer PROMPT about IMAGE with the bundle's vision graph and language model, streaming tokens.
+
+    With --interactive, keep asking: a terminal chat about the one image.
+    """
+    if not interactive and prompt is None:
+        raise InputError("--prompt: missing; give the question (or use --interactive)")
+    if attention_map is not None:
+        require_matplotlib("--attention-map")
     picture = load_image(image)  # a bad image fails before the models load
     pipeline = Pipeline.from_bundle(bundle, backend=backend, verify=verify)
-    sampling = Sampling(
-        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=pipeline.lm.eos_ids
-    )
-    _, generation, prepared = pipeline.generate_tokens(
-        picture, prompt, sampling, on_text=lambda piece: click.echo(piece, nl=False)
-    )
-    click.echo()
-    steps = len(generation.tokens)
-    stderr.print(
-        f"[dim]{prepared.inputs_embeds.shape[1]} prompt tokens ({prepared.visual_tokens.shape[1]} visual), "
-        f"{steps} new; first token {generation.prefill_s * 1e3:.0f} ms, "
-        f"{max(steps - 1, 0) / max(generation.decode_s, 1e-9):.1f} tokens/s[/dim]"
-    )
+    if attention_map is not None and not pipeline.ccra:
+        raise InputError(no_attention_map(bundle))
+    conversation = pipeline.chat()
+    question = prompt if prompt is not None else _read_question()
+    while question:
+        sampling = Sampling(
+            max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=pipeline.lm.eos_ids
+        )
+        reply = conversation.ask(
+            question, picture if conversation.turns == 0 else None, sampling, on_text=lambda p: click.echo(p, nl=False)
+        )
+        click.echo()
+        if attention_map is not None and reply.attention is not None:
+            save_overlay(attention_map, picture, pipeline.attention_map(reply.attention[0], picture.size))
+        steps = len(reply.generation.tokens)
+        stderr.print(
+            f"[dim]{reply.prompt_tokens} prompt tokens ({reply.visual_tokens} visual), {steps} new; first token "
+            f"{reply.generation.prefill_s * 1e3:.0f} ms, "
+            f"{max(steps - 1, 0) / max(reply.generation.decode_s, 1e-9):.1f} tokens/s; "
+            f"context {conversation.tokens_used}/{conversation.cache.capacity}[/dim]"
+        )
+        question = _read_question() if interactive else None
+
+
+def _read_question() -> str | None:
+    """The next question from standard input; None at an empty line or the end of input."""
+    click.echo("> ", nl=False, err=True)
+    line = sys.stdin.readline()  # one shared stream: a fresh wrapper per call would lose read-ahead lines
+    return line.strip() or None

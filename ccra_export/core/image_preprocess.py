@@ -111,3 +111,59 @@ def preprocess(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray:
     mean = np.asarray(config.image_mean, dtype=np.float32)
     std = np.asarray(config.image_std, dtype=np.float32)
     return np.ascontiguousarray(((scaled - mean) / std).transpose(2, 0, 1))
+
+
+@dataclass(frozen=True)
+class CropGeometry:
+    """Where the processor's crop came from in the original image: crop pixel (x, y) covers
+    original pixels from ``(x * scale_x - offset_x, y * scale_y - offset_y)`` on, so anything
+    computed on the crop (an attention map over its patches) can be drawn on the photo.
+    ``offset`` undoes LLaVA's pad-to-square and the centre crop; ``scale`` the resize."""
+
+    image_width: int
+    image_height: int
+    crop_width: int
+    crop_height: int
+    scale_x: float
+    scale_y: float
+    offset_x: float
+    offset_y: float
+
+    def to_image(self, x: float, y: float) -> tuple[float, float]:
+        """A point of the crop (crop pixels) in original-image pixels (may fall in the padding)."""
+        return x * self.scale_x - self.offset_x, y * self.scale_y - self.offset_y
+
+    def box(self, left: float, top: float, right: float, bottom: float) -> tuple[float, float, float, float]:
+        """A rectangle of the crop in original-image pixels, clipped to the image."""
+        x0, y0 = self.to_image(left, top)
+        x1, y1 = self.to_image(right, bottom)
+        clip_x = lambda v: min(max(v, 0.0), float(self.image_width))  # noqa: E731
+        clip_y = lambda v: min(max(v, 0.0), float(self.image_height))  # noqa: E731
+        return clip_x(x0), clip_y(y0), clip_x(x1), clip_y(y1)
+
+
+def crop_geometry(image_size: tuple[int, int], config: ImageProcessorConfig) -> CropGeometry:
+    """``preprocess``'s pad, resize and crop, inverted for an image of ``(width, height)``."""
+    width, height = image_size
+    pad_x = pad_y = 0
+    padded_w, padded_h = width, height
+    if config.pad_to_square and width != height:
+        side = max(width, height)
+        pad_x, pad_y = (0, (width - height) // 2) if width > height else ((height - width) // 2, 0)
+        padded_w = padded_h = side
+    short, long = (padded_w, padded_h) if padded_w <= padded_h else (padded_h, padded_w)
+    new_short, new_long = config.shortest_edge, int(config.shortest_edge * long / short)
+    new_w, new_h = (new_short, new_long) if padded_w <= padded_h else (new_long, new_short)
+    top = (new_h - config.crop_height) // 2
+    left = (new_w - config.crop_width) // 2
+    scale_x, scale_y = padded_w / new_w, padded_h / new_h
+    return CropGeometry(
+        image_width=width,
+        image_height=height,
+        crop_width=config.crop_width,
+        crop_height=config.crop_height,
+        scale_x=scale_x,
+        scale_y=scale_y,
+        offset_x=pad_x - left * scale_x,
+        offset_y=pad_y - top * scale_y,
+    )

@@ -59,6 +59,7 @@ class BuildOptions:
     plugin_library: Path | None = None
     int8: Int8Options = field(default_factory=Int8Options)
     lm_precision: str | None = None
+    lm_device: str = "auto"
     trt: TrtOptions = field(default_factory=TrtOptions)
     profile: ProfileOptions = field(default_factory=ProfileOptions)
     parity: ParityOptions = field(default_factory=ParityOptions)
@@ -184,7 +185,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             if int8:
                 with steps.step("Per-layer drift, INT8 vs FP32 graph"):
                     report.layers, report.first_drift = per_layer_drift(written.fp32_graph, stage / GRAPH_FILE, feeds)
-            lm_record = _add_language_model(stage, Path(scratch), source, report, options, steps)
+            lm_record = _add_language_model(stage, Path(scratch), source, report, options, backend_kind, steps)
             atomic.write_json(stage / PARITY_NAME, report.to_dict())
             files = [
                 *written.files,
@@ -279,13 +280,23 @@ def _open_backend(
 
 
 def _add_language_model(
-    stage: Path, scratch: Path, source: Source, report: ParityReport, options: BuildOptions, steps: Steps
+    stage: Path,
+    scratch: Path,
+    source: Source,
+    report: ParityReport,
+    options: BuildOptions,
+    backend_kind: str,
+    steps: Steps,
 ) -> dict[str, Any] | None:
     """``--lm-precision``: the decoder and embedding model into the bundle, their parity into the report."""
     if not options.lm_precision:
         return None
-    record = language_model.export_into(Path(source.record["path"]), stage, scratch, options.lm_precision, steps)
-    report.language_model = language_model.parity(Path(record.pop("hf_dir")), stage / "lm", steps)
+    device, why = language_model.resolve_device(options.lm_device, backend_kind)
+    steps.info(f"language model device: {device} ({why})")
+    record = language_model.export_into(
+        Path(source.record["path"]), stage, scratch, options.lm_precision, device, steps
+    )
+    report.language_model = language_model.parity(Path(record.pop("hf_dir")), stage / "lm", device, steps)
     lm = report.language_model
     if options.lm_precision == "fp32" and lm["tokens_agreeing"] != lm["greedy_steps"]:
         report.extra_failures.append(

@@ -16,6 +16,7 @@ from ccra_export.core.extras import EXPORT_MODULES, missing_modules
 from ccra_export.core.platform import TEGRA_RELEASE, detect_jetson, gpus, run_quiet
 from ccra_export.runtime.backends import tensorrt_status
 from ccra_export.runtime.lpwca_cpu import library_path
+from ccra_export.runtime.vision_backend import available_providers
 
 PLUGIN_ENV = "CCRA_LPWCA_PLUGIN"
 DEFAULT_PLUGIN = Path("build/plugins/trt_plugins/libccra_lpwca_plugin.so")
@@ -57,6 +58,20 @@ def _ort_checks() -> list[Check]:
             )
         )
     return checks
+
+
+def _lm_device_check() -> Check:
+    """Which language-model builds (--lm-device) this machine can run."""
+    devices = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in available_providers() else [])
+    return Check(
+        "Language model devices",
+        True,
+        ", ".join(devices),
+        ""
+        if "cuda" in devices
+        else "a bundle built with --lm-device cuda needs ONNX Runtime's CUDA provider: the onnxruntime-gpu build "
+        "for your CUDA (Jetson: JetPack's or Jetson AI Lab's wheel, see README)",
+    )
 
 
 def _export_stack_check() -> Check:
@@ -119,6 +134,7 @@ def run_checks() -> list[Check]:
         )
     else:
         checks.append(Check("Jetson", True, f"not a Jetson ({TEGRA_RELEASE} absent)"))
+    checks.append(_lm_device_check())
     checks.append(_export_stack_check())
     cudart = run_quiet(["nvcc", "--version"])
     version = re.search(r"release ([\d.]+)", cudart or "")

@@ -13,26 +13,50 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.parity import compare_output, thresholds_for
-from ccra_export.export.lm_export import build_decoder, build_embedding_model, language_model_dir
+from ccra_export.export.lm_export import LM_DEVICES, build_decoder, build_embedding_model, language_model_dir
 from ccra_export.runtime.language_model import LanguageModel, Sampling
+from ccra_export.runtime.vision_backend import available_providers
 
 PARITY_STEPS = 32
 PROMPT_TOKENS = 24
 
 
-def export_into(checkpoint: Path, stage: Path, scratch: Path, precision: str, steps: Steps = SILENT) -> dict[str, Any]:
+def resolve_device(device: str, vision_backend: str) -> tuple[str, str]:
+    """``--lm-device`` -> ``cpu`` | ``cuda`` and why: auto follows the vision backend's device."""
+    if device not in ("auto", *LM_DEVICES):
+        raise ConfigError(f"--lm-device {device}: expected auto, {', '.join(LM_DEVICES)}")
+    if device != "auto":
+        return device, f"--lm-device {device}"
+    if vision_backend in ("trt", "ort-trt"):
+        return "cuda", f"auto: the vision graph runs on the GPU ({vision_backend})"
+    if "CUDAExecutionProvider" in available_providers():
+        return "cuda", "auto: ONNX Runtime has the CUDA provider here"
+    return "cpu", "auto: no GPU provider here"
+
+
+def _decoder_input_dtype(decoder_dir: Path) -> np.dtype:
+    """The decoder's ``inputs_embeds`` type (FP16 for CUDA builds): the embedding model writes it."""
+    model = onnx.load(str(decoder_dir / "model.onnx"), load_external_data=False)
+    elem = next(i.type.tensor_type.elem_type for i in model.graph.input if i.name == "inputs_embeds")
+    return np.dtype(np.float16) if elem == onnx.TensorProto.FLOAT16 else np.dtype(np.float32)
+
+
+def export_into(
+    checkpoint: Path, stage: Path, scratch: Path, precision: str, device: str = "cpu", steps: Steps = SILENT
+) -> dict[str, Any]:
     """Write ``stage/lm`` (decoder + embedding model + tokenizer); returns the manifest record."""
     from transformers import LlavaConfig
 
     with steps.step("Extracting the language model from the LLaVA checkpoint"):
         hf_dir = language_model_dir(checkpoint, scratch / "lm-hf")
-    with steps.step(f"Building the {precision} decoder (onnxruntime-genai model builder)"):
-        build_decoder(hf_dir, stage / "lm" / "decoder", precision)
-        build_embedding_model(hf_dir, stage / "lm" / "embed.onnx", np.float16 if precision == "fp16" else np.float32)
+    with steps.step(f"Building the {precision} decoder for {device.upper()} (onnxruntime-genai model builder)"):
+        build_decoder(hf_dir, stage / "lm" / "decoder", precision, device)
+        build_embedding_model(hf_dir, stage / "lm" / "embed.onnx", _decoder_input_dtype(stage / "lm" / "decoder"))
     config = LlavaConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
     from tokenizers import Tokenizer
 
@@ -46,6 +70,7 @@ def export_into(checkpoint: Path, stage: Path, scratch: Path, precision: str, st
     files = sorted(str(p.relative_to(stage)) for p in (stage / "lm").rglob("*") if p.is_file())
     return {
         "precision": precision,
+        "device": device,
         "image_token_id": image_id,
         "template": "llava-1.5 (vicuna_v1)",
         "files": files,
@@ -53,7 +78,9 @@ def export_into(checkpoint: Path, stage: Path, scratch: Path, precision: str, st
     }
 
 
-def parity(hf_dir: Path, lm_dir: Path, steps: Steps = SILENT) -> dict[str, Any]:
+def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILENT) -> dict[str, Any]:
+    """Our decoder against transformers. It runs on ``device`` where this machine has its provider,
+    else on the CPU provider (a CUDA decoder built on a CPU workstation is checked there)."""
     import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -61,7 +88,8 @@ def parity(hf_dir: Path, lm_dir: Path, steps: Steps = SILENT) -> dict[str, Any]:
     with steps.step(f"Language model parity vs Hugging Face ({PARITY_STEPS} greedy tokens)"):
         hf_logging.disable_progress_bar()  # our step line is the progress; keep the terminal clean
         reference = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-        ours = LanguageModel(lm_dir)
+        ran_on = device if device == "cpu" or "CUDAExecutionProvider" in available_providers() else "cpu"
+        ours = LanguageModel(lm_dir, ran_on)
         table = reference.model.embed_tokens.weight.detach()
         ids = torch.from_numpy(np.random.default_rng(0).integers(0, table.shape[0], PROMPT_TOKENS))
         embeds = table[ids][None]
@@ -81,6 +109,8 @@ def parity(hf_dir: Path, lm_dir: Path, steps: Steps = SILENT) -> dict[str, Any]:
     prefix = next((i for i, (a, b) in enumerate(zip(got.tokens, want, strict=False)) if a != b), len(want))
     return {
         "reference": "transformers LlamaForCausalLM, FP32",
+        "device": device,
+        "ran_on": ran_on,
         "first_token_logits": {"cosine": logits.cosine, "max_abs_err": logits.max_abs_err},
         "greedy_steps": PARITY_STEPS,
         "tokens_agreeing": agree,

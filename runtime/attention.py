@@ -1,0 +1,101 @@
+"""CCRA's LPWCA attention map with its geometry: which photo pixels each patch saw.
+
+Every CCRA graph outputs ``lpwca_attention`` [batch, L, N]: the joint softmax over the L selected
+ViT layers and the N patches (it sums to 1 per image). Patches tile the processor's crop in a
+square grid; ``core.image_preprocess.crop_geometry`` maps the crop back through the centre crop,
+the resize and LLaVA's pad-to-square, so a patch is a rectangle of the original image.
+numpy only: drawing it is the ``explain`` workflow's (matplotlib, Pillow).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from ccra_export.core.image_preprocess import CropGeometry
+
+
+@dataclass(frozen=True)
+class AttentionMap:
+    weights: np.ndarray  # [L, rows, cols] float64, sums to 1
+    layers: tuple[int, ...]  # the ViT layers (hidden_states indices) CCRA read, in map order
+    geometry: CropGeometry
+
+    @classmethod
+    def from_output(cls, attention: np.ndarray, layers: tuple[int, ...], geometry: CropGeometry) -> AttentionMap:
+        """One image's ``lpwca_attention`` row [L, N] (N a square number of patches)."""
+        attention = np.asarray(attention, dtype=np.float64)
+        if attention.ndim != 2 or attention.shape[0] != len(layers):
+            raise ValueError(f"attention map of shape {attention.shape}: expected [{len(layers)}, patches]")
+        side = math.isqrt(attention.shape[1])
+        if side * side != attention.shape[1]:
+            raise ValueError(f"attention map over {attention.shape[1]} patches: not a square grid")
+        return cls(attention.reshape(len(layers), side, side), tuple(layers), geometry)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.weights.shape[1], self.weights.shape[2]
+
+    def patch_box(self, row: int, col: int) -> tuple[float, float, float, float]:
+        """Patch (row, col) as (left, top, right, bottom) in original-image pixels, clipped to it."""
+        rows, cols = self.grid
+        width, height = self.geometry.crop_width / cols, self.geometry.crop_height / rows
+        return self.geometry.box(col * width, row * height, (col + 1) * width, (row + 1) * height)
+
+    def per_patch(self) -> np.ndarray:
+        """[rows, cols]: each patch's attention summed over layers (sums to 1)."""
+        return self.weights.sum(axis=0)
+
+    def layer_shares(self) -> np.ndarray:
+        """[L]: each layer's share of the attention (sums to 1)."""
+        return self.weights.sum(axis=(1, 2))
+
+    def share_outside_image(self) -> float:
+        """The attention on what is not the photo: LLaVA's pad-to-square padding (by patch area)."""
+        rows, cols = self.grid
+        width, height = self.geometry.crop_width / cols, self.geometry.crop_height / rows
+        full = width * self.geometry.scale_x * height * self.geometry.scale_y
+        per_patch = self.per_patch()
+        outside = 0.0
+        for row in range(rows):
+            for col in range(cols):
+                left, top, right, bottom = self.patch_box(row, col)
+                outside += per_patch[row, col] * max(0.0, 1.0 - (right - left) * (bottom - top) / full)
+        return float(outside)
+
+    def entropy(self) -> float:
+        """Entropy of the joint map in nats (0: one position; log(L*N): uniform)."""
+        p = self.weights[self.weights > 0]
+        return float(-(p * np.log(p)).sum())
+
+    def top_patches(self, k: int = 5) -> list[dict]:
+        """The k patches with most attention (summed over layers), with their boxes in the photo."""
+        flat = self.per_patch().ravel()
+        cols = self.grid[1]
+        order = np.argsort(-flat, kind="stable")[:k]
+        return [
+            {
+                "rank": rank + 1,
+                "row": int(index // cols),
+                "col": int(index % cols),
+                "weight": float(flat[index]),
+                "box": [round(v, 2) for v in self.patch_box(int(index // cols), int(index % cols))],
+            }
+            for rank, index in enumerate(order)
+        ]
+
+    def summary(self, k: int = 5) -> dict:
+        rows, cols = self.grid
+        positions = self.weights.size
+        return {
+            "image_size": [self.geometry.image_width, self.geometry.image_height],
+            "grid": [rows, cols],
+            "layers": list(self.layers),
+            "layer_shares": [float(v) for v in self.layer_shares()],
+            "entropy_nats": self.entropy(),
+            "entropy_normalised": self.entropy() / math.log(positions) if positions > 1 else 0.0,
+            "share_outside_image": self.share_outside_image(),
+            "top_patches": self.top_patches(k),
+        }

@@ -1,0 +1,124 @@
+"""A multi-turn conversation about one image, with the KV cache kept between turns.
+
+LLaVA-1.5's template (vicuna_v1, as llava-hf's chat template writes it)::
+
+    USER: <image>\\n{question 1} ASSISTANT: {answer 1}</s>USER: {question 2} ASSISTANT: ...
+
+The first turn carries the image; its visual tokens (conditioned by CCRA on the first question)
+stay in the cache, so a follow-up prefills only the end of the previous answer, ``</s>`` and its
+own ``USER: ... ASSISTANT:`` tokens. A second image is refused: LLaVA-1.5 was trained with one
+image at the start of a conversation, and its answers about a second one are not defined; start
+a new conversation for a new image. ``token_ids`` is the whole conversation as one sequence (the
+image as a single ``<image>`` token), for checking a turn against a model given all of it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from PIL import Image
+
+from ccra_export.runtime.inputs import InputError, check_prompt, load_image
+from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
+from ccra_export.runtime.text_stream import TextStream
+
+FOLLOW_UP = "USER: {prompt} ASSISTANT:"
+EOS_TOKEN = "</s>"
+
+
+class Prepared(Protocol):
+    inputs_embeds: np.ndarray
+    input_ids: list[int]
+    visual_tokens: np.ndarray
+    attention: np.ndarray | None
+
+
+class ChatModel(Protocol):
+    """What a conversation needs of the image+prompt pipeline (``vlm_pipeline.Pipeline``)."""
+
+    lm: LanguageModel
+    tokenizer: Any
+
+    def prepare(self, image: Image.Image, prompt: str) -> Prepared: ...
+
+    def encode_text(self, text: str) -> list[int]: ...
+
+
+@dataclass
+class Reply:
+    text: str
+    generation: Generation
+    prompt_tokens: int  # tokens this turn prefilled (the image's included on the first turn)
+    visual_tokens: int  # image tokens in this turn's prefill (0 after the first turn)
+    attention: np.ndarray | None = None  # first turn of a CCRA model: the LPWCA map [1, L, N]
+
+
+class Conversation:
+    """``ask`` a question (with the image on the first turn), get the answer; repeat."""
+
+    def __init__(self, pipeline: ChatModel) -> None:
+        self.pipeline = pipeline
+        self.cache = pipeline.lm.new_cache()
+        self.token_ids: list[int] = []  # the whole conversation, <image> as one token
+        self.turns = 0
+        self._pending: list[int] = []  # chosen but not yet fed to the decoder (end of the last answer)
+        eos = pipeline.tokenizer.token_to_id(EOS_TOKEN)
+        self._eos = eos if eos is not None else min(pipeline.lm.eos_ids, default=0)
+
+    @property
+    def tokens_used(self) -> int:
+        """Context the conversation occupies: cached tokens plus the answer's last, unfed token."""
+        return self.cache.length + len(self._pending)
+
+    def ask(
+        self,
+        prompt: str,
+        image: Image.Image | str | Path | None = None,
+        sampling: Sampling | None = None,
+        on_text: Callable[[str], None] | None = None,
+    ) -> Reply:
+        pipeline = self.pipeline
+        sampling = sampling or Sampling(stop_ids=pipeline.lm.eos_ids)
+        if self.turns == 0:
+            if image is None:
+                raise InputError("--image: the first turn of a conversation needs the image")
+            picture = image if isinstance(image, Image.Image) else load_image(image)
+            prepared = pipeline.prepare(picture, prompt)
+            embeds, ids, visual = prepared.inputs_embeds, prepared.input_ids, prepared.visual_tokens.shape[1]
+            attention = prepared.attention
+        else:
+            if image is not None:
+                raise InputError(
+                    "--image: a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
+                    "start a new conversation for a new image"
+                )
+            check_prompt(prompt)
+            ended = self._pending[-1:] == [self._eos]
+            closing = self._pending if ended else [*self._pending, self._eos]
+            ids = [*closing, *pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))]
+            embeds, visual, attention = pipeline.lm.embed(ids), 0, None
+        needed = self.cache.length + embeds.shape[1] + sampling.max_new_tokens
+        if needed > self.cache.capacity:
+            raise InputError(
+                f"--prompt: the conversation holds {self.cache.length} tokens; this turn's {embeds.shape[1]} prompt "
+                f"tokens + {sampling.max_new_tokens} new tokens exceed the context of {self.cache.capacity}: "
+                "start a new conversation or lower --max-new-tokens"
+            )
+        stream = TextStream(pipeline.tokenizer)
+
+        def emit(token: int) -> None:
+            if on_text is not None and token not in sampling.stop_ids and (piece := stream.push(token)):
+                on_text(piece)
+
+        generation = pipeline.lm.decode(self.cache, embeds, sampling, emit)
+        if on_text is not None and (rest := stream.flush()):
+            on_text(rest)
+        self.token_ids += [*ids[len(self._pending) :], *generation.tokens]  # pending ones are recorded already
+        self._pending = generation.tokens[-1:]
+        self.turns += 1
+        answer = [t for t in generation.tokens if t not in sampling.stop_ids]
+        return Reply(pipeline.tokenizer.decode(answer), generation, int(embeds.shape[1]), visual, attention)

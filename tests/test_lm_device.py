@@ -1,0 +1,94 @@
+"""The language model built for the device it will run on: a CUDA decoder is built and checked on
+this CPU-only machine, refused in one line where no CUDA provider exists, and run on a GPU by the
+`gpu` tests."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+
+from ccra_export.cli import main
+from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.vlm_pipeline import Pipeline
+from tests.bundles import build
+from tests.test_generation import PROMPT
+
+HAS_CUDA_EP = "CUDAExecutionProvider" in ort.get_available_providers()
+
+
+@pytest.fixture(scope="module")
+def cuda_bundle(tmp_path_factory, ccra_checkpoint):
+    return build(tmp_path_factory.mktemp("cuda") / "b", ccra_checkpoint, "int4", "--lm-device", "cuda")
+
+
+def test_cuda_build_is_the_builders_cuda_target(cuda_bundle):
+    manifest = json.loads((cuda_bundle / "manifest.json").read_text())
+    assert manifest["language_model"]["device"] == "cuda"
+    config = json.loads((cuda_bundle / "lm" / "decoder" / "genai_config.json").read_text())
+    providers = config["model"]["decoder"]["session_options"]["provider_options"]
+    assert any("cuda" in entry for entry in providers)
+    graph = onnx.load(str(cuda_bundle / "lm" / "decoder" / "model.onnx"), load_external_data=False).graph
+    ops = {node.op_type for node in graph.node}
+    assert {"MatMulNBits", "GroupQueryAttention"} <= ops
+    embeds = next(i for i in graph.input if i.name == "inputs_embeds")
+    assert embeds.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16  # FP16 activations on CUDA
+    embed_model = onnx.load(str(cuda_bundle / "lm" / "embed.onnx")).graph
+    assert embed_model.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+
+
+def test_cuda_decoder_has_parity_from_the_cpu_provider(cuda_bundle):
+    report = json.loads((cuda_bundle / "parity.json").read_text())["language_model"]
+    assert report["device"] == "cuda"
+    assert report["ran_on"] == ("cuda" if HAS_CUDA_EP else "cpu")
+    assert report["first_token_logits"]["cosine"] > 0.9  # INT4 weights, FP16 activations: the same model
+
+
+@pytest.mark.skipif(HAS_CUDA_EP, reason="this ONNX Runtime has the CUDA provider: nothing to refuse")
+def test_cuda_bundle_is_refused_in_one_line_without_the_cuda_provider(cuda_bundle, tmp_path, cat):
+    cat.save(tmp_path / "cat.jpg")
+    result = CliRunner().invoke(
+        main, ["run", "--bundle", str(cuda_bundle), "--image", str(tmp_path / "cat.jpg"), "--prompt", PROMPT]
+    )
+    assert result.exit_code == 2
+    assert "built for CUDA and this ONNX Runtime has no CUDAExecutionProvider" in result.stderr
+    assert "--lm-device cpu" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(Exception, match="no CUDAExecutionProvider"):
+        Pipeline.from_bundle(cuda_bundle)
+
+
+def test_cuda_bundle_runs_on_the_cpu_provider_when_asked(cuda_bundle, cat):
+    pipeline = Pipeline.from_bundle(cuda_bundle, lm_device="cpu")
+    assert pipeline.lm.embeds_dtype == np.float16 and pipeline.lm.kv_dtype == np.float16
+    reply = pipeline.chat().ask(PROMPT, cat, Sampling(max_new_tokens=6))
+    assert len(reply.generation.tokens) == 6 and np.isfinite(reply.generation.first_logits).all()
+
+
+def test_auto_device_is_cpu_without_a_gpu(tmp_path, plain_checkpoint):
+    if HAS_CUDA_EP:
+        pytest.skip("this ONNX Runtime has the CUDA provider: auto picks cuda")
+    bundle = build(tmp_path / "b", plain_checkpoint, "fp32")
+    assert json.loads((bundle / "manifest.json").read_text())["language_model"]["device"] == "cpu"
+    doctor = json.loads(CliRunner().invoke(main, ["doctor", "--json"]).stdout)
+    row = next(c for c in doctor if c["component"] == "Language model devices")
+    assert row["detail"] == "cpu" and "onnxruntime-gpu" in row["fix"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_EP, reason="needs ONNX Runtime's CUDA provider (onnxruntime-gpu) and a GPU")
+def test_cuda_decoder_generates_on_the_gpu(cuda_bundle, cat):
+    on_gpu = Pipeline.from_bundle(cuda_bundle)
+    assert on_gpu.lm.decoder.get_providers()[0] == "CUDAExecutionProvider"
+    on_cpu = Pipeline.from_bundle(cuda_bundle, lm_device="cpu")
+    gpu = on_gpu.chat().ask(PROMPT, cat, Sampling(max_new_tokens=16))
+    cpu = on_cpu.chat().ask(PROMPT, cat, Sampling(max_new_tokens=16))
+    cosine = float(
+        np.dot(gpu.generation.first_logits, cpu.generation.first_logits)
+        / (np.linalg.norm(gpu.generation.first_logits) * np.linalg.norm(cpu.generation.first_logits))
+    )
+    assert cosine > 0.999
+    print(f"GPU decode {15 / gpu.generation.decode_s:.1f} tokens/s, CPU {15 / cpu.generation.decode_s:.1f}")
