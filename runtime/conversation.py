@@ -65,6 +65,7 @@ class Conversation:
         self.cache = pipeline.lm.new_cache()
         self.token_ids: list[int] = []  # the whole conversation, <image> as one token
         self.turns = 0
+        self.last_prompt_tokens = 0
         self._pending: list[int] = []  # chosen but not yet fed to the decoder (end of the last answer)
         eos = pipeline.tokenizer.token_to_id(EOS_TOKEN)
         self._eos = eos if eos is not None else min(pipeline.lm.eos_ids, default=0)
@@ -73,6 +74,37 @@ class Conversation:
     def tokens_used(self) -> int:
         """Context the conversation occupies: cached tokens plus the answer's last, unfed token."""
         return self.cache.length + len(self._pending)
+
+    def replay(self, prompt: str, answer: str, image: Image.Image | str | Path | None = None) -> None:
+        """Feed a turn whose answer is already known (a client's history): its question and the
+        given answer go into the cache without sampling, so the next ``ask`` continues after it."""
+        pipeline = self.pipeline
+        if self.turns == 0:
+            if image is None:
+                raise InputError("--image: the first turn of a conversation needs the image")
+            picture = image if isinstance(image, Image.Image) else load_image(image)
+            prepared = pipeline.prepare(picture, prompt)
+            prompt_embeds, ids = prepared.inputs_embeds, prepared.input_ids
+        else:
+            if image is not None:
+                raise InputError(
+                    "--image: a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
+                    "start a new conversation for a new image"
+                )
+            check_prompt(prompt)
+            ended = self._pending[-1:] == [self._eos]
+            ids = [*(self._pending if ended else [*self._pending, self._eos])]
+            ids += pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))
+            prompt_embeds = pipeline.lm.embed(ids)
+            ids = ids[len(self._pending) :]
+        answer_ids = pipeline.encode_text(answer.strip())
+        embeds = np.concatenate([prompt_embeds, pipeline.lm.embed(answer_ids)], axis=1) if answer_ids else prompt_embeds
+        if self.cache.length + embeds.shape[1] + 1 > self.cache.capacity:
+            raise InputError(f"messages: the conversation exceeds the context of {self.cache.capacity} tokens")
+        self.cache.step(embeds)
+        self.token_ids += [*ids, *answer_ids]
+        self._pending = []
+        self.turns += 1
 
     def ask(
         self,
@@ -108,6 +140,7 @@ class Conversation:
                 f"tokens + {sampling.max_new_tokens} new tokens exceed the context of {self.cache.capacity}: "
                 "start a new conversation or lower --max-new-tokens"
             )
+        self.last_prompt_tokens = int(embeds.shape[1])  # known even if the caller stops the decode early
         stream = TextStream(pipeline.tokenizer)
 
         def emit(token: int) -> None:

@@ -15,14 +15,8 @@ from ccra_export.workflows.explain import explain as explain_workflow
 
 @click.command()
 @o.options(
-    o.opt(
-        "bundle",
-        "--bundle",
-        required=True,
-        type=click.Path(path_type=Path),
-        help="A CCRA bundle built with --lm-precision.",
-    ),
-    o.opt("image", "--image", required=True, type=click.Path(path_type=Path), help="Image file (jpg, png, ...)."),
+    o.LM_BUNDLE,
+    o.IMAGE,
     o.opt("prompt", "--prompt", required=True, help="The question: CCRA's attention depends on it."),
     o.opt(
         "out",

@@ -13,6 +13,7 @@ from ccra_export.cli.engine import engine
 from ccra_export.cli.explain import explain
 from ccra_export.cli.plugins import plugins
 from ccra_export.cli.run import run
+from ccra_export.cli.serve import serve
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -36,7 +37,7 @@ def main() -> None:
     """
 
 
-for verb in (build, check, engine, run, explain, bench, doctor, plugins):
+for verb in (build, check, engine, run, explain, serve, bench, doctor, plugins):
     main.add_command(verb)
 
 if __name__ == "__main__":

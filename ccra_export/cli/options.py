@@ -100,6 +100,14 @@ def backend(*choices: str, help: str = BACKEND_HELP) -> Opt:
 BUNDLE = opt(
     "bundle", "--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory written by `build`."
 )
+LM_BUNDLE = opt(
+    "bundle",
+    "--bundle",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Bundle built with --lm-precision (a language model inside).",
+)
+IMAGE = opt("image", "--image", required=True, type=click.Path(path_type=Path), help="Image file (jpg, png, ...).")
 MODEL_OVERRIDE = opt(
     "model_override", "--model", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build."
 )

@@ -17,10 +17,8 @@ from ccra_export.workflows.explain import require_matplotlib, save_overlay
 
 @click.command()
 @o.options(
-    o.opt(
-        "bundle", "--bundle", required=True, type=click.Path(path_type=Path), help="Bundle built with --lm-precision."
-    ),
-    o.opt("image", "--image", required=True, type=click.Path(path_type=Path), help="Image file (jpg, png, ...)."),
+    o.LM_BUNDLE,
+    o.IMAGE,
     o.opt(
         "prompt",
         "--prompt",

@@ -1,0 +1,116 @@
+"""`ccra-export serve`."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import click
+from rich.markup import escape
+
+from ccra_export.cli import options as o
+from ccra_export.cli.output import reports_errors, stderr
+from ccra_export.core.errors import ConfigError, MissingDependencyError
+
+API_KEY_ENV = "CCRA_API_KEY"
+
+
+@click.command()
+@o.options(
+    o.LM_BUNDLE,
+    o.opt("host", "--host", default="127.0.0.1", show_default=True, help="Address to bind (0.0.0.0: every interface)."),
+    o.opt("port", "--port", default=8000, show_default=True, type=click.IntRange(0, 65535), help="TCP port."),
+    o.opt(
+        "api_key",
+        "--api-key",
+        metavar="KEY|env",
+        help=f"Require `Authorization: Bearer KEY` on every route but /health; `env` reads ${API_KEY_ENV}.",
+    ),
+    o.opt(
+        "max_queue",
+        "--max-queue",
+        default=16,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Requests waiting or running before 429.",
+    ),
+    o.opt(
+        "max_image_pixels",
+        "--max-image-pixels",
+        default=40_000_000,
+        show_default=True,
+        type=click.IntRange(1),
+        help="Largest image accepted (width x height, checked before decoding).",
+    ),
+    o.opt(
+        "allow_image_dir",
+        "--allow-image-dir",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        help="Serve image_url local paths, only under this directory (off by default).",
+    ),
+    o.opt(
+        "allow_image_urls",
+        "--allow-image-urls",
+        is_flag=True,
+        help="Fetch http(s) image_url (10 s, 20 MiB limits). Off by default: a server that fetches URLs it is handed "
+        "can be pointed at the device's own network.",
+    ),
+    o.opt(
+        "request_timeout",
+        "--request-timeout",
+        default=300.0,
+        show_default=True,
+        type=click.FloatRange(1.0),
+        help="Seconds a request may take, queue included; generation stops at the next token after it.",
+    ),
+    o.opt("model_name", "--model-name", default="ccra", show_default=True, help="The model id clients name."),
+    o.backend("auto", "ort", "trt", help=o.RUN_BACKEND_HELP),
+)
+@reports_errors
+def serve(
+    bundle: Path,
+    host: str,
+    port: int,
+    api_key: str | None,
+    max_queue: int,
+    max_image_pixels: int,
+    allow_image_dir: Path | None,
+    allow_image_urls: bool,
+    request_timeout: float,
+    model_name: str,
+    backend: str,
+) -> None:
+    """Serve the bundle over OpenAI's Chat Completions API (text + image, multi-turn, streaming).
+
+    \b
+    curl http://127.0.0.1:8000/v1/chat/completions -H 'Content-Type: application/json' -d '{
+      "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in the picture?"},
+        {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,..."}}]}]}'
+    """
+    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise MissingDependencyError(f"ccra-export serve needs {', '.join(missing)}: pip install 'ccra-export[serve]'")
+    import uvicorn
+
+    from ccra_export.serve.app import ServerSettings, create_app, load_pipeline
+    from ccra_export.serve.images import ImageLimits
+
+    if api_key == "env":
+        api_key = os.environ.get(API_KEY_ENV)
+        if not api_key:
+            raise ConfigError(f"--api-key env: ${API_KEY_ENV} is not set")
+    settings = ServerSettings(
+        model_name=model_name,
+        api_key=api_key,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout,
+        images=ImageLimits(max_pixels=max_image_pixels, allow_urls=allow_image_urls, allow_dir=allow_image_dir),
+    )
+    with stderr.status("Loading the bundle and warming up"):
+        app = create_app(load_pipeline(bundle, backend), settings)
+        app.state.warm_up()
+    auth = "API key required" if api_key else "no API key"
+    stderr.print(escape(f"serving {bundle} as {model_name!r} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops"))
+    uvicorn.run(app, host=host, port=port, log_level="warning")
