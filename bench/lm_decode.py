@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import io
 import json
 import os
 import statistics
@@ -175,13 +176,82 @@ def spread(values: list[float]) -> tuple[float, float, float]:
     return min(values), statistics.median(values), max(values)
 
 
-def llama_cpp_per_token(hf_dir: Path, work: Path, contexts: list[int], steps: int, repeats: int) -> dict | str:
-    """llama.cpp decode ms/token on the same weights as 4-bit GGUF, or why it was left out."""
+def _with_sentencepiece_vocab(hf_dir: Path, out: Path) -> Path:
+    """The same weights with a SentencePiece vocabulary (trained here): llama.cpp's converter
+    refuses BPE tokenizers whose pre-tokenizer hash it does not know, such as our random one.
+    Only the vocabulary differs; decode speed does not depend on it."""
+    import shutil
+
+    import sentencepiece as spm
+
+    shutil.copytree(hf_dir, out, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    rng = np.random.default_rng(0)
+    letters = list("abcdefghijklmnopqrstuvwxyz")
+    lines = (" ".join("".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(12)) for _ in range(2000))
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(sentence_iterator=lines, model_writer=model, vocab_size=300, model_type="bpe")
+    (out / "tokenizer.model").write_bytes(model.getvalue())
+    return out
+
+
+def llama_cpp_per_token(
+    hf_dir: Path, work: Path, contexts: list[int], steps: int, repeats: int, source: Path | None
+) -> dict | str:
+    """llama.cpp decode ms/token on the same weights as 4-bit GGUF (Q4_0), or why it was left out.
+
+    The HF -> GGUF conversion is llama.cpp's own convert_hf_to_gguf.py (``--llama-cpp-src``: a
+    llama.cpp tree, e.g. the sdist's vendor/llama.cpp); the 4-bit quantization is
+    llama_model_quantize through llama-cpp-python."""
     try:
-        import llama_cpp  # noqa: F401
+        import ctypes
+
+        import llama_cpp
     except ImportError:
         return "llama-cpp-python is not installed (pip install llama-cpp-python compiles llama.cpp)"
-    return "llama-cpp-python is installed but this bench has no HF->GGUF converter for it yet"
+    if source is None or not (source / "convert_hf_to_gguf.py").is_file():
+        return "no llama.cpp source tree for its HF -> GGUF converter (--llama-cpp-src DIR)"
+    f16, q4 = work / "model-f16.gguf", work / "model-q4_0.gguf"
+    gguf_dir = _with_sentencepiece_vocab(hf_dir, work / "hf-gguf")
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    converted = subprocess.run(
+        [
+            sys.executable,
+            str(source / "convert_hf_to_gguf.py"),
+            str(gguf_dir),
+            "--outfile",
+            str(f16),
+            "--outtype",
+            "f16",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if converted.returncode != 0:
+        lines = [line for line in converted.stderr.splitlines() if line.strip()]
+        return f"llama.cpp's converter refused the checkpoint: {lines[-1] if lines else 'no output'}"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+    if llama_cpp.llama_model_quantize(str(f16).encode(), str(q4).encode(), ctypes.byref(params)) != 0:
+        return "llama_model_quantize failed"
+    model = llama_cpp.Llama(
+        model_path=str(q4), n_ctx=max(contexts) + steps + 8, n_threads=os.cpu_count(), verbose=False
+    )
+    rng = np.random.default_rng(0)
+    figures = {}
+    for context in contexts:
+        prompt = rng.integers(3, 200, context).tolist()
+        times = []
+        for _ in range(repeats):
+            model.reset()
+            model.eval(prompt)
+            tokens = rng.integers(3, 200, steps).tolist()  # the token fed does not change a step's cost
+            start = time.perf_counter()
+            for token in tokens:
+                model.eval([token])
+            times.append((time.perf_counter() - start) / steps * 1e3)
+        figures[context] = spread(times)
+    return figures
 
 
 def main() -> None:
@@ -192,6 +262,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
+    parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp source tree (for its HF -> GGUF converter)")
+    parser.add_argument("--skip-hf", action="store_true", help="leave Hugging Face generate out (it is slow at 2000)")
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
     import torch
@@ -248,8 +320,9 @@ def main() -> None:
                 for _ in range(args.repeats):
                     ours.append(inplace_loop(lm, embeds, args.steps) * 1e3)
                     copying.append(copying_loop(lm, embeds, args.steps) * 1e3)
-                for _ in range(max(1, args.repeats // 2)):
+                for _ in range(0 if args.skip_hf else max(1, args.repeats // 2)):
                     theirs.append(hf_per_token(hf, embeds, args.steps) * 1e3)
+            theirs = theirs or [float("nan")]
             row = {"context": context, "ours": spread(ours), "copying": spread(copying), "hf": spread(theirs)}
             ratio_copy = [c / o for c, o in zip(copying, ours, strict=True)]
             row["copying_over_ours"] = spread(ratio_copy)
@@ -296,10 +369,17 @@ def main() -> None:
             f"{one.prompt_tokens} tokens, turn 2 {statistics.median(second):.1f} ms for {two.prompt_tokens} tokens "
             f"({statistics.median(first) / statistics.median(second):.1f}x less)"
         )
-        llama = llama_cpp_per_token(hf_dir, work, contexts, args.steps, args.repeats)
+        llama = llama_cpp_per_token(hf_dir, work, contexts, args.steps, args.repeats, args.llama_cpp_src)
         figures["llama_cpp"] = llama
         if isinstance(llama, str):
             console.print(f"llama.cpp: left out: {llama}")
+        else:
+            for context, (low, median, high) in llama.items():
+                ours_median = next(r["ours"][1] for r in rows if r["context"] == context)
+                console.print(
+                    f"llama.cpp Q4_0, context {context}: {median:.2f} ms/token ({low:.2f}-{high:.2f}); "
+                    f"ours / llama.cpp: {ours_median / median:.2f}x"
+                )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(figures, indent=2))

@@ -49,6 +49,14 @@ class ChatModel(Protocol):
 
 
 @dataclass
+class _Turn:
+    embeds: np.ndarray
+    ids: list[int]
+    visual_tokens: int
+    attention: np.ndarray | None
+
+
+@dataclass
 class Reply:
     text: str
     generation: Generation
@@ -75,36 +83,45 @@ class Conversation:
         """Context the conversation occupies: cached tokens plus the answer's last, unfed token."""
         return self.cache.length + len(self._pending)
 
-    def replay(self, prompt: str, answer: str, image: Image.Image | str | Path | None = None) -> None:
-        """Feed a turn whose answer is already known (a client's history): its question and the
-        given answer go into the cache without sampling, so the next ``ask`` continues after it."""
+    def _turn(self, prompt: str, image: Image.Image | str | Path | None) -> _Turn:
+        """This turn's prompt tokens as the decoder will be fed them: the first turn with the image
+        spliced in, a later one after the end of the previous answer and ``</s>``."""
         pipeline = self.pipeline
         if self.turns == 0:
             if image is None:
                 raise InputError("--image: the first turn of a conversation needs the image")
             picture = image if isinstance(image, Image.Image) else load_image(image)
             prepared = pipeline.prepare(picture, prompt)
-            prompt_embeds, ids = prepared.inputs_embeds, prepared.input_ids
-        else:
-            if image is not None:
-                raise InputError(
-                    "--image: a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
-                    "start a new conversation for a new image"
-                )
-            check_prompt(prompt)
-            ended = self._pending[-1:] == [self._eos]
-            ids = [*(self._pending if ended else [*self._pending, self._eos])]
-            ids += pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))
-            prompt_embeds = pipeline.lm.embed(ids)
-            ids = ids[len(self._pending) :]
-        answer_ids = pipeline.encode_text(answer.strip())
-        embeds = np.concatenate([prompt_embeds, pipeline.lm.embed(answer_ids)], axis=1) if answer_ids else prompt_embeds
+            return _Turn(
+                prepared.inputs_embeds, prepared.input_ids, prepared.visual_tokens.shape[1], prepared.attention
+            )
+        if image is not None:
+            raise InputError(
+                "--image: a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
+                "start a new conversation for a new image"
+            )
+        check_prompt(prompt)
+        closing = self._pending if self._pending[-1:] == [self._eos] else [*self._pending, self._eos]
+        ids = [*closing, *pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))]
+        return _Turn(pipeline.lm.embed(ids), ids, 0, None)
+
+    def _record(self, fed_ids: list[int], new_tokens: list[int]) -> None:
+        self.token_ids += [*fed_ids[len(self._pending) :], *new_tokens]  # pending tokens are recorded already
+        self.turns += 1
+
+    def replay(self, prompt: str, answer: str, image: Image.Image | str | Path | None = None) -> None:
+        """Feed a turn whose answer is already known (a client's history): its question and the
+        given answer go into the cache without sampling, so the next ``ask`` continues after it."""
+        turn = self._turn(prompt, image)
+        answer_ids = self.pipeline.encode_text(answer.strip())
+        embeds = turn.embeds
+        if answer_ids:
+            embeds = np.concatenate([embeds, self.pipeline.lm.embed(answer_ids)], axis=1)
         if self.cache.length + embeds.shape[1] + 1 > self.cache.capacity:
             raise InputError(f"messages: the conversation exceeds the context of {self.cache.capacity} tokens")
         self.cache.step(embeds)
-        self.token_ids += [*ids, *answer_ids]
+        self._record(turn.ids, answer_ids)
         self._pending = []
-        self.turns += 1
 
     def ask(
         self,
@@ -115,24 +132,8 @@ class Conversation:
     ) -> Reply:
         pipeline = self.pipeline
         sampling = sampling or Sampling(stop_ids=pipeline.lm.eos_ids)
-        if self.turns == 0:
-            if image is None:
-                raise InputError("--image: the first turn of a conversation needs the image")
-            picture = image if isinstance(image, Image.Image) else load_image(image)
-            prepared = pipeline.prepare(picture, prompt)
-            embeds, ids, visual = prepared.inputs_embeds, prepared.input_ids, prepared.visual_tokens.shape[1]
-            attention = prepared.attention
-        else:
-            if image is not None:
-                raise InputError(
-                    "--image: a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
-                    "start a new conversation for a new image"
-                )
-            check_prompt(prompt)
-            ended = self._pending[-1:] == [self._eos]
-            closing = self._pending if ended else [*self._pending, self._eos]
-            ids = [*closing, *pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))]
-            embeds, visual, attention = pipeline.lm.embed(ids), 0, None
+        turn = self._turn(prompt, image)
+        embeds, ids, visual, attention = turn.embeds, turn.ids, turn.visual_tokens, turn.attention
         needed = self.cache.length + embeds.shape[1] + sampling.max_new_tokens
         if needed > self.cache.capacity:
             raise InputError(
@@ -150,8 +151,7 @@ class Conversation:
         generation = pipeline.lm.decode(self.cache, embeds, sampling, emit)
         if on_text is not None and (rest := stream.flush()):
             on_text(rest)
-        self.token_ids += [*ids[len(self._pending) :], *generation.tokens]  # pending ones are recorded already
+        self._record(ids, generation.tokens)
         self._pending = generation.tokens[-1:]
-        self.turns += 1
         answer = [t for t in generation.tokens if t not in sampling.stop_ids]
         return Reply(pipeline.tokenizer.decode(answer), generation, int(embeds.shape[1]), visual, attention)

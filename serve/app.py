@@ -43,7 +43,7 @@ class ServerSettings:
     max_queue: int = 16
     max_body_bytes: int = 32 << 20
     request_timeout_s: float = 300.0
-    held_conversations: int = 8
+    held_conversations_bytes: int = 2 << 30  # KV caches of conversations kept for follow-ups
     images: ImageLimits = field(default_factory=ImageLimits)
 
 
@@ -97,7 +97,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings, *, ready: bool = Fa
     ``app.state.warm_up()`` has run)."""
     app = FastAPI(title="ccra-export", docs_url=None, redoc_url=None, openapi_url=None)
     metrics = Metrics()
-    worker = Worker(pipeline, settings.images, ConversationStore(settings.held_conversations), metrics)
+    worker = Worker(pipeline, settings.images, ConversationStore(settings.held_conversations_bytes), metrics)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccra-generate")  # one decoder, FIFO
     state: dict[str, Any] = {"ready": ready, "in_flight": 0}
     app.state.metrics, app.state.worker, app.state.executor = metrics, worker, executor

@@ -3,7 +3,8 @@
 A chat client resends the whole history each turn. The key of a conversation is a hash of the
 image and of every message so far, the server's own answers included; a request whose history up
 to its last user message hashes to a held key continues that conversation (KV cache and all), so
-it prefills only its new question. Bounded: the least recently used is dropped (its cache too).
+it prefills only its new question. Bounded in bytes, since each held conversation keeps a KV cache
+of the whole context (2 GiB for a 7B FP16 decoder at 4096 tokens): the least recently used go first.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ def history_key(image_digest: str, turns: list[tuple[str, str]]) -> str:
 
 
 class ConversationStore:
-    def __init__(self, capacity: int = 8) -> None:
-        self.capacity = capacity
+    def __init__(self, max_bytes: int = 2 << 30) -> None:
+        self.max_bytes = max_bytes
         self._held: OrderedDict[str, Conversation] = OrderedDict()
         self._lock = threading.Lock()
         self.hits = 0
@@ -42,12 +43,17 @@ class ConversationStore:
             return found
 
     def put(self, key: str, conversation: Conversation) -> None:
+        """Hold ``conversation`` (dropping the least recently used ones over the byte budget; one
+        that alone exceeds it is not held)."""
+        if conversation.cache.nbytes > self.max_bytes:
+            return
         with self._lock:
             self._held[key] = conversation
             self._held.move_to_end(key)
-            while len(self._held) > self.capacity:
+            while self._held and sum(c.cache.nbytes for c in self._held.values()) > self.max_bytes:
                 self._held.popitem(last=False)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            return {"held": len(self._held), "hits": self.hits, "misses": self.misses}
+            held_bytes = sum(c.cache.nbytes for c in self._held.values())
+            return {"held": len(self._held), "bytes": held_bytes, "hits": self.hits, "misses": self.misses}

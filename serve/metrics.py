@@ -30,5 +30,11 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.held_bytes = Gauge(
+            "ccra_held_conversation_bytes",
+            "KV cache bytes of conversations kept for follow-ups",
+            registry=self.registry,
+        )
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -197,6 +197,7 @@ class Worker:
             "total_tokens": context_before + reply.prompt_tokens + completion,
         }
         self.store.put(history_key(digest, [*parsed.turns, (parsed.question, "".join(text).strip())]), conversation)
+        self.metrics.held_bytes.set(self.store.stats()["bytes"])
         self.metrics.completion_tokens.inc(completion)
         if reply.generation.decode_s > 0 and completion > 1:
             self.metrics.tokens_per_second.observe((completion - 1) / reply.generation.decode_s)

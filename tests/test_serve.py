@@ -327,3 +327,21 @@ def test_a_request_past_its_time_limit_is_stopped(pipeline, photo):
         error = _error(_post(url, {"messages": [first_turn(photo)], "max_tokens": 50}), 500, "time limit")
         assert error["code"] == "timeout"
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
+
+
+def test_held_conversations_are_bounded_in_bytes():
+    from types import SimpleNamespace
+
+    from ccra_export.serve.conversations import ConversationStore
+
+    def conversation(nbytes):
+        return SimpleNamespace(cache=SimpleNamespace(nbytes=nbytes))
+
+    store = ConversationStore(max_bytes=100)
+    for key in ("a", "b", "c"):
+        store.put(key, conversation(40))
+    assert store.stats()["held"] == 2 and store.stats()["bytes"] == 80  # "a", the oldest, went first
+    assert store.take("a") is None and store.take("c") is not None
+    store.put("huge", conversation(500))  # alone over the budget: not held
+    assert store.take("huge") is None
+    assert store.stats() == {"held": 1, "bytes": 40, "hits": 1, "misses": 2}

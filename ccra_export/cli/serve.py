@@ -64,6 +64,15 @@ API_KEY_ENV = "CCRA_API_KEY"
         type=click.FloatRange(1.0),
         help="Seconds a request may take, queue included; generation stops at the next token after it.",
     ),
+    o.opt(
+        "held_mib",
+        "--held-conversations-mib",
+        default=2048,
+        show_default=True,
+        type=click.IntRange(0),
+        help="Memory for the KV caches of conversations kept for follow-up requests (each holds the whole context: "
+        "about 2 GiB for a 7B FP16 decoder at 4096 tokens); 0 keeps none.",
+    ),
     o.opt("model_name", "--model-name", default="ccra", show_default=True, help="The model id clients name."),
     o.backend("auto", "ort", "trt", help=o.RUN_BACKEND_HELP),
 )
@@ -78,6 +87,7 @@ def serve(
     allow_image_dir: Path | None,
     allow_image_urls: bool,
     request_timeout: float,
+    held_mib: int,
     model_name: str,
     backend: str,
 ) -> None:
@@ -106,6 +116,7 @@ def serve(
         api_key=api_key,
         max_queue=max_queue,
         request_timeout_s=request_timeout,
+        held_conversations_bytes=held_mib << 20,
         images=ImageLimits(max_pixels=max_image_pixels, allow_urls=allow_image_urls, allow_dir=allow_image_dir),
     )
     with stderr.status("Loading the bundle and warming up"):
