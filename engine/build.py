@@ -5,11 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import onnx
+
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest import ENGINE_FILE
 from ccra_export.core.platform import gpus
-from ccra_export.engine.plan import Profile, TrtVersion, engine_record, precision_plan
+from ccra_export.engine.plan import Profile, TrtVersion, engine_record, fp32_islands, precision_plan
 from ccra_export.engine.settings import TrtOptions
 from ccra_export.runtime.vision_backend import VisionBackend
 
@@ -34,7 +36,13 @@ def build_trt_engine(
     steps.info(f"engine: {plan.why}")
     libraries = [plugin_library] if plugin_library else []
     with steps.step("Building the TensorRT engine (minutes on a Jetson)") as update:
-        serialized = trt_builder.build_engine(graph, plan, profile, trt_options, libraries, report=update)
+        islands: frozenset[str] = frozenset()
+        names: frozenset[str] = frozenset()
+        if plan.pin_fp32:
+            proto = onnx.load(str(graph), load_external_data=False)
+            islands, names = frozenset(fp32_islands(proto, precision)), frozenset(n.name for n in proto.graph.node)
+            steps.info(f"engine: {len(islands)} ONNX nodes pinned to FP32 (weak typing)")
+        serialized = trt_builder.build_engine(graph, plan, profile, trt_options, libraries, update, islands, names)
     engine_path.write_bytes(serialized)
     name, cc = (gpus() or [("unknown GPU", "unknown")])[0]
     record = engine_record(

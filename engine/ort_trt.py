@@ -13,7 +13,7 @@ from typing import Any
 from ccra_export.core.errors import BundleError
 from ccra_export.engine.plan import Profile, optimization_profiles
 from ccra_export.runtime.backends import select_backend
-from ccra_export.runtime.vision_backend import VisionBackend
+from ccra_export.runtime.vision_backend import VisionBackend, cuda_provider_options
 
 PROVIDER = "TensorrtExecutionProvider"
 
@@ -49,9 +49,9 @@ def provider_options(
     return options
 
 
-def providers(options: dict[str, Any]) -> list[Any]:
-    """TensorRT first, CUDA for what TensorRT does not take, CPU last (ORT's own fallback order)."""
-    return [(PROVIDER, options), "CUDAExecutionProvider", "CPUExecutionProvider"]
+def providers(options: dict[str, Any], precision: str | None = None) -> list[Any]:
+    """TensorRT first, CUDA for what TensorRT does not take (TF32 off for FP32), CPU last."""
+    return [(PROVIDER, options), ("CUDAExecutionProvider", cuda_provider_options(precision)), "CPUExecutionProvider"]
 
 
 def session_options(
@@ -59,7 +59,9 @@ def session_options(
 ) -> dict[str, Any]:
     """``OrtBackend`` keyword arguments: the TensorRT provider (then CUDA, CPU) for a bundle's graph."""
     return {
-        "providers": providers(provider_options(bundle, precision, profile, plugin_library=plugin_library, **settings))
+        "providers": providers(
+            provider_options(bundle, precision, profile, plugin_library=plugin_library, **settings), precision
+        )
     }
 
 

@@ -14,7 +14,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import onnx
+
+from ccra_export.core import lpwca_schema
 from ccra_export.core.errors import ConfigError
+from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
+from ccra_export.core.lpwca_schema import is_lpwca
 
 TYPING_CHOICES = ("auto", "strong", "weak")
 
@@ -39,29 +44,88 @@ class TrtVersion:
 
 @dataclass(frozen=True)
 class PrecisionPlan:
-    """How to ask TensorRT for the bundle's precision: network creation flags and builder flags."""
+    """How to ask TensorRT for the bundle's precision: network creation flags and builder flags.
+
+    ``cleared_flags``: flags TensorRT sets by default that the plan turns off. TF32 is on by
+    default and rounds FP32 matmul inputs to 10 mantissa bits, far outside the FP32 parity bound
+    (1e-4 relative): FP32 engines clear it.
+    """
 
     strongly_typed: bool
     builder_flags: tuple[str, ...]
     why: str
+    cleared_flags: tuple[str, ...] = ()
+    pin_fp32: bool = False  # weak typing: the graph's FP32 islands get layer precision FP32
 
 
 def precision_plan(version: TrtVersion, precision: str, typing: str = "auto") -> PrecisionPlan:
+    """Typing and flags for an engine of the bundle's ``precision`` on TensorRT ``version``.
+
+    Our FP16 and INT8 graphs carry FP32 islands on purpose (Softmax and the CCRA module: LPWCA
+    scales features by up to L*N = 13,248; the INT8 graph's float layers). A weakly typed network
+    with the FP16 flag lets TensorRT run those in FP16 anyway, so ``auto`` is strongly typed on
+    TensorRT 10 too. ``weak`` (TensorRT 10 only) keeps the flags for speed and pins the islands
+    (``pin_fp32``: layer precision FP32 and OBEY_PRECISION_CONSTRAINTS).
+    """
     if typing not in TYPING_CHOICES:
         raise ConfigError(f"--trt-typing {typing}: expected one of {', '.join(TYPING_CHOICES)}")
     if version.major < 10:
         raise ConfigError(f"TensorRT {version}: IPluginV3 and this builder need TensorRT >= 10 (JetPack 6)")
+    cleared = ("TF32",) if precision == "fp32" else ()
     if version.major >= 11:
         if typing == "weak":
             raise ConfigError(f"--trt-typing weak: TensorRT {version} removed weak typing; the graph's types decide")
-        return PrecisionPlan(True, (), f"TensorRT {version}: strongly typed, precision from the {precision} graph")
-    if typing == "strong":
-        return PrecisionPlan(True, (), f"TensorRT {version}: strongly typed on request (ONNX types are kept exactly)")
+        why = f"TensorRT {version}: strongly typed, precision from the {precision} graph"
+        return PrecisionPlan(True, (), why, cleared)
+    if typing in ("auto", "strong"):
+        reason = "on request" if typing == "strong" else "(the graph's FP32 islands stay FP32)"
+        why = f"TensorRT {version}: strongly typed {reason}; ONNX types are kept exactly"
+        return PrecisionPlan(True, (), why, cleared)
     flags = {"fp32": (), "fp16": ("FP16",), "int8": ("INT8", "FP16")}[precision]
-    why = f"TensorRT {version}: weakly typed with {'+'.join(flags) or 'no'} precision flags"
+    pin = precision != "fp32"
+    if pin:
+        flags = (*flags, "OBEY_PRECISION_CONSTRAINTS")
+    why = f"TensorRT {version}: weakly typed on request with {'+'.join(flags) or 'no'} flags"
+    if pin:
+        why += "; the graph's FP32 islands pinned to FP32"
+    return PrecisionPlan(False, flags, why, cleared, pin)
+
+
+FLOAT_ALWAYS_OP_TYPES = ("Softmax", "LayerNormalization")
+
+
+def fp32_islands(proto: onnx.ModelProto, precision: str) -> tuple[str, ...]:
+    """Names of the nodes that must compute in FP32 in a weakly typed engine (TensorRT's ONNX
+    parser names each layer after its node, with ``_N`` suffixes for a node's extra layers).
+
+    FP16 graphs: every node whose float output is FP32 (what convert_to_fp16 kept: Softmax, the
+    CCRA module, their boundary casts). INT8 graphs: the layers the quantizer kept float on
+    purpose (Softmax, LayerNormalization, the CCRA module).
+    """
+    if precision == "fp32":
+        return ()
     if precision == "int8":
-        why += " (Q/DQ decides the INT8 layers; FP16 for the rest)"
-    return PrecisionPlan(False, flags, why)
+        return tuple(
+            node.name
+            for node in proto.graph.node
+            if node.op_type in FLOAT_ALWAYS_OP_TYPES or in_scope(node, CCRA_SCOPE) or is_lpwca(node)
+        )
+    lpwca_schema.register()
+    inferred = onnx.shape_inference.infer_shapes(proto)
+    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    return tuple(
+        node.name for node in proto.graph.node if any(types.get(out) == onnx.TensorProto.FLOAT for out in node.output)
+    )
+
+
+def pinned_layer(layer_name: str, islands: frozenset[str], node_names: frozenset[str] = frozenset()) -> bool:
+    """Whether a TensorRT layer comes from one of the ``islands`` nodes: the parser names a node's
+    layer after it and any further ones ``name_N`` (onnx-tensorrt ImporterContext::registerLayer).
+    A layer named like another node of the graph is that node's."""
+    if layer_name in islands or layer_name in node_names:
+        return layer_name in islands
+    base, _, suffix = layer_name.rpartition("_")
+    return suffix.isdigit() and base in islands
 
 
 @dataclass(frozen=True)

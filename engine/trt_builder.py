@@ -15,7 +15,7 @@ from pathlib import Path
 import tensorrt as trt
 
 from ccra_export.core.errors import BundleError
-from ccra_export.engine.plan import PrecisionPlan, Profile
+from ccra_export.engine.plan import PrecisionPlan, Profile, pinned_layer
 from ccra_export.engine.settings import TrtOptions
 
 
@@ -44,24 +44,52 @@ def build_engine(
     settings: TrtOptions,
     plugin_libraries: Sequence[Path] = (),
     report: Callable[[str], None] | None = None,
+    islands: frozenset[str] = frozenset(),
+    node_names: frozenset[str] = frozenset(),
 ) -> bytes:
-    """Parse the ONNX graph and build a serialized engine; saves the timing cache for reuse."""
+    """Parse the ONNX graph and build a serialized engine; saves the timing cache for reuse.
+    ``islands``: with ``plan.pin_fp32``, the ONNX nodes (of ``node_names``) whose layers compute in FP32.
+
+    The plugin library is loaded for the build and deregistered after it: the engine carries its
+    own copy (plugins_to_serialize), which deserialising it loads again, and one library's creators
+    registered twice in a process collide (IPluginRegistry::loadLibrary / deregisterLibrary).
+    """
+    registry = trt.get_plugin_registry()
+    handles = [registry.load_library(str(library)) for library in plugin_libraries]  # getCreators() variant
+    try:
+        return _build(onnx_path, plan, profile, settings, plugin_libraries, report, islands, node_names)
+    finally:
+        for handle in handles:
+            registry.deregister_library(handle)
+
+
+def _build(
+    onnx_path: Path,
+    plan: PrecisionPlan,
+    profile: Profile,
+    settings: TrtOptions,
+    plugin_libraries: Sequence[Path],
+    report: Callable[[str], None] | None,
+    islands: frozenset[str],
+    node_names: frozenset[str],
+) -> bytes:
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
-    registry = builder.get_plugin_registry()
-    for library in plugin_libraries:  # getCreators()/setLoggerFinder() variant: loadLibrary
-        registry.load_library(str(library))
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):  # resolves external data next to the graph
         errors = [str(parser.get_error(i).desc()) for i in range(parser.num_errors)]
         raise BundleError(f"{onnx_path}: TensorRT's ONNX parser failed: {errors[0] if errors else 'no reason given'}")
+    if plan.pin_fp32:
+        _pin_fp32(network, islands, node_names)
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, settings.workspace_mib << 20)
     config.builder_optimization_level = settings.optimization_level
     for flag in plan.builder_flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.cleared_flags:  # IBuilderConfig::clearFlag (NvInfer.h); TF32 is set by default
+        config.clear_flag(getattr(trt.BuilderFlag, flag))
     trt_profile = builder.create_optimization_profile()
     for name, (low, opt, high) in profile.shapes.items():
         trt_profile.set_shape(name, low, opt, high)
@@ -83,6 +111,19 @@ def build_engine(
         except OSError as exc:  # the cache only saves time: an unwritable one must not cost the engine
             logger.log(trt.Logger.WARNING, f"timing cache {cache_path} not saved: {exc.strerror or exc}")
     return bytes(serialized)
+
+
+def _pin_fp32(network: trt.INetworkDefinition, islands: frozenset[str], node_names: frozenset[str]) -> None:
+    """Weak typing: the islands' layers compute and output FP32 (ILayer::setPrecision and
+    setOutputType; honoured with BuilderFlag::kOBEY_PRECISION_CONSTRAINTS, set by the plan)."""
+    for index in range(network.num_layers):
+        layer = network.get_layer(index)
+        if not pinned_layer(layer.name, islands, node_names):
+            continue
+        layer.precision = trt.float32
+        for output in range(layer.num_outputs):
+            if layer.get_output(output).dtype in (trt.float32, trt.float16):  # never shape or index tensors
+                layer.set_output_type(output, trt.float32)
 
 
 def _read_cache(path: Path | None) -> bytes:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Literal
 
 from ccra_export.core.errors import BackendUnavailableError, BundleError
-from ccra_export.runtime.vision_backend import OrtBackend, VisionBackend, available_providers
+from ccra_export.runtime.vision_backend import OrtBackend, VisionBackend, available_providers, default_ort_providers
 
 BackendKind = Literal["auto", "ort", "trt", "ort-trt"]
 BACKEND_KINDS: tuple[str, ...] = ("auto", "ort", "trt", "ort-trt")
@@ -90,5 +90,5 @@ def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") ->
                 f"--bundle {bundle}: holds no TensorRT engine; build one with `ccra-export engine --bundle {bundle}`"
             )
         reason = "auto: the bundle holds no TensorRT engine"
-    runner, line = select_backend("ort", graph)
+    runner, line = select_backend("ort", graph, providers=default_ort_providers(manifest.get("precision")))
     return runner, f"{line} ({reason})" if reason else line

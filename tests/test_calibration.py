@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import struct
 
 import numpy as np
 import onnx
@@ -19,7 +18,6 @@ from ccra_export.calibration.layer_report import layer_taps, per_layer_drift
 from ccra_export.calibration.quantize import METHODS, quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
-from ccra_export.calibration.trt_cache import amax_ranges, read_cache, version_tag, write_cache
 from ccra_export.cli import main
 from ccra_export.core.config import preset
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
@@ -149,17 +147,6 @@ class _no_warning:
         return False
 
 
-def test_trt_cache_format(tmp_path):
-    assert version_tag("10.3.0") == "100300" and version_tag("8.6.1") == "8601"
-    write_cache({"b": 2.54, "a": 127.0}, tmp_path / "c", method="entropy", trt_version="10.3.0")
-    text = (tmp_path / "c").read_text().splitlines()
-    assert text[0] == "TRT-100300-EntropyCalibration2"
-    assert text[1] == "a: 3f800000"  # amax 127 -> scale 1.0 -> 0x3f800000
-    header, scales = read_cache(tmp_path / "c")
-    assert header == text[0] and set(scales) == {"a", "b"}
-    assert scales["b"] == struct.unpack(">f", struct.pack(">f", 2.54 / 127))[0]
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory, photo_dir):
     model = build_model(preset("tiny"), seed=4)
@@ -189,8 +176,13 @@ def test_quantized_graph_matches_pytorch_on_held_out_images(tiny, method):
     for node in graph.graph.node:
         if node.op_type in ("LayerNormalization", "Softmax"):
             assert producers[node.input[0]].op_type != "DequantizeLinear"
-    ranges = amax_ranges(cache)
-    assert ranges and all(math.isfinite(v) and v > 0 for v in ranges.values())
+    from onnxruntime.quantization.calibrate import load_tensors_data
+
+    ranges = [
+        max(abs(float(np.max(t.range_value[0]))), abs(float(np.max(t.range_value[1]))))
+        for t in load_tensors_data(cache).values()
+    ]
+    assert ranges and all(math.isfinite(v) and v > 0 for v in ranges)
     feeds = make_feeds(data.held_out, processor, embedder)
     got = OrtBackend(out).run(feeds)
     want = reference_outputs(model, feeds)
@@ -251,8 +243,8 @@ class TestCli:
             ],
         )
         assert result.exit_code == 0, result.output
+        # no TensorRT implicit-INT8 cache: it would calibrate an FP32 graph the bundle does not ship
         assert sorted(p.name for p in out.iterdir()) == [
-            "calibration.cache",
             "calibration.json",
             "manifest.json",
             "parity.json",
@@ -266,7 +258,7 @@ class TestCli:
         record = manifest["calibration"]
         assert record["method"] == "entropy" and len(record["images_used"]) == 6
         assert not set(record["images_used"]) & {h["file"] for h in record["held_out"]}
-        assert record["tensorrt_cache"]["header"] == "TRT-100300-EntropyCalibration2"
+        assert "tensorrt_cache" not in record and record["ort_cache"] == "calibration.json"
         assert "INT8 drift per layer" in result.stdout
         assert CliRunner().invoke(main, ["check", "--bundle", str(out)]).exit_code == 0
         (photo_dir / record["held_out"][0]["file"]).rename(tmp_path / "moved")

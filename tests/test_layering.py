@@ -31,7 +31,6 @@ RUNTIME_MODULES = [
     "ccra_export.calibration.images",
     "ccra_export.calibration.quantize",
     "ccra_export.calibration.reader",
-    "ccra_export.calibration.trt_cache",
     "ccra_export.calibration.layer_report",
     "ccra_export.workflows.doctor",
     # what `ccra-export engine` and `check --reference recorded` need on a target without torch

@@ -9,11 +9,21 @@ import pytest
 from click.testing import CliRunner
 
 from ccra_export.cli import main
+from ccra_export.core.config import preset
 from ccra_export.core.errors import BundleError, ConfigError
-from ccra_export.core.platform import jetson_info, parse_nvidia_smi, parse_tegra_release
+from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope, node_scope
+from ccra_export.core.platform import jetson_info, parse_nvidia_smi, parse_tegra_release, visible_gpus
 from ccra_export.engine import ort_trt
-from ccra_export.engine.plan import TrtVersion, engine_record, optimization_profiles, precision_plan
+from ccra_export.engine.plan import (
+    TrtVersion,
+    engine_record,
+    fp32_islands,
+    optimization_profiles,
+    pinned_layer,
+    precision_plan,
+)
 from ccra_export.runtime.engine_compat import check_engine
+from ccra_export.runtime.vision_backend import cuda_provider_options
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INPUTS = [
@@ -28,16 +38,30 @@ class TestPrecisionPlan:
     @pytest.mark.parametrize(
         ("version", "precision", "strong", "flags"),
         [
-            ("10.3.0", "fp16", False, ("FP16",)),  # JetPack 6: weak typing with builder flags
-            ("10.3.0", "int8", False, ("INT8", "FP16")),
-            ("10.13.2", "fp32", False, ()),
+            # JetPack 6: strongly typed too, since our FP16/INT8 graphs carry FP32 islands that weak
+            # typing with the FP16 flag would let TensorRT run in FP16
+            ("10.3.0", "fp16", True, ()),
+            ("10.3.0", "int8", True, ()),
+            ("10.13.2", "fp32", True, ()),
             ("11.1.0", "fp16", True, ()),  # TensorRT 11: strongly typed, flags are gone
             ("11.1.0", "int8", True, ()),
         ],
     )
-    def test_auto_follows_the_installed_version(self, version, precision, strong, flags):
+    def test_auto_is_strongly_typed(self, version, precision, strong, flags):
         plan = precision_plan(TrtVersion.parse(version), precision)
-        assert (plan.strongly_typed, plan.builder_flags) == (strong, flags)
+        assert (plan.strongly_typed, plan.builder_flags, plan.pin_fp32) == (strong, flags, False)
+
+    @pytest.mark.parametrize(
+        ("precision", "flags", "pin"),
+        [
+            ("fp16", ("FP16", "OBEY_PRECISION_CONSTRAINTS"), True),
+            ("int8", ("INT8", "FP16", "OBEY_PRECISION_CONSTRAINTS"), True),
+            ("fp32", (), False),
+        ],
+    )
+    def test_weak_typing_on_request_pins_the_islands(self, precision, flags, pin):
+        plan = precision_plan(TrtVersion.parse("10.3.0"), precision, "weak")
+        assert (plan.strongly_typed, plan.builder_flags, plan.pin_fp32) == (False, flags, pin)
 
     def test_strong_typing_on_request_with_tensorrt_10(self):
         plan = precision_plan(TrtVersion.parse("10.3.0"), "fp16", "strong")
@@ -51,11 +75,33 @@ class TestPrecisionPlan:
             precision_plan(TrtVersion.parse("8.6.1"), "fp16")
 
     def test_every_flag_name_exists_in_tensorrt_10(self):
-        # The flag names are getattr'd on trt.BuilderFlag; TensorRT 10's enum has exactly these spellings.
-        assert {f for p in ("fp16", "int8") for f in precision_plan(TrtVersion(10, 3, 0), p).builder_flags} == {
-            "FP16",
-            "INT8",
-        }
+        # The flag names are getattr'd on trt.BuilderFlag; TensorRT 10's enum has these spellings
+        # (checked by name in NVIDIA's tensorrt-cu12-bindings 10.16 and cu13 11.4 binaries).
+        weak = {f for p in ("fp16", "int8") for f in precision_plan(TrtVersion(10, 3, 0), p, "weak").builder_flags}
+        assert weak == {"FP16", "INT8", "OBEY_PRECISION_CONSTRAINTS"}
+
+
+def test_islands_of_an_fp16_graph_are_what_the_conversion_kept_fp32():
+    """The pinned list comes from the graph's own types: Softmax and the CCRA module, not the tower."""
+    from ccra_export.export.fp16 import convert_to_fp16
+    from ccra_export.export.onnx_export import export_model_proto
+    from ccra_export.model.vision_model import build_model
+
+    proto = convert_to_fp16(export_model_proto(build_model(preset("tiny"), seed=0)))
+    islands = set(fp32_islands(proto, "fp16"))
+    nodes = {n.name: n for n in proto.graph.node}
+    assert islands and all(name in nodes for name in islands)
+    assert {nodes[n].op_type for n in islands} >= {"Softmax"}
+    assert any(in_scope(nodes[n], CCRA_SCOPE) for n in islands)  # the CCRA module stays FP32
+    tower = [n for n in proto.graph.node if any("encoder" in scope for scope in node_scope(n))]
+    tower_matmuls = [n for n in tower if n.op_type == "MatMul"]
+    assert tower_matmuls and not any(n.name in islands for n in tower_matmuls)  # the tower runs FP16
+    assert fp32_islands(proto, "fp32") == ()
+    assert pinned_layer("node_Softmax_12", frozenset({"node_Softmax_12"}))
+    assert pinned_layer("node_Softmax_12_3", frozenset({"node_Softmax_12"}))  # the parser's extra layers
+    assert not pinned_layer("node_Softmax_123", frozenset({"node_Softmax_12"}))
+    # a layer named like another node is that node's, not an extra layer of an island
+    assert not pinned_layer("node_Add_1", frozenset({"node_Add"}), frozenset({"node_Add", "node_Add_1"}))
 
 
 def test_profiles_resolve_every_symbolic_axis():
@@ -80,6 +126,23 @@ def test_engine_compatibility():
     assert "\n" not in message
     with pytest.raises(BundleError, match="plugin library differs"):
         check_engine(record, "10.3.0", "8.7", "def")
+
+
+@pytest.mark.parametrize(
+    ("version", "typing"), [("10.3.0", "auto"), ("10.3.0", "strong"), ("10.3.0", "weak"), ("11.1.0", "auto")]
+)
+def test_fp32_engines_clear_tf32(version, typing):
+    """TensorRT enables TF32 by default (NvInfer.h, BuilderFlag::kTF32: "Enabled by default"): it rounds
+    FP32 matmul inputs to 10 mantissa bits, far outside the FP32 parity bound, so FP32 plans clear it."""
+    assert precision_plan(TrtVersion.parse(version), "fp32", typing).cleared_flags == ("TF32",)
+    assert precision_plan(TrtVersion.parse(version), "fp16", typing).cleared_flags == ()
+
+
+def test_onnx_runtime_cuda_provider_turns_tf32_off_for_fp32(tmp_path):
+    assert cuda_provider_options("fp32") == {"use_tf32": "0"} and cuda_provider_options("fp16") == {}
+    profile = optimization_profiles(INPUTS, AXES, {})
+    options = ort_trt.provider_options(tmp_path, "fp32", profile)
+    assert ort_trt.providers(options, "fp32")[1] == ("CUDAExecutionProvider", {"use_tf32": "0"})
 
 
 def test_ort_tensorrt_ep_options(tmp_path):
@@ -112,6 +175,15 @@ class TestDoctor:
             ("NVIDIA H100 80GB HBM3", "9.0"),
             ("NVIDIA A10", "8.6"),
         ]
+
+    def test_gpu_list_follows_cuda_visible_devices(self):
+        smi = "0, GPU-aaaa1111-22, NVIDIA H100 80GB HBM3, 9.0\n1, GPU-bbbb3333-44, NVIDIA A10, 8.6\n"
+        h100, a10 = ("NVIDIA H100 80GB HBM3", "9.0"), ("NVIDIA A10", "8.6")
+        assert visible_gpus(smi, None) == [h100, a10]  # unset: every GPU
+        assert visible_gpus(smi, "1") == [a10]
+        assert visible_gpus(smi, "GPU-bbbb,0") == [a10, h100]  # UUID prefixes, CUDA's order
+        assert visible_gpus(smi, "") == [] and visible_gpus(smi, "-1") == []  # hidden
+        assert visible_gpus(smi, "0,7,1") == [h100]  # an invalid entry hides the rest, as CUDA does
 
     def test_says_plainly_that_tensorrt_is_absent_here(self):
         try:

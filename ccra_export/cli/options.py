@@ -170,8 +170,9 @@ ENGINE = (
         type=click.Choice(["auto", "strong", "weak"]),
         default="auto",
         show_default=True,
-        help="TensorRT engine typing. auto: strongly typed on TensorRT 11 (the only mode left), weakly typed with "
-        "FP16/INT8 builder flags on TensorRT 10; strong keeps the ONNX graph's types exactly.",
+        help="TensorRT engine typing. auto (= strong): the ONNX graph's types decide, so the FP32 islands of FP16 "
+        "and INT8 graphs (Softmax, the CCRA module) stay FP32. weak (TensorRT 10 only; 11 removed it): FP16/INT8 "
+        "builder flags for speed, the FP32 islands pinned with layer precisions and OBEY_PRECISION_CONSTRAINTS.",
     ),
     opt(
         "trt.workspace_mib",
@@ -282,13 +283,6 @@ INT8 = (
         default=True,
         show_default=True,
         help="Preprocess like LLaVA-1.5 (image_aspect_ratio 'pad') before CLIP's resize and crop.",
-    ),
-    opt(
-        "int8.trt_version",
-        "--trt-cache-version",
-        default="10.3.0",
-        show_default=True,
-        help="INT8: TensorRT version written into calibration.cache's header (the TensorRT that reads it).",
     ),
 )
 

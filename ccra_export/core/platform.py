@@ -7,6 +7,7 @@ tests can feed them what real Jetsons and GPUs print.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -56,14 +57,42 @@ def jetson_info(release_text: str, model_text: str | None) -> JetsonInfo | None:
     return JetsonInfo(f"R{version[0]}.{version[1]}.{version[2]}", _JETPACK.get(version[:2]), model, sm)
 
 
+SMI_QUERY = ["nvidia-smi", "--query-gpu=index,uuid,name,compute_cap", "--format=csv,noheader"]
+
+
 def parse_nvidia_smi(text: str) -> list[tuple[str, str]]:
-    """``nvidia-smi --query-gpu=name,compute_cap --format=csv,noheader`` -> [(name, '9.0'), ...]."""
+    """``nvidia-smi --query-gpu=[index,uuid,]name,compute_cap --format=csv,noheader`` -> [(name, '9.0'), ...]."""
+    return [(name, cc) for _, _, name, cc in _smi_rows(text)]
+
+
+def _smi_rows(text: str) -> list[tuple[int, str, str, str]]:
     rows = []
-    for line in text.strip().splitlines():
-        name, _, cc = line.rpartition(",")
-        if name:
-            rows.append((name.strip(), cc.strip()))
+    for number, line in enumerate(text.strip().splitlines()):
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) >= 4 and fields[0].isdigit():  # index, uuid, name (may hold commas), compute_cap
+            rows.append((int(fields[0]), fields[1], ", ".join(fields[2:-1]), fields[-1]))
+        elif len(fields) >= 2:
+            rows.append((number, "", ", ".join(fields[:-1]), fields[-1]))
     return rows
+
+
+def visible_gpus(text: str, cuda_visible_devices: str | None) -> list[tuple[str, str]]:
+    """The GPUs a CUDA process here sees, in its order: nvidia-smi lists every GPU of the machine,
+    CUDA_VISIBLE_DEVICES (indices or UUIDs/UUID prefixes, comma-separated) selects and orders them;
+    unset means all, and an invalid entry hides it and every one after it, as CUDA does."""
+    rows = _smi_rows(text)
+    if cuda_visible_devices is None:
+        return [(name, cc) for _, _, name, cc in rows]
+    chosen: list[tuple[str, str]] = []
+    for entry in (e.strip() for e in cuda_visible_devices.split(",")):
+        match = next(
+            (r for r in rows if (entry.isdigit() and r[0] == int(entry)) or (entry and r[1].startswith(entry))),
+            None,
+        )
+        if match is None or (match[2], match[3]) in chosen:
+            break
+        chosen.append((match[2], match[3]))
+    return chosen
 
 
 def run_quiet(command: list[str]) -> str | None:
@@ -77,10 +106,11 @@ def run_quiet(command: list[str]) -> str | None:
 
 
 def gpus() -> list[tuple[str, str]]:
-    """(name, compute capability) of each visible GPU: nvidia-smi, else the Jetson module."""
-    smi = run_quiet(["nvidia-smi", "--query-gpu=name,compute_cap", "--format=csv,noheader"])
+    """(name, compute capability) of each GPU this process may use: nvidia-smi filtered by
+    CUDA_VISIBLE_DEVICES, else the Jetson module."""
+    smi = run_quiet(SMI_QUERY)
     if smi:
-        return parse_nvidia_smi(smi)
+        return visible_gpus(smi, os.environ.get("CUDA_VISIBLE_DEVICES"))
     jetson = detect_jetson()
     if jetson and jetson.compute_capability:
         return [(jetson.model or "Jetson", jetson.compute_capability)]

@@ -33,6 +33,7 @@ from ccra_export.export.fp16 import convert_to_fp16
 from ccra_export.export.graph_checks import check_graph, graph_interface
 from ccra_export.runtime.backends import resolve_backend, select_backend
 from ccra_export.runtime.lpwca_cpu import library_path
+from ccra_export.runtime.vision_backend import default_ort_providers
 from ccra_export.workflows import language_model, quantization
 from ccra_export.workflows.parity import ParityOptions, parity_inputs, pytorch_outputs, run_parity, thresholds
 from ccra_export.workflows.quantization import Int8Options
@@ -239,7 +240,7 @@ def _write_graph(
     save_model(proto, fp32_graph, options.external_data)
     del proto
     graph_files, record = quantization.quantize(fp32_graph, stage, GRAPH_FILE, calibration, options.int8, steps)
-    caches = [quantization.ORT_CACHE, quantization.TRT_CACHE]
+    caches = [quantization.ORT_CACHE]
     return _WrittenGraph(graph_files, [*graph_files, *caches], record, fp32_graph)
 
 
@@ -274,6 +275,7 @@ def _open_backend(
                     workspace_mib=options.trt.workspace_mib,
                     optimization_level=options.trt.optimization_level,
                 )
+            ort_options.setdefault("providers", default_ort_providers(options.precision))
             backend, line = select_backend(kind, stage / GRAPH_FILE, **ort_options)
     steps.info(f"{line} ({reason})" if reason else line)
     return backend, engine

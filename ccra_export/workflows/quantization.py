@@ -17,13 +17,11 @@ from ccra_export.calibration.images import CalibrationImage, CalibrationSet, loa
 from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
-from ccra_export.calibration.trt_cache import amax_ranges, read_cache, write_cache
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.image_preprocess import ImageProcessorConfig, open_rgb
 
 ORT_CACHE = "calibration.json"
-TRT_CACHE = "calibration.cache"
 
 
 @dataclass
@@ -36,7 +34,6 @@ class Int8Options:
     limit: int | None = None
     quantize_ccra: bool = False
     pad_to_square: bool = True
-    trt_version: str = "10.3.0"
 
 
 @dataclass
@@ -97,7 +94,9 @@ def quantize(
     options: Int8Options,
     steps: Steps = SILENT,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Write the Q/DQ graph and both caches into ``stage``; returns (graph files, manifest record)."""
+    """Write the Q/DQ graph and ONNX Runtime's calibration cache into ``stage``.
+
+    Returns the graph files and the manifest record."""
     images = calibration.dataset.calibration
     title = f"Calibrating ({options.method}, {len(images)} images) and inserting Q/DQ"
     with steps.progress(title, total=len(images), unit="images") as advance:
@@ -110,10 +109,6 @@ def quantize(
             ort_cache=stage / ORT_CACHE,
             quantize_ccra=options.quantize_ccra,
         )
-    write_cache(
-        amax_ranges(stage / ORT_CACHE), stage / TRT_CACHE, method=options.method, trt_version=options.trt_version
-    )
-    header, scales = read_cache(stage / TRT_CACHE)
     graph_files = sorted(p.name for p in stage.iterdir() if p.name.startswith(graph_file))
     graph_files.sort(key=lambda name: name != graph_file)  # the graph first, its external data after
     record = {
@@ -129,12 +124,6 @@ def quantize(
         "processor": asdict(calibration.processor),
         "text_embeddings": calibration.embedder.source if calibration.embedder else None,
         "ort_cache": ORT_CACHE,
-        "tensorrt_cache": {
-            "file": TRT_CACHE,
-            "header": header,
-            "tensors": len(scales),
-            "applies_to": "implicit INT8 calibrators, TensorRT <= 10 (removed in 11)",
-        },
     }
     return graph_files, record
 

@@ -5,6 +5,7 @@
 #include <cuda_runtime_api.h>
 
 #include <cstddef>
+#include <limits>
 
 #include "lpwca_params.h"
 
@@ -13,7 +14,11 @@ namespace lpwca {
 
 // features: float or __half per `features_type`, [B, L, N, Dv]; query_weights [B, H+1, Dv] and
 // query_bias [B, L, H] float; fused [B, N, Dv] and attention [B, L, N] in the features type.
-// `workspace` must hold workspace_bytes(shape). Accumulation and softmax are FP32 throughout.
+// `workspace` must hold workspace_bytes(shape); `workspace_size` is checked against it, unless it is
+// kWorkspaceSizedByCaller (TensorRT: the engine sized it from getWorkspaceSize for the profile's max
+// shapes and does not pass the size to enqueue). Accumulation and softmax are FP32 throughout.
+constexpr size_t kWorkspaceSizedByCaller = std::numeric_limits<size_t>::max();
+
 cudaError_t launch_forward(DType features_type, const void* features, const float* query_weights,
                            const float* query_bias, void* fused, void* attention, const Shape& shape,
                            const Attributes& attributes, void* workspace, size_t workspace_size, cudaStream_t stream);

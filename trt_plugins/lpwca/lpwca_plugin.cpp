@@ -9,7 +9,7 @@
 // Two libraries are built from this file (CMakeLists.txt beside it):
 //   libccra_lpwca_plugin.so         getCreators() / setLoggerFinder(): IPluginRegistry::loadLibrary,
 //                                   trtexec --dynamicPlugins, serialising the plugin into an engine
-//   libccra_lpwca_plugin_static.so  REGISTER_TENSORRT_PLUGIN at load time: Polygraphy --plugins,
+//   libccra_lpwca_plugin_static.so  registration at load time (namespace "ccra"): Polygraphy --plugins,
 //                                   trtexec --staticPlugins, ctypes.CDLL before parsing
 // One library with both would register the creator twice when loaded through loadLibrary.
 #include <NvInferRuntime.h>
@@ -195,10 +195,13 @@ public:
 
     int32_t enqueue(PluginTensorDesc const* inputDesc, PluginTensorDesc const*, void const* const* inputs,
                     void* const* outputs, void* workspace, cudaStream_t stream) noexcept override {
+        // TensorRT allocated `workspace` with getWorkspaceSize() for the profile's largest shapes, which
+        // bounds workspace_bytes() of any shape it lets through; the size is not passed to enqueue, so
+        // the kernel's own size check (real for C-ABI callers that own their buffer) is waived here.
         cudaError_t const status = lpwca::launch_forward(
             to_dtype(inputDesc[0].type), inputs[0], static_cast<float const*>(inputs[1]),
             static_cast<float const*>(inputs[2]), outputs[0], outputs[1], mShape, mAttributes, workspace,
-            lpwca::workspace_bytes(mShape), stream);
+            lpwca::kWorkspaceSizedByCaller, stream);
         if (status != cudaSuccess) {
             gLogger.error(std::string("ccra::LPWCA enqueue: ") + cudaGetErrorString(status));
             return -1;
@@ -266,8 +269,20 @@ private:
 }  // namespace ccra
 
 #if defined(CCRA_STATIC_REGISTRATION)
-using CcraLpwcaPluginCreator = ccra::trt::LpwcaPluginCreator;
-REGISTER_TENSORRT_PLUGIN(CcraLpwcaPluginCreator);
+namespace ccra {
+namespace trt {
+// Not REGISTER_TENSORRT_PLUGIN: its PluginRegistrar registers under namespace "" (NvInferRuntime.h),
+// while TensorRT's ONNX parser looks a plugin node's creator up by op_type, plugin_version and
+// plugin_namespace (onnx-tensorrt FallbackPluginImporter -> IPluginRegistry::getCreator), and our
+// node says "ccra". Registered under the creator's own namespace, as TensorRT OSS's plugin library
+// does (plugin/api/inferPlugin.cpp: setPluginNamespace(libNamespace), registerCreator(.., libNamespace)).
+struct StaticRegistration {
+    StaticRegistration() { ::getPluginRegistry()->registerCreator(creator, kPluginNamespace); }
+    LpwcaPluginCreator creator{};
+};
+StaticRegistration const gStaticRegistration{};
+}  // namespace trt
+}  // namespace ccra
 #else
 extern "C" TENSORRTAPI nvinfer1::IPluginCreatorInterface* const* getCreators(int32_t& nbCreators) {
     static ccra::trt::LpwcaPluginCreator creator;
