@@ -345,3 +345,34 @@ def test_held_conversations_are_bounded_in_bytes():
     store.put("huge", conversation(500))  # alone over the budget: not held
     assert store.take("huge") is None
     assert store.stats() == {"held": 1, "bytes": 40, "hits": 1, "misses": 2}
+
+
+def test_http_image_urls_are_fetched_only_when_allowed_and_within_limits(pipeline, photo, tmp_path):
+    """A loopback HTTP server stands in for a camera or a CDN; the fetch has a size cap."""
+    import functools
+    import http.server
+
+    (tmp_path / "cat.png").write_bytes(photo)
+    (tmp_path / "big.png").write_bytes(photo + b"\0" * 4096)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):  # the test's output stays readable
+            pass
+
+    handler = functools.partial(Quiet, directory=str(tmp_path))
+    files = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{files.server_address[1]}"
+
+    def ask(url, name):
+        parts = [{"type": "text", "text": PROMPT}, {"type": "image_url", "image_url": {"url": f"{base}/{name}"}}]
+        return _post(url, {"messages": [{"role": "user", "content": parts}], "max_tokens": 2, "temperature": 0})
+
+    try:
+        limits = ImageLimits(allow_urls=True, max_bytes=len(photo) + 100)
+        with running(pipeline, ServerSettings(images=limits)) as (url, _):
+            assert ask(url, "cat.png").status_code == 200
+            _error(ask(url, "big.png"), 413, "larger than")
+            _error(ask(url, "missing.png"), 400, "could not fetch it")
+    finally:
+        files.shutdown()
