@@ -9,7 +9,9 @@ max), for (a) ours: past and present bound to one preallocated buffer (IOBinding
 previous loop (kept here as the reference): session.run with the whole cache fed back and a copy
 one token longer received each step, (c) transformers' LlamaForCausalLM.generate (FP32, eager),
 (d) llama.cpp through llama-cpp-python on the same weights as 4-bit GGUF, when it is installed.
-(a) and (b) run the same INT4 decoder built by onnxruntime-genai's builder. Not a test: nothing
+(a) and (b) run the same INT4 decoder built by onnxruntime-genai's builder. For (d):
+``pip install llama-cpp-python sentencepiece`` (it compiles llama.cpp: 8 minutes on 2 cores here)
+and ``--llama-cpp-src DIR``, a llama.cpp tree such as the sdist's vendor/llama.cpp. Not a test: nothing
 here asserts a speed; the target it reports is per-token latency at the longest context within
 1.3x of the shortest.
 """
