@@ -89,6 +89,8 @@ def run(
         raise InputError("--prompt: missing; give the question (or use --interactive)")
     if attention_map is not None:
         require_matplotlib("--attention-map")
+        if attention_map.suffix.lower() != ".png":
+            raise InputError(f"--attention-map {attention_map}: expected a .png file name")
     picture = load_image(image)  # a bad image fails before the models load
     pipeline = Pipeline.from_bundle(bundle, backend=backend, verify=verify)
     if attention_map is not None and not pipeline.ccra:
