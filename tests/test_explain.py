@@ -164,3 +164,21 @@ def test_plain_variant_has_no_map(fp32_bundle, cat, tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
     run = CliRunner().invoke(main, ["run", *args, "--attention-map", str(tmp_path / "m.png")])
     assert run.exit_code == 2 and "no LPWCA attention map" in run.stderr and not (tmp_path / "m.png").exists()
+
+
+def test_run_refuses_an_attention_map_that_is_not_png_before_loading(tmp_path):
+    result = CliRunner().invoke(
+        main,
+        [
+            "run",
+            "--bundle",
+            str(tmp_path / "nothing"),
+            "--image",
+            "x.png",
+            "--prompt",
+            PROMPT,
+            "--attention-map",
+            "m.jpg",
+        ],
+    )
+    assert result.exit_code == 2 and "--attention-map m.jpg: expected a .png file name" in result.stderr
