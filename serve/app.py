@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -32,7 +32,7 @@ from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.serve.conversations import ConversationStore
 from ccra_export.serve.images import ImageLimits
 from ccra_export.serve.metrics import Metrics
-from ccra_export.serve.protocol import ApiError, ChatRequest
+from ccra_export.serve.protocol import ApiError, ChatRequest, invalid_request
 from ccra_export.serve.worker import Job, Worker
 
 
@@ -111,23 +111,16 @@ def create_app(pipeline: Pipeline, settings: ServerSettings, *, ready: bool = Fa
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+        metrics.requests.labels(str(exc.status)).inc()  # every refusal raised in a route is counted here
         return error_response(exc)
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-        first = exc.errors()[0] if exc.errors() else {}
-        location = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        return error_response(
-            ApiError(400, f"{location or 'body'}: {first.get('msg', 'invalid request')}", param=location or None)
-        )
-
     @app.exception_handler(StarletteHTTPException)
-    async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(ApiError(exc.status_code, str(exc.detail)))
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return await _api_error(request, ApiError(exc.status_code, str(exc.detail)))
 
     @app.exception_handler(Exception)
-    async def _crash(_: Request, exc: Exception) -> JSONResponse:
-        return error_response(ApiError(500, f"internal error ({type(exc).__name__})"))
+    async def _crash(request: Request, exc: Exception) -> JSONResponse:
+        return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
 
     def authorise(request: Request) -> None:
         if settings.api_key is None:
@@ -159,23 +152,14 @@ def create_app(pipeline: Pipeline, settings: ServerSettings, *, ready: bool = Fa
         try:
             payload = json.loads(await request.body() or b"null")
         except (json.JSONDecodeError, UnicodeDecodeError):
-            metrics.requests.labels("400").inc()
             raise ApiError(400, "the body is not JSON") from None
         if not isinstance(payload, dict):
-            metrics.requests.labels("400").inc()
             raise ApiError(400, "the body must be a JSON object with messages", param="messages")
         try:
             body = ChatRequest.model_validate(payload)
-        except Exception as exc:  # pydantic.ValidationError: same shape as FastAPI's own
-            metrics.requests.labels("400").inc()
-            errors = getattr(exc, "errors", lambda: [])()
-            first = errors[0] if errors else {}
-            where = ".".join(str(p) for p in first.get("loc", ()))
-            raise ApiError(
-                400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None
-            ) from None
+        except ValidationError as exc:
+            raise invalid_request(exc.errors()) from None
         if body.model not in (None, settings.model_name):
-            metrics.requests.labels("404").inc()
             raise ApiError(
                 404, f"model {body.model!r} is not served here (GET /v1/models)", param="model", code="model_not_found"
             )

@@ -33,6 +33,13 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
 
 
+def invalid_request(errors: list[dict[str, Any]]) -> ApiError:
+    """pydantic's validation errors as one 400: the first one, with where it is (``param``)."""
+    first = errors[0] if errors else {}
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+
 class ImageUrl(BaseModel):
     url: str
     detail: str | None = None
