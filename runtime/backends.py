@@ -1,8 +1,8 @@
-""" "A compiled vision graph you can run": one small interface, several engines behind it.
+"""Which vision backend runs a bundle (``--backend auto|ort|trt``), and opening it.
 
-ONNX Runtime is the embedded default (CPU execution provider everywhere; CUDA when the
-onnxruntime-gpu build is installed). TensorRT is optional and imported lazily: where it is
-absent, asking for it fails with one line that says so, never a traceback. No torch here.
+The interface and ONNX Runtime, the embedded default, are in vision_backend.py; the TensorRT
+engine runner in trt_engine.py, imported only where TensorRT is usable: where it is absent,
+asking for it fails with one line that says so, never a traceback. No torch here.
 """
 
 from __future__ import annotations
