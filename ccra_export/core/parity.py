@@ -119,6 +119,8 @@ class ParityReport:
     language_model: dict[str, Any] | None = None  # --lm-precision: decoder vs transformers
     extra_failures: list[str] = field(default_factory=list)
     reference: str = PYTORCH_REFERENCE
+    fp16_kept_fp32: list[dict[str, Any]] | None = None  # FP16: tensors over FP16's safe range, kept FP32
+    emulated_fp16: dict[str, Any] | None = None  # FP16: the reference computed in half on the CPU
 
     @property
     def passed(self) -> bool:
@@ -161,6 +163,8 @@ class ParityReport:
             ],
             **({"layers": layers} if layers is not None else {}),
             **({"language_model": self.language_model} if self.language_model is not None else {}),
+            **({"fp16_kept_fp32": self.fp16_kept_fp32} if self.fp16_kept_fp32 is not None else {}),
+            **({"emulated_fp16": self.emulated_fp16} if self.emulated_fp16 is not None else {}),
             **({"failures": self.extra_failures} if self.extra_failures else {}),
         }
 

@@ -21,6 +21,7 @@ from ccra_export.core.config import PRESETS, ModelConfig
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import BundleError, ConfigError
 from ccra_export.core.extras import require_export_stack
+from ccra_export.core.graph_scopes import nodes_in_scope
 from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest import ENGINE_FILE, GRAPH_FILE, MANIFEST_NAME, PARITY_NAME, file_entries, new_manifest
 from ccra_export.core.parity import ParityReport
@@ -30,16 +31,25 @@ from ccra_export.engine.build import build_trt_engine
 from ccra_export.engine.plan import optimization_profiles, profile_axes
 from ccra_export.engine.settings import ProfileOptions, TrtOptions
 from ccra_export.export.fp16 import convert_to_fp16
+from ccra_export.export.fp16_ranges import activation_ranges, over_range
 from ccra_export.export.graph_checks import check_graph, graph_interface
 from ccra_export.runtime.backends import resolve_backend, select_backend
 from ccra_export.runtime.lpwca_cpu import library_path
 from ccra_export.runtime.vision_backend import default_ort_providers
 from ccra_export.workflows import language_model, quantization
-from ccra_export.workflows.parity import ParityOptions, parity_inputs, pytorch_outputs, run_parity, thresholds
+from ccra_export.workflows.parity import (
+    ParityOptions,
+    emulated_fp16,
+    parity_inputs,
+    pytorch_outputs,
+    run_parity,
+    thresholds,
+)
 from ccra_export.workflows.quantization import Int8Options
 from ccra_export.workflows.source import Source, resolve_source
 
 PRECISIONS = ("fp32", "fp16", "int8")
+PROJECTOR_SCOPE = "multi_modal_projector"
 LPWCA_MODES = ("auto", "fused", "portable")
 
 
@@ -171,17 +181,29 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             atomic.staged_directory(output, replace=options.force) as stage,
             tempfile.TemporaryDirectory(prefix=f".{output.name}.fp32-", dir=output.resolve().parent) as scratch,
         ):
-            written = _write_graph(stage, Path(scratch), source, lpwca, calibration, options, steps)
+            feeds, described, title = parity_inputs(source, options.parity, calibration)
+            written = _write_graph(stage, Path(scratch), source, lpwca, calibration, options, feeds, steps)
             with steps.step("onnx.checker full check and shape inference"):
                 interface = graph_interface(check_graph(stage / GRAPH_FILE))
             backend, engine = _open_backend(
                 stage, backend_kind, backend_reason, interface, dynamic_axes, plugin, options, steps
             )
             limits = thresholds(options.precision, options.parity)
-            feeds, described, title = parity_inputs(source, options.parity, calibration)
             with steps.step(title):
                 reference = pytorch_outputs(source, feeds)
                 report = run_parity(backend, options.precision, limits, feeds, reference, described)
+                report.fp16_kept_fp32 = written.fp16_kept_fp32
+            if options.precision == "fp16":
+                with steps.step("FP16 arithmetic, emulated (the PyTorch reference in half on the CPU)"):
+                    report.emulated_fp16, failures = emulated_fp16(
+                        source,
+                        feeds,
+                        reference,
+                        limits,
+                        ccra_fp32=not options.ccra_fp16,
+                        projector_fp32=written.projector_fp32,
+                    )
+                report.extra_failures += failures
             recorded = record_reference(stage / REFERENCE_FILE, feeds, reference)
             if int8:
                 with steps.step("Per-layer drift, INT8 vs FP32 graph"):
@@ -218,10 +240,19 @@ class _WrittenGraph:
     files: list[str]  # everything written (graph files and INT8 caches)
     calibration: dict[str, Any] | None = None
     fp32_graph: Path | None = None  # INT8: the FP32 graph it was quantized from (scratch)
+    fp16_kept_fp32: list[dict[str, Any]] | None = None  # FP16: over-range tensors kept FP32
+    projector_fp32: bool = False  # FP16: the projector was among them (F beyond FP16's range)
 
 
 def _write_graph(
-    stage: Path, scratch: Path, source: Source, lpwca: str, calibration: Any, options: BuildOptions, steps: Steps
+    stage: Path,
+    scratch: Path,
+    source: Source,
+    lpwca: str,
+    calibration: Any,
+    options: BuildOptions,
+    feeds: dict[str, Any],
+    steps: Steps,
 ) -> _WrittenGraph:
     """Export to ONNX and write the graph in the bundle's precision (FP32, FP16, or calibrated INT8)."""
     from ccra_export.export.onnx_export import export_model_proto, save_model  # torch: the [export] extra
@@ -229,13 +260,23 @@ def _write_graph(
     fused_note = ", LPWCA fused" if lpwca == "fused" else ""
     with steps.step(f"Exporting {source.config.name} to ONNX (opset {options.opset}, dynamic batch{fused_note})"):
         proto = export_model_proto(source.model, opset=options.opset, lpwca="fused" if lpwca == "fused" else "portable")
+    kept: list[dict[str, Any]] | None = None
+    projector_fp32 = False
     if options.precision == "fp16":
-        with steps.step("Converting to FP16 (Softmax and the CCRA module kept FP32)"):
-            proto = convert_to_fp16(proto, keep_ccra_fp32=not options.ccra_fp16)
+        fp32_graph = scratch / GRAPH_FILE
+        with steps.step("FP32 activation ranges on the parity inputs (what FP16 cannot hold)"):
+            save_model(proto, fp32_graph, options.external_data)
+            over = over_range(proto, activation_ranges(fp32_graph, feeds))
+        kept = [o.to_dict() for o in over]
+        keep_nodes = [node for o in over for node in o.nodes]
+        projector_fp32 = bool(set(keep_nodes) & set(nodes_in_scope(proto, PROJECTOR_SCOPE)))
+        note = f", {len(keep_nodes)} nodes around {len(over)} over-range tensors" if over else ""
+        with steps.step(f"Converting to FP16 (Softmax and the CCRA module kept FP32{note})"):
+            proto = convert_to_fp16(proto, keep_ccra_fp32=not options.ccra_fp16, keep_nodes=keep_nodes)
     if options.precision != "int8":
         with steps.step(f"Writing {GRAPH_FILE}"):
             graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
-        return _WrittenGraph(graph_files, list(graph_files))
+        return _WrittenGraph(graph_files, list(graph_files), fp16_kept_fp32=kept, projector_fp32=projector_fp32)
     fp32_graph = scratch / GRAPH_FILE  # kept aside for the per-layer drift report
     save_model(proto, fp32_graph, options.external_data)
     del proto

@@ -21,6 +21,7 @@ from ccra_export.core.parity import (
     RECORDED_REFERENCE,
     ParityReport,
     Thresholds,
+    compare_output,
     compare_outputs,
     thresholds_for,
 )
@@ -170,3 +171,30 @@ def check_parity(
     feeds, described, title = parity_inputs(source, parity, calibration)
     with steps.step(title):
         return run_parity(runner, precision, limits, feeds, pytorch_outputs(source, feeds), described)
+
+
+def emulated_fp16(
+    source: Source,
+    feeds: dict[str, np.ndarray],
+    reference: dict[str, np.ndarray],
+    limits: Thresholds,
+    *,
+    ccra_fp32: bool,
+    projector_fp32: bool,
+) -> tuple[dict[str, Any], list[str]]:
+    """FP16 arithmetic emulated with PyTorch's CPU half kernels, against the FP32 reference: with the
+    graph's FP32 islands (what a strongly typed engine computes; it gates the build) and with none
+    (what weak typing risks; reported). Returns the parity.json rows and the failures."""
+    from ccra_export.model.fp16_emulation import half_precision_outputs  # torch: the [export] extra
+
+    rows: dict[str, Any] = {"method": "PyTorch reference in float16 on the CPU (half arithmetic, as a GPU)"}
+    failures: list[str] = []
+    for label, islands in (("graph_islands", ccra_fp32), ("no_islands", False)):
+        outputs = half_precision_outputs(source.model, feeds, islands=islands, projector_fp32=projector_fp32)
+        results = [compare_output(name, outputs[name], reference[name], limits) for name in reference]
+        rows[label] = {r.name: {"cosine": r.cosine, "nonfinite": r.nonfinite, "passed": r.passed} for r in results}
+        if label == "graph_islands":
+            failures += [
+                f"emulated FP16 arithmetic, {r.name}: {', '.join(r.failures)}" for r in results if not r.passed
+            ]
+    return rows, failures

@@ -3,6 +3,8 @@
 // V is read twice, and nothing [B, L, N, Dv]-sized is written:
 //   1. scores_kernel     one warp per (layer, patch): LayerNorm moments + H+1 dot products
 //                        -> head scores [B,H,L*N] and layer dots [B,L*N]          (pass 1 over V)
+//                        (scores_staged_kernel: the folded weights in shared memory, 64 positions a
+//                        block, half2/float4 feature reads; the direct kernel is the fallback)
 //   2. softmax_stats     one block per (image, head): max and 1/sum of the joint softmax
 //   3. layer_weights     one thread per patch: A (written out), G = L*N*A, softmax over layers
 //                        -> coefficients alpha*G [B,L*N]
@@ -23,6 +25,7 @@ namespace kernels {  // named, not anonymous: nvcc 13 + `using namespace nvinfer
 
 constexpr int kWarpSize = 32;
 constexpr int kScoreWarpsPerBlock = 8;
+constexpr int kPositionsPerBlock = 64;  // staged weights are read once per this many positions
 constexpr int kReduceThreads = 256;
 constexpr int kLayerThreads = 128;
 constexpr unsigned kFullMask = 0xffffffffu;
@@ -82,6 +85,114 @@ __global__ void weight_sums_kernel(const float* __restrict__ weights, float* __r
     if (threadIdx.x == 0) sums[image * s.heads + head] = acc;
 }
 
+// Reduce one position's per-lane moments and dot products over the warp; lane 0 writes its H head
+// scores and the layer dot product.
+__device__ __forceinline__ void write_scores(Moments m, float (&dots)[kMaxHeads + 1], int64_t p, int image, int lane,
+                                             const float* __restrict__ bias, const float* __restrict__ weight_sums,
+                                             float* __restrict__ scores, float* __restrict__ dot_z, const Shape& s,
+                                             const Attributes& a) {
+    const int64_t positions = s.layers * s.patches;
+    m = warp_moments(m);
+#pragma unroll
+    for (int h = 0; h <= kMaxHeads; ++h) {
+        if (h <= s.heads) dots[h] = warp_sum(dots[h]);
+    }
+    if (lane != 0) return;
+    const float rstd = inverse_std(m, a.epsilon);
+    const int64_t layer = p / s.patches;
+#pragma unroll
+    for (int h = 0; h < kMaxHeads; ++h) {
+        if (h < s.heads) {
+            scores[(static_cast<int64_t>(image) * s.heads + h) * positions + p] =
+                head_score(dots[h], m.mean, rstd, weight_sums[image * s.heads + h],
+                           bias[(image * s.layers + layer) * s.heads + h], a.head_scale);
+        }
+    }
+#pragma unroll
+    for (int h = 0; h <= kMaxHeads; ++h) {
+        if (h == s.heads) dot_z[image * positions + p] = dots[h];
+    }
+}
+
+// Vector loads: 2 halves (half2) or 4 floats (float4) per lane and step, weights likewise from
+// shared memory (float2 / float4: conflict-free, lanes read consecutive 8 or 16 bytes).
+template <typename T>
+struct Vector;
+template <>
+struct Vector<__half> {
+    static constexpr int kWidth = 2;
+    __device__ static void load(const __half* p, float* x) {
+        const float2 f = __half22float2(*reinterpret_cast<const __half2*>(p));
+        x[0] = f.x, x[1] = f.y;
+    }
+    __device__ static void load_weights(const float* p, float* w) {
+        const float2 f = *reinterpret_cast<const float2*>(p);
+        w[0] = f.x, w[1] = f.y;
+    }
+};
+template <>
+struct Vector<float> {
+    static constexpr int kWidth = 4;
+    __device__ static void load(const float* p, float* x) {
+        const float4 f = *reinterpret_cast<const float4*>(p);
+        x[0] = f.x, x[1] = f.y, x[2] = f.z, x[3] = f.w;
+    }
+    __device__ static void load_weights(const float* p, float* w) { load(p, w); }
+};
+
+// The scores pass with the image's (H+1) x Dv folded weights staged once per block in shared
+// memory (they were re-read from global memory for every position: ~36 KB of weights per 2 KB of
+// FP16 features at llava-1.5-7b sizes), each block scoring kPositionsPerBlock positions, and
+// features read as half2 / float4 when the width allows (kVector).
+template <typename T, bool kVector>
+__global__ void scores_staged_kernel(const T* __restrict__ features, const float* __restrict__ weights,
+                                     const float* __restrict__ bias, const float* __restrict__ weight_sums,
+                                     float* __restrict__ scores, float* __restrict__ dot_z, Shape s, Attributes a) {
+    extern __shared__ float staged[];
+    const int image = blockIdx.y, warp = threadIdx.x / kWarpSize, lane = threadIdx.x % kWarpSize;
+    const int64_t positions = s.layers * s.patches;
+    const int64_t staged_floats = static_cast<int64_t>(s.heads + 1) * s.width;
+    const float* w = weights + static_cast<int64_t>(image) * staged_floats;
+    for (int64_t i = threadIdx.x; i < staged_floats; i += blockDim.x) staged[i] = w[i];
+    __syncthreads();
+    constexpr int kStep = kVector ? Vector<T>::kWidth : 1;
+    const int64_t first = static_cast<int64_t>(blockIdx.x) * kPositionsPerBlock;
+    for (int k = warp; k < kPositionsPerBlock; k += kScoreWarpsPerBlock) {
+        const int64_t p = first + k;
+        if (p >= positions) break;  // warp-uniform: the shuffles in write_scores stay converged
+        const T* v = features + (image * positions + p) * s.width;
+        Moments m = moments_empty();
+        float dots[kMaxHeads + 1];
+#pragma unroll
+        for (int h = 0; h <= kMaxHeads; ++h) dots[h] = 0.0f;
+        for (int64_t d = static_cast<int64_t>(lane) * kStep; d < s.width; d += kWarpSize * kStep) {
+            float x[kStep];
+            if constexpr (kVector) {
+                Vector<T>::load(v + d, x);
+            } else {
+                x[0] = load(v + d);
+            }
+#pragma unroll
+            for (int j = 0; j < kStep; ++j) m = moments_push(m, x[j]);
+#pragma unroll
+            for (int h = 0; h <= kMaxHeads; ++h) {
+                if (h <= s.heads) {
+                    float wv[kStep];
+                    if constexpr (kVector) {
+                        Vector<T>::load_weights(staged + h * s.width + d, wv);
+                    } else {
+                        wv[0] = staged[h * s.width + d];
+                    }
+#pragma unroll
+                    for (int j = 0; j < kStep; ++j) dots[h] += x[j] * wv[j];
+                }
+            }
+        }
+        write_scores(m, dots, p, image, lane, bias, weight_sums, scores, dot_z, s, a);
+    }
+}
+
+// Fallback for weights larger than a block's shared memory: read from global memory per position.
 template <typename T>
 __global__ void scores_kernel(const T* __restrict__ features, const float* __restrict__ weights,
                               const float* __restrict__ bias, const float* __restrict__ weight_sums,
@@ -104,26 +215,7 @@ __global__ void scores_kernel(const T* __restrict__ features, const float* __res
             if (h <= s.heads) dots[h] += x * w[h * s.width + d];
         }
     }
-    m = warp_moments(m);
-#pragma unroll
-    for (int h = 0; h <= kMaxHeads; ++h) {
-        if (h <= s.heads) dots[h] = warp_sum(dots[h]);
-    }
-    if (lane != 0) return;
-    const float rstd = inverse_std(m, a.epsilon);
-    const int64_t layer = p / s.patches;
-#pragma unroll
-    for (int h = 0; h < kMaxHeads; ++h) {
-        if (h < s.heads) {
-            scores[(static_cast<int64_t>(image) * s.heads + h) * positions + p] =
-                head_score(dots[h], m.mean, rstd, weight_sums[image * s.heads + h],
-                           bias[(image * s.layers + layer) * s.heads + h], a.head_scale);
-        }
-    }
-#pragma unroll
-    for (int h = 0; h <= kMaxHeads; ++h) {
-        if (h == s.heads) dot_z[image * positions + p] = dots[h];
-    }
+    write_scores(m, dots, p, image, lane, bias, weight_sums, scores, dot_z, s, a);
 }
 
 __global__ void softmax_stats_kernel(const float* __restrict__ scores, float* __restrict__ stats, Shape s) {
@@ -189,16 +281,42 @@ __global__ void reduce_layers_kernel(const T* __restrict__ features, const float
     }
 }
 
+// The staged scores kernel where the image's folded weights fit a block's shared memory (opting in
+// past the 48 KB default: 69 KB for 16 heads at Dv 1024), else the direct one.
+template <typename T>
+cudaError_t launch_scores(const T* features, const float* weights, const float* bias, const float* weight_sums,
+                          float* scores, float* dot_z, const Shape& s, const Attributes& a, cudaStream_t stream) {
+    const int64_t positions = s.layers * s.patches;
+    const auto batch = static_cast<unsigned>(s.batch);
+    const size_t staged_bytes = static_cast<size_t>(s.heads + 1) * s.width * sizeof(float);
+    int device = 0, optin = 0;
+    cudaError_t status = cudaGetDevice(&device);
+    if (status == cudaSuccess) status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (status != cudaSuccess) return status;
+    if (staged_bytes <= static_cast<size_t>(optin)) {
+        const bool vector = s.width % Vector<T>::kWidth == 0;
+        auto kernel = vector ? scores_staged_kernel<T, true> : scores_staged_kernel<T, false>;
+        status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(staged_bytes));
+        if (status != cudaSuccess) return status;
+        const auto blocks = static_cast<unsigned>((positions + kPositionsPerBlock - 1) / kPositionsPerBlock);
+        kernel<<<dim3(blocks, batch), kScoreWarpsPerBlock * kWarpSize, staged_bytes, stream>>>(
+            features, weights, bias, weight_sums, scores, dot_z, s, a);
+        return cudaGetLastError();
+    }
+    const auto blocks = static_cast<unsigned>((positions + kScoreWarpsPerBlock - 1) / kScoreWarpsPerBlock);
+    scores_kernel<T><<<dim3(blocks, batch), kScoreWarpsPerBlock * kWarpSize, 0, stream>>>(
+        features, weights, bias, weight_sums, scores, dot_z, s, a);
+    return cudaGetLastError();
+}
+
 template <typename T>
 cudaError_t forward(const T* features, const float* weights, const float* bias, T* fused, T* attention,
                     const Shape& s, const Attributes& a, float* scores, float* dot_z, float* coefficients,
                     float* stats, float* weight_sums, cudaStream_t stream) {
-    const int64_t positions = s.layers * s.patches;
     const auto batch = static_cast<unsigned>(s.batch);
     weight_sums_kernel<<<dim3(s.heads, batch), kReduceThreads, 0, stream>>>(weights, weight_sums, s);
-    const auto score_blocks = static_cast<unsigned>((positions + kScoreWarpsPerBlock - 1) / kScoreWarpsPerBlock);
-    scores_kernel<T><<<dim3(score_blocks, batch), kScoreWarpsPerBlock * kWarpSize, 0, stream>>>(
-        features, weights, bias, weight_sums, scores, dot_z, s, a);
+    const cudaError_t launched = launch_scores(features, weights, bias, weight_sums, scores, dot_z, s, a, stream);
+    if (launched != cudaSuccess) return launched;
     softmax_stats_kernel<<<dim3(s.heads, batch), kReduceThreads, 0, stream>>>(scores, stats, s);
     const auto patch_blocks = static_cast<unsigned>((s.patches + kLayerThreads - 1) / kLayerThreads);
     layer_weights_kernel<T><<<dim3(patch_blocks, batch), kLayerThreads, 0, stream>>>(scores, stats, dot_z, coefficients,
