@@ -49,7 +49,7 @@ from ccra_export.workflows.quantization import Int8Options
 from ccra_export.workflows.source import Source, resolve_source
 
 PRECISIONS = ("fp32", "fp16", "int8")
-PROJECTOR_SCOPE = "multi_modal_projector"
+STAGE_SCOPES = ("vision_tower", "ccra", "multi_modal_projector")  # module scopes the exporter records
 LPWCA_MODES = ("auto", "fused", "portable")
 
 
@@ -196,12 +196,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             if options.precision == "fp16":
                 with steps.step("FP16 arithmetic, emulated (the PyTorch reference in half on the CPU)"):
                     report.emulated_fp16, failures = emulated_fp16(
-                        source,
-                        feeds,
-                        reference,
-                        limits,
-                        ccra_fp32=not options.ccra_fp16,
-                        projector_fp32=written.projector_fp32,
+                        source, feeds, reference, limits, fp32_modules=written.fp32_modules
                     )
                 report.extra_failures += failures
             recorded = record_reference(stage / REFERENCE_FILE, feeds, reference)
@@ -241,7 +236,7 @@ class _WrittenGraph:
     calibration: dict[str, Any] | None = None
     fp32_graph: Path | None = None  # INT8: the FP32 graph it was quantized from (scratch)
     fp16_kept_fp32: list[dict[str, Any]] | None = None  # FP16: over-range tensors kept FP32
-    projector_fp32: bool = False  # FP16: the projector was among them (F beyond FP16's range)
+    fp32_modules: list[str] = field(default_factory=list)  # FP16: model stages holding FP32 nodes
 
 
 def _write_graph(
@@ -261,7 +256,7 @@ def _write_graph(
     with steps.step(f"Exporting {source.config.name} to ONNX (opset {options.opset}, dynamic batch{fused_note})"):
         proto = export_model_proto(source.model, opset=options.opset, lpwca="fused" if lpwca == "fused" else "portable")
     kept: list[dict[str, Any]] | None = None
-    projector_fp32 = False
+    fp32_modules: list[str] = []
     if options.precision == "fp16":
         fp32_graph = scratch / GRAPH_FILE
         with steps.step("FP32 activation ranges on the parity inputs (what FP16 cannot hold)"):
@@ -269,14 +264,18 @@ def _write_graph(
             over = over_range(proto, activation_ranges(fp32_graph, feeds))
         kept = [o.to_dict() for o in over]
         keep_nodes = [node for o in over for node in o.nodes]
-        projector_fp32 = bool(set(keep_nodes) & set(nodes_in_scope(proto, PROJECTOR_SCOPE)))
+        fp32_modules = [
+            stage
+            for stage in STAGE_SCOPES
+            if (stage == "ccra" and not options.ccra_fp16) or set(keep_nodes) & set(nodes_in_scope(proto, stage))
+        ]
         note = f", {len(keep_nodes)} nodes around {len(over)} over-range tensors" if over else ""
         with steps.step(f"Converting to FP16 (Softmax and the CCRA module kept FP32{note})"):
             proto = convert_to_fp16(proto, keep_ccra_fp32=not options.ccra_fp16, keep_nodes=keep_nodes)
     if options.precision != "int8":
         with steps.step(f"Writing {GRAPH_FILE}"):
             graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
-        return _WrittenGraph(graph_files, list(graph_files), fp16_kept_fp32=kept, projector_fp32=projector_fp32)
+        return _WrittenGraph(graph_files, list(graph_files), fp16_kept_fp32=kept, fp32_modules=fp32_modules)
     fp32_graph = scratch / GRAPH_FILE  # kept aside for the per-layer drift report
     save_model(proto, fp32_graph, options.external_data)
     del proto

@@ -179,18 +179,21 @@ def emulated_fp16(
     reference: dict[str, np.ndarray],
     limits: Thresholds,
     *,
-    ccra_fp32: bool,
-    projector_fp32: bool,
+    fp32_modules: list[str],
 ) -> tuple[dict[str, Any], list[str]]:
     """FP16 arithmetic emulated with PyTorch's CPU half kernels, against the FP32 reference: with the
-    graph's FP32 islands (what a strongly typed engine computes; it gates the build) and with none
-    (what weak typing risks; reported). Returns the parity.json rows and the failures."""
+    graph's FP32 islands (``fp32_modules``: what a strongly typed engine computes; it gates the
+    build) and with none (what weak typing risks; reported). Returns parity.json's rows and the
+    failures."""
     from ccra_export.model.fp16_emulation import half_precision_outputs  # torch: the [export] extra
 
-    rows: dict[str, Any] = {"method": "PyTorch reference in float16 on the CPU (half arithmetic, as a GPU)"}
+    rows: dict[str, Any] = {
+        "method": "PyTorch reference in float16 on the CPU (half arithmetic, as a GPU)",
+        "fp32_modules": fp32_modules,
+    }
     failures: list[str] = []
-    for label, islands in (("graph_islands", ccra_fp32), ("no_islands", False)):
-        outputs = half_precision_outputs(source.model, feeds, islands=islands, projector_fp32=projector_fp32)
+    for label, modules in (("graph_islands", fp32_modules), ("no_islands", [])):
+        outputs = half_precision_outputs(source.model, feeds, fp32_modules=modules)
         results = [compare_output(name, outputs[name], reference[name], limits) for name in reference]
         rows[label] = {r.name: {"cosine": r.cosine, "nonfinite": r.nonfinite, "passed": r.passed} for r in results}
         if label == "graph_islands":
