@@ -110,9 +110,7 @@ def fp32_islands(proto: onnx.ModelProto, precision: str) -> tuple[str, ...]:
             for node in proto.graph.node
             if node.op_type in FLOAT_ALWAYS_OP_TYPES or in_scope(node, CCRA_SCOPE) or is_lpwca(node)
         )
-    lpwca_schema.register()
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    types = lpwca_schema.tensor_types(proto)
     return tuple(
         node.name for node in proto.graph.node if any(types.get(out) == onnx.TensorProto.FLOAT for out in node.output)
     )

@@ -37,9 +37,7 @@ class OverRange:
 
 def float_tensors(proto: onnx.ModelProto) -> list[str]:
     """Every FP32 tensor a node produces (shape inference tells which are float)."""
-    lpwca_schema.register()
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    types = {v.name: v.type.tensor_type.elem_type for v in (*inferred.graph.value_info, *inferred.graph.output)}
+    types = lpwca_schema.tensor_types(proto)
     return [out for node in proto.graph.node for out in node.output if types.get(out) == onnx.TensorProto.FLOAT]
 
 

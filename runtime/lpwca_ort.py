@@ -52,18 +52,9 @@ def has_lpwca(proto: onnx.ModelProto) -> bool:
     return any(is_lpwca(n) for n in proto.graph.node)
 
 
-def _value_types(proto: onnx.ModelProto) -> dict[str, int]:
-    inferred = onnx.shape_inference.infer_shapes(proto)
-    graph = inferred.graph
-    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
-    types.update({t.name: t.data_type for t in graph.initializer})
-    return types
-
-
 def rewrite_for_ort(proto: onnx.ModelProto) -> onnx.ModelProto:
     """Move LPWCA nodes to the onnxruntime-extensions domain, FP32 at their boundary (in place)."""
-    lpwca_schema.register()
-    types = _value_types(proto)
+    types = lpwca_schema.tensor_types(proto)  # registers the schema too
     nodes = []
     for node in proto.graph.node:
         if not is_lpwca(node):

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
+
+from PIL import Image
 
 from ccra_export.core.errors import CCRAExportError
 from ccra_export.runtime.language_model import Sampling
@@ -23,6 +26,7 @@ from ccra_export.serve.images import ImageLimits, load_image_url
 from ccra_export.serve.protocol import ApiError, ChatRequest
 
 DEFAULT_MAX_TOKENS = 512
+LOG = logging.getLogger("ccra_export.serve")
 
 
 class Stopped(Exception):
@@ -98,8 +102,6 @@ class Worker:
 
     def warm_up(self) -> None:
         """One tiny generation: the server reports ready only after the whole path has run once."""
-        from PIL import Image
-
         image = Image.new("RGB", (64, 48), (128, 128, 128))
         self.pipeline.chat().ask("Describe the image.", image, Sampling(max_new_tokens=2))
 

@@ -129,3 +129,13 @@ def register() -> None:
     """Register ``ccra::LPWCA`` with onnx (idempotent)."""
     if not defs.has(OP_TYPE, VERSION, DOMAIN):
         defs.register_schema(_schema())
+
+
+def tensor_types(proto: onnx.ModelProto) -> dict[str, int]:
+    """Element type of every tensor of ``proto`` (inputs, initializers, node outputs), by shape
+    inference with ``ccra::LPWCA`` registered so fused graphs infer too."""
+    register()
+    graph = onnx.shape_inference.infer_shapes(proto).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
