@@ -2,6 +2,12 @@
 
 Uses the dynamo exporter (``torch.onnx.export(dynamo=True)``), the path PyTorch maintains, and
 writes the graph with external data when its weights approach protobuf's 2 GB limit.
+
+Opsets: the exporter implements PyTorch's ops at opset 18 at the lowest (torchlib); asked for 17
+it converts its unoptimised graph, fails on ReduceMean's ``axes`` input and silently keeps 18. So
+an opset-17 graph (what TensorRT 8.5/8.6, JetPack 5, parse) is exported at 18 and lowered here,
+after the exporter's constant folding, with onnx's version converter; the result is checked to
+declare the opset asked for, or the build stops in one line.
 """
 
 from __future__ import annotations
@@ -15,9 +21,11 @@ from typing import Literal
 
 import onnx
 import torch
+from onnx import version_converter
 
 from ccra_export import __version__
 from ccra_export.core.config import ModelConfig
+from ccra_export.core.errors import ConfigError
 from ccra_export.core.graph_scopes import NAME_SCOPES_KEY
 from ccra_export.export.lpwca_op import TRANSLATION_TABLE, lpwca_mode
 from ccra_export.model.vision_model import (
@@ -30,13 +38,29 @@ from ccra_export.model.vision_model import (
 )
 
 DEFAULT_OPSET = 20
-MIN_OPSET = 17
+MIN_OPSET = 17  #: LayerNormalization
+MAX_OPSET = 23  #: the newest opset this exporter and ONNX Runtime were checked with
+#: The lowest opset torch.onnx's exporter implements (its torchlib); lower targets are converted down.
+EXPORTER_OPSET = 18
 BATCH_DIM = "batch"
 TEXT_LEN_DIM = "text_len"
 #: Above this many bytes of weights the graph is saved with external data (protobuf caps at 2 GiB).
 EXTERNAL_DATA_AUTO_BYTES = 1536 << 20
 
 ExternalData = Literal["auto", "always", "never"]
+
+
+class UnsupportedOpsetError(ConfigError, ValueError):
+    """An ``--opset`` the export cannot honour (a ValueError too, for callers of the Python API)."""
+
+
+def check_opset(opset: int) -> int:
+    """``opset`` if the export can write it, else one line saying which opsets it can."""
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
+        raise UnsupportedOpsetError(f"--opset {opset}: LayerNormalization needs opset >= {MIN_OPSET}")
+    if opset > MAX_OPSET:
+        raise UnsupportedOpsetError(f"--opset {opset}: the export supports opsets {MIN_OPSET}..{MAX_OPSET}")
+    return opset
 
 
 @contextlib.contextmanager
@@ -82,8 +106,7 @@ def export_model_proto(
 
     ``lpwca="fused"`` emits CCRA stages 2-3 as one ``ccra::LPWCA`` node (see ``lpwca_op``).
     """
-    if opset < MIN_OPSET:
-        raise ValueError(f"--opset {opset}: LayerNormalization needs opset >= {MIN_OPSET}")
+    check_opset(opset)
     config = model.config
     with _quiet_exporter(), torch.no_grad(), lpwca_mode(model, lpwca):
         program = torch.onnx.export(
@@ -92,13 +115,15 @@ def export_model_proto(
             input_names=input_names(config),
             output_names=output_names(config),
             dynamic_shapes=_dynamic_shapes(config),
-            opset_version=opset,
+            opset_version=max(opset, EXPORTER_OPSET),
             dynamo=True,
             verbose=False,
             custom_translation_table=TRANSLATION_TABLE,
         )
     proto = program.model_proto
     _strip_trace_metadata(proto)
+    if opset < EXPORTER_OPSET:
+        proto = _lower_opset(proto, opset)
     proto.producer_name = "ccra-export"
     proto.producer_version = __version__
     proto.doc_string = (
@@ -120,6 +145,66 @@ def _strip_trace_metadata(proto: onnx.ModelProto) -> None:
         kept = [p for p in node.metadata_props if p.key in KEPT_NODE_METADATA]
         del node.metadata_props[:]
         node.metadata_props.extend(kept)
+
+
+def _lower_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
+    """The exported (optimised) graph converted down to ``opset``; node metadata (the module
+    scopes precision passes select by) is carried over by node name, which the converter keeps."""
+    kept = {node.name: list(node.metadata_props) for node in proto.graph.node if node.metadata_props}
+    try:
+        lowered = version_converter.convert_version(proto, opset)
+    except Exception as exc:  # the converter raises RuntimeError/ValueError/protobuf errors
+        reason = " ".join(str(exc).split())[:160]
+        raise UnsupportedOpsetError(
+            f"--opset {opset}: onnx's version converter cannot lower this graph from opset {EXPORTER_OPSET} "
+            f"({reason}); use --opset {EXPORTER_OPSET} or later"
+        ) from None
+    declared = {op.domain or "ai.onnx": op.version for op in lowered.opset_import}.get("ai.onnx")
+    if declared != opset:
+        raise UnsupportedOpsetError(
+            f"--opset {opset}: the converted graph declares opset {declared}; use --opset {EXPORTER_OPSET} or later"
+        )
+    for node in lowered.graph.node:
+        if node.name in kept and not node.metadata_props:
+            node.metadata_props.extend(kept[node.name])
+        _drop_noop_with_empty_axes(node, opset)
+    # The converter also drops value_info it did not re-infer (initializers, folded constants);
+    # the FP16 converter decides where to cast from these types, so they are put back (no
+    # tensor's type changes between opsets 17 and 18).
+    known = {v.name for v in lowered.graph.value_info}
+    names = {i.name for i in lowered.graph.initializer}
+    names.update(n for node in lowered.graph.node for n in (*node.input, *node.output))
+    lowered.graph.value_info.extend(v for v in proto.graph.value_info if v.name in names and v.name not in known)
+    try:
+        onnx.checker.check_model(lowered)
+    except onnx.checker.ValidationError as exc:
+        reason = " ".join(str(exc).split())[:160]
+        raise UnsupportedOpsetError(
+            f"--opset {opset}: the graph lowered from opset {EXPORTER_OPSET} is not valid ({reason}); "
+            f"use --opset {EXPORTER_OPSET} or later"
+        ) from None
+    return lowered
+
+
+def _drop_noop_with_empty_axes(node: onnx.NodeProto, opset: int) -> None:
+    """onnx's 18 -> 17 adapter moves a Reduce op's ``axes`` input back to an attribute but keeps
+    ``noop_with_empty_axes``, which only ReduceSum has before opset 18. With axes given, or at its
+    default 0, the attribute changes nothing and is dropped; an identity-on-empty-axes reduction
+    cannot be written at ``opset`` and is refused."""
+    if opset >= EXPORTER_OPSET or node.domain not in ("", "ai.onnx") or not node.op_type.startswith("Reduce"):
+        return
+    if node.op_type == "ReduceSum":
+        return
+    attrs = {a.name: a for a in node.attribute}
+    noop = attrs.get("noop_with_empty_axes")
+    if noop is None:
+        return
+    if noop.i and not (attrs.get("axes") and attrs["axes"].ints):
+        raise UnsupportedOpsetError(
+            f"--opset {opset}: {node.op_type} node {node.name} is an identity on empty axes, which opset {opset} "
+            f"cannot express; use --opset {EXPORTER_OPSET} or later"
+        )
+    node.attribute.remove(noop)
 
 
 def initializer_bytes(proto: onnx.ModelProto) -> int:

@@ -8,10 +8,51 @@ from here; nothing in the model or the exporter hard-codes the llava-1.5-7b numb
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from ccra_export.core.errors import ConfigError
+
+# Upper bounds on the sizes a configuration may claim. Each is far above any published model
+# (LLaVA-1.5-13B: 40 text layers of width 5120, vocabulary 32064; Llama-3.1-405B: 126 layers of
+# width 16384, vocabulary 128256, 131072 positions), so a value past one is a corrupt or hostile
+# config.json, refused in one line before anything is allocated for it (a num_hidden_layers of
+# 10**6 would otherwise build layers for minutes).
+MAX_LAYERS = 1024  #: vision or text num_hidden_layers, CCRA feature layers
+MAX_HIDDEN = 65536  #: hidden_size, head_dim, CCRA attn_dim / text_hidden_size
+MAX_INTERMEDIATE = 4 * MAX_HIDDEN  #: MLP intermediate_size
+MAX_HEADS = 1024  #: num_attention_heads, num_key_value_heads
+MAX_VOCAB = 10**7  #: vocab_size (and so image_token_index)
+MAX_IMAGE_SIZE = 8192  #: vision image_size and patch_size, in pixels
+MAX_CHANNELS = 16  #: vision num_channels
+MAX_POSITIONS = 1 << 22  #: text max_position_embeddings (rotary tables are sized by it)
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:37]}..."
+
+
+def check_int(value: Any, where: str, name: str, low: int, high: int) -> int:
+    """``value`` if it is an integer in ``low..high``; else a one-line ConfigError naming ``where`` and ``name``.
+
+    JSON gives floats, strings and booleans as readily as integers; each is refused here, where
+    it enters, rather than failing in whatever reads it later."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{where}: {name} must be an integer, got {_shown(value)}")
+    if not low <= value <= high:
+        raise ConfigError(f"{where}: {name} {value} is outside the supported range {low}..{high}")
+    return value
+
+
+def check_float(value: Any, where: str, name: str, *, positive: bool = False) -> float:
+    """``value`` as a finite float (``positive``: also > 0); else a one-line ConfigError."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError(f"{where}: {name} must be a finite number, got {_shown(value)}")
+    if positive and value <= 0:
+        raise ConfigError(f"{where}: {name} must be positive, got {value}")
+    return float(value)
 
 
 @dataclass(frozen=True)
@@ -33,7 +74,15 @@ class VisionTowerConfig:
         return (self.image_size // self.patch_size) ** 2
 
     def validate(self, where: str) -> None:
-        if self.image_size <= 0 or self.patch_size <= 0 or self.image_size % self.patch_size:
+        check_int(self.image_size, where, "vision image_size", 1, MAX_IMAGE_SIZE)
+        check_int(self.patch_size, where, "vision patch_size", 1, MAX_IMAGE_SIZE)
+        check_int(self.hidden_size, where, "vision hidden_size", 1, MAX_HIDDEN)
+        check_int(self.intermediate_size, where, "vision intermediate_size", 1, MAX_INTERMEDIATE)
+        check_int(self.num_layers, where, "vision num_hidden_layers", 1, MAX_LAYERS)
+        check_int(self.num_heads, where, "vision num_attention_heads", 1, MAX_HEADS)
+        check_int(self.num_channels, where, "vision num_channels", 1, MAX_CHANNELS)
+        check_float(self.layer_norm_eps, where, "vision layer_norm_eps", positive=True)
+        if self.image_size % self.patch_size:
             raise ConfigError(
                 f"{where}: image_size {self.image_size} must be a positive multiple of patch_size {self.patch_size}"
             )
@@ -70,6 +119,15 @@ class CCRAConfig:
         return self.attn_dim // self.num_heads
 
     def validate(self, vision: VisionTowerConfig, where: str) -> None:
+        if not isinstance(self.feature_layers, tuple | list) or len(self.feature_layers) > MAX_LAYERS:
+            raise ConfigError(f"{where}: CCRA feature_layers must be a list of at most {MAX_LAYERS} layer indices")
+        for layer in self.feature_layers:
+            check_int(layer, where, "CCRA feature_layers entry", -MAX_LAYERS, MAX_LAYERS)
+        check_int(self.text_hidden_size, where, "CCRA text_hidden_size", 1, MAX_HIDDEN)
+        check_int(self.attn_dim, where, "CCRA attn_dim", 1, MAX_HIDDEN)
+        check_int(self.num_heads, where, "CCRA num_heads", 1, MAX_HEADS)
+        check_float(self.layer_scale_init, where, "CCRA layer_scale_init")
+        check_float(self.layer_norm_eps, where, "CCRA layer_norm_eps", positive=True)
         if not self.feature_layers:
             raise ConfigError(f"{where}: CCRA feature_layers is empty; expected e.g. 1..{vision.num_layers - 1}")
         bad = [i for i in self.feature_layers if not 1 <= i <= vision.num_layers]
@@ -124,8 +182,7 @@ class ModelConfig:
 
     def validate(self, where: str = "model config") -> ModelConfig:
         self.vision.validate(where)
-        if self.lm_hidden_size <= 0:
-            raise ConfigError(f"{where}: language model hidden_size must be positive, got {self.lm_hidden_size}")
+        check_int(self.lm_hidden_size, where, "language model hidden_size", 1, MAX_HIDDEN)
         if self.ccra is not None:
             self.ccra.validate(self.vision, where)
         elif not 1 <= self.tower_layers_needed <= self.vision.num_layers:
