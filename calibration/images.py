@@ -6,10 +6,10 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ccra_export.core.errors import CCRAExportError
-from ccra_export.core.image_preprocess import open_rgb
+from ccra_export.core.image_preprocess import ImageReadError, open_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 DEFAULT_PROMPTS = (
@@ -71,8 +71,9 @@ def load_prompts(path: Path | None, count: int) -> list[str]:
 def load_calibration_set(
     folder: Path, *, prompts: Path | None = None, holdout: int | None = None, limit: int | None = None
 ) -> CalibrationSet:
-    """Decode every image (unreadable ones are skipped with a warning and counted) and split off
-    ``holdout`` images (default: 10%, at least 1) for INT8 parity: they are never calibrated on."""
+    """Decode every image (unreadable ones, decompression bombs and unusable pixel types are
+    skipped with a warning and counted) and split off ``holdout`` images (default: 10%, at least
+    1) for INT8 parity: they are never calibrated on."""
     paths = discover(folder)
     if limit is not None:
         paths = paths[:limit]
@@ -81,10 +82,9 @@ def load_calibration_set(
     for path, prompt in zip(paths, instructions, strict=True):
         try:
             loaded.append(CalibrationImage(path, open_rgb(path), prompt))
-        except (UnidentifiedImageError, OSError, ValueError) as exc:
-            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            warnings.warn(f"{path}: skipped, not a readable image ({reason})", stacklevel=2)
-            skipped.append((path, reason))
+        except ImageReadError as exc:
+            warnings.warn(f"{path}: skipped, {exc.problem}", stacklevel=2)
+            skipped.append((path, exc.problem))
     if not loaded:
         first = f" (first: {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
         raise CalibrationDataError(f"--calib-data {folder}: none of the {len(paths)} images could be read{first}")

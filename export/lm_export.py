@@ -10,18 +10,22 @@ never held in memory, nor instantiated in PyTorch).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
-from safetensors import safe_open
 
 from ccra_export.core.errors import CheckpointError
 
@@ -144,14 +148,65 @@ def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu") 
         "--extra_options",
         "exclude_embeds=true",
     ]
-    result = subprocess.run(command, capture_output=True, text=True, check=False)
-    if result.returncode != 0:
-        lines = [line for line in result.stderr.splitlines() if line.strip()]
+    # the builder's cache defaults to ./cache_dir in the working directory
+    # (temporary external data included): it goes beside lm_dir instead, and is removed however this ends
+    with tempfile.TemporaryDirectory(prefix=".genai-builder-", dir=lm_dir.parent) as scratch:
+        returncode, stderr = run_child([*command, "-c", str(Path(scratch) / "cache")])
+    if returncode != 0:
+        lines = [line for line in stderr.splitlines() if line.strip()]
         raise CheckpointError(f"onnxruntime-genai model builder failed: {lines[-1] if lines else 'no output'}")
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def _die_with_parent() -> Callable[[], None] | None:
+    """A ``preexec_fn`` asking Linux to SIGTERM the child when this process dies, even by SIGKILL
+    (``prctl(PR_SET_PDEATHSIG)``); None where there is no prctl. libc is looked up here, in the
+    parent: the child runs between fork and exec, where loading a library is not safe."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the parent died before prctl took effect
+            os._exit(1)
+
+    return preexec
+
+
+def run_child(command: list[str], grace_s: float = 5.0) -> tuple[int, str]:
+    """Run ``command`` (stdout discarded, stderr captured) so that it never outlives this process:
+    on any exception here (Ctrl-C, SIGTERM's ``Terminated``) it is terminated, then killed after
+    ``grace_s``; if this process is killed outright, Linux terminates it (PR_SET_PDEATHSIG).
+    Returns the exit status and stderr."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=_die_with_parent()
+    )
+    try:
+        _, stderr = process.communicate()
+    finally:
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        if process.stderr is not None:
+            process.stderr.close()
+    return process.returncode, stderr
 
 
 def build_embedding_model(lm_dir: Path, out: Path, dtype: np.dtype) -> None:
     """``input_ids [B, S] int64 -> inputs_embeds [B, S, D]``: one Gather over the LM's table."""
+    from safetensors import safe_open  # the [export] extra: importing this module must not need it
+
     with safe_open(str(lm_dir / "model.safetensors"), "np") as handle:
         table = handle.get_tensor("model.embed_tokens.weight").astype(dtype)
     elem = TensorProto.FLOAT16 if table.dtype == np.float16 else TensorProto.FLOAT

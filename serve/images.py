@@ -18,6 +18,7 @@ from pathlib import Path
 
 from PIL import Image, UnidentifiedImageError
 
+from ccra_export.core.image_preprocess import ImageReadError, to_rgb
 from ccra_export.serve.protocol import ApiError
 
 PARAM = "messages.content.image_url"
@@ -39,9 +40,11 @@ def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
             if width * height > limits.max_pixels:
                 raise ApiError(413, f"image is {width}x{height} pixels; the limit is {limits.max_pixels}", param=PARAM)
             handle.load()
-            return handle.convert("RGB")
+            return to_rgb(handle)  # 16-bit and 32-bit images scaled, not clipped to white
     except ApiError:
         raise
+    except ImageReadError as exc:
+        raise ApiError(400, f"image_url: {exc.problem}", param=PARAM) from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
         raise ApiError(400, f"image_url: not a readable image ({type(exc).__name__})", param=PARAM) from None
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
 
 from ccra_export import __version__
@@ -11,12 +13,23 @@ from ccra_export.cli.check import check
 from ccra_export.cli.doctor import doctor
 from ccra_export.cli.engine import engine
 from ccra_export.cli.explain import explain
+from ccra_export.cli.output import terminate_like_interrupt
 from ccra_export.cli.plugins import plugins
 from ccra_export.cli.run import run
 from ccra_export.cli.serve import serve
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class _Cli(click.Group):
+    """The command group, run with SIGTERM/SIGHUP on Ctrl-C's path: ``kill``, ``timeout``,
+    systemd and ``docker stop`` get the same cleanup as Ctrl-C (no staging or scratch directory,
+    no model-builder process left behind) and exit 128 + the signal number (SIGTERM: 143)."""
+
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        with terminate_like_interrupt():
+            return super().main(*args, **kwargs)
+
+
+@click.group(cls=_Cli, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(__version__, prog_name="ccra-export")
 def main() -> None:
     """Export CCRA (and plain LLaVA-1.5) vision-language models to ONNX / TensorRT, with parity proof.

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import functools
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from types import FrameType
 from typing import Any
 
 from rich.console import Console
@@ -18,8 +22,56 @@ stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 130)
 stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 130)
 
 
+#: the signals that end a command the way Ctrl-C does: `kill`, `timeout`, systemd, `docker stop`; a closed terminal
+TERMINATING_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where the main thread is, like Ctrl-C's ``KeyboardInterrupt``.
+
+    A subclass of it on purpose: every cleanup written for Ctrl-C (``except BaseException`` in
+    ``core.atomic``, ``finally`` around the model-builder subprocess) runs for these too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextmanager
+def terminate_like_interrupt() -> Iterator[None]:
+    """While the CLI runs, turn SIGTERM/SIGHUP into ``Terminated``; restore the handlers after.
+
+    A signal that was ignored when the CLI started (``nohup``, a parent's SIG_IGN) stays ignored.
+    After the first one the default action is back: a second signal ends the process at once,
+    skipping the cleanup (as a second Ctrl-C interrupts it), so nothing that swallowed the first
+    can leave the process unkillable. Only the main thread can install handlers; elsewhere this
+    is a no-op.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {sig: signal.getsignal(sig) for sig in TERMINATING_SIGNALS}
+    caught = [sig for sig, old in previous.items() if old is not signal.SIG_IGN]
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        for sig in caught:
+            signal.signal(sig, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    for sig in caught:
+        signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn a user-facing error into one line on stderr and its exit code, never a traceback."""
+    """Turn a user-facing error into one line on stderr and its exit code, never a traceback.
+
+    Ctrl-C exits 130; SIGTERM/SIGHUP (``Terminated``) exit 128 + the signal number (143, 129),
+    the status a shell reports for a process that signal killed, after the same cleanup."""
 
     @functools.wraps(command)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -28,6 +80,9 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except CCRAExportError as exc:
             stderr.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
             sys.exit(exc.exit_code)
+        except Terminated as exc:
+            stderr.print(f"[bold red]terminated[/bold red] ({exc.args[0]}): nothing was written")
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
             stderr.print("[bold red]interrupted[/bold red]: nothing was written")
             sys.exit(130)

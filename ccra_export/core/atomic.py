@@ -1,7 +1,19 @@
-"""Write-then-rename helpers so that an interrupted or failed build leaves no half artifact."""
+"""Write-then-rename helpers so that an interrupted or failed build leaves no half artifact.
+
+Every helper removes what it staged on *any* exception, ``KeyboardInterrupt`` included (the CLI
+turns SIGTERM and SIGHUP into one, ``cli.output.terminate_like_interrupt``), so Ctrl-C, ``kill``,
+``timeout`` and ``docker stop`` all leave nothing behind. A full disk ends as one
+``NoSpaceError``: errno ENOSPC/EDQUOT, a library's wrapper quoting it (safetensors'
+``SafetensorError``, a subprocess's last line) or, for writers that do not check their writes
+(ONNX's C++ shape inference leaves a short file that fails later as a protobuf ``DecodeError``),
+a failure to read a file back while the filesystem is found full *before* the staged files
+are removed.
+Publishing a staged directory is serialised between processes by a lock file beside it.
+"""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -11,11 +23,130 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ccra_export.core.errors import BundleError, CCRAExportError
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: publishing is not serialised there
+    fcntl = None  # type: ignore[assignment]
+
+NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# how libraries that wrap the OS error spell it: strerror, Rust's io::Error (safetensors), errno numbers
+_NO_SPACE_WORDS = (
+    "no space left on device",
+    "disk quota exceeded",
+    "storagefull",
+    "quotaexceeded",
+    f"os error {errno.ENOSPC}",
+    f"os error {errno.EDQUOT}",
+    f"errno {errno.ENOSPC}]",
+    f"errno {errno.EDQUOT}]",
+)
+#: below this much free space, a file that fails to read back (a short write) is a full disk
+NEARLY_FULL_BYTES = 32 << 20
+# how reading back a truncated file fails: protobuf (onnx.load), ONNX Runtime, ONNX's checker,
+# safetensors, JSON, numpy's .npz, pickle; named, so that core imports none of them
+_READ_BACK_ERRORS = frozenset(
+    {
+        "DecodeError",
+        "InvalidProtobuf",
+        "Fail",
+        "InvalidGraph",
+        "ValidationError",
+        "SafetensorError",
+        "JSONDecodeError",
+        "BadZipFile",
+        "UnpicklingError",
+        "EOFError",
+    }
+)
+_FULL_MARK = "_ccra_export_disk_full"
+
+
+class NoSpaceError(BundleError):
+    """The filesystem filled up while writing; everything staged has been removed."""
+
 
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions it was raised from or while handling."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def says_no_space(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is ENOSPC/EDQUOT, as an ``OSError`` or a library's message."""
+    for current in _chain(exc):
+        if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
+            return True
+        if any(word in str(current).lower() for word in _NO_SPACE_WORDS):
+            return True
+    return False
+
+
+def nearly_full(path: str | Path) -> bool:
+    """Whether the filesystem holding ``path`` has less than ``NEARLY_FULL_BYTES`` free."""
+    try:
+        stats = os.statvfs(path)
+    except (OSError, AttributeError):  # gone already, or no statvfs (Windows)
+        return False
+    return stats.f_bavail * stats.f_frsize < NEARLY_FULL_BYTES
+
+
+def _out_of_space(exc: BaseException) -> bool:
+    return isinstance(exc, NoSpaceError) or getattr(exc, _FULL_MARK, False) or says_no_space(exc)
+
+
+def _remove(path: Path) -> None:
+    """``rmtree`` that finishes even when a signal's exception interrupts it (then re-raised)."""
+    try:
+        shutil.rmtree(path, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(path, ignore_errors=True)
+        raise
+
+
+def _reads_back_short(exc: BaseException) -> bool:
+    """Whether ``exc`` (or its cause) is a library failing to read a file back: what an unchecked
+    write that ran out of space turns into later."""
+    return any(type(current).__name__ in _READ_BACK_ERRORS for current in _chain(exc))
+
+
+def _discard(path: Path, exc: BaseException) -> None:
+    """Remove ``path`` after ``exc``; first note on ``exc`` whether it is a read-back failure on
+    a full disk, since the removal frees the space that tells. A ``CCRAExportError`` keeps its
+    own message unless it quotes ENOSPC."""
+    unexplained = isinstance(exc, Exception) and not isinstance(exc, CCRAExportError)
+    if unexplained and not _out_of_space(exc) and _reads_back_short(exc) and nearly_full(path.parent):
+        try:
+            setattr(exc, _FULL_MARK, True)
+        except AttributeError:  # pragma: no cover - every BaseException has a __dict__
+            pass
+    if path.is_dir() and not path.is_symlink():
+        _remove(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _raise_if_no_space(exc: BaseException, writing: Path) -> None:
+    """Re-raise ``exc`` as one ``NoSpaceError`` line when the disk filled up."""
+    if isinstance(exc, NoSpaceError) or not isinstance(exc, Exception) or not _out_of_space(exc):
+        return
+    raise NoSpaceError(
+        f"no space left on device writing {writing}: nothing was left behind; free some space and run again"
+    ) from exc
 
 
 def write_json(path: str | Path, data: Any) -> None:
@@ -28,36 +159,111 @@ def write_json(path: str | Path, data: Any) -> None:
             handle.write("\n")
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp creates 0600; a bundle is shared
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        _discard(Path(tmp), exc)
+        _raise_if_no_space(exc, path)
         raise
+
+
+@contextmanager
+def publish_lock(final: str | Path) -> Iterator[None]:
+    """Hold ``.NAME.lock`` beside ``final`` (``flock``): one process at a time publishes there.
+
+    The lock file is removed on release, while still held; a waiter that then gets the lock on
+    the removed file sees that the path no longer names it and locks the new one instead."""
+    final = Path(final)
+    if fcntl is None:  # pragma: no cover
+        yield
+        return
+    path = final.parent / f".{final.name}.lock"
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                current = os.stat(path)
+                same = (current.st_dev, current.st_ino) == (held.st_dev, held.st_ino)
+            except FileNotFoundError:
+                same = False
+        except BaseException:
+            os.close(fd)
+            raise
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            path.unlink(missing_ok=True)
+        finally:
+            os.close(fd)  # releases the lock
+
+
+def _publish(stage: Path, final: Path, *, replace: bool) -> Path | None:
+    """Rename ``stage`` to ``final`` (under the publish lock); returns the old ``final`` to delete."""
+    if not final.exists():
+        os.replace(stage, final)
+        return None
+    if not final.is_dir():
+        raise BundleError(f"{final}: exists and is not a directory")
+    if not replace and any(final.iterdir()):
+        raise BundleError(f"{final}: already holds files (another run wrote them meanwhile); pass --force to replace")
+    trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+    try:
+        os.replace(final, trash / final.name)
+        try:
+            os.replace(stage, final)
+        except BaseException:
+            os.replace(trash / final.name, final)  # put the old one back
+            raise
+    except BaseException:
+        _remove(trash)
+        raise
+    return trash
 
 
 @contextmanager
 def staged_directory(final: Path, *, replace: bool) -> Iterator[Path]:
     """Yield an empty staging directory beside ``final``; on success it becomes ``final``.
 
-    On any exception the staging directory is removed and ``final`` is untouched. With
-    ``replace`` an existing ``final`` is swapped out only after the new one is complete.
+    On any exception (Ctrl-C and SIGTERM included) the staging directory is removed and
+    ``final`` is untouched; a full disk is reported as one ``NoSpaceError``. With ``replace`` an
+    existing ``final`` is swapped out only after the new one is complete. Two processes
+    publishing into one ``final`` take turns (``publish_lock``): without ``replace`` the second
+    gets a ``BundleError``, with it the last one wins; neither leaves a staging directory.
     """
     final = Path(final)
     stage = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     try:
         yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
+        os.chmod(stage, 0o777 & ~_umask())  # mkdtemp creates 0700
+        with publish_lock(final):
+            old = _publish(stage, final, replace=replace)
+    except BaseException as exc:
+        _discard(stage, exc)
+        _raise_if_no_space(exc, final)
         raise
-    os.chmod(stage, 0o777 & ~_umask())  # mkdtemp creates 0700
-    if final.exists():
-        if not replace and any(final.iterdir()):
-            shutil.rmtree(stage, ignore_errors=True)
-            raise FileExistsError(final)
-        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
-        os.replace(final, trash / final.name)
-        os.replace(stage, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(stage, final)
+    if old is not None:
+        _remove(old)
+
+
+@contextmanager
+def scratch_directory(beside: str | Path, label: str = "scratch") -> Iterator[Path]:
+    """A temporary directory beside ``beside`` (``.NAME.LABEL-*``: same filesystem, so the
+    build's intermediate files count against the disk it writes), removed however the block ends;
+    a full disk is reported as one ``NoSpaceError``."""
+    beside = Path(beside)
+    parent = beside.resolve().parent
+    scratch = Path(tempfile.mkdtemp(prefix=f".{beside.name}.{label}-", dir=parent))
+    try:
+        yield scratch
+    except BaseException as exc:
+        _discard(scratch, exc)
+        _raise_if_no_space(exc, beside)
+        raise
+    _remove(scratch)
 
 
 @contextmanager
@@ -70,6 +276,7 @@ def temporary_sibling(path: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        _discard(Path(tmp), exc)
+        _raise_if_no_space(exc, path)
         raise

@@ -11,21 +11,73 @@ pads the image to a square filled with the mean colour (``expand2square``).
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+import struct
+from dataclasses import dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from ccra_export.core.errors import CheckpointError
+from ccra_export.core.errors import CCRAExportError, CheckpointError, ConfigError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSOR_CONFIG = "preprocessor_config.json"
+#: the largest resize / crop edge accepted (a resize to it is ~200 MB of RGB)
+MAX_EDGE = 8192
+_RESAMPLING = frozenset(int(r) for r in Image.Resampling)
+# ImageProcessorConfig field -> its key in preprocessor_config.json (for messages)
+_JSON_KEYS = {
+    "shortest_edge": "size.shortest_edge",
+    "crop_height": "crop_size.height",
+    "crop_width": "crop_size.width",
+}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float | np.integer | np.floating) and not isinstance(value, bool)
+
+
+def _invalid(values: dict[str, Any]) -> tuple[str, Any, str] | None:
+    """The first field that would make every ``preprocess`` fail or compute garbage, as
+    (field, value, what was expected); None when the configuration is usable."""
+    for name in ("shortest_edge", "crop_height", "crop_width"):
+        value = values[name]
+        if not _is_int(value) or not 1 <= value <= MAX_EDGE:
+            return name, value, f"a positive whole number of pixels, at most {MAX_EDGE}"
+    for name in ("crop_height", "crop_width"):
+        if values[name] > values["shortest_edge"]:
+            return name, values[name], f"at most the resize's shortest edge {values['shortest_edge']}"
+    for name in ("image_mean", "image_std"):
+        value = values[name]
+        if not isinstance(value, list | tuple) or len(value) != 3 or not all(_is_number(v) for v in value):
+            return name, value, "three numbers, one per RGB channel"
+        if not all(math.isfinite(v) for v in value):
+            return name, value, "finite numbers"
+    if not all(v > 0 for v in values["image_std"]):
+        return "image_std", values["image_std"], "positive numbers (it divides)"
+    factor = values["rescale_factor"]
+    if not _is_number(factor) or not math.isfinite(factor) or factor <= 0:
+        return "rescale_factor", factor, "a positive finite number (1/255 for 8-bit images)"
+    if not _is_int(values["resample"]) or int(values["resample"]) not in _RESAMPLING:
+        return "resample", values["resample"], f"a Pillow resampling filter, one of {sorted(_RESAMPLING)}"
+    if not isinstance(values["pad_to_square"], bool):
+        return "pad_to_square", values["pad_to_square"], "true or false"
+    return None
 
 
 @dataclass(frozen=True)
 class ImageProcessorConfig:
+    """CLIPImageProcessor's settings; validated on construction (from a checkpoint, a manifest or
+    code alike), so a zero size or a crop larger than the resize fails here, in one line, not in
+    every later ``preprocess``."""
+
     shortest_edge: int
     crop_height: int
     crop_width: int
@@ -34,6 +86,12 @@ class ImageProcessorConfig:
     rescale_factor: float = 1 / 255
     resample: int = Image.Resampling.BICUBIC
     pad_to_square: bool = True  # LLaVA-1.5's image_aspect_ratio "pad"
+
+    def __post_init__(self) -> None:
+        problem = _invalid({f.name: getattr(self, f.name) for f in fields(self)})
+        if problem is not None:
+            name, value, expected = problem
+            raise ConfigError(f"image processor {name} {value!r}: expected {expected}")
 
     @classmethod
     def from_dict(cls, record: dict) -> ImageProcessorConfig:
@@ -45,36 +103,129 @@ class ImageProcessorConfig:
         return cls(shortest_edge=image_size, crop_height=image_size, crop_width=image_size, pad_to_square=pad_to_square)
 
     @classmethod
-    def from_checkpoint(cls, directory: Path, image_size: int, *, pad_to_square: bool = True) -> ImageProcessorConfig:
-        """``preprocessor_config.json`` when the checkpoint has one, else CLIP defaults at ``image_size``."""
+    def from_checkpoint(
+        cls, directory: Path, image_size: int, *, pad_to_square: bool = True, check_crop: bool = False
+    ) -> ImageProcessorConfig:
+        """``preprocessor_config.json`` when the checkpoint has one, else CLIP defaults at ``image_size``.
+
+        Checked here, where ``build`` reads it: every value in range (one line naming the file and
+        the key) and, with ``check_crop``, a crop of the vision tower's ``image_size``: the only
+        input its position embeddings take, so any other crop would make every ``run`` fail."""
         path = Path(directory) / PREPROCESSOR_CONFIG
         if not path.is_file():
             return cls.for_image_size(image_size, pad_to_square=pad_to_square)
         try:
             raw = json.loads(path.read_text())
-            size, crop = raw.get("size", {}), raw.get("crop_size", {})
-            shortest = size.get("shortest_edge", image_size) if isinstance(size, dict) else int(size)
-            crop_h = crop.get("height", image_size) if isinstance(crop, dict) else int(crop)
-            crop_w = crop.get("width", image_size) if isinstance(crop, dict) else int(crop)
-            return cls(
-                shortest_edge=int(shortest),
-                crop_height=int(crop_h),
-                crop_width=int(crop_w),
-                image_mean=tuple(raw.get("image_mean", CLIP_MEAN)),
-                image_std=tuple(raw.get("image_std", CLIP_STD)),
-                rescale_factor=float(raw.get("rescale_factor", 1 / 255)),
-                resample=int(raw.get("resample", Image.Resampling.BICUBIC)),
-                pad_to_square=pad_to_square,
-            )
-        except (ValueError, TypeError, AttributeError, json.JSONDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{path}: not a valid image processor config ({exc})") from None
+        if not isinstance(raw, dict):
+            raise CheckpointError(f"{path}: expected a JSON object, got {type(raw).__name__}")
+        size, crop = raw.get("size", {}), raw.get("crop_size", {})
+        values = {
+            "shortest_edge": size.get("shortest_edge", image_size) if isinstance(size, dict) else size,
+            "crop_height": crop.get("height", image_size) if isinstance(crop, dict) else crop,
+            "crop_width": crop.get("width", image_size) if isinstance(crop, dict) else crop,
+            "image_mean": raw.get("image_mean", CLIP_MEAN),
+            "image_std": raw.get("image_std", CLIP_STD),
+            "rescale_factor": raw.get("rescale_factor", 1 / 255),
+            "resample": raw.get("resample", int(Image.Resampling.BICUBIC)),
+            "pad_to_square": pad_to_square,
+        }
+        problem = _invalid(values)
+        if problem is None and check_crop:
+            problem = next(
+                (
+                    (name, values[name], f"the vision tower's image_size {image_size} (config.json)")
+                    for name in ("crop_height", "crop_width")
+                    if values[name] != image_size
+                ),
+                None,
+            )
+        if problem is not None:
+            name, value, expected = problem
+            key = _JSON_KEYS.get(name, name)
+            raise CheckpointError(f"{path}: {key} {json.dumps(value)}: expected {expected}")
+        return cls(**{**values, "image_mean": tuple(values["image_mean"]), "image_std": tuple(values["image_std"])})
+
+
+class ImageReadError(CCRAExportError):
+    """An image file (or picture) that cannot be used: missing, not an image, truncated, over
+    Pillow's decompression-bomb limit, or of a pixel type with no meaningful 8-bit scale."""
+
+    def __init__(self, source: str | Path, problem: str) -> None:
+        super().__init__(f"{source}: {problem}")
+        self.source = source
+        self.problem = problem
+
+
+# errors Pillow raises on a malformed file, beyond OSError (truncated data, bad headers)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
 
 
 def open_rgb(path: str | Path) -> Image.Image:
-    """Decode an image file fully (a truncated file fails here, not later) as RGB."""
-    with Image.open(path) as handle:
-        handle.load()
-        return handle.convert("RGB")
+    """The one loader for user images: decode fully (a truncated file fails here, not later) and
+    convert to 8-bit RGB (``to_rgb``). Every failure is one ``ImageReadError`` naming the file,
+    Pillow's ``DecompressionBombError`` (not an OSError) included."""
+    try:
+        with Image.open(path) as handle:
+            handle.load()
+            return to_rgb(handle, path)
+    except FileNotFoundError:
+        raise ImageReadError(path, "no such file") from None
+    except IsADirectoryError:
+        raise ImageReadError(path, "a directory, not an image file") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageReadError(path, f"too large to decode safely ({_first_line(exc)})") from None
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, *_DECODE_ERRORS) as exc:
+        raise ImageReadError(path, f"not a readable image ({_first_line(exc)})") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _integer_range(image: Image.Image) -> int:
+    """The largest value an integer-mode image's samples can hold: the file's declared depth
+    (PNG: 16 bits; TIFF: BitsPerSample and SampleFormat), else 16 bits when the values fit."""
+    if image.mode.startswith("I;16") or image.format == "PNG":  # PNG has no 32-bit samples
+        return 0xFFFF
+    tags = getattr(image, "tag_v2", {})
+    bits, sample_format = tags.get(258), tags.get(339)  # BitsPerSample, SampleFormat (2: signed)
+    bits = bits[0] if isinstance(bits, tuple) and bits else bits
+    sample_format = sample_format[0] if isinstance(sample_format, tuple) and sample_format else sample_format
+    if isinstance(bits, int) and 8 <= bits <= 32:
+        return (1 << (bits - 1 if sample_format == 2 else bits)) - 1
+    low, high = image.getextrema()
+    return 0xFFFF if 0 <= low and high <= 0xFFFF else 0xFFFFFFFF
+
+
+def to_rgb(image: Image.Image, source: str | Path = "image") -> Image.Image:
+    """8-bit RGB with the pixel values meant: 16-bit (``I;16*``) and 32-bit integer (``I``)
+    images are scaled by their range (65535 -> 255, i.e. /257; negative values are black), where
+    Pillow's ``convert`` clips them to white; floating-point (``F``) images are taken as 0..1 and
+    refused outside it. Other modes go through ``convert("RGB")``."""
+    if image.mode == "RGB":
+        return image
+    if image.mode.startswith("I;16") or image.mode == "I":
+        gray = np.asarray(image).astype(np.float64) * (255.0 / _integer_range(image))
+    elif image.mode == "F":
+        pixels = np.asarray(image).astype(np.float64)
+        finite = bool(np.isfinite(pixels).all())
+        low, high = (float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))) if finite else (0.0, 0.0)
+        if not finite or low < -1e-6 or high > 1 + 1e-6:
+            values = f"values from {low:g} to {high:g}" if finite else "NaN or infinite values"
+            raise ImageReadError(source, f"a floating-point image with {values}; expected 0..1")
+        gray = pixels * 255.0
+    else:
+        try:
+            return image.convert("RGB")
+        except ValueError as exc:
+            raise ImageReadError(source, f"pixel mode {image.mode} cannot be shown as RGB ({exc})") from None
+    eight = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    return Image.fromarray(eight, "L").convert("RGB")
 
 
 def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Image.Image:
@@ -90,7 +241,7 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
 
 def preprocess(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray:
     """One PIL image -> float32 [3, crop_height, crop_width], as CLIPImageProcessor computes it."""
-    image = image.convert("RGB")
+    image = to_rgb(image)
     if config.pad_to_square:
         image = expand_to_square(image, tuple(int(x * 255) for x in config.image_mean))
     width, height = image.size
