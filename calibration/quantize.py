@@ -18,18 +18,19 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import onnx
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+if TYPE_CHECKING:
+    from onnxruntime.quantization import CalibrationDataReader
 
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
 from ccra_export.core.lpwca_schema import OP_TYPE as LPWCA_OP
+from ccra_export.runtime.ort_session import import_onnxruntime
 
-METHODS = {
-    "minmax": CalibrationMethod.MinMax,
-    "entropy": CalibrationMethod.Entropy,
-    "percentile": CalibrationMethod.Percentile,
-}
+# --calib-method -> onnxruntime.quantization.CalibrationMethod's member (ORT is imported when calibrating)
+METHODS = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
 QUANTIZED_OP_TYPES = ("MatMul", "Gemm", "Conv")
 ALWAYS_FLOAT_OP_TYPES = ("LayerNormalization", "Softmax", LPWCA_OP)
 
@@ -101,18 +102,19 @@ def _run_quantize_static(
     ort_cache: Path,
     per_channel: bool,
 ) -> None:
-    quantize_static(
+    quantization = import_onnxruntime("onnxruntime.quantization")
+    quantization.quantize_static(
         str(fp32_model),
         str(output),
         calibration_data_reader=reader,
-        quant_format=QuantFormat.QDQ,
+        quant_format=quantization.QuantFormat.QDQ,
         op_types_to_quantize=list(QUANTIZED_OP_TYPES),
         per_channel=per_channel,
-        activation_type=QuantType.QInt8,
-        weight_type=QuantType.QInt8,
+        activation_type=quantization.QuantType.QInt8,
+        weight_type=quantization.QuantType.QInt8,
         nodes_to_exclude=excluded,
         use_external_data_format=large,
-        calibrate_method=METHODS[method],
+        calibrate_method=quantization.CalibrationMethod[METHODS[method]],
         extra_options={"ActivationSymmetric": True, "WeightSymmetric": True},
         calibration_cache_path=ort_cache,
     )

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
-from onnxruntime.quantization import CalibrationDataReader
 
 from ccra_export.calibration.images import CalibrationImage
 from ccra_export.calibration.text import TextEmbedder
@@ -25,8 +24,12 @@ def make_feeds(
     return feeds
 
 
-class ImageBatchReader(CalibrationDataReader):
+class ImageBatchReader:
     """Preprocesses lazily, one batch per ``get_next``, so calibration memory stays one batch.
+
+    An ``onnxruntime.quantization.CalibrationDataReader`` by its protocol (``get_next``, iteration,
+    ``__len__``, ``set_range``: ORT's class checks no more than ``get_next``), not by inheritance, so
+    importing this module does not need ONNX Runtime.
 
     Every batch has the same shape, as ONNX Runtime's histogram calibrators stack them: prompts
     are padded to the longest one in the set (padding is masked out), and a partial last batch
@@ -68,4 +71,13 @@ class ImageBatchReader(CalibrationDataReader):
         feeds = make_feeds(batch, self.processor, self.embedder, self._text_len)
         if self.on_batch is not None:
             self.on_batch(fresh)
+        return feeds
+
+    def __iter__(self) -> ImageBatchReader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feeds = self.get_next()
+        if feeds is None:
+            raise StopIteration
         return feeds

@@ -20,11 +20,10 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import onnx
-import onnx_ir as ir
-from onnxruntime.transformers import float16
 
 from ccra_export.core.graph_scopes import CCRA_SCOPE, nodes_in_scope
 from ccra_export.core.lpwca_schema import is_lpwca
+from ccra_export.runtime.ort_session import import_onnxruntime
 
 FP32_OP_TYPES = ("Softmax",)
 
@@ -100,6 +99,9 @@ def convert_to_fp16(
 
     ``keep_nodes``: further nodes kept FP32, those around tensors FP16 cannot hold (fp16_ranges.py).
     """
+    import onnx_ir as ir  # the [export] extra: importing this module must not need it (a runtime-only install)
+
+    float16 = import_onnxruntime("onnxruntime.transformers.float16")
     blocked_nodes = nodes_in_scope(proto, CCRA_SCOPE) if keep_ccra_fp32 else []
     blocked_nodes += [n.name for n in _lpwca_nodes(proto) if n.name not in blocked_nodes]
     blocked_nodes += [n for n in keep_nodes if n not in blocked_nodes]

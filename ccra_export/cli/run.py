@@ -11,7 +11,8 @@ from ccra_export.cli import options as o
 from ccra_export.cli.output import reports_errors, stderr
 from ccra_export.runtime.inputs import InputError, load_image
 from ccra_export.runtime.language_model import Sampling
-from ccra_export.runtime.vlm_pipeline import Pipeline, no_attention_map
+from ccra_export.runtime.vlm_pipeline import no_attention_map
+from ccra_export.workflows.backends import open_pipeline
 from ccra_export.workflows.explain import require_matplotlib, save_overlay
 
 
@@ -45,7 +46,7 @@ from ccra_export.workflows.explain import require_matplotlib, save_overlay
         "--temperature",
         default=0.0,
         show_default=True,
-        type=click.FloatRange(0.0),
+        type=o.FiniteFloat(0.0),
         help="0: greedy decoding; above 0: sampling at this temperature.",
     ),
     o.opt(
@@ -53,10 +54,11 @@ from ccra_export.workflows.explain import require_matplotlib, save_overlay
         "--top-p",
         default=1.0,
         show_default=True,
-        type=click.FloatRange(0.0, 1.0),
-        help="Nucleus sampling mass.",
+        type=o.FiniteFloat(0.0, 1.0),
+        help="Nucleus sampling mass: sample among the most likely tokens whose probabilities reach it. 0 keeps "
+        "only the top token (greedy); the top token is always kept.",
     ),
-    o.opt("seed", "--seed", type=int, help="Sampling seed."),
+    o.opt("seed", "--seed", type=o.SEED, help="Sampling seed, in [0, 2**64)."),
     o.opt(
         "attention_map",
         "--attention-map",
@@ -65,7 +67,8 @@ from ccra_export.workflows.explain import require_matplotlib, save_overlay
         "[explain] extra; `ccra-export explain` draws the rest).",
     ),
     o.opt("verify", "--verify", is_flag=True, help="Re-hash every bundle file against the manifest before running."),
-    o.backend("auto", "ort", "trt", help=o.RUN_BACKEND_HELP),
+    o.backend("auto", "ort", "trt", "ort-trt", help=o.RUN_BACKEND_HELP),
+    o.PLUGIN_LIBRARY,
 )
 @reports_errors
 def run(
@@ -80,6 +83,7 @@ def run(
     attention_map: Path | None,
     verify: bool,
     backend: str,
+    plugin_library: Path | None,
 ) -> None:
     """Answer PROMPT about IMAGE with the bundle's vision graph and language model, streaming tokens.
 
@@ -92,7 +96,7 @@ def run(
         if attention_map.suffix.lower() != ".png":
             raise InputError(f"--attention-map {attention_map}: expected a .png file name")
     picture = load_image(image)  # a bad image fails before the models load
-    pipeline = Pipeline.from_bundle(bundle, backend=backend, verify=verify)
+    pipeline = open_pipeline(bundle, backend, verify, plugin_library)
     if attention_map is not None and not pipeline.ccra:
         raise InputError(no_attention_map(bundle))
     conversation = pipeline.chat()

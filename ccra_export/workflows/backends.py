@@ -1,4 +1,5 @@
-"""Opening a built bundle's vision backend for every `--backend` a verb offers.
+"""Opening a built bundle's vision backend, or its whole pipeline, for every `--backend` a verb
+offers (`check`, `run`, `bench`).
 
 ``auto``, ``ort`` and ``trt`` are the runtime's (what a target runs); ``ort-trt``, ONNX Runtime's
 TensorRT execution provider, builds its engines as it opens, so it comes from the engine stage.
@@ -9,9 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ccra_export.core.errors import BackendUnavailableError
+from ccra_export.core.manifest import read_manifest, verify_files
 from ccra_export.engine import ort_trt
 from ccra_export.runtime.backends import bundle_backend, resolve_backend
 from ccra_export.runtime.vision_backend import VisionBackend
+from ccra_export.runtime.vlm_pipeline import Pipeline
 
 
 def open_bundle_backend(
@@ -20,5 +24,30 @@ def open_bundle_backend(
     """The backend that runs ``bundle``'s vision graph, and one line saying what it is."""
     if backend == "ort-trt":
         resolve_backend(backend)  # one line when this ONNX Runtime has no TensorRT provider
-        return ort_trt.bundle_backend(Path(bundle), manifest, plugin_library)
+        runner, line = ort_trt.bundle_backend(Path(bundle), manifest, plugin_library)
+        started = getattr(runner, "providers", [ort_trt.PROVIDER])
+        if not started or started[0] != ort_trt.PROVIDER:  # ORT falls back to CUDA/CPU with a log line only
+            raise BackendUnavailableError(
+                f"--backend ort-trt: this ONNX Runtime lists {ort_trt.PROVIDER} but could not start it (the session "
+                f"runs on {', '.join(started) or 'nothing'}: TensorRT's libraries, libnvinfer, missing or not the "
+                "version this onnxruntime-gpu was built for); install them, or use --backend ort / trt"
+            )
+        return runner, line
     return bundle_backend(bundle, manifest, backend)
+
+
+def open_pipeline(
+    bundle: str | Path, backend: str = "auto", verify: bool = False, plugin_library: Path | None = None
+) -> Pipeline:
+    """``Pipeline.from_bundle`` for every ``--backend``: the runtime opens auto/ort/trt itself; for
+    ort-trt the vision backend is opened here, after the checks that need no engine build (a
+    language model in the bundle, ``verify``'s hashes), and handed to it."""
+    if backend != "ort-trt":
+        return Pipeline.from_bundle(bundle, backend=backend, verify=verify)
+    manifest = read_manifest(bundle)
+    if not manifest.get("language_model"):
+        return Pipeline.from_bundle(bundle, backend=backend)  # refuses it in its one line
+    if verify:
+        verify_files(bundle, manifest)
+    vision, _ = open_bundle_backend(bundle, manifest, backend, plugin_library)
+    return Pipeline.from_bundle(bundle, vision=vision)

@@ -2,13 +2,20 @@
 
 With a language model in the bundle, the whole pipeline against Hugging Face generate; without
 one (or with --vision-only), the vision graph or engine against the PyTorch reference on the
-parity inputs the build recorded.
+parity inputs the build recorded. Where PyTorch is not installed (a Jetson), or the checkpoint
+is not given (``--model``: a manifest's recorded path is provenance, never opened), the bundle is
+timed alone and the reason is returned for the one line the CLI prints.
 
 Each side runs in its own spawned process, so its peak memory is its own. Measured: vision
 latency, time to first token (preprocessing + vision + prefill), decode tokens/s (end-of-sequence
 disabled so both decode the same number of tokens). The Hugging Face side is the checkpoint's
 vision path in PyTorch (our reference model: Hugging Face's CLIP tower, with CCRA when the bundle
 has it) feeding ``LlavaForConditionalGeneration.generate`` the spliced embeddings.
+
+Every figure is a ``Spread`` over the timed rounds (one warm-up round first): median, min and
+max, because a busy machine moves single rounds by orders of magnitude. The two sides run one
+after the other, so their rounds do not pair: a ratio's range divides one side's extremes by the
+other's (its widest honest range), its middle is the ratio of the medians.
 
 Each side's imports are made inside its own function, so a side's process loads only what that
 side needs (ours never loads torch) and its peak memory is not inflated by the other's stack.
@@ -17,43 +24,101 @@ side needs (ours never loads torch) and its peak memory is not inflated by the o
 from __future__ import annotations
 
 import multiprocessing
+import os
 import resource
 import statistics
 import time
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 PROMPT = "Describe the image in detail."
+DEFAULT_REPEATS = 10  # timed rounds, after one warm-up round
+NO_TORCH = "PyTorch is not installed here"
+
+
+@dataclass(frozen=True)
+class Spread:
+    """A figure over the timed rounds: why a single number misleads on a shared machine."""
+
+    median: float
+    low: float
+    high: float
+
+    @classmethod
+    def of(cls, values: Sequence[float], scale: float = 1.0) -> Spread:
+        scaled = [v * scale for v in values]
+        return cls(statistics.median(scaled), min(scaled), max(scaled))
+
+    def over(self, other: Spread) -> Spread:
+        """``self / other``: the ratio of medians, and the range from the extremes of both sides."""
+        return Spread(self.median / other.median, self.low / max(other.high, 1e-12), self.high / max(other.low, 1e-12))
 
 
 @dataclass
 class Figures:
     side: str
-    vision_ms: float
-    first_token_ms: float
-    decode_tokens_per_s: float
+    vision_ms: Spread
+    first_token_ms: Spread
+    decode_tokens_per_s: Spread
     new_tokens: int
     peak_rss_mb: float
+    rounds: int = 0
 
 
-def _median(values: list[float]) -> float:
-    return statistics.median(values)
+@dataclass
+class BenchResult:
+    """The sides that ran (ours first) and, when the PyTorch side did not, why not."""
+
+    figures: list[Any] = field(default_factory=list)
+    skipped: str | None = None
 
 
-def _ours(bundle: str, image: str | None, tokens: int, repeats: int, backend: str) -> dict[str, Any]:
+def busy_machine() -> str | None:
+    """One line when other processes already load the CPUs before the run: PyTorch's OpenMP threads
+    then wait on descheduled peers at every op (a tiny vision tower measured 4 ms idle and up to
+    900 ms on this 2-core machine under others' test runs), so read the ranges, not the medians."""
+    try:
+        load = os.getloadavg()[0]
+    except (AttributeError, OSError):  # not on this platform
+        return None
+    cores = os.cpu_count() or 1
+    if load < 0.75 * cores:
+        return None
+    return (
+        f"load average {load:.1f} on {cores} cores before the run: other processes compete for the CPUs, "
+        "so timings and ratios vary widely; see each figure's (min–max)"
+    )
+
+
+def _peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _ours(
+    bundle: str, image: str | None, tokens: int, repeats: int, backend: str, plugin_library: str | None
+) -> Figures:
     from ccra_export.core.image_preprocess import preprocess
+    from ccra_export.runtime.inputs import InputError
     from ccra_export.runtime.language_model import Sampling
-    from ccra_export.runtime.vlm_pipeline import Pipeline, load_image
+    from ccra_export.runtime.vlm_pipeline import load_image
+    from ccra_export.workflows.backends import open_pipeline
 
-    pipeline = Pipeline.from_bundle(bundle, backend=backend)
+    pipeline = open_pipeline(bundle, backend, plugin_library=Path(plugin_library) if plugin_library else None)
     picture = load_image(image) if image else _default_image()
     pixels = {"pixel_values": preprocess(picture, pipeline.processor)[None]}
     if pipeline.ccra:
         ids = pipeline.tokenizer.encode(PROMPT, add_special_tokens=False).ids
         pixels.update(text_embeds=pipeline.lm.embed(ids).astype(np.float32), text_mask=np.ones((1, len(ids)), np.int64))
+    length = pipeline.prepare(picture, PROMPT).inputs_embeds.shape[1]
+    if length + tokens > pipeline.lm.context_length:  # what `run` refuses, in its words
+        raise InputError(
+            f"--max-new-tokens {tokens}: the benchmark prompt's {length} tokens (image included) + {tokens} new "
+            f"tokens exceed the context of {pipeline.lm.context_length}"
+        )
     vision, first, rate = [], [], []
     for _ in range(repeats + 1):  # the first round warms up
         start = time.perf_counter()
@@ -63,17 +128,15 @@ def _ours(bundle: str, image: str | None, tokens: int, repeats: int, backend: st
         prepared = pipeline.prepare(picture, PROMPT)
         generation = pipeline.lm.generate(prepared.inputs_embeds, Sampling(max_new_tokens=tokens))
         first.append(time.perf_counter() - start - generation.decode_s)
-        rate.append((len(generation.tokens) - 1) / generation.decode_s)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return asdict(
-        Figures(
-            f"ccra-export ({pipeline.vision.description})",
-            _median(vision[1:]) * 1e3,
-            _median(first[1:]) * 1e3,
-            _median(rate[1:]),
-            tokens,
-            peak,
-        )
+        rate.append((len(generation.tokens) - 1) / max(generation.decode_s, 1e-9))
+    return Figures(
+        f"ccra-export ({pipeline.vision.description})",
+        Spread.of(vision[1:], 1e3),
+        Spread.of(first[1:], 1e3),
+        Spread.of(rate[1:]),
+        tokens,
+        _peak_rss_mb(),
+        repeats,
     )
 
 
@@ -84,7 +147,23 @@ def _default_image():
     return Image.frombytes("L", (336, 336), gradient).convert("RGB")
 
 
-def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: int) -> dict[str, Any]:
+class _TokenClock:
+    """A transformers streamer that only takes the time: ``put`` is called with the prompt, then
+    with each new token as it is chosen (on CPU; transformers defers it by a step only on MPS).
+    It replaces a 1-token generate whose prefill was subtracted from an N-token one: on a tiny
+    model that difference was noise, and a round's decode rate came out negative or infinite."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def put(self, value: object) -> None:
+        self.times.append(time.perf_counter())
+
+    def end(self) -> None:
+        pass
+
+
+def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: int) -> Figures:
     import torch
     from tokenizers import Tokenizer
     from transformers import LlavaForConditionalGeneration
@@ -92,12 +171,12 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
 
     from ccra_export.core.image_preprocess import preprocess
     from ccra_export.core.manifest import read_manifest
-    from ccra_export.model.checkpoint import load_checkpoint
     from ccra_export.runtime.vlm_pipeline import TEMPLATE, load_image, processor_from_manifest
+    from ccra_export.workflows.source import source_from_manifest
 
     hf_logging.disable_progress_bar()
     manifest = read_manifest(bundle)
-    vision_model = load_checkpoint(checkpoint).model
+    vision_model = source_from_manifest(manifest, checkpoint).model  # refuses a checkpoint with other weights
     llava = LlavaForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     llava.generation_config.eos_token_id = None  # both sides decode the same number of tokens
     table = llava.model.language_model.embed_tokens.weight.detach()
@@ -119,64 +198,112 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
             visual = out[0] if isinstance(out, tuple) else out
             vision.append(time.perf_counter() - start)
             embeds = torch.cat([table[ids[:position]][None], visual, table[ids[position + 1 :]][None]], dim=1)
-            mask = torch.ones(embeds.shape[:2], dtype=torch.long)
-            llava.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=1, do_sample=False, pad_token_id=0)
-            first.append(time.perf_counter() - start)
-            start = time.perf_counter()
+            clock = _TokenClock()
             llava.generate(
                 inputs_embeds=embeds,
-                attention_mask=mask,
+                attention_mask=torch.ones(embeds.shape[:2], dtype=torch.long),
                 max_new_tokens=tokens,
                 min_new_tokens=tokens,
                 do_sample=False,
                 pad_token_id=0,
+                streamer=clock,
             )
-            # decode rate: the N-token run minus its own prefill (the 1-token run's time after vision)
-            rate.append((tokens - 1) / max(time.perf_counter() - start - (first[-1] - vision[-1]), 1e-9))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return asdict(
-        Figures(
-            "Hugging Face (PyTorch eager)",
-            _median(vision[1:]) * 1e3,
-            _median(first[1:]) * 1e3,
-            _median(rate[1:]),
-            tokens,
-            peak,
-        )
+            # one run gives both: the first token's arrival, and the decode rate from first to last token
+            arrived = clock.times[-tokens:]  # the last `tokens` calls are the new tokens (the prompt's comes first)
+            first.append(arrived[0] - start)
+            rate.append((tokens - 1) / max(arrived[-1] - arrived[0], 1e-9))
+    return Figures(
+        "Hugging Face (PyTorch eager)",
+        Spread.of(vision[1:], 1e3),
+        Spread.of(first[1:], 1e3),
+        Spread.of(rate[1:]),
+        tokens,
+        _peak_rss_mb(),
+        repeats,
     )
 
 
-def run_bench(
-    bundle: Path, image: Path | None, tokens: int = 32, repeats: int = 3, backend: str = "auto"
-) -> list[Figures]:
+def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | None:
+    """Why the PyTorch side cannot run here (None when it can): checked before anything is timed,
+    with the fix in the same line. A ``--model`` that cannot be the source is refused instead."""
+    from ccra_export.core.errors import CheckpointError, ConfigError
+    from ccra_export.core.extras import export_stack_available
+
+    source = manifest["source"]
+    if source["kind"] == "preset" and model is not None:
+        raise ConfigError("--model applies to bundles built from a checkpoint; this one was built from a preset")
+    if not export_stack_available():  # first: on a Jetson, the checkpoint would not help
+        return f"{NO_TORCH}; timed the bundle alone (pip install 'ccra-export[export]' to compare)"
+    if source["kind"] == "preset":
+        return None
+    if model is None:
+        return (
+            f"no --model: pass --model DIR, the checkpoint this bundle was built from (recorded as {source['path']}), "
+            "to time PyTorch on it too"
+        )
+    if not Path(model).is_dir():
+        raise CheckpointError(f"--model {model}: no such checkpoint directory")
+    return None
+
+
+def check_batch(manifest: dict[str, Any], batch: int) -> None:
+    """Refuse a batch beyond what the bundle was built for: its profile's maximum, and its engine's."""
     from ccra_export.core.errors import BundleError
-    from ccra_export.core.extras import require_export_stack
+
+    limits = {"the bundle's profile (--max-batch at build)": manifest["dynamic_axes"].get("batch", {}).get("max")}
+    engine = manifest.get("engine") or {}
+    shapes = (engine.get("profile") or {}).get("pixel_values")
+    if shapes:
+        limits["its TensorRT engine's profile (`ccra-export engine --max-batch`)"] = shapes[-1][0]
+    for where, limit in limits.items():
+        if isinstance(limit, int) and batch > limit:
+            raise BundleError(f"--batch {batch}: above {limit}, the largest batch of {where}")
+
+
+def run_bench(
+    bundle: Path,
+    image: Path | None,
+    tokens: int = 32,
+    repeats: int = DEFAULT_REPEATS,
+    backend: str = "auto",
+    *,
+    model: str | None = None,
+    plugin_library: Path | None = None,
+) -> BenchResult:
+    """The whole pipeline, ours then Hugging Face's (when PyTorch and ``model``, the checkpoint, are
+    here; else ``skipped`` says why and ours is timed alone)."""
+    from ccra_export.core.errors import BundleError
     from ccra_export.core.manifest import read_manifest
+    from ccra_export.runtime.inputs import load_image
+    from ccra_export.runtime.ort_session import import_onnxruntime
 
     manifest = read_manifest(bundle)
-    require_export_stack("ccra-export bench (its Hugging Face side)")
     if not manifest.get("language_model"):
         raise BundleError(f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision")
-    if manifest["source"]["kind"] != "checkpoint" or not Path(manifest["source"]["path"]).is_dir():
-        raise BundleError(f"--bundle {bundle}: its source checkpoint is not here; the Hugging Face side needs it")
+    if image is not None:
+        load_image(image)  # a bad image fails before anything loads
+    import_onnxruntime()  # the language model runs on it: refuse here, in one line, not in the spawned side
+    skipped = pytorch_side_skipped(manifest, model)
     context = multiprocessing.get_context("spawn")
+    args = (str(bundle), str(image) if image else None, tokens, repeats)
     with context.Pool(1) as pool:
-        ours = pool.apply(_ours, (str(bundle), str(image) if image else None, tokens, repeats, backend))
+        ours = pool.apply(_ours, (*args, backend, str(plugin_library) if plugin_library else None))
+    if skipped:
+        return BenchResult([ours], skipped)
     with context.Pool(1) as pool:
-        theirs = pool.apply(
-            _hf, (manifest["source"]["path"], str(bundle), str(image) if image else None, tokens, repeats)
-        )
-    return [Figures(**ours), Figures(**theirs)]
+        theirs = pool.apply(_hf, (str(model), *args))
+    return BenchResult([ours, theirs])
 
 
 @dataclass
 class VisionFigures:
     side: str
     batch: int
-    vision_ms: float
-    images_per_s: float
+    vision_ms: Spread
+    images_per_s: Spread
     peak_rss_mb: float
     cosine_vs_pytorch: float | None = None
+    rounds: int = 0
 
 
 def _batch_of(arrays: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray]:
@@ -184,79 +311,94 @@ def _batch_of(arrays: dict[str, np.ndarray], batch: int) -> dict[str, np.ndarray
     return {k: np.ascontiguousarray(np.resize(v, (batch, *v.shape[1:])).astype(v.dtype)) for k, v in arrays.items()}
 
 
-def _timed(fn: Any, repeats: int) -> tuple[float, Any]:
+def _timed(fn: Any, repeats: int) -> tuple[list[float], Any]:
     result = fn()  # warm-up (ORT arena, TensorRT context, PyTorch allocator)
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         result = fn()
         times.append(time.perf_counter() - start)
-    return _median(times), result
+    return times, result
 
 
-def _vision_ours(bundle: str, batch: int, repeats: int, backend: str) -> tuple[dict[str, Any], dict]:
-    from ccra_export.core.manifest import read_manifest
+def _vision_figures(side: str, batch: int, seconds: list[float], repeats: int) -> VisionFigures:
+    return VisionFigures(
+        side,
+        batch,
+        Spread.of(seconds, 1e3),
+        Spread.of([batch / max(s, 1e-12) for s in seconds]),
+        _peak_rss_mb(),
+        None,
+        repeats,
+    )
+
+
+def _vision_ours(
+    bundle: str, batch: int, repeats: int, backend: str, plugin_library: str | None
+) -> tuple[VisionFigures, dict]:
+    from ccra_export.core.manifest import bundle_path, read_manifest
     from ccra_export.core.reference_record import load_reference
-    from ccra_export.runtime.backends import bundle_backend
+    from ccra_export.workflows.backends import open_bundle_backend
 
     manifest = read_manifest(bundle)
-    runner, _ = bundle_backend(bundle, manifest, backend)
-    feeds, _ = load_reference(Path(bundle) / manifest["reference"]["file"])
+    runner, _ = open_bundle_backend(bundle, manifest, backend, Path(plugin_library) if plugin_library else None)
+    feeds, _ = load_reference(bundle_path(bundle, manifest["reference"]["file"], "reference.file"))
     feeds = _batch_of(feeds, batch)
     seconds, outputs = _timed(lambda: runner.run(feeds), repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     first = next(iter(outputs))
-    figures = VisionFigures(f"ccra-export ({runner.description})", batch, seconds * 1e3, batch / seconds, peak)
-    return asdict(figures), {first: np.asarray(outputs[first], np.float32)}
+    figures = _vision_figures(f"ccra-export ({runner.description})", batch, seconds, repeats)
+    return figures, {first: np.asarray(outputs[first], np.float32)}
 
 
-def _vision_pytorch(bundle: str, batch: int, repeats: int) -> tuple[dict[str, Any], dict]:
+def _vision_pytorch(bundle: str, batch: int, repeats: int, model: str | None) -> tuple[VisionFigures, dict]:
     import torch
 
-    from ccra_export.core.manifest import read_manifest
+    from ccra_export.core.manifest import bundle_path, read_manifest
     from ccra_export.core.reference_record import load_reference
     from ccra_export.model.vision_model import reference_outputs
     from ccra_export.workflows.source import source_from_manifest
 
     manifest = read_manifest(bundle)
-    source = source_from_manifest(manifest, None)
-    feeds, _ = load_reference(Path(bundle) / manifest["reference"]["file"])
+    source = source_from_manifest(manifest, model)
+    feeds, _ = load_reference(bundle_path(bundle, manifest["reference"]["file"], "reference.file"))
     feeds = _batch_of(feeds, batch)
     with torch.inference_mode():
         seconds, outputs = _timed(lambda: reference_outputs(source.model, feeds), repeats)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    figures = VisionFigures(f"PyTorch eager (torch {torch.__version__})", batch, seconds * 1e3, batch / seconds, peak)
-    return asdict(figures), outputs
+    return _vision_figures(f"PyTorch eager (torch {torch.__version__})", batch, seconds, repeats), outputs
 
 
 def run_vision_bench(
-    bundle: Path, batch: int = 1, repeats: int = 10, backend: str = "auto"
-) -> tuple[list[VisionFigures], str | None]:
+    bundle: Path,
+    batch: int = 1,
+    repeats: int = DEFAULT_REPEATS,
+    backend: str = "auto",
+    *,
+    model: str | None = None,
+    plugin_library: Path | None = None,
+) -> BenchResult:
     """Vision latency of the bundle's graph or engine, and of the PyTorch reference when PyTorch and
     the bundle's source are here (else why not), on the recorded parity inputs."""
     from ccra_export.core.errors import BundleError
-    from ccra_export.core.extras import export_stack_available
     from ccra_export.core.manifest import read_manifest
     from ccra_export.core.parity import compare_output, thresholds_for
+    from ccra_export.runtime.ort_session import import_onnxruntime
 
     manifest = read_manifest(bundle)
     if not manifest.get("reference"):
         raise BundleError(f"--bundle {bundle}: has no recorded parity inputs (built by an older ccra-export)")
+    check_batch(manifest, batch)
+    if backend in ("ort", "ort-trt") or (backend == "auto" and not manifest.get("engine")):
+        import_onnxruntime()  # ONNX Runtime will run the graph: refuse here, in one line
+    skipped = pytorch_side_skipped(manifest, model)
     context = multiprocessing.get_context("spawn")
+    library = str(plugin_library) if plugin_library else None
     with context.Pool(1) as pool:
-        ours, our_outputs = pool.apply(_vision_ours, (str(bundle), batch, repeats, backend))
-    ours = VisionFigures(**ours)
-    source = manifest["source"]
-    skipped = None
-    if not export_stack_available():
-        skipped = "PyTorch is not installed here"
-    elif source["kind"] == "checkpoint" and not Path(source["path"]).is_dir():
-        skipped = f"the source checkpoint {source['path']} is not here"
+        ours, our_outputs = pool.apply(_vision_ours, (str(bundle), batch, repeats, backend, library))
     if skipped:
-        return [ours], skipped
+        return BenchResult([ours], skipped)
     with context.Pool(1) as pool:
-        theirs, reference = pool.apply(_vision_pytorch, (str(bundle), batch, repeats))
+        theirs, reference = pool.apply(_vision_pytorch, (str(bundle), batch, repeats, model))
     name = next(iter(our_outputs))
     agreement = compare_output(name, our_outputs[name], reference[name], thresholds_for(manifest["precision"]))
     ours.cosine_vs_pytorch = agreement.cosine
-    return [ours, VisionFigures(**theirs)], None
+    return BenchResult([ours, theirs])

@@ -12,11 +12,12 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from ccra_export.core.errors import MissingDependencyError
 from ccra_export.core.extras import EXPORT_MODULES, missing_modules
 from ccra_export.core.platform import TEGRA_RELEASE, detect_jetson, gpus, run_quiet
 from ccra_export.runtime.backends import tensorrt_status
 from ccra_export.runtime.lpwca_cpu import library_path
-from ccra_export.runtime.vision_backend import available_providers
+from ccra_export.runtime.ort_session import INSTALL_ORT, import_onnxruntime, ort_distributions
 
 PLUGIN_ENV = "CCRA_LPWCA_PLUGIN"
 DEFAULT_PLUGIN = Path("build/plugins/trt_plugins/libccra_lpwca_plugin.so")
@@ -31,20 +32,26 @@ class Check:
 
 
 def _ort_checks() -> list[Check]:
-    import onnxruntime as ort
-
+    """ONNX Runtime: which distribution(s) are installed (two break each other), its providers."""
+    dists = ort_distributions()
+    names = ", ".join(f"{name} {version}" for name, version in dists.items())
+    try:
+        ort = import_onnxruntime()
+    except MissingDependencyError as exc:
+        return [Check("ONNX Runtime", False, names or "not installed", str(exc))]
     providers = ort.get_available_providers()
-    dists = sorted(d for d in ("onnxruntime", "onnxruntime-gpu") if _installed(d))
     checks = [Check("ONNX Runtime", True, f"{ort.__version__}, providers: {', '.join(providers)}")]
-    if len(dists) > 1:
-        checks.append(
-            Check(
-                "ONNX Runtime distributions",
-                False,
-                f"both {' and '.join(dists)} are installed",
-                "keep one: pip uninstall -y onnxruntime onnxruntime-gpu, then install the one you need",
-            )
+    checks.append(
+        Check(
+            "ONNX Runtime distributions",
+            len(dists) <= 1,
+            names if len(dists) <= 1 else f"{len(dists)} installed: {names}; they overwrite each other's files",
+            ""
+            if len(dists) <= 1
+            else f"keep one: pip uninstall -y {' '.join(dists)}, then install the one you need "
+            "(pip install 'ccra-export[cpu]' or '[gpu]'; on a Jetson, Jetson AI Lab's onnxruntime-gpu)",
         )
+    )
     for provider, use in (("CUDAExecutionProvider", "CUDA"), ("TensorrtExecutionProvider", "--backend ort-trt")):
         checks.append(
             Check(
@@ -62,7 +69,11 @@ def _ort_checks() -> list[Check]:
 
 def _lm_device_check() -> Check:
     """Which language-model builds (--lm-device) this machine can run."""
-    devices = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in available_providers() else [])
+    try:
+        providers = import_onnxruntime().get_available_providers()
+    except MissingDependencyError:
+        return Check("Language model devices", False, "none: ONNX Runtime is not installed", INSTALL_ORT)
+    devices = ["cpu"] + (["cuda"] if "CUDAExecutionProvider" in providers else [])
     return Check(
         "Language model devices",
         True,
@@ -84,14 +95,6 @@ def _export_stack_check() -> Check:
             "only `build` needs it: pip install 'ccra-export[export]' (Jetson: JetPack's PyTorch first)",
         )
     return Check("PyTorch export stack", True, f"torch {importlib.metadata.version('torch')}: `build` works here")
-
-
-def _installed(distribution: str) -> bool:
-    try:
-        importlib.metadata.version(distribution)
-    except importlib.metadata.PackageNotFoundError:
-        return False
-    return True
 
 
 def run_checks() -> list[Check]:
