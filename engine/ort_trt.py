@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ccra_export.core.errors import BundleError
+from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.engine.plan import Profile, optimization_profiles
 from ccra_export.runtime.backends import select_backend
 from ccra_export.runtime.vision_backend import VisionBackend, cuda_provider_options
@@ -75,6 +76,8 @@ def bundle_session_options(
             f"--bundle {bundle}: its graph has the fused ccra::LPWCA node; ONNX Runtime's TensorRT provider "
             "needs --plugin-library (ccra-export plugins build)"
         )
+    if plugin_library is not None:
+        check_plugin_library(plugin_library)
     profile = optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"])
     return session_options(bundle, manifest["precision"], profile, plugin_library, **settings)
 

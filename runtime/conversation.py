@@ -22,7 +22,7 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
-from ccra_export.runtime.inputs import InputError, check_prompt, load_image
+from ccra_export.runtime.inputs import InputError, check_prompt, check_text, load_image
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
 
@@ -100,7 +100,7 @@ class Conversation:
                 "--image: a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
                 "start a new conversation for a new image"
             )
-        check_prompt(prompt)
+        check_prompt(prompt, pipeline.control_tokens)
         closing = self._pending if self._pending[-1:] == [self._eos] else [*self._pending, self._eos]
         ids = [*closing, *pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))]
         return _Turn(pipeline.lm.embed(ids), ids, 0, None)
@@ -113,6 +113,7 @@ class Conversation:
         """Feed a turn whose answer is already known (a client's history): its question and the
         given answer go into the cache without sampling, so the next ``ask`` continues after it."""
         turn = self._turn(prompt, image)
+        check_text(answer, self.pipeline.control_tokens, "messages: an assistant message")
         answer_ids = self.pipeline.encode_text(answer.strip())
         embeds = turn.embeds
         if answer_ids:

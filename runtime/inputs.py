@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
 from ccra_export.core.errors import CCRAExportError
-from ccra_export.core.image_preprocess import open_rgb
+from ccra_export.core.image_preprocess import ImageReadError, open_rgb
 
 IMAGE_TOKEN = "<image>"
 
@@ -19,15 +21,40 @@ class InputError(CCRAExportError):
 def load_image(path: str | Path) -> Image.Image:
     try:
         return open_rgb(path)
+    except ImageReadError as exc:  # decompression bombs and unusable pixel types included
+        raise InputError(f"--image {path}: {exc.problem}") from None
     except FileNotFoundError:
         raise InputError(f"--image {path}: no such file") from None
     except (UnidentifiedImageError, OSError) as exc:
         raise InputError(f"--image {path}: not a readable image ({exc})") from None
 
 
-def check_prompt(prompt: str) -> None:
+def check_prompt(prompt: str, control_tokens: Collection[str] = ()) -> None:
     """A question in words: not empty, and no ``<image>`` (the image goes in through --image)."""
-    if not prompt or not prompt.strip():
+    if not isinstance(prompt, str) or not prompt.strip():
         raise InputError("--prompt: empty; ask something about the image")
     if IMAGE_TOKEN in prompt:
         raise InputError(f"--prompt: contains {IMAGE_TOKEN}; the image goes in through --image")
+    check_text(prompt, control_tokens)
+
+
+def check_text(text: str, control_tokens: Collection[str] = (), what: str = "--prompt") -> None:
+    """User text is text: valid Unicode that encodes to UTF-8, and none of the tokenizer's control
+    tokens (``</s>``, ``<s>``, ``<unk>``...). The template is encoded in one call, so a control token
+    typed by a user would reach the language model and CCRA's text input as the real token: it is
+    refused, as ``<image>`` is, rather than silently changed."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise InputError(f"{what}: not valid text ({exc.reason} at character {exc.start}); expected UTF-8") from None
+    typed = sorted(token for token in control_tokens if token and token in text)
+    if typed:
+        raise InputError(
+            f"{what}: contains {', '.join(typed)}, a control token of the tokenizer; write it differently "
+            "(prompts are text, not tokens)"
+        )
+
+
+def control_tokens(tokenizer: Any) -> frozenset[str]:
+    """The contents of the tokenizer's special added tokens (``<s>``, ``</s>``, ``<image>``...)."""
+    return frozenset(t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special)

@@ -13,7 +13,7 @@ No torch: this runs on a Jetson next to the TensorRT vision engine.
 
 from __future__ import annotations
 
-import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,16 +21,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ccra_export.core.errors import BackendUnavailableError, BundleError
-from ccra_export.runtime.vision_backend import ORT_NUMPY_TYPES, available_providers
+from ccra_export.core.errors import BackendUnavailableError, BundleError, CCRAExportError
+from ccra_export.core.genai_config import GENAI_CONFIG, read_genai_config
+from ccra_export.core.manifest import bundle_path
+from ccra_export.runtime.ort_session import import_onnxruntime
+from ccra_export.runtime.vision_backend import ORT_NUMPY_TYPES, available_providers, create_session
 
 LM_DEVICES = ("cpu", "cuda")
 _PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 
 
+MAX_SEED = 2**64 - 1
+
+
 @dataclass
 class Sampling:
-    """Greedy when ``temperature == 0``; otherwise temperature + nucleus (top-p) sampling."""
+    """How the next token is chosen. Greedy when ``temperature == 0``; otherwise temperature plus
+    nucleus (top-p) sampling. ``top_p == 0`` keeps only the most likely token (greedy, as other
+    runtimes read it): the top token is always kept. ``seed`` in [0, 2**64) makes sampling
+    repeatable. Values are checked here, so the CLI, the Python API and the server refuse the same
+    things in the same words."""
 
     max_new_tokens: int = 128
     temperature: float = 0.0
@@ -38,16 +48,39 @@ class Sampling:
     seed: int | None = None
     stop_ids: set[int] = field(default_factory=set)
 
+    def __post_init__(self) -> None:
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise SamplingError(f"--max-new-tokens: {self.max_new_tokens!r}; expected an integer >= 1")
+        if not _real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
+            raise SamplingError(f"--temperature: {self.temperature!r}; expected a finite number >= 0 (0: greedy)")
+        if not _real(self.top_p) or not 0.0 <= self.top_p <= 1.0:  # NaN fails both comparisons
+            raise SamplingError(f"--top-p: {self.top_p!r}; expected a number in [0, 1] (0: the top token only)")
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
+        ):
+            raise SamplingError(f"--seed: {self.seed!r}; expected an integer in [0, 2**64)")
+
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> int:
-        if self.temperature <= 0.0:
+        if self.temperature == 0.0 or self.top_p == 0.0:
             return int(np.argmax(logits))
-        scaled = logits.astype(np.float64) / self.temperature
-        probs = np.exp(scaled - scaled.max())
+        # subtract the maximum before dividing: a tiny temperature then sends the rest to -inf, not NaN
+        with np.errstate(over="ignore"):  # a tiny temperature sends all but the top token to -inf
+            scaled = (logits.astype(np.float64) - logits.max()) / self.temperature
+        probs = np.exp(scaled)
         probs /= probs.sum()
-        order = np.argsort(-probs)
+        order = np.argsort(-probs, kind="stable")
         keep = np.cumsum(probs[order]) - probs[order] < self.top_p  # smallest set reaching top_p
+        keep[0] = True  # the most likely token always stays
         kept = order[keep]
         return int(rng.choice(kept, p=probs[kept] / probs[kept].sum()))
+
+
+class SamplingError(CCRAExportError):
+    """A sampling parameter outside its domain (NaN temperature, top-p above 1, a negative seed)."""
+
+
+def _real(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass
@@ -80,7 +113,7 @@ class KVCache:
     """
 
     def __init__(self, model: LanguageModel) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         self.model = model
         self.capacity = model.context_length
@@ -119,26 +152,27 @@ class KVCache:
 
 class LanguageModel:
     def __init__(self, directory: Path, device: str = "cpu") -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         directory = Path(directory)
-        config = json.loads((directory / "decoder" / "genai_config.json").read_text())["model"]
+        config_path = directory / "decoder" / GENAI_CONFIG
+        config = read_genai_config(config_path)
         decoder = config["decoder"]
         self.device = device
-        self.context_length = int(config.get("context_length", 4096))
-        self.layers = int(decoder["num_hidden_layers"])
-        self.kv_heads = int(decoder["num_key_value_heads"])
-        self.head_size = int(decoder["head_size"])
+        self.context_length = config["context_length"]
+        self.layers = decoder["num_hidden_layers"]
+        self.kv_heads = decoder["num_key_value_heads"]
+        self.head_size = decoder["head_size"]
         self.names = decoder["inputs"], decoder["outputs"]
-        self.eos_ids = set(np.atleast_1d(config.get("eos_token_id", [])).tolist())
+        self.eos_ids = set(config["eos_token_id"])
         options = ort.SessionOptions()
         options.log_severity_level = 3
         providers = lm_providers(device, f"{directory}: the language model")
-        self.decoder = ort.InferenceSession(
-            str(directory / "decoder" / decoder["filename"]), options, providers=providers
-        )
+        decoder_path = bundle_path(directory / "decoder", decoder["filename"], f"{config_path}: model.decoder.filename")
+        self.decoder = create_session(decoder_path, options, providers, path=decoder_path)
         # one Gather per token: the CPU does it, the device gets the embeddings with the step's input
-        self.embedder = ort.InferenceSession(str(directory / "embed.onnx"), options, providers=["CPUExecutionProvider"])
+        embed = directory / "embed.onnx"
+        self.embedder = create_session(embed, options, ["CPUExecutionProvider"], path=embed)
         types = {i.name: i.type for i in self.decoder.get_inputs()}
         self.embeds_dtype = ORT_NUMPY_TYPES[types[self.names[0]["inputs_embeds"]]]
         self.kv_dtype = ORT_NUMPY_TYPES[types[self.names[0]["past_key_names"] % 0]]

@@ -16,6 +16,7 @@ import numpy as np
 import tensorrt as trt
 
 from ccra_export.core.platform import gpus
+from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.runtime.engine_compat import check_engine
 from ccra_export.runtime.vision_backend import VisionBackend
 
@@ -30,7 +31,7 @@ class TensorRTBackend(VisionBackend):
         from polygraphy.backend.trt import EngineFromBytes, TrtRunner
 
         for library in plugin_libraries:  # static-registration variant, for engines without serialized plugins
-            ctypes.CDLL(str(library))
+            ctypes.CDLL(str(check_plugin_library(library)))
         self._engine = EngineFromBytes(BytesFromPath(str(engine_path)))()
         self._runner = TrtRunner(self._engine)
         self._runner.activate()

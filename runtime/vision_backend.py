@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ccra_export.core.errors import BundleError
-from ccra_export.runtime.ort_session import session_model
+from ccra_export.runtime.ort_session import import_onnxruntime, session_model
 
 ORT_NUMPY_TYPES = {
     "tensor(float)": np.float32,
@@ -60,7 +60,7 @@ class _OrtInfo:
 
 
 def _ort_info() -> _OrtInfo:
-    import onnxruntime as ort
+    ort = import_onnxruntime()
 
     return _OrtInfo(ort.__version__, tuple(ort.get_available_providers()))
 
@@ -79,22 +79,21 @@ class OrtBackend(VisionBackend):
         custom_op_libraries: Sequence[str | Path] = (),
         extra_outputs: Sequence[str] = (),
     ) -> None:
-        import onnxruntime as ort
+        ort = import_onnxruntime()
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads
         options.log_severity_level = 3  # errors only: ORT's warnings are about its own optimizers
-        model, config, libraries = session_model(onnx_path, extra_outputs)  # fused graphs need the CPU kernel
+        try:
+            model, config, libraries = session_model(onnx_path, extra_outputs)  # fused graphs need the CPU kernel
+        except Exception as exc:  # protobuf DecodeError, a truncated file, bad external data
+            raise BundleError(unloadable(onnx_path, exc)) from None
         for key, value in config.items():
             options.add_session_config_entry(key, value)
         for library in [*custom_op_libraries, *libraries]:
             options.register_custom_ops_library(str(library))
         chosen = list(providers) if providers else default_ort_providers()
-        try:
-            self.session = ort.InferenceSession(model, sess_options=options, providers=chosen)
-        except Exception as exc:  # ORT raises its own Fail/InvalidGraph/... types
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise BundleError(f"{onnx_path}: ONNX Runtime cannot load the graph ({first})") from None
+        self.session = create_session(model, options, chosen, path=onnx_path)
         self._dtypes = {i.name: np.dtype(ORT_NUMPY_TYPES[i.type]) for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
 
@@ -112,6 +111,27 @@ class OrtBackend(VisionBackend):
 
     def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         return dict(zip(self._outputs, self.session.run(self._outputs, feeds), strict=True))
+
+
+def unloadable(path: str | Path, exc: BaseException) -> str:
+    """One line for a bundle file a library could not load, with what to run next."""
+    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return (
+        f"{path}: cannot be loaded ({detail[:300]}); the file may be truncated or changed: "
+        "`ccra-export check --bundle DIR` or `run --verify` re-hashes every file"
+    )
+
+
+def create_session(
+    model: str | bytes | Path, options: object, providers: Sequence[object], *, path: str | Path
+) -> object:
+    """``ort.InferenceSession`` whose load failure (ORT's Fail/InvalidProtobuf/... types) is one line."""
+    ort = import_onnxruntime()
+
+    try:
+        return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=providers)
+    except Exception as exc:  # ORT raises its own exception types, not one base class
+        raise BundleError(unloadable(path, exc)) from None
 
 
 def available_providers() -> tuple[str, ...]:

@@ -21,10 +21,10 @@ from ccra_export.core.manifest import read_manifest, verify_files
 from ccra_export.runtime.attention import AttentionMap
 from ccra_export.runtime.backends import bundle_backend
 from ccra_export.runtime.conversation import Conversation
-from ccra_export.runtime.inputs import IMAGE_TOKEN, InputError, check_prompt, load_image
+from ccra_export.runtime.inputs import IMAGE_TOKEN, InputError, check_prompt, control_tokens, load_image
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
-from ccra_export.runtime.vision_backend import VisionBackend
+from ccra_export.runtime.vision_backend import VisionBackend, unloadable
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5 (vicuna_v1), first turn
 LM_DIR = "lm"
@@ -66,6 +66,7 @@ class Pipeline:
         self.image_token_id = int(record["image_token_id"])
         self.ccra = manifest["variant"] == "ccra"
         self.processor = processor_from_manifest(manifest)
+        self.control_tokens = control_tokens(tokenizer)
 
     @classmethod
     def from_bundle(
@@ -94,7 +95,11 @@ class Pipeline:
         if vision is None:
             vision, _ = bundle_backend(bundle, manifest, backend)
         lm = LanguageModel(bundle / LM_DIR, lm_device or manifest["language_model"].get("device", "cpu"))
-        tokenizer = Tokenizer.from_file(str(bundle / LM_DIR / "decoder" / "tokenizer.json"))
+        tokenizer_path = bundle / LM_DIR / "decoder" / "tokenizer.json"
+        try:
+            tokenizer = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as exc:  # tokenizers raises plain Exception for a corrupt file
+            raise BundleError(unloadable(tokenizer_path, exc)) from None
         return cls(bundle, manifest, vision, lm, tokenizer)
 
     def chat(self) -> Conversation:
@@ -115,7 +120,7 @@ class Pipeline:
         return self.vision.run(feeds)
 
     def prepare(self, image: Image.Image, prompt: str) -> Prepared:
-        check_prompt(prompt)
+        check_prompt(prompt, self.control_tokens)
         ids = self.tokenizer.encode(TEMPLATE.format(prompt=prompt.strip())).ids
         if ids.count(self.image_token_id) != 1:
             raise BundleError(f"tokenizer: {IMAGE_TOKEN} must encode to token {self.image_token_id} exactly once")
@@ -129,7 +134,7 @@ class Pipeline:
     def attention(self, image: Image.Image | str | Path, prompt: str) -> AttentionMap:
         """CCRA's LPWCA map for ``prompt`` about ``image``, with the geometry that puts each patch on
         the photo (the vision graph only; no text is generated)."""
-        check_prompt(prompt)
+        check_prompt(prompt, self.control_tokens)
         picture = image if isinstance(image, Image.Image) else load_image(image)
         if not self.ccra:
             raise InputError(no_attention_map(self.bundle))

@@ -15,6 +15,7 @@ from click.testing import CliRunner
 
 from ccra_export.cli import main
 from ccra_export.core.hashing import sha256_file
+from ccra_export.core.manifest import file_entry
 
 
 def run(*args: str):
@@ -52,7 +53,7 @@ class TestBuild:
         manifest = json.loads((out / "manifest.json").read_text())
         parity = json.loads((out / "parity.json").read_text())
         assert manifest["precision"] == "fp16" and manifest["variant"] == "ccra"
-        assert manifest["files"]["vision.onnx"] == sha256_file(out / "vision.onnx")
+        assert manifest["files"]["vision.onnx"] == file_entry(out / "vision.onnx")
         assert manifest["export"]["opset"]["ai.onnx"] >= 17
         assert {i["name"]: i["dtype"] for i in manifest["graph"]["inputs"]}["pixel_values"] == "float16"
         assert manifest["parity"]["passed"] is parity["passed"] is True
@@ -162,10 +163,15 @@ class TestCheck:
     def test_tampered_graph_is_refused(self, tmp_path, fp16_bundle):
         out = tmp_path / "b"
         shutil.copytree(fp16_bundle[0], out)
-        with open(out / "vision.onnx", "ab") as handle:
-            handle.write(b"\x00")
+        with open(out / "vision.onnx", "r+b") as handle:  # same size: only the hash can tell
+            handle.seek(200)
+            handle.write(bytes(255 - b for b in handle.read(4)))
         result = run("check", "--bundle", out)
         assert result.exit_code == 2 and "sha256 differs from the manifest" in one_line_error(result)
+        with open(out / "vision.onnx", "ab") as handle:  # a size change is caught without hashing
+            handle.write(b"\x00")
+        result = run("check", "--bundle", out)
+        assert result.exit_code == 2 and "bytes, the manifest records" in one_line_error(result)
 
     def test_not_a_bundle(self, tmp_path):
         result = run("check", "--bundle", tmp_path)
@@ -175,10 +181,11 @@ class TestCheck:
         assert run("build", "--model", checkpoint_copy, "-o", tmp_path / "b").exit_code == 0
         moved = tmp_path / "moved"
         checkpoint_copy.rename(moved)
+        # the manifest's checkpoint path is provenance: the user names the checkpoint to recompute with
         result = run("check", "--bundle", tmp_path / "b", "--reference", "pytorch")
-        assert result.exit_code == 2 and "pass --model with its new location" in one_line_error(result)
+        assert result.exit_code == 2 and "pass --model DIR, the checkpoint this bundle" in one_line_error(result)
         fallback = run("check", "--bundle", tmp_path / "b")  # auto: the recorded outputs, and says so
-        assert fallback.exit_code == 0 and "is not here; --model DIR to recompute" in fallback.stderr
+        assert fallback.exit_code == 0 and "auto: --model CHECKPOINT recomputes it" in fallback.stderr
         recomputed = run("check", "--bundle", tmp_path / "b", "--model", moved)
         assert recomputed.exit_code == 0 and "reference: PyTorch, recomputed" in recomputed.stderr
 
@@ -189,7 +196,7 @@ class TestCheck:
 
         assert run("build", "--model", checkpoint_copy, "-o", tmp_path / "b").exit_code == 0
         save_ccra_weights(build_model(preset("tiny"), seed=99), checkpoint_copy)
-        result = run("check", "--bundle", tmp_path / "b")
+        result = run("check", "--bundle", tmp_path / "b", "--model", checkpoint_copy)
         assert result.exit_code == 2 and "sha256 mismatch" in one_line_error(result)
 
 

@@ -14,6 +14,7 @@ from ccra_export.cli import main
 from ccra_export.core.config import preset
 from ccra_export.core.errors import BundleError
 from ccra_export.core.hashing import sha256_file
+from ccra_export.core.manifest import file_entry
 from ccra_export.core.reference_record import MAX_RECORDED_SAMPLES, load_reference, record_reference
 from ccra_export.core.sample_inputs import random_inputs
 from ccra_export.engine import ort_trt
@@ -56,7 +57,7 @@ def fused_bundle(tmp_path_factory):
 class TestRecordedReference:
     def test_bundle_records_pytorch_outputs_on_the_parity_inputs(self, bundle):
         manifest = json.loads((bundle / "manifest.json").read_text())
-        assert manifest["files"]["reference.npz"] == sha256_file(bundle / "reference.npz")
+        assert manifest["files"]["reference.npz"] == file_entry(bundle / "reference.npz")
         assert manifest["reference"]["samples"] == 2 and manifest["reference"]["inputs"]["seed"] == 3
         feeds, outputs = load_reference(bundle / "reference.npz")
         config = preset("tiny")
@@ -87,7 +88,7 @@ class TestRecordedReference:
         outputs["visual_tokens"][0, 0] += 1.0  # one token of one image off: the comparison must notice
         record_reference(copy / "reference.npz", feeds, outputs)
         manifest = json.loads((copy / "manifest.json").read_text())
-        manifest["files"]["reference.npz"] = sha256_file(copy / "reference.npz")
+        manifest["files"]["reference.npz"] = file_entry(copy / "reference.npz")
         (copy / "manifest.json").write_text(json.dumps(manifest))
         result = run("check", "--bundle", copy, "--reference", "recorded")
         assert result.exit_code == 3 and "parity FAILED" in result.stderr

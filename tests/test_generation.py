@@ -183,11 +183,12 @@ def test_ccra_pipeline_matches_the_pytorch_reference(ccra_bundle, ccra_checkpoin
     assert compare_output("logits", generation.first_logits, want_logits, thresholds_for("fp32")).passed
 
 
-def test_bench_reports_both_sides(fp32_bundle):
-    result = CliRunner().invoke(main, ["bench", "--bundle", str(fp32_bundle), "--new-tokens", "4", "--repeats", "1"])
+def test_bench_reports_both_sides(fp32_bundle, plain_checkpoint):
+    args = ["bench", "--bundle", str(fp32_bundle), "--model", str(plain_checkpoint)]
+    result = CliRunner().invoke(main, [*args, "--new-tokens", "4", "--repeats", "1"])
     assert result.exit_code == 0, result.output
     assert "ccra-export (ONNX Runtime" in result.stdout and "Hugging Face (PyTorch eager)" in result.stdout
-    vision = CliRunner().invoke(main, ["bench", "--bundle", str(fp32_bundle), "--vision-only", "--repeats", "1"])
+    vision = CliRunner().invoke(main, [*args, "--vision-only", "--repeats", "1"])
     assert vision.exit_code == 0 and "ratio (PyTorch / ours)" in vision.stdout
 
 
@@ -195,8 +196,9 @@ def test_run_verify_catches_a_changed_language_model(tmp_path, fp32_bundle, cat)
     import shutil
 
     shutil.copytree(fp32_bundle, tmp_path / "b")
-    with open(tmp_path / "b" / "lm" / "embed.onnx", "ab") as handle:
-        handle.write(b"\0")
+    with open(tmp_path / "b" / "lm" / "embed.onnx", "r+b") as handle:  # same size: only the hash can tell
+        handle.seek(100)
+        handle.write(b"\0\1\2\3")
     cat.save(tmp_path / "cat.jpg")
     args = [
         "run",

@@ -9,7 +9,7 @@ from rich.markup import escape
 
 from ccra_export.cli import options as o
 from ccra_export.cli.output import finish, reports_errors, stderr, stdout
-from ccra_export.core.console import Steps, layer_table, parity_table
+from ccra_export.core.console import Steps, layer_table, lm_table, parity_table
 from ccra_export.workflows.build import BuildOptions, build_bundle
 
 
@@ -28,6 +28,8 @@ def build(**values: Any) -> None:
     stdout.print(parity_table(result.report))
     if result.report.layers is not None:
         stdout.print(layer_table(result.report))
+    if result.report.language_model is not None:
+        stdout.print(lm_table(result.report.language_model))
     files = ", ".join(result.manifest["files"])  # graph (+ external data, INT8 caches)
     stdout.print(escape(f"bundle: {result.bundle} ({files}, manifest.json, parity.json)"))
     finish(result.report)

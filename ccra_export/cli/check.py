@@ -9,7 +9,7 @@ import click
 
 from ccra_export.cli import options as o
 from ccra_export.cli.output import finish, reports_errors, stderr, stdout
-from ccra_export.core.console import Steps, parity_table
+from ccra_export.core.console import Steps, lm_table, parity_table
 from ccra_export.workflows.check import check_bundle
 from ccra_export.workflows.parity import ParityOptions
 
@@ -18,7 +18,10 @@ from ccra_export.workflows.parity import ParityOptions
 @o.options(
     o.BUNDLE,
     o.opt(
-        "parity.seed", "--seed", type=int, help="Seed of the fresh parity inputs (default: a new random seed, printed)."
+        "parity.seed",
+        "--seed",
+        type=o.SEED,
+        help="Seed of the fresh parity inputs (default: a new random seed, printed).",
     ),
     o.MODEL_OVERRIDE,
     o.REFERENCE,
@@ -52,4 +55,6 @@ def check(
         steps=Steps(stderr),
     )
     stdout.print(parity_table(report, title=f"Parity check of {bundle}"))
+    if report.language_model is not None:
+        stdout.print(lm_table(report.language_model))
     finish(report)

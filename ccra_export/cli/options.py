@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,11 +18,31 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from ccra_export.core.config import PRESETS
+from ccra_export.core.errors import CCRAExportError, ConfigError
+from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.engine.settings import DEFAULT_TIMING_CACHE
 
 T = TypeVar("T")
+
+
+class FiniteFloat(click.FloatRange):
+    """``click.FloatRange`` that also refuses NaN and infinities: every comparison with NaN is False,
+    so a NaN threshold would pass any error and a NaN temperature would sample garbage."""
+
+    name = "finite float"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        converted = super().convert(value, param, ctx)
+        if not math.isfinite(converted):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        return converted
+
+
+#: a seed numpy and torch both take: [0, 2**64)
+SEED = click.IntRange(0, 2**64 - 1)
 
 
 @dataclass(frozen=True)
@@ -89,12 +110,48 @@ BACKEND_HELP = (
     "else ONNX Runtime (CUDA provider if installed, else CPU); ort: ONNX Runtime; trt: a native TensorRT engine; "
     "ort-trt: ONNX Runtime's TensorRT execution provider."
 )
-RUN_BACKEND_HELP = "What runs the vision graph: auto uses the bundle's TensorRT engine where TensorRT is usable."
+RUN_BACKEND_HELP = (
+    "What runs the vision graph: auto uses the bundle's TensorRT engine where TensorRT is usable, else ONNX Runtime; "
+    "ort: ONNX Runtime; trt: the bundle's TensorRT engine; ort-trt: ONNX Runtime's TensorRT execution provider "
+    "(builds and caches its engine in the bundle; a fused graph needs --plugin-library)."
+)
 
 
 def backend(*choices: str, help: str = BACKEND_HELP) -> Opt:
     """``--backend``: the verbs differ only in which backends they offer."""
     return opt("backend", "--backend", type=click.Choice(choices), default="auto", show_default=True, help=help)
+
+
+def max_new_tokens(default: int, minimum: int, help: str) -> tuple[Opt, Opt]:
+    """``--max-new-tokens`` (`run`'s name, the one name) and ``--new-tokens``, `bench`'s old name kept as
+    a hidden deprecated alias: the command gets both and merges them with ``deprecated_alias``."""
+    return (
+        opt(
+            "max_new_tokens",
+            "--max-new-tokens",
+            default=default,
+            show_default=True,
+            type=click.IntRange(minimum),
+            help=help,
+        ),
+        opt("new_tokens", "--new-tokens", type=click.IntRange(minimum), hidden=True, help="Old --max-new-tokens."),
+    )
+
+
+class OptionError(CCRAExportError):
+    """Two flags that cannot be given together."""
+
+
+def deprecated_alias(param: str, value: T, alias_value: T | None, flag: str, alias: str) -> T:
+    """``flag``'s value, given as itself or as its deprecated ``alias`` (a warning on stderr says so);
+    both given with different values is one line, exit 2."""
+    if alias_value is None:
+        return value
+    source = click.get_current_context().get_parameter_source(param)
+    if source not in (ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP, None) and value != alias_value:
+        raise OptionError(f"{alias} {alias_value} and {flag} {value}: {alias} is the old name of {flag}; give one")
+    click.echo(f"warning: {alias} is deprecated; use {flag}", err=True)
+    return alias_value
 
 
 BUNDLE = opt(
@@ -111,10 +168,21 @@ IMAGE = opt("image", "--image", required=True, type=click.Path(path_type=Path), 
 MODEL_OVERRIDE = opt(
     "model_override", "--model", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build."
 )
+
+
+def _plugin_library(ctx: click.Context, param: click.Parameter, value: Path | None) -> Path | None:
+    """Checked on entry for every verb, whether or not the graph will need it."""
+    try:
+        return None if value is None else check_plugin_library(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc).removeprefix(f"--plugin-library {value}: ")) from None
+
+
 PLUGIN_LIBRARY = opt(
     "plugin_library",
     "--plugin-library",
     type=click.Path(path_type=Path, dir_okay=False),
+    callback=_plugin_library,
     help="The LPWCA TensorRT plugin library built for this machine (libccra_lpwca_plugin.so, `ccra-export plugins "
     "build`): a fused graph needs it on TensorRT and on ONNX Runtime's TensorRT provider. `build` hashes it into "
     "the manifest; `engine` serialises it into the engine.",
@@ -151,13 +219,13 @@ PARITY = (
     opt(
         "parity.min_cosine",
         "--min-cosine",
-        type=click.FloatRange(-1.0, 1.0),
+        type=FiniteFloat(-1.0, 1.0),
         help="Override the cosine-similarity threshold (default per precision: fp32 0.99999, fp16 0.999).",
     ),
     opt(
         "parity.max_scaled_abs_err",
         "--max-abs-err",
-        type=click.FloatRange(0.0),
+        type=FiniteFloat(0.0),
         help="Override the max |error| / max |reference| threshold (default: 1e-4 for fp32, off for fp16).",
     ),
 )
@@ -235,7 +303,7 @@ INT8 = (
         "int8.calib_data",
         "--calib-data",
         type=click.Path(path_type=Path),
-        help="INT8: folder of .jpg/.png calibration images.",
+        help="INT8: folder of .jpg/.png calibration images (other precisions ignore it, with a warning).",
     ),
     opt(
         "int8.prompts",
@@ -331,7 +399,7 @@ EXPORT = (
         also=("parity.seed",),
         default=0,
         show_default=True,
-        type=int,
+        type=SEED,
         help="Seed for --random-weights and for the parity inputs.",
     ),
     opt(
@@ -346,7 +414,8 @@ EXPORT = (
         default=20,
         show_default=True,
         type=click.IntRange(17, 23),
-        help="ONNX opset (>= 17 for LayerNormalization).",
+        help="ONNX opset (>= 17 for LayerNormalization). torch's exporter writes 18 and later; 17 (TensorRT 8.5/8.6, "
+        "JetPack 5) is exported at 18 and lowered with onnx's version converter.",
     ),
     opt(
         "external_data",

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -104,4 +105,23 @@ def layer_table(report: ParityReport) -> Table:
     for row in report.layers or []:
         mark = "[red]first to drift below threshold[/red]" if row.label == report.first_drift else ""
         table.add_row(row.label, f"{row.cosine:.6f}", f"{row.scaled_max_abs_err:.3e}", mark)
+    return table
+
+
+def lm_table(figures: dict[str, Any]) -> Table:
+    """The language model against Hugging Face (and, in `check`, against the build's own run)."""
+    logits, steps = figures["first_token_logits"], figures["greedy_steps"]
+    title = f"Language model vs transformers FP32 ({figures['device']} decoder on {figures['ran_on']})"
+    table = Table(title=escape(title), title_justify="left")
+    for column in ("check", "value"):
+        table.add_column(column, justify="left" if column == "check" else "right")
+    table.add_row("first-token logits cosine", f"{logits['cosine']:.7f}")
+    table.add_row("first-token logits max abs err", f"{logits['max_abs_err']:.3e}")
+    table.add_row("greedy tokens agreeing", f"{figures['tokens_agreeing']}/{steps}")
+    table.add_row("identical prefix", f"{figures['identical_prefix']}/{steps}")
+    built = figures.get("built")
+    if built is not None:
+        same = "yes" if built["tokens"] == figures["tokens"] else "[red]no[/red]"
+        table.add_row(f"build-time tokens reproduced (built on {built['ran_on']})", same)
+        table.add_row("build-time first-token cosine", f"{built['first_token_logits']['cosine']:.7f}")
     return table

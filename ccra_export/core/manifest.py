@@ -15,6 +15,7 @@ from typing import Any
 from ccra_export import __version__
 from ccra_export.core.errors import BundleError
 from ccra_export.core.hashing import sha256_file
+from ccra_export.core.manifest_schema import Manifest, relative_bundle_path, validate_manifest
 
 MANIFEST_NAME = "manifest.json"
 PARITY_NAME = "parity.json"
@@ -22,7 +23,8 @@ GRAPH_FILE = "vision.onnx"
 ENGINE_FILE = "vision.engine"
 ENGINE_PARITY_FILE = "parity_engine.json"
 FORMAT = "ccra-export-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: files carry sizes; the manifest has a schema (manifest_schema.py)
+MAX_MANIFEST_BYTES = 16 * 2**20
 
 
 def tensor_spec(name: str, dtype: str, shape: list[int | str]) -> dict[str, Any]:
@@ -41,39 +43,84 @@ def new_manifest(**fields: Any) -> dict[str, Any]:
     }
 
 
-def file_entries(bundle: Path, names: list[str]) -> dict[str, str]:
-    """``{file name: sha256}`` for files inside the bundle directory."""
-    return {name: sha256_file(bundle / name) for name in names}
+def file_entries(bundle: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+    """``{file name: {sha256, bytes}}`` for files inside the bundle directory."""
+    return {name: file_entry(bundle / name) for name in names}
 
 
-def read_manifest(bundle: str | Path) -> dict[str, Any]:
-    """Load and sanity-check ``manifest.json``; every failure is one line naming the bundle."""
+def file_entry(path: Path) -> dict[str, Any]:
+    return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+
+
+def bundle_path(bundle: str | Path, name: str, where: str) -> Path:
+    """``bundle/name``, refusing a name that is absolute, not normalised, or that resolves (symlinks
+    followed) outside the bundle directory; ``where`` names the entry that holds ``name``."""
+    try:
+        relative_bundle_path(name)
+    except ValueError as exc:
+        raise BundleError(f"{where}: {exc}") from None
+    root = Path(bundle).resolve()
+    path = (root / name).resolve()
+    if not path.is_relative_to(root):
+        raise BundleError(f"{where}: {name!r} resolves to {path}, outside the bundle {root}")
+    return root / name
+
+
+def read_manifest(bundle: str | Path) -> Manifest:
+    """Load ``manifest.json``, validate it against the schema and check the files it lists are
+    inside the bundle and of the recorded size (hashes are ``verify_files``: seconds per GB).
+    Every failure is one line naming the bundle, the key or the file."""
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
         raise BundleError(f"--bundle {bundle}: not a directory; expected a bundle written by `ccra-export build`")
     if not path.is_file():
         raise BundleError(f"--bundle {bundle}: no {MANIFEST_NAME}; expected a bundle written by `ccra-export build`")
+    if path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(f"{path}: {path.stat().st_size} bytes; a manifest is under {MAX_MANIFEST_BYTES} bytes")
     try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        data = json.loads(path.read_text(), parse_constant=_refuse_constant)
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise BundleError(f"{path}: unreadable manifest ({exc})") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{path}: not a ccra-export manifest (format field is not {FORMAT!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if data.get("format_version") != FORMAT_VERSION:
         raise BundleError(
-            f"{path}: bundle format version {manifest.get('format_version')} was written by ccra-export "
-            f"{manifest.get('tool_version')}; this is {__version__} (format {FORMAT_VERSION}): rebuild the bundle"
+            f"{path}: bundle format version {data.get('format_version')!r} was written by ccra-export "
+            f"{data.get('tool_version')}; this is {__version__} (format {FORMAT_VERSION}): rebuild the bundle"
         )
+    try:
+        manifest = validate_manifest(data)
+    except ValueError as exc:
+        raise BundleError(f"{path}: {exc}") from None
+    check_sizes(bundle, manifest)
     return manifest
 
 
-def verify_files(bundle: str | Path, manifest: dict[str, Any]) -> None:
-    """Refuse a bundle whose graph files changed since the build (truncated copy, edited graph)."""
-    bundle = Path(bundle)
-    for name, expected in manifest.get("files", {}).items():
-        path = bundle / name
+def check_sizes(bundle: str | Path, manifest: Manifest) -> None:
+    """Every listed file is a regular file inside the bundle, of the size the build recorded: the
+    cheap check that catches a truncated or half-copied bundle before a runtime parses it."""
+    for name, entry in manifest["files"].items():
+        path = bundle_path(bundle, name, f"{Path(bundle) / MANIFEST_NAME}: files")
         if not path.is_file():
             raise BundleError(f"{path}: missing; the manifest lists it: rebuild or re-copy the bundle")
-        if sha256_file(path) != expected:
-            raise BundleError(f"{path}: sha256 differs from the manifest; the file changed after the build")
+        size = path.stat().st_size
+        if size != entry["bytes"]:
+            raise BundleError(
+                f"{path}: {size} bytes, the manifest records {entry['bytes']}: the file was truncated or changed "
+                "after the build; re-copy the bundle (`ccra-export check` re-hashes every file)"
+            )
+
+
+def verify_files(bundle: str | Path, manifest: Manifest) -> None:
+    """Refuse a bundle whose files changed since the build (edited graph, same-size corruption)."""
+    check_sizes(bundle, manifest)
+    for name, entry in manifest["files"].items():
+        if sha256_file(Path(bundle) / name) != entry["sha256"]:
+            raise BundleError(
+                f"{Path(bundle) / name}: sha256 differs from the manifest; the file changed after the build"
+            )
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")

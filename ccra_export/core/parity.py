@@ -7,17 +7,26 @@ defaults of shared/DESIGN.md, overridable per build.
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
+from ccra_export.core.errors import ConfigError
+
 PYTORCH_REFERENCE = "PyTorch fp32 (ccra_export.model.vision_model)"
 RECORDED_REFERENCE = "PyTorch fp32 outputs recorded at build time (reference.npz)"
 
 #: |a - b| / max(|b|, REL_ERR_FLOOR * max|b|): relative error without blowing up on zeros.
 REL_ERR_FLOOR = 1e-3
+
+
+def _finite_in(value: object, low: float, high: float) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return math.isfinite(value) and low <= value <= high
 
 
 @dataclass(frozen=True)
@@ -27,6 +36,14 @@ class Thresholds:
     min_cosine: float
     max_scaled_abs_err: float | None = None  # max|a - b| / max|b|
     allow_nonfinite: bool = False
+
+    def __post_init__(self) -> None:
+        # Every comparison with NaN is False: a NaN threshold would pass any error, so refuse it here,
+        # where flags, the Python API and manifests all arrive.
+        if not _finite_in(self.min_cosine, -1.0, 1.0):
+            raise ConfigError(f"--min-cosine: {self.min_cosine!r}; expected a finite number in [-1, 1]")
+        if self.max_scaled_abs_err is not None and not _finite_in(self.max_scaled_abs_err, 0.0, math.inf):
+            raise ConfigError(f"--max-abs-err: {self.max_scaled_abs_err!r}; expected a finite number >= 0")
 
     def with_overrides(self, *, min_cosine: float | None = None, max_scaled_abs_err: float | None = None) -> Thresholds:
         return dataclasses.replace(

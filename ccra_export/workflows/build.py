@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +24,7 @@ from ccra_export.core.graph_scopes import nodes_in_scope
 from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest import ENGINE_FILE, GRAPH_FILE, MANIFEST_NAME, PARITY_NAME, file_entries, new_manifest
 from ccra_export.core.parity import ParityReport
+from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.reference_record import REFERENCE_FILE, record_reference
 from ccra_export.engine import ort_trt
 from ccra_export.engine.build import build_trt_engine
@@ -33,6 +33,7 @@ from ccra_export.engine.settings import ProfileOptions, TrtOptions
 from ccra_export.export.fp16 import convert_to_fp16
 from ccra_export.export.fp16_ranges import activation_ranges, over_range
 from ccra_export.export.graph_checks import check_graph, graph_interface
+from ccra_export.runtime import lm_parity
 from ccra_export.runtime.backends import resolve_backend, select_backend
 from ccra_export.runtime.lpwca_cpu import library_path
 from ccra_export.runtime.vision_backend import default_ort_providers
@@ -46,7 +47,7 @@ from ccra_export.workflows.parity import (
     thresholds,
 )
 from ccra_export.workflows.quantization import Int8Options
-from ccra_export.workflows.source import Source, resolve_source
+from ccra_export.workflows.source import Source, language_model_request, resolve_source
 
 PRECISIONS = ("fp32", "fp16", "int8")
 STAGE_SCOPES = ("vision_tower", "ccra", "multi_modal_projector")  # module scopes the exporter records
@@ -135,8 +136,7 @@ def _plugin_record(lpwca: str, plugin_library: Path | None) -> dict[str, Any] | 
         "tensorrt_plugin_library": None,
     }
     if plugin_library is not None:
-        if not Path(plugin_library).is_file():
-            raise ConfigError(f"--plugin-library {plugin_library}: no such file")
+        check_plugin_library(plugin_library)
         record["tensorrt_plugin_library"] = {"file": Path(plugin_library).name, "sha256": sha256_file(plugin_library)}
     return record
 
@@ -152,10 +152,19 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     if options.lm_precision and options.model in PRESETS:
         raise ConfigError("--lm-precision needs a checkpoint directory: presets have no language model or tokenizer")
     source = resolve_source(
-        options.model, random_weights=options.random_weights, seed=options.seed, plain=options.plain, steps=steps
+        options.model,
+        random_weights=options.random_weights,
+        seed=options.seed,
+        plain=options.plain,
+        steps=steps,
+        language_model=language_model_request(options.lm_precision, options.lm_device, backend_kind),
     )
+    processor = quantization.processor_for(source, options.int8.pad_to_square)  # preprocessor_config.json, checked now
 
     int8 = options.precision == "int8"
+    for flag, value in (("--calib-data", options.int8.calib_data), ("--prompts", options.int8.prompts)):
+        if not int8 and value is not None:
+            steps.warn(f"{flag} {value}: ignored; INT8 calibration applies to --precision int8 only")
     lpwca, lpwca_reason = resolve_lpwca(options.lpwca, backend_kind, source.config)
     if int8 and lpwca == "fused":
         if options.lpwca == "fused":
@@ -179,9 +188,10 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     try:
         with (
             atomic.staged_directory(output, replace=options.force) as stage,
-            tempfile.TemporaryDirectory(prefix=f".{output.name}.fp32-", dir=output.resolve().parent) as scratch,
+            atomic.scratch_directory(output, "fp32") as scratch,
         ):
             feeds, described, title = parity_inputs(source, options.parity, calibration)
+            _check_parity_fits_profile(feeds, dynamic_axes)
             written = _write_graph(stage, Path(scratch), source, lpwca, calibration, options, feeds, steps)
             with steps.step("onnx.checker full check and shape inference"):
                 interface = graph_interface(check_graph(stage / GRAPH_FILE))
@@ -221,12 +231,25 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 plugin=plugin,
                 calibration=written.calibration,
                 language_model=lm_record,
-                image_processor=dataclasses.asdict(quantization.processor_for(source, options.int8.pad_to_square)),
+                image_processor=dataclasses.asdict(processor),
             )
             atomic.write_json(stage / MANIFEST_NAME, manifest)
     except OSError as exc:
         raise BundleError(f"--output {output}: cannot write the bundle ({exc.strerror or exc})") from None
     return BuildResult(output, manifest, report)
+
+
+def _check_parity_fits_profile(feeds: dict[str, Any], dynamic_axes: dict[str, Any]) -> None:
+    """The recorded reference must run on the bundle's own profile (an engine is built for it):
+    refuse parity inputs larger than the profile's maximum before anything is exported."""
+    shapes = {"batch": ("pixel_values", 0, "--parity-batch / --holdout", "--max-batch")}
+    shapes["text_len"] = ("text_mask", 1, "--parity-text-len", "--max-text-len")
+    for axis, (name, dim, flag, limit_flag) in shapes.items():
+        if name in feeds and axis in dynamic_axes and feeds[name].shape[dim] > dynamic_axes[axis]["max"]:
+            raise ConfigError(
+                f"{flag}: {feeds[name].shape[dim]} exceeds the profile's {limit_flag} {dynamic_axes[axis]['max']}; "
+                "the bundle's engine could not run its recorded reference: lower it or raise the maximum"
+            )
 
 
 @dataclass
@@ -339,11 +362,9 @@ def _add_language_model(
         Path(source.record["path"]), stage, scratch, options.lm_precision, device, steps
     )
     report.language_model = language_model.parity(Path(record.pop("hf_dir")), stage / "lm", device, steps)
-    lm = report.language_model
-    if options.lm_precision == "fp32" and lm["tokens_agreeing"] != lm["greedy_steps"]:
-        report.extra_failures.append(
-            f"language model: FP32 greedy tokens differ from transformers at step {lm['identical_prefix']}"
-        )
+    report.extra_failures += lm_parity.failures(options.lm_precision, report.language_model)
+    record["files"] = sorted({*record["files"], lm_parity.LM_REFERENCE_FILE})
+    record["parity"] = {k: report.language_model[k] for k in ("ran_on", "first_token_logits", "tokens")}
     return record
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.manifest import read_manifest, verify_files
 from ccra_export.core.parity import ParityReport
+from ccra_export.runtime import lm_parity
+from ccra_export.runtime.language_model import LanguageModel
+from ccra_export.runtime.vlm_pipeline import LM_DIR
 from ccra_export.workflows.backends import open_bundle_backend
 from ccra_export.workflows.parity import ParityOptions, check_parity, resolve_reference
 
@@ -30,4 +34,22 @@ def check_bundle(
     runner, line = open_bundle_backend(bundle, manifest, backend, plugin_library=plugin_library)
     steps.info(line)
     steps.info(reference_line)
-    return check_parity(bundle, manifest, runner, reference, parity=parity, model_override=model_override, steps=steps)
+    report = check_parity(
+        bundle, manifest, runner, reference, parity=parity, model_override=model_override, steps=steps
+    )
+    if manifest["language_model"]:
+        _check_language_model(Path(bundle), manifest["language_model"], report, steps)
+    return report
+
+
+def _check_language_model(bundle: Path, record: dict[str, Any], report: ParityReport, steps: Steps) -> None:
+    """Rerun the decoder on the prompt the build recorded; compare with Hugging Face's answer and
+    with the build's own figures (torch-free: this runs on a Jetson too)."""
+    ran_on = lm_parity.runnable_device(record["device"])
+    title = f"Language model vs its build-time figures ({len(record['parity']['tokens'])} greedy tokens, {ran_on})"
+    with steps.step(title):
+        lm = LanguageModel(bundle / LM_DIR, ran_on)
+        measured = lm_parity.figures(lm, bundle / lm_parity.LM_REFERENCE_FILE)
+    report.language_model = {"reference": "recorded at build time", "device": record["device"], "ran_on": ran_on}
+    report.language_model.update(measured, built=record["parity"])
+    report.extra_failures += lm_parity.failures(record["precision"], report.language_model, record["parity"])

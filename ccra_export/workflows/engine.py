@@ -16,9 +16,16 @@ from pathlib import Path
 from ccra_export.core import atomic
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import BackendUnavailableError, BundleError, ConfigError
-from ccra_export.core.hashing import sha256_file
-from ccra_export.core.manifest import ENGINE_FILE, ENGINE_PARITY_FILE, MANIFEST_NAME, read_manifest, verify_files
+from ccra_export.core.manifest import (
+    ENGINE_FILE,
+    ENGINE_PARITY_FILE,
+    MANIFEST_NAME,
+    file_entry,
+    read_manifest,
+    verify_files,
+)
 from ccra_export.core.parity import ParityReport
+from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.engine.build import build_trt_engine
 from ccra_export.engine.plan import bundle_profile
 from ccra_export.engine.settings import TrtOptions
@@ -53,8 +60,8 @@ def add_engine(
             "--plugin-library: this bundle's graph has the fused ccra::LPWCA node; pass the plugin library "
             "built for this machine (ccra-export plugins build)"
         )
-    if plugin_library is not None and not Path(plugin_library).is_file():
-        raise ConfigError(f"--plugin-library {plugin_library}: no such file")
+    if plugin_library is not None:
+        check_plugin_library(plugin_library)
     profile = bundle_profile(manifest, profile_overrides)
     reference_kind, reference_line = resolve_reference(reference, manifest, model_override)
     with steps.step("Verifying bundle file hashes"):
@@ -84,7 +91,7 @@ def add_engine(
         record["parity"] = {"file": ENGINE_PARITY_FILE, "passed": report.passed, "reference": report.reference}
         (scratch / ENGINE_FILE).replace(bundle / ENGINE_FILE)
         manifest["engine"] = record
-        manifest["files"][ENGINE_FILE] = sha256_file(bundle / ENGINE_FILE)
+        manifest["files"][ENGINE_FILE] = file_entry(bundle / ENGINE_FILE)
         atomic.write_json(bundle / MANIFEST_NAME, manifest)
     except OSError as exc:
         raise BundleError(f"--bundle {bundle}: cannot write the engine ({exc.strerror or exc})") from None

@@ -17,9 +17,9 @@ import onnx
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
-from ccra_export.core.parity import compare_output, thresholds_for
 from ccra_export.export.lm_export import LM_DEVICES, build_decoder, build_embedding_model, language_model_dir
-from ccra_export.runtime.language_model import LanguageModel, Sampling
+from ccra_export.runtime import lm_parity
+from ccra_export.runtime.language_model import LanguageModel
 from ccra_export.runtime.vision_backend import available_providers
 
 PARITY_STEPS = 32
@@ -57,16 +57,8 @@ def export_into(
     with steps.step(f"Building the {precision} decoder for {device.upper()} (onnxruntime-genai model builder)"):
         build_decoder(hf_dir, stage / "lm" / "decoder", precision, device)
         build_embedding_model(hf_dir, stage / "lm" / "embed.onnx", _decoder_input_dtype(stage / "lm" / "decoder"))
-    config = LlavaConfig.from_dict(json.loads((checkpoint / "config.json").read_text()))
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(stage / "lm" / "decoder" / "tokenizer.json"))
-    image_id = tokenizer.token_to_id("<image>")
-    if image_id is None or image_id != config.image_token_index:
-        raise ConfigError(
-            f"{checkpoint}/tokenizer.json: <image> is token {image_id}, config.json image_token_index is "
-            f"{config.image_token_index}; they must agree"
-        )
+    # model/checkpoint_check.py found the tokenizer's <image> equal to config.json's before any export
+    image_id = LlavaConfig.from_dict(json.loads((checkpoint / "config.json").read_text())).image_token_index
     files = sorted(str(p.relative_to(stage)) for p in (stage / "lm").rglob("*") if p.is_file())
     return {
         "precision": precision,
@@ -80,7 +72,8 @@ def export_into(
 
 def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILENT) -> dict[str, Any]:
     """Our decoder against transformers. It runs on ``device`` where this machine has its provider,
-    else on the CPU provider (a CUDA decoder built on a CPU workstation is checked there)."""
+    else on the CPU provider (a CUDA decoder built on a CPU workstation is checked there). The
+    prompt and Hugging Face's answer go into ``lm/reference.npz`` so `check` can rerun it."""
     import torch
     from transformers import LlamaForCausalLM
     from transformers.utils import logging as hf_logging
@@ -88,8 +81,6 @@ def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILEN
     with steps.step(f"Language model parity vs Hugging Face ({PARITY_STEPS} greedy tokens)"):
         hf_logging.disable_progress_bar()  # our step line is the progress; keep the terminal clean
         reference = LlamaForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-        ran_on = device if device == "cpu" or "CUDAExecutionProvider" in available_providers() else "cpu"
-        ours = LanguageModel(lm_dir, ran_on)
         table = reference.model.embed_tokens.weight.detach()
         ids = torch.from_numpy(np.random.default_rng(0).integers(0, table.shape[0], PROMPT_TOKENS))
         embeds = table[ids][None]
@@ -103,18 +94,7 @@ def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILEN
                 do_sample=False,
                 pad_token_id=0,
             )[0, -PARITY_STEPS:].tolist()
-        got = ours.generate(embeds.numpy(), Sampling(max_new_tokens=PARITY_STEPS))
-    logits = compare_output("first_token_logits", got.first_logits, want_logits, thresholds_for("fp32"))
-    agree = sum(a == b for a, b in zip(got.tokens, want, strict=False))
-    prefix = next((i for i, (a, b) in enumerate(zip(got.tokens, want, strict=False)) if a != b), len(want))
-    return {
-        "reference": "transformers LlamaForCausalLM, FP32",
-        "device": device,
-        "ran_on": ran_on,
-        "first_token_logits": {"cosine": logits.cosine, "max_abs_err": logits.max_abs_err},
-        "greedy_steps": PARITY_STEPS,
-        "tokens_agreeing": agree,
-        "identical_prefix": prefix,
-        "tokens": got.tokens,
-        "reference_tokens": want,
-    }
+        lm_parity.save_reference(lm_dir.parent / lm_parity.LM_REFERENCE_FILE, ids.numpy(), want_logits, want)
+        ran_on = lm_parity.runnable_device(device)
+        measured = lm_parity.figures(LanguageModel(lm_dir, ran_on), lm_dir.parent / lm_parity.LM_REFERENCE_FILE)
+    return {"reference": "transformers LlamaForCausalLM, FP32", "device": device, "ran_on": ran_on, **measured}

@@ -15,7 +15,6 @@ import numpy as np
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import BundleError, ConfigError
 from ccra_export.core.extras import export_stack_available, require_export_stack
-from ccra_export.core.manifest import MANIFEST_NAME
 from ccra_export.core.parity import (
     PYTORCH_REFERENCE,
     RECORDED_REFERENCE,
@@ -43,7 +42,9 @@ class ParityOptions:
 
 
 def thresholds(precision: str, options: ParityOptions, stored: dict[str, Any] | None = None) -> Thresholds:
-    base = Thresholds(**stored) if stored else thresholds_for(precision)
+    base = thresholds_for(precision)
+    if stored:  # the manifest's schema typed these; Thresholds refuses non-finite values
+        base = Thresholds(stored["min_cosine"], stored["max_scaled_abs_err"], stored["allow_nonfinite"])
     return base.with_overrides(min_cosine=options.min_cosine, max_scaled_abs_err=options.max_scaled_abs_err)
 
 
@@ -111,8 +112,10 @@ def run_parity(
 def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str | None = None) -> tuple[str, str]:
     """``--reference`` -> ``pytorch`` | ``recorded``, and one line saying which and why.
 
-    auto recomputes with PyTorch (fresh inputs, the checkpoint re-hashed) where PyTorch and the
-    bundle's source are at hand, and otherwise, as on a Jetson, uses the outputs recorded at build.
+    auto recomputes with PyTorch where PyTorch is installed and the source is at hand: a preset, or
+    the checkpoint the user names with ``--model`` (re-hashed against the manifest). A bundle is a
+    trust boundary, so the checkpoint path it records is never opened on its word. Otherwise, as
+    on a Jetson, auto uses the outputs recorded at build.
     """
     if kind not in REFERENCE_CHOICES:
         raise ConfigError(f"--reference {kind}: expected one of {', '.join(REFERENCE_CHOICES)}")
@@ -120,12 +123,10 @@ def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str |
     if kind == "auto" and not manifest.get("reference"):
         kind, why = "pytorch", " (auto: the bundle records no PyTorch outputs)"
     elif kind == "auto":
-        source = manifest.get("source", {})
-        checkpoint = model_override or source.get("path")
         if not export_stack_available():
             kind, why = "recorded", " (auto: PyTorch is not installed here)"
-        elif source.get("kind") == "checkpoint" and not (checkpoint and Path(checkpoint).is_dir()):
-            kind, why = "recorded", f" (auto: checkpoint {checkpoint} is not here; --model DIR to recompute)"
+        elif manifest["source"]["kind"] == "checkpoint" and model_override is None:
+            kind, why = "recorded", " (auto: --model CHECKPOINT recomputes it with PyTorch)"
         else:
             kind, why = "pytorch", " (auto: PyTorch and the bundle's source are here)"
     if kind == "recorded" and not manifest.get("reference"):
@@ -159,16 +160,15 @@ def check_parity(
         with steps.step(f"Parity vs recorded PyTorch outputs ({entry['samples']} samples)"):
             return run_parity(runner, precision, limits, feeds, expected, described, RECORDED_REFERENCE)
     require_export_stack("parity against a fresh PyTorch run (--reference pytorch)")
-    try:
-        source = source_from_manifest(manifest, model_override, steps)
-    except KeyError as exc:
-        raise BundleError(f"{Path(bundle) / MANIFEST_NAME}: manifest lacks {exc}") from None
-    calibration = None
-    if precision == "int8":
-        calibration = quantization.held_out_from_manifest(
-            manifest["calibration"], source, manifest["source"].get("seed", 0)
-        )
-    feeds, described, title = parity_inputs(source, parity, calibration)
+    source = source_from_manifest(manifest, model_override, steps)
+    if precision == "int8" and manifest["reference"]:
+        # INT8 is judged on its held-out images: their inputs are recorded, PyTorch recomputes the outputs
+        entry = manifest["reference"]
+        feeds, _ = load_reference(Path(bundle) / entry["file"])
+        described = {**entry["inputs"], "recorded_samples": entry["samples"]}
+        title = f"Parity vs PyTorch on the recorded held-out inputs ({entry['samples']} samples)"
+    else:
+        feeds, described, title = parity_inputs(source, parity)
     with steps.step(title):
         return run_parity(runner, precision, limits, feeds, pytorch_outputs(source, feeds), described)
 

@@ -13,13 +13,13 @@ from typing import Any
 
 import numpy as np
 
-from ccra_export.calibration.images import CalibrationImage, CalibrationSet, load_calibration_set
+from ccra_export.calibration.images import CalibrationSet, load_calibration_set
 from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
-from ccra_export.core.image_preprocess import ImageProcessorConfig, open_rgb
+from ccra_export.core.image_preprocess import ImageProcessorConfig
 
 ORT_CACHE = "calibration.json"
 
@@ -56,7 +56,8 @@ def make_embedder(source: Any, seed: int) -> TextEmbedder | None:
 def processor_for(source: Any, pad_to_square: bool) -> ImageProcessorConfig:
     size = source.config.vision.image_size
     if source.record["kind"] == "checkpoint":
-        return ImageProcessorConfig.from_checkpoint(Path(source.record["path"]), size, pad_to_square=pad_to_square)
+        path = Path(source.record["path"])
+        return ImageProcessorConfig.from_checkpoint(path, size, pad_to_square=pad_to_square, check_crop=True)
     return ImageProcessorConfig.for_image_size(size, pad_to_square=pad_to_square)
 
 
@@ -132,16 +133,3 @@ def held_out_feeds(calibration: Calibration) -> tuple[dict[str, np.ndarray], dic
     items = calibration.dataset.held_out
     described = {"kind": "held-out images", "images": [i.path.name for i in items], "batch": len(items)}
     return make_feeds(items, calibration.processor, calibration.embedder), described
-
-
-def held_out_from_manifest(record: dict[str, Any], source: Any, seed: int) -> Calibration:
-    """Rebuild the held-out parity inputs an INT8 bundle was checked on (for `ccra-export check`)."""
-    folder = Path(record["calibration_dir"])
-    items = []
-    for entry in record["held_out"]:
-        path = folder / entry["file"]
-        if not path.is_file():
-            raise ConfigError(f"{path}: a held-out image of this INT8 bundle is gone; rebuild with --calib-data")
-        items.append(CalibrationImage(path, open_rgb(path), entry["prompt"]))
-    processor = ImageProcessorConfig.from_dict(record["processor"])
-    return Calibration(CalibrationSet([], items), processor, make_embedder(source, seed))

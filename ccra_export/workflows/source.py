@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ccra_export.core.config import PRESETS, ModelConfig, preset
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import CheckpointError, ConfigError
+from ccra_export.runtime.vision_backend import available_providers
+from ccra_export.workflows.language_model import resolve_device
+
+if TYPE_CHECKING:
+    from ccra_export.model.checkpoint_check import LanguageModelRequest
 
 
 @dataclass
@@ -24,8 +29,41 @@ class Source:
     token_embeddings: np.ndarray | None = None
 
 
-def resolve_source(model: str, *, random_weights: bool, seed: int, plain: bool, steps: Steps = SILENT) -> Source:
-    """A preset (random weights only: presets carry no trained weights) or a checkpoint directory."""
+def language_model_request(
+    lm_precision: str | None, lm_device: str, vision_backend: str
+) -> LanguageModelRequest | None:
+    """What ``--lm-precision`` will need from the checkpoint, so that it is checked before any export.
+
+    The decoder's attention runs on ONNX Runtime's CPU GroupQueryAttention for a CPU target, and
+    for a CUDA target checked on a machine whose ONNX Runtime has no CUDA provider."""
+    if not lm_precision:
+        return None
+    from ccra_export.model.checkpoint_check import LanguageModelRequest  # torch: the [export] extra
+
+    device, why = resolve_device(lm_device, vision_backend)
+    why = f"--lm-device {why}" if lm_device == "auto" else why
+    if device == "cpu":
+        return LanguageModelRequest(lm_precision, cpu_attention=True, why=why)
+    if "CUDAExecutionProvider" not in available_providers():
+        return LanguageModelRequest(
+            lm_precision, cpu_attention=True, why="the CUDA decoder is checked on the CPU provider: no CUDA here"
+        )
+    return LanguageModelRequest(lm_precision, cpu_attention=False, why=why)
+
+
+def resolve_source(
+    model: str,
+    *,
+    random_weights: bool,
+    seed: int,
+    plain: bool,
+    steps: Steps = SILENT,
+    language_model: LanguageModelRequest | None = None,
+) -> Source:
+    """A preset (random weights only: presets carry no trained weights) or a checkpoint directory.
+
+    A checkpoint is validated whole before anything is read from it (``language_model``: with
+    what the language model build needs), so a bad one fails in seconds, before any export."""
     from ccra_export.model.vision_model import build_model  # torch: the [export] extra
 
     if model in PRESETS:
@@ -52,7 +90,7 @@ def resolve_source(model: str, *, random_weights: bool, seed: int, plain: bool, 
     from ccra_export.model.checkpoint import load_checkpoint  # torch: the [export] extra
 
     with steps.step(f"Loading checkpoint {path}"):
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoint(path, language_model)
     if loaded.config.ccra is None:
         steps.info(
             f"{path}: no ccra.safetensors; building the plain LLaVA-1.5 variant (graph input: pixel_values only)"
@@ -70,9 +108,14 @@ def source_from_manifest(manifest: dict[str, Any], model_override: str | None, s
         return resolve_source(
             record["preset"], random_weights=True, seed=record["seed"], plain=record["plain"], steps=steps
         )
-    path = model_override or record["path"]
+    path = model_override
+    if path is None:  # the recorded path is provenance, not an instruction: the user names the checkpoint
+        raise CheckpointError(
+            f"--reference pytorch: pass --model DIR, the checkpoint this bundle was built from (recorded as "
+            f"{record['path']}); a bundle's manifest never sends ccra-export outside the bundle"
+        )
     if not Path(path).is_dir():
-        raise CheckpointError(f"checkpoint {path} (from the manifest) is not there; pass --model with its new location")
+        raise CheckpointError(f"--model {path}: no such checkpoint directory")
     source = resolve_source(path, random_weights=False, seed=0, plain=False, steps=steps)
     if source.record["weights_sha256"] != record["weights_sha256"]:
         raise CheckpointError(
