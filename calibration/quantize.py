@@ -25,6 +25,7 @@ import onnx
 if TYPE_CHECKING:
     from onnxruntime.quantization import CalibrationDataReader
 
+from ccra_export.core.atomic import make_shared
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
 from ccra_export.core.lpwca_schema import OP_TYPE as LPWCA_OP
 from ccra_export.runtime.ort_session import import_onnxruntime
@@ -87,6 +88,7 @@ def quantize_int8(
     )
     with _quiet_quantizer():
         _run_quantize_static(fp32_model, output, reader, method, excluded, large, ort_cache, per_channel)
+        make_shared(ort_cache)  # ONNX Runtime writes its cache through mkstemp: 0600
     quantized = onnx.load(str(output), load_external_data=False)
     count = sum(n.op_type == "QuantizeLinear" for n in quantized.graph.node)
     return QuantizationSummary(method, count, len(excluded), quantize_ccra, per_channel)

@@ -259,6 +259,8 @@ class TestCli:
         assert record["method"] == "entropy" and len(record["images_used"]) == 6
         assert not set(record["images_used"]) & {h["file"] for h in record["held_out"]}
         assert "tensorrt_cache" not in record and record["ort_cache"] == "calibration.json"
+        mode = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
+        assert mode["calibration.json"] == mode["vision.onnx"], mode  # ORT writes it 0600 through mkstemp
         assert "INT8 drift per layer" in result.stdout
         # the held-out images' inputs and PyTorch outputs are recorded: moving the photos changes nothing
         (photo_dir / record["held_out"][0]["file"]).rename(tmp_path / "moved")

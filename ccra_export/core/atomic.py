@@ -73,6 +73,12 @@ def _umask() -> int:
     return mask
 
 
+def make_shared(path: str | Path) -> None:
+    """Give a file another library wrote through ``mkstemp`` (0600) the mode the umask gives the
+    rest of the bundle: a bundle is copied and read by other users (a service account, Triton)."""
+    os.chmod(path, 0o666 & ~_umask())
+
+
 def _chain(exc: BaseException) -> Iterator[BaseException]:
     """``exc`` and the exceptions it was raised from or while handling."""
     seen: set[int] = set()
