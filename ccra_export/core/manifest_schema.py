@@ -10,6 +10,7 @@ without KeyError and never follows it out of the bundle directory. Unknown extra
 from __future__ import annotations
 
 import posixpath
+import re
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, ConfigDict, Field, TypeAdapter, ValidationError, with_config
@@ -215,15 +216,22 @@ def validate_manifest(data: Any) -> Manifest:
     return manifest
 
 
+_UNION_TAG = re.compile(r"^(\[key\]|constrained-\w+|function-\w+\[.*\]|str|int|float|bool|none)$")
+
+
 def first_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
     """pydantic's first error as ``key.path: what was expected`` (one line)."""
     error = exc.errors(include_url=False)[0]
     parts = [*prefix]
-    for part in error["loc"]:
+    for part in error["loc"]:  # ("graph", "inputs", 0) -> graph.inputs[0]; a key -> files['vision.onnx']
         if isinstance(part, int):
             parts[-1:] = [f"{parts[-1] if parts else ''}[{part}]"]
-        elif part != "[key]" and not str(part).endswith("Source"):  # union/key markers name no field
-            parts.append(str(part))
+        elif _UNION_TAG.match(part) or part.endswith("Source"):  # pydantic's names for union members
+            continue
+        elif not part.isidentifier():
+            parts[-1:] = [f"{parts[-1] if parts else ''}[{part!r}]"]
+        else:
+            parts.append(part)
     message = str(error["msg"]).removeprefix("Value error, ")
     return f"{'.'.join(parts) or 'top level'}: {message}"
 
