@@ -43,7 +43,8 @@ def layer_taps(proto: onnx.ModelProto) -> list[tuple[str, str]]:
     taps = [(k, last_in_scope[k]) for k in ordered]
     if "ccra module" in last_in_scope:
         taps.append(("ccra module", last_in_scope["ccra module"]))
-    taps.append(("visual tokens", "visual_tokens"))
+    output = proto.graph.output[0].name  # visual_tokens; a split bundle's tower: tower_features
+    taps.append((output.replace("_", " "), output))
     return taps
 
 
@@ -51,15 +52,29 @@ def per_layer_drift(
     fp32_model: Path, int8_model: Path, feeds: dict[str, np.ndarray]
 ) -> tuple[list[LayerDrift], str | None]:
     """Drift per tap and the first tap below the INT8 cosine threshold (None: none drifts)."""
-    taps = layer_taps(onnx.load(str(fp32_model), load_external_data=False))
-    names = [tensor for _, tensor in taps]
-    reference = OrtBackend(fp32_model, extra_outputs=names).run(feeds)
-    candidate = OrtBackend(int8_model, extra_outputs=names).run(feeds)
+    return per_layer_drift_chain([(fp32_model, int8_model)], feeds)
+
+
+def per_layer_drift_chain(
+    graphs: list[tuple[Path, Path]], feeds: dict[str, np.ndarray]
+) -> tuple[list[LayerDrift], str | None]:
+    """``per_layer_drift`` across graphs that run one after the other (a split bundle's tower then
+    head): each INT8 graph reads the INT8 graph before it, each FP32 graph the FP32 one, as deployed,
+    so the report spans both graphs and drift accumulates as it does at run time."""
     threshold = thresholds_for("int8")
     rows, first = [], None
-    for label, tensor in taps:
-        result = compare_output(tensor, candidate[tensor], reference[tensor], threshold)
-        rows.append(LayerDrift(label, tensor, result.cosine, result.scaled_max_abs_err))
-        if first is None and not result.passed:
-            first = label
+    reference_feeds = candidate_feeds = dict(feeds)
+    for fp32_model, int8_model in graphs:
+        taps = layer_taps(onnx.load(str(fp32_model), load_external_data=False))
+        names = [tensor for _, tensor in taps]
+        fp32, int8 = OrtBackend(fp32_model, extra_outputs=names), OrtBackend(int8_model, extra_outputs=names)
+        reference = fp32.run({k: reference_feeds[k] for k in fp32.input_dtypes})
+        candidate = int8.run({k: candidate_feeds[k] for k in int8.input_dtypes})
+        for label, tensor in taps:
+            result = compare_output(tensor, candidate[tensor], reference[tensor], threshold)
+            rows.append(LayerDrift(label, tensor, result.cosine, result.scaled_max_abs_err))
+            if first is None and not result.passed:
+                first = label
+        reference_feeds = {**reference_feeds, **reference}
+        candidate_feeds = {**candidate_feeds, **candidate}
     return rows, first

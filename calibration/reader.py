@@ -81,3 +81,35 @@ class ImageBatchReader:
         if feeds is None:
             raise StopIteration
         return feeds
+
+
+class MappedReader:
+    """A calibration reader whose batches pass through ``transform``: one graph of a split bundle
+    reads its own inputs (the tower only the pixels; CCRA's head the FP32 tower's output).
+
+    The same ``CalibrationDataReader`` protocol as ``ImageBatchReader``, which it wraps."""
+
+    def __init__(
+        self, reader: ImageBatchReader, transform: Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+    ) -> None:
+        self.reader, self.transform = reader, transform
+        self.batch_size = reader.batch_size
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self.reader.set_range(start_index, end_index)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        feeds = self.reader.get_next()
+        return None if feeds is None else self.transform(feeds)
+
+    def __iter__(self) -> MappedReader:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        feeds = self.get_next()
+        if feeds is None:
+            raise StopIteration
+        return feeds

@@ -9,8 +9,8 @@ import onnx
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.hashing import sha256_file
-from ccra_export.core.manifest import ENGINE_FILE
 from ccra_export.core.platform import gpus
+from ccra_export.core.vision_graphs import GraphPart
 from ccra_export.engine.plan import Profile, TrtVersion, engine_record, fp32_islands, precision_plan
 from ccra_export.engine.settings import TrtOptions
 from ccra_export.runtime.vision_backend import VisionBackend
@@ -53,9 +53,31 @@ def build_trt_engine(
         plan,
         profile,
         {
-            "file": ENGINE_FILE,
+            "file": engine_path.name,
             "workspace_mib": trt_options.workspace_mib,
             "optimization_level": trt_options.optimization_level,
         },
     )
     return trt_engine.TensorRTBackend(engine_path), record
+
+
+#: Fields every engine of one build shares (same TensorRT, GPU and plugin): kept once at the top.
+SHARED_ENGINE_FIELDS = ("tensorrt_version", "gpu", "compute_capability", "plugin_sha256")
+
+
+def join_engine_records(parts: tuple[GraphPart, ...], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """The manifest's ``engine``: one engine's record, or a split bundle's two under ``parts``."""
+    if len(records) == 1:
+        return records[0]
+    shared = {k: records[0][k] for k in SHARED_ENGINE_FIELDS}
+    shared["plugin_sha256"] = next((r["plugin_sha256"] for r in records if r["plugin_sha256"]), None)
+    parts_records = [
+        {"part": part.name, **{k: v for k, v in record.items() if k not in SHARED_ENGINE_FIELDS}}
+        for part, record in zip(parts, records, strict=True)
+    ]
+    return {**shared, "parts": parts_records}
+
+
+def engine_files(engine: dict[str, Any]) -> list[str]:
+    """The engine files an ``engine`` record names."""
+    return [record["file"] for record in engine["parts"]] if "parts" in engine else [engine["file"]]

@@ -12,9 +12,11 @@ from typing import Any
 
 from ccra_export.core.errors import BundleError
 from ccra_export.core.plugin_library import check_plugin_library
+from ccra_export.core.vision_graphs import part_records
 from ccra_export.engine.plan import Profile, optimization_profiles
-from ccra_export.runtime.backends import select_backend
-from ccra_export.runtime.vision_backend import VisionBackend, cuda_provider_options
+from ccra_export.runtime.backends import join_parts
+from ccra_export.runtime.tower_cache import TowerCache
+from ccra_export.runtime.vision_backend import OrtBackend, VisionBackend, cuda_provider_options
 
 PROVIDER = "TensorrtExecutionProvider"
 
@@ -67,10 +69,16 @@ def session_options(
 
 
 def bundle_session_options(
-    bundle: Path, manifest: dict[str, Any], plugin_library: Path | None = None, **settings: Any
+    bundle: Path,
+    manifest: dict[str, Any],
+    plugin_library: Path | None = None,
+    *,
+    part: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
-    """``OrtBackend`` keyword arguments for a built bundle: its precision and the profile its
-    manifest records; a fused graph needs the plugin library built for this machine."""
+    """``OrtBackend`` keyword arguments for a built bundle's graph (``part``: one graph of a split
+    bundle): its precision and the profile its manifest records; a fused graph needs the plugin
+    library built for this machine."""
     if manifest.get("plugin") and plugin_library is None:
         raise BundleError(
             f"--bundle {bundle}: its graph has the fused ccra::LPWCA node; ONNX Runtime's TensorRT provider "
@@ -78,14 +86,18 @@ def bundle_session_options(
         )
     if plugin_library is not None:
         check_plugin_library(plugin_library)
-    profile = optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"])
+    part = part or part_records(manifest)[0]
+    profile = optimization_profiles(part["inputs"], manifest["dynamic_axes"])
     return session_options(bundle, manifest["precision"], profile, plugin_library, **settings)
 
 
 def bundle_backend(
-    bundle: Path, manifest: dict[str, Any], plugin_library: Path | None = None
+    bundle: Path, manifest: dict[str, Any], plugin_library: Path | None = None, tower_cache: TowerCache | None = None
 ) -> tuple[VisionBackend, str]:
-    """A built bundle's graph on ONNX Runtime's TensorRT provider, and one line saying so."""
-    return select_backend(
-        "ort-trt", Path(bundle) / manifest["graph"]["file"], **bundle_session_options(bundle, manifest, plugin_library)
-    )
+    """A built bundle's graph(s) on ONNX Runtime's TensorRT provider, and one line saying so."""
+    runners = [
+        OrtBackend(Path(bundle) / part["file"], **bundle_session_options(bundle, manifest, plugin_library, part=part))
+        for part in part_records(manifest)
+    ]
+    runner = join_parts(runners, tower_cache)
+    return runner, f"backend: {runner.description}"

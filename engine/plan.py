@@ -219,6 +219,10 @@ def engine_record(
     }
 
 
-def bundle_profile(manifest: dict[str, Any], overrides: dict[str, dict[str, int]] | None = None) -> Profile:
-    """The optimization profile of a bundle's graph: its manifest's symbolic axes, flags on top."""
-    return optimization_profiles(manifest["graph"]["inputs"], manifest["dynamic_axes"], overrides)
+def bundle_profile(
+    manifest: dict[str, Any], overrides: dict[str, dict[str, int]] | None = None, part: dict[str, Any] | None = None
+) -> Profile:
+    """The optimization profile of a bundle's graph (``part``: one graph of a split bundle): its
+    manifest's symbolic axes, flags on top."""
+    inputs = (part or manifest["graph"])["inputs"]
+    return optimization_profiles(inputs, manifest["dynamic_axes"], overrides)

@@ -27,15 +27,17 @@ from ccra_export import __version__
 from ccra_export.core.config import ModelConfig
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.graph_scopes import NAME_SCOPES_KEY
-from ccra_export.export.lpwca_op import TRANSLATION_TABLE, lpwca_mode
-from ccra_export.model.vision_model import (
+from ccra_export.core.vision_graphs import (
     PIXEL_VALUES,
     TEXT_EMBEDS,
     TEXT_MASK,
-    CCRAVisionModel,
-    input_names,
-    output_names,
+    TOWER_FEATURES,
+    WHOLE_CCRA,
+    WHOLE_PLAIN,
+    GraphPart,
 )
+from ccra_export.export.lpwca_op import TRANSLATION_TABLE, lpwca_mode
+from ccra_export.model.vision_model import CCRAVisionModel, part_module
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 17  #: LayerNormalization
@@ -78,43 +80,57 @@ def _quiet_exporter() -> Iterator[None]:
         logger.setLevel(level)
 
 
-def example_inputs(config: ModelConfig, batch: int = 2, text_len: int = 8) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs. Sizes above 1 so the exporter cannot specialise a dynamic axis to 1."""
+def example_inputs(
+    config: ModelConfig, batch: int = 2, text_len: int = 8, part: GraphPart | None = None
+) -> tuple[torch.Tensor, ...]:
+    """Tracing inputs of ``part`` (default: the single graph). Sizes above 1 so the exporter cannot
+    specialise a dynamic axis to 1."""
+    part = part or (WHOLE_PLAIN if config.ccra is None else WHOLE_CCRA)
     gen = torch.Generator().manual_seed(0)
     v = config.vision
-    pixels = torch.randn(batch, v.num_channels, v.image_size, v.image_size, generator=gen)
-    if config.ccra is None:
-        return (pixels,)
-    text = torch.randn(batch, text_len, config.text_hidden_size, generator=gen)
-    return pixels, text, torch.ones(batch, text_len, dtype=torch.int64)
+    shapes = {
+        PIXEL_VALUES: (batch, v.num_channels, v.image_size, v.image_size),
+        TEXT_EMBEDS: (batch, text_len, config.text_hidden_size),
+        TOWER_FEATURES: (
+            batch,
+            len(config.ccra.feature_layers) if config.ccra else 0,
+            config.num_patches,
+            v.hidden_size,
+        ),
+    }
+    return tuple(
+        torch.ones(batch, text_len, dtype=torch.int64)
+        if name == TEXT_MASK
+        else torch.randn(shapes[name], generator=gen)
+        for name in part.inputs
+    )
 
 
-def _dynamic_shapes(config: ModelConfig) -> dict[str, dict[int, torch.export.Dim]]:
+def _dynamic_shapes(part: GraphPart) -> dict[str, dict[int, torch.export.Dim]]:
     batch = torch.export.Dim(BATCH_DIM, min=1)
-    shapes = {PIXEL_VALUES: {0: batch}}
-    if config.ccra is not None:
-        text_len = torch.export.Dim(TEXT_LEN_DIM, min=1)
-        shapes[TEXT_EMBEDS] = {0: batch, 1: text_len}
-        shapes[TEXT_MASK] = {0: batch, 1: text_len}
-    return shapes
+    text_len = torch.export.Dim(TEXT_LEN_DIM, min=1)
+    axes = {TEXT_EMBEDS: {0: batch, 1: text_len}, TEXT_MASK: {0: batch, 1: text_len}}
+    return {name: axes.get(name, {0: batch}) for name in part.inputs}
 
 
 def export_model_proto(
-    model: CCRAVisionModel, *, opset: int = DEFAULT_OPSET, lpwca: str = "portable"
+    model: CCRAVisionModel, *, opset: int = DEFAULT_OPSET, lpwca: str = "portable", part: GraphPart | None = None
 ) -> onnx.ModelProto:
-    """Trace ``model`` to an in-memory FP32 ONNX model with symbolic ``batch``/``text_len`` axes.
+    """Trace ``model`` (or one ``part`` of it: the tower or CCRA's head, ``core.vision_graphs``) to
+    an in-memory FP32 ONNX model with symbolic ``batch``/``text_len`` axes.
 
     ``lpwca="fused"`` emits CCRA stages 2-3 as one ``ccra::LPWCA`` node (see ``lpwca_op``).
     """
     check_opset(opset)
     config = model.config
+    part = part or (WHOLE_PLAIN if config.ccra is None else WHOLE_CCRA)
     with _quiet_exporter(), torch.no_grad(), lpwca_mode(model, lpwca):
         program = torch.onnx.export(
-            model.eval(),
-            example_inputs(config),
-            input_names=input_names(config),
-            output_names=output_names(config),
-            dynamic_shapes=_dynamic_shapes(config),
+            part_module(model.eval(), part),
+            example_inputs(config, part=part),
+            input_names=list(part.inputs),
+            output_names=list(part.outputs),
+            dynamic_shapes=_dynamic_shapes(part),
             opset_version=max(opset, EXPORTER_OPSET),
             dynamo=True,
             verbose=False,
@@ -126,10 +142,11 @@ def export_model_proto(
         proto = _lower_opset(proto, opset)
     proto.producer_name = "ccra-export"
     proto.producer_version = __version__
-    proto.doc_string = (
-        f"CCRA vision graph ({config.variant}, {config.name}): {', '.join(input_names(config))} -> visual tokens"
+    io = f"{', '.join(part.inputs)} -> {', '.join(part.outputs)}"
+    proto.doc_string = f"CCRA {part.name} graph ({config.variant}, {config.name}): {io}"
+    onnx.helper.set_model_props(
+        proto, {"ccra_export.variant": config.variant, "ccra_export.model": config.name, "ccra_export.graph": part.name}
     )
-    onnx.helper.set_model_props(proto, {"ccra_export.variant": config.variant, "ccra_export.model": config.name})
     return proto
 
 

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Literal
 
 from ccra_export.core.errors import BackendUnavailableError, BundleError
+from ccra_export.core.vision_graphs import engine_records, part_records
+from ccra_export.runtime.split_vision import SplitVision
+from ccra_export.runtime.tower_cache import TowerCache
 from ccra_export.runtime.vision_backend import OrtBackend, VisionBackend, available_providers, default_ort_providers
 
 BackendKind = Literal["auto", "ort", "trt", "ort-trt"]
@@ -65,9 +68,12 @@ def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> t
     return backend, f"backend: {backend.description}"
 
 
-def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") -> tuple[VisionBackend, str]:
+def bundle_backend(
+    bundle: str | Path, manifest: dict, backend: str = "auto", *, tower_cache: TowerCache | None = None
+) -> tuple[VisionBackend, str]:
     """What runs a built bundle's vision graph: its TensorRT engine when it has one and TensorRT is
-    usable (after the engine compatibility check), else ONNX Runtime on its ONNX graph.
+    usable (after the engine compatibility check), else ONNX Runtime on its ONNX graph. A split
+    bundle opens its tower and head that way and joins them (``SplitVision``) with ``tower_cache``.
 
     ONNX Runtime's TensorRT provider (``ort-trt``) builds engines, so it is opened by the engine
     stage (``ccra_export.engine.ort_trt.bundle_backend``), not here.
@@ -77,12 +83,12 @@ def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") ->
         raise BackendUnavailableError(
             "--backend ort-trt: ONNX Runtime's TensorRT provider is opened by ccra_export.engine.ort_trt.bundle_backend"
         )
-    engine = manifest.get("engine")
-    graph = Path(bundle) / manifest["graph"]["file"]
-    if kind == "trt" and engine is not None:
+    engines = engine_records(manifest)
+    if kind == "trt" and engines:
         from ccra_export.runtime.trt_engine import load_bundle_engine  # imports tensorrt: only where it is usable
 
-        runner = load_bundle_engine(Path(bundle), engine)
+        runners = [load_bundle_engine(Path(bundle), engines[part["name"]]) for part in part_records(manifest)]
+        runner = join_parts(runners, tower_cache)
         return runner, f"backend: {runner.description}"
     if kind == "trt":
         if backend == "trt":
@@ -90,5 +96,16 @@ def bundle_backend(bundle: str | Path, manifest: dict, backend: str = "auto") ->
                 f"--bundle {bundle}: holds no TensorRT engine; build one with `ccra-export engine --bundle {bundle}`"
             )
         reason = "auto: the bundle holds no TensorRT engine"
-    runner, line = select_backend("ort", graph, providers=default_ort_providers(manifest.get("precision")))
+    providers = default_ort_providers(manifest.get("precision"))
+    runners = [OrtBackend(Path(bundle) / part["file"], providers=providers) for part in part_records(manifest)]
+    runner = join_parts(runners, tower_cache)
+    line = f"backend: {runner.description}"
     return runner, f"{line} ({reason})" if reason else line
+
+
+def join_parts(runners: list[VisionBackend], tower_cache: TowerCache | None = None) -> VisionBackend:
+    """One backend for a bundle's graphs: the single graph itself, or tower + head joined."""
+    if len(runners) == 1:
+        return runners[0]
+    tower, head = runners
+    return SplitVision(tower, head, tower_cache)

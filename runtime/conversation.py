@@ -54,6 +54,7 @@ class _Turn:
     ids: list[int]
     visual_tokens: int
     attention: np.ndarray | None
+    vision_s: float = 0.0
 
 
 @dataclass
@@ -63,6 +64,7 @@ class Reply:
     prompt_tokens: int  # tokens this turn prefilled (the image's included on the first turn)
     visual_tokens: int  # image tokens in this turn's prefill (0 after the first turn)
     attention: np.ndarray | None = None  # first turn of a CCRA model: the LPWCA map [1, L, N]
+    vision_s: float = 0.0  # first turn: preprocessing and the vision graph(s)
 
 
 class Conversation:
@@ -93,7 +95,11 @@ class Conversation:
             picture = image if isinstance(image, Image.Image) else load_image(image)
             prepared = pipeline.prepare(picture, prompt)
             return _Turn(
-                prepared.inputs_embeds, prepared.input_ids, prepared.visual_tokens.shape[1], prepared.attention
+                prepared.inputs_embeds,
+                prepared.input_ids,
+                prepared.visual_tokens.shape[1],
+                prepared.attention,
+                getattr(prepared, "vision_s", 0.0),
             )
         if image is not None:
             raise InputError(
@@ -155,4 +161,6 @@ class Conversation:
         self._record(ids, generation.tokens)
         self._pending = generation.tokens[-1:]
         answer = [t for t in generation.tokens if t not in sampling.stop_ids]
-        return Reply(pipeline.tokenizer.decode(answer), generation, int(embeds.shape[1]), visual, attention)
+        return Reply(
+            pipeline.tokenizer.decode(answer), generation, int(embeds.shape[1]), visual, attention, turn.vision_s
+        )

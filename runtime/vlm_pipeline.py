@@ -7,6 +7,7 @@ tokens spliced in place of ``<image>``, then prefill and decode. No torch.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from ccra_export.runtime.conversation import Conversation
 from ccra_export.runtime.inputs import IMAGE_TOKEN, InputError, check_prompt, control_tokens, load_image
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend, unloadable
 
 TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5 (vicuna_v1), first turn
@@ -40,6 +42,7 @@ class Prepared:
     visual_tokens: np.ndarray
     attention: np.ndarray | None = None  # CCRA: the LPWCA map [1, L, N] the vision graph gave
     image_size: tuple[int, int] | None = None
+    vision_s: float = 0.0  # preprocessing + the vision graph(s): a split bundle's cached tower makes it small
 
 
 def no_attention_map(bundle: Path) -> str:
@@ -77,11 +80,14 @@ class Pipeline:
         *,
         vision: VisionBackend | None = None,
         lm_device: str | None = None,
+        tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB,
     ) -> Pipeline:
         """Load a bundle. ``backend``: auto runs the bundle's TensorRT engine where TensorRT is usable,
         else ONNX Runtime; ``vision`` passes a backend opened elsewhere instead. The language model
         runs on the device it was built for (``lm_device`` overrides it, e.g. ``"cpu"`` to check a
-        CUDA-built decoder on a workstation). ``verify`` re-hashes every file (seconds per GB)."""
+        CUDA-built decoder on a workstation). ``verify`` re-hashes every file (seconds per GB).
+        A split bundle (``build --split-vision``) keeps up to ``tower_cache_mib`` MiB of tower
+        outputs, so a second question about an image runs only CCRA's head (0 disables it)."""
         from tokenizers import Tokenizer
 
         bundle = Path(bundle)
@@ -93,7 +99,7 @@ class Pipeline:
         if verify:
             verify_files(bundle, manifest)
         if vision is None:
-            vision, _ = bundle_backend(bundle, manifest, backend)
+            vision, _ = bundle_backend(bundle, manifest, backend, tower_cache=TowerCache.from_mib(tower_cache_mib))
         lm = LanguageModel(bundle / LM_DIR, lm_device or manifest["language_model"].get("device", "cpu"))
         tokenizer_path = bundle / LM_DIR / "decoder" / "tokenizer.json"
         try:
@@ -101,6 +107,11 @@ class Pipeline:
         except Exception as exc:  # tokenizers raises plain Exception for a corrupt file
             raise BundleError(unloadable(tokenizer_path, exc)) from None
         return cls(bundle, manifest, vision, lm, tokenizer)
+
+    @property
+    def tower_cache(self) -> TowerCache | None:
+        """A split bundle's cache of tower outputs (hits, misses and bytes in ``.stats()``); else None."""
+        return getattr(self.vision, "cache", None)
 
     def chat(self) -> Conversation:
         """A multi-turn conversation about one image (the KV cache is kept between turns)."""
@@ -124,12 +135,14 @@ class Pipeline:
         ids = self.tokenizer.encode(TEMPLATE.format(prompt=prompt.strip())).ids
         if ids.count(self.image_token_id) != 1:
             raise BundleError(f"tokenizer: {IMAGE_TOKEN} must encode to token {self.image_token_id} exactly once")
+        start = time.perf_counter()
         outputs = self._vision(image, prompt)
+        vision_s = time.perf_counter() - start
         visual = outputs["visual_tokens"].astype(self.lm.embeds_dtype)
         position = ids.index(self.image_token_id)
         parts = [self.lm.embed(ids[:position]), visual, self.lm.embed(ids[position + 1 :])]
         embeds = np.concatenate([p for p in parts if p.shape[1]], axis=1)
-        return Prepared(embeds, ids, position, visual, outputs.get("lpwca_attention"), image.size)
+        return Prepared(embeds, ids, position, visual, outputs.get("lpwca_attention"), image.size, vision_s)
 
     def attention(self, image: Image.Image | str | Path, prompt: str) -> AttentionMap:
         """CCRA's LPWCA map for ``prompt`` about ``image``, with the geometry that puts each patch on

@@ -28,6 +28,7 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.serve.conversations import ConversationStore
 from ccra_export.serve.images import ImageLimits
@@ -96,7 +97,7 @@ def create_app(pipeline: Pipeline, settings: ServerSettings, *, ready: bool = Fa
     """The app over a loaded pipeline. ``ready``: the warm-up already ran (else /health is 503 until
     ``app.state.warm_up()`` has run)."""
     app = FastAPI(title="ccra-export", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics()
+    metrics = Metrics(tower_cache=pipeline.tower_cache)
     worker = Worker(pipeline, settings.images, ConversationStore(settings.held_conversations_bytes), metrics)
     executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccra-generate")  # one decoder, FIFO
     state: dict[str, Any] = {"ready": ready, "in_flight": 0}
@@ -282,5 +283,5 @@ async def _stream(
         job.cancel.set()  # a client that went away mid-stream stops the generation at its next token
 
 
-def load_pipeline(bundle: Path, backend: str = "auto") -> Pipeline:
-    return Pipeline.from_bundle(bundle, backend=backend)
+def load_pipeline(bundle: Path, backend: str = "auto", tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB) -> Pipeline:
+    return Pipeline.from_bundle(bundle, backend=backend, tower_cache_mib=tower_cache_mib)

@@ -52,5 +52,5 @@ def engine(
         force=force,
         steps=Steps(stderr),
     )
-    stdout.print(parity_table(report, title=f"Parity of {bundle}/vision.engine"))
+    stdout.print(parity_table(report, title=f"Parity of the TensorRT engine(s) in {bundle}"))
     finish(report)

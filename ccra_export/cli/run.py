@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -66,6 +67,15 @@ from ccra_export.workflows.explain import require_matplotlib, save_overlay
         help="CCRA bundles: also write the photo with the LPWCA attention over it to this .png (needs the "
         "[explain] extra; `ccra-export explain` draws the rest).",
     ),
+    o.opt(
+        "independent",
+        "--independent",
+        is_flag=True,
+        help="With --interactive: answer each question on its own about the image (a fresh conversation, CCRA's "
+        "visual tokens conditioned on that question) instead of as a chat. With a split bundle (build "
+        "--split-vision) the tower's output is cached, so each question after the first runs only CCRA's head.",
+    ),
+    o.TOWER_CACHE_MIB,
     o.opt("verify", "--verify", is_flag=True, help="Re-hash every bundle file against the manifest before running."),
     o.backend("auto", "ort", "trt", "ort-trt", help=o.RUN_BACKEND_HELP),
     o.PLUGIN_LIBRARY,
@@ -81,6 +91,8 @@ def run(
     top_p: float,
     seed: int | None,
     attention_map: Path | None,
+    independent: bool,
+    tower_cache_mib: float,
     verify: bool,
     backend: str,
     plugin_library: Path | None,
@@ -95,13 +107,17 @@ def run(
         require_matplotlib("--attention-map")
         if attention_map.suffix.lower() != ".png":
             raise InputError(f"--attention-map {attention_map}: expected a .png file name")
+    if independent and not interactive:
+        raise InputError("--independent: applies to --interactive (one --prompt is one question already)")
     picture = load_image(image)  # a bad image fails before the models load
-    pipeline = open_pipeline(bundle, backend, verify, plugin_library)
+    pipeline = open_pipeline(bundle, backend, verify, plugin_library, tower_cache_mib)
     if attention_map is not None and not pipeline.ccra:
         raise InputError(no_attention_map(bundle))
     conversation = pipeline.chat()
     question = prompt if prompt is not None else _read_question()
     while question:
+        if independent and conversation.turns:
+            conversation = pipeline.chat()  # a new question about the same image, not a follow-up
         sampling = Sampling(
             max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, stop_ids=pipeline.lm.eos_ids
         )
@@ -112,13 +128,24 @@ def run(
         if attention_map is not None and reply.attention is not None:
             save_overlay(attention_map, picture, pipeline.attention_map(reply.attention[0], picture.size))
         steps = len(reply.generation.tokens)
+        vision = f"vision {reply.vision_s * 1e3:.0f} ms{_cache_note(pipeline)}, " if reply.visual_tokens else ""
         stderr.print(
-            f"[dim]{reply.prompt_tokens} prompt tokens ({reply.visual_tokens} visual), {steps} new; first token "
+            f"[dim]{reply.prompt_tokens} prompt tokens ({reply.visual_tokens} visual), {steps} new; {vision}"
+            "first token "
             f"{reply.generation.prefill_s * 1e3:.0f} ms, "
             f"{max(steps - 1, 0) / max(reply.generation.decode_s, 1e-9):.1f} tokens/s; "
             f"context {conversation.tokens_used}/{conversation.cache.capacity}[/dim]"
         )
         question = _read_question() if interactive else None
+
+
+def _cache_note(pipeline: Any) -> str:
+    """`` (tower cached: 1 hit, 1 miss)`` for a split bundle; empty otherwise."""
+    cache = pipeline.tower_cache
+    if cache is None:
+        return ""
+    stats = cache.stats()
+    return f" (tower cache: {stats.hits} hits, {stats.misses} misses)"
 
 
 def _read_question() -> str | None:

@@ -74,6 +74,7 @@ API_KEY_ENV = "CCRA_API_KEY"
         "about 2 GiB for a 7B FP16 decoder at 4096 tokens); 0 keeps none.",
     ),
     o.opt("model_name", "--model-name", default="ccra", show_default=True, help="The model id clients name."),
+    o.TOWER_CACHE_MIB,
     o.backend("auto", "ort", "trt", help=o.RUN_BACKEND_HELP),
 )
 @reports_errors
@@ -89,6 +90,7 @@ def serve(
     request_timeout: float,
     held_mib: int,
     model_name: str,
+    tower_cache_mib: float,
     backend: str,
 ) -> None:
     """Serve the bundle over OpenAI's Chat Completions API (text + image, multi-turn, streaming).
@@ -120,7 +122,7 @@ def serve(
         images=ImageLimits(max_pixels=max_image_pixels, allow_urls=allow_image_urls, allow_dir=allow_image_dir),
     )
     with stderr.status("Loading the bundle and warming up"):
-        app = create_app(load_pipeline(bundle, backend), settings)
+        app = create_app(load_pipeline(bundle, backend, tower_cache_mib), settings)
         app.state.warm_up()
     auth = "API key required" if api_key else "no API key"
     stderr.print(escape(f"serving {bundle} as {model_name!r} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops"))

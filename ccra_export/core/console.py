@@ -82,10 +82,12 @@ def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Tabl
     table = Table(title=escape(f"{title} ({report.precision}, {report.backend})"), title_justify="left")
     for column in ("output", "shape", "max abs err", "max rel err", "abs err / scale", "cosine", "NaN/Inf", "result"):
         table.add_column(column, justify="left" if column in ("output", "shape", "result") else "right")
-    for o in report.outputs:
+    rows = [(o.name, o) for o in report.outputs]  # a split bundle: end to end, then each graph alone
+    rows += [(f"{graph}: {o.name}", o) for graph, outputs in (report.graphs or {}).items() for o in outputs]
+    for label, o in rows:
         result = "[green]pass[/green]" if o.passed else f"[red]FAIL[/red] {'; '.join(o.failures)}"
         table.add_row(
-            o.name,
+            escape(label),
             "x".join(map(str, o.shape)),
             f"{o.max_abs_err:.3e}",
             f"{o.max_rel_err:.3e}",

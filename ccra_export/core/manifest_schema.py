@@ -57,11 +57,37 @@ class FileEntry(TypedDict):
 
 
 @with_config(_OPEN)
-class GraphRecord(TypedDict):
+class GraphPartRecord(TypedDict):
+    name: Literal["vision_tower", "ccra_head"]
     file: RelPath
     external_data: list[RelPath]
     inputs: Annotated[list[TensorSpec], Field(min_length=1)]
     outputs: Annotated[list[TensorSpec], Field(min_length=1)]
+
+
+@with_config(_OPEN)
+class _GraphRecord(TypedDict):
+    """One graph (``file``), or a split bundle's tower and head (``parts``, in execution order);
+    ``inputs``/``outputs`` are the vision stage's as a whole either way."""
+
+    file: NotRequired[RelPath]
+    external_data: NotRequired[list[RelPath]]
+    parts: NotRequired[Annotated[list[GraphPartRecord], Field(min_length=2, max_length=2)]]
+    inputs: Annotated[list[TensorSpec], Field(min_length=1)]
+    outputs: Annotated[list[TensorSpec], Field(min_length=1)]
+
+
+def _one_graph_or_parts(graph: _GraphRecord) -> _GraphRecord:
+    if ("parts" in graph) == ("file" in graph):
+        raise ValueError("expected either file (one graph) or parts (vision_tower, ccra_head)")
+    if "file" in graph and "external_data" not in graph:
+        raise ValueError("external_data: field required with file")
+    if "parts" in graph and [p["name"] for p in graph["parts"]] != ["vision_tower", "ccra_head"]:
+        raise ValueError("parts: expected vision_tower then ccra_head")
+    return graph
+
+
+GraphRecord = Annotated[_GraphRecord, AfterValidator(_one_graph_or_parts)]
 
 
 @with_config(_OPEN)
@@ -122,10 +148,26 @@ class ModelRecord(TypedDict):
 
 
 @with_config(_OPEN)
-class EngineRecord(TypedDict):
+class EnginePartRecord(TypedDict):
+    part: Literal["vision_tower", "ccra_head"]
     file: RelPath
+
+
+@with_config(_OPEN)
+class _EngineRecord(TypedDict):
+    file: NotRequired[RelPath]
+    parts: NotRequired[Annotated[list[EnginePartRecord], Field(min_length=2, max_length=2)]]
     tensorrt_version: str
     compute_capability: str
+
+
+def _one_engine_or_parts(engine: _EngineRecord) -> _EngineRecord:
+    if ("parts" in engine) == ("file" in engine):
+        raise ValueError("expected either file (one engine) or parts (vision_tower, ccra_head)")
+    return engine
+
+
+EngineRecord = Annotated[_EngineRecord, AfterValidator(_one_engine_or_parts)]
 
 
 @with_config(_OPEN)
@@ -135,11 +177,17 @@ class HeldOutImage(TypedDict):
 
 
 @with_config(_OPEN)
+class CalibrationGraphRecord(TypedDict):
+    ort_cache: RelPath
+
+
+@with_config(_OPEN)
 class CalibrationRecord(TypedDict):
     calibration_dir: str
     held_out: list[HeldOutImage]
     processor: dict[str, Any]
     ort_cache: RelPath
+    graphs: NotRequired[dict[Literal["ccra_head"], CalibrationGraphRecord]]  # a split bundle's head
 
 
 @with_config(_OPEN)
@@ -238,14 +286,27 @@ def first_error(exc: ValidationError, prefix: tuple[str, ...] = ()) -> str:
 
 def named_files(manifest: Manifest) -> list[tuple[str, str]]:
     """``(key, path)`` for every file the manifest points at besides ``files`` itself."""
-    named = [("graph.file", manifest["graph"]["file"])]
-    named += [(f"graph.external_data[{i}]", n) for i, n in enumerate(manifest["graph"]["external_data"])]
+    graph = manifest["graph"]
+    named = []
+    for key, record in (
+        [("graph", graph)] if "file" in graph else [(f"graph.parts[{i}]", p) for i, p in enumerate(graph["parts"])]
+    ):
+        named.append((f"{key}.file", record["file"]))
+        named += [(f"{key}.external_data[{i}]", n) for i, n in enumerate(record["external_data"])]
     if manifest["reference"]:
         named.append(("reference.file", manifest["reference"]["file"]))
-    if manifest["engine"]:
-        named.append(("engine.file", manifest["engine"]["file"]))
+    engine = manifest["engine"]
+    if engine:
+        records = (
+            [("engine", engine)]
+            if "file" in engine
+            else [(f"engine.parts[{i}]", p) for i, p in enumerate(engine["parts"])]
+        )
+        named += [(f"{key}.file", record["file"]) for key, record in records]
     if manifest["calibration"]:
         named.append(("calibration.ort_cache", manifest["calibration"]["ort_cache"]))
+        for name, record in manifest["calibration"].get("graphs", {}).items():
+            named.append((f"calibration.graphs.{name}.ort_cache", record["ort_cache"]))
     if manifest["language_model"]:
         named += [(f"language_model.files[{i}]", n) for i, n in enumerate(manifest["language_model"]["files"])]
     return named

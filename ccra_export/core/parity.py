@@ -138,13 +138,22 @@ class ParityReport:
     reference: str = PYTORCH_REFERENCE
     fp16_kept_fp32: list[dict[str, Any]] | None = None  # FP16: tensors over FP16's safe range, kept FP32
     emulated_fp16: dict[str, Any] | None = None  # FP16: the reference computed in half on the CPU
+    #: split bundles: each graph on its own, against PyTorch's same stage on the same inputs
+    graphs: dict[str, list[OutputParity]] | None = None
 
     @property
     def passed(self) -> bool:
-        return all(o.passed for o in self.outputs) and not self.extra_failures
+        graphs_pass = all(o.passed for rows in (self.graphs or {}).values() for o in rows)
+        return all(o.passed for o in self.outputs) and graphs_pass and not self.extra_failures
 
     def failure_summary(self) -> str:
         parts = [f"{o.name}: {', '.join(o.failures)}" for o in self.outputs if o.failures]
+        parts += [
+            f"{graph} graph, {o.name}: {', '.join(o.failures)}"
+            for graph, rows in (self.graphs or {}).items()
+            for o in rows
+            if o.failures
+        ]
         return "; ".join(parts + self.extra_failures)
 
     def to_dict(self) -> dict[str, Any]:
@@ -162,28 +171,34 @@ class ParityReport:
             "reference": self.reference,
             "rel_err_floor": f"{REL_ERR_FLOOR} * max|reference|",
             "inputs": self.inputs,
-            "outputs": [
-                {
-                    "name": o.name,
-                    "shape": list(o.shape),
-                    "max_abs_err": o.max_abs_err,
-                    "max_rel_err": o.max_rel_err,
-                    "scaled_max_abs_err": o.scaled_max_abs_err,
-                    "cosine": o.cosine,
-                    "nonfinite": o.nonfinite,
-                    "reference_scale": o.reference_scale,
-                    "thresholds": dataclasses.asdict(o.thresholds),
-                    "passed": o.passed,
-                    "failures": o.failures,
-                }
-                for o in self.outputs
-            ],
+            "outputs": [_output_dict(o) for o in self.outputs],
+            **(
+                {"graphs": {name: [_output_dict(o) for o in rows] for name, rows in self.graphs.items()}}
+                if self.graphs is not None
+                else {}
+            ),
             **({"layers": layers} if layers is not None else {}),
             **({"language_model": self.language_model} if self.language_model is not None else {}),
             **({"fp16_kept_fp32": self.fp16_kept_fp32} if self.fp16_kept_fp32 is not None else {}),
             **({"emulated_fp16": self.emulated_fp16} if self.emulated_fp16 is not None else {}),
             **({"failures": self.extra_failures} if self.extra_failures else {}),
         }
+
+
+def _output_dict(o: OutputParity) -> dict[str, Any]:
+    return {
+        "name": o.name,
+        "shape": list(o.shape),
+        "max_abs_err": o.max_abs_err,
+        "max_rel_err": o.max_rel_err,
+        "scaled_max_abs_err": o.scaled_max_abs_err,
+        "cosine": o.cosine,
+        "nonfinite": o.nonfinite,
+        "reference_scale": o.reference_scale,
+        "thresholds": dataclasses.asdict(o.thresholds),
+        "passed": o.passed,
+        "failures": o.failures,
+    }
 
 
 def compare_outputs(

@@ -14,14 +14,17 @@ from transformers import CLIPVisionConfig, CLIPVisionModel
 from transformers.activations import ACT2FN
 
 from ccra_export.core.config import ModelConfig
+from ccra_export.core.vision_graphs import (
+    HEAD,
+    LPWCA_ATTENTION,
+    PIXEL_VALUES,
+    TEXT_EMBEDS,
+    TEXT_MASK,
+    TOWER,
+    VISUAL_TOKENS,
+    GraphPart,
+)
 from ccra_export.model.ccra_module import CCRA
-
-# Graph I/O names: the ONNX graph, the TensorRT engine and the runtime all use these.
-PIXEL_VALUES = "pixel_values"
-TEXT_EMBEDS = "text_embeds"
-TEXT_MASK = "text_mask"
-VISUAL_TOKENS = "visual_tokens"
-LPWCA_ATTENTION = "lpwca_attention"
 
 
 def input_names(config: ModelConfig) -> list[str]:
@@ -81,14 +84,73 @@ class CCRAVisionModel(nn.Module):
         text_embeds: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        hidden_states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
         if self.ccra is None:
+            hidden_states = self.vision_tower(pixel_values, output_hidden_states=True).hidden_states
             return self.multi_modal_projector(hidden_states[self.config.tower_layers_needed][:, 1:])
         if text_embeds is None or text_mask is None:
             raise ValueError("the CCRA variant needs text_embeds and text_mask")
-        stacked = torch.stack([hidden_states[i][:, 1:] for i in self.config.ccra.feature_layers], dim=1)
-        fused, attention = self.ccra(stacked, text_embeds, text_mask)
-        return self.multi_modal_projector(fused), attention
+        return self.head(self.tower_features(pixel_values), text_embeds, text_mask)
+
+    def tower_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The CLIP tower's part: the patch hidden states of CCRA's feature layers, stacked [B, L, N, Dv]."""
+        return stacked_features(self.vision_tower, self.config.ccra.feature_layers, pixel_values)
+
+    def head(
+        self, features: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """CCRA's text-conditioned part: stacked features + instruction -> visual tokens, LPWCA map."""
+        return ccra_head(self.ccra, self.multi_modal_projector, features, text_embeds, text_mask)
+
+
+def stacked_features(tower: nn.Module, layers: list[int], pixel_values: torch.Tensor) -> torch.Tensor:
+    hidden_states = tower(pixel_values, output_hidden_states=True).hidden_states
+    return torch.stack([hidden_states[i][:, 1:] for i in layers], dim=1)
+
+
+def ccra_head(
+    ccra: nn.Module, projector: nn.Module, features: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    fused, attention = ccra(features, text_embeds, text_mask)
+    return projector(fused), attention
+
+
+class VisionTowerGraph(nn.Module):
+    """The exported ``vision_tower`` graph: pixel_values -> tower_features.
+
+    It holds the full model's own ``vision_tower`` module under the same name, so weights and the
+    exporter's module scopes (which the FP16 and INT8 passes select nodes by) are the single graph's."""
+
+    def __init__(self, model: CCRAVisionModel) -> None:
+        super().__init__()
+        self.config = model.config
+        self.vision_tower = model.vision_tower
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return stacked_features(self.vision_tower, self.config.ccra.feature_layers, pixel_values)
+
+
+class CCRAHeadGraph(nn.Module):
+    """The exported ``ccra_head`` graph: tower_features, text_embeds, text_mask -> visual tokens, LPWCA map."""
+
+    def __init__(self, model: CCRAVisionModel) -> None:
+        super().__init__()
+        self.config = model.config
+        self.ccra = model.ccra
+        self.multi_modal_projector = model.multi_modal_projector
+
+    def forward(
+        self, tower_features: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ccra_head(self.ccra, self.multi_modal_projector, tower_features, text_embeds, text_mask)
+
+
+def part_module(model: CCRAVisionModel, part: GraphPart) -> nn.Module:
+    """The module an exported graph part traces: the whole model, its tower, or CCRA's head."""
+    if part.name == TOWER.name:
+        return VisionTowerGraph(model)
+    if part.name == HEAD.name:
+        return CCRAHeadGraph(model)
+    return model
 
 
 @torch.no_grad()
@@ -125,6 +187,17 @@ def build_model(config: ModelConfig, *, seed: int | None = None) -> CCRAVisionMo
     if seed is not None:
         randomize_weights(model, seed)
     return model
+
+
+@torch.no_grad()
+def reference_part_outputs(
+    model: CCRAVisionModel, part: GraphPart, feeds: dict[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """The FP32 PyTorch reference of one graph part on its own numpy feeds."""
+    args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in part.inputs]
+    outputs = part_module(model.float(), part)(*args)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    return {name: out.numpy() for name, out in zip(part.outputs, outputs, strict=True)}
 
 
 @torch.no_grad()

@@ -14,17 +14,23 @@ from ccra_export.core.errors import BackendUnavailableError
 from ccra_export.core.manifest import read_manifest, verify_files
 from ccra_export.engine import ort_trt
 from ccra_export.runtime.backends import bundle_backend, resolve_backend
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend
 from ccra_export.runtime.vlm_pipeline import Pipeline
 
 
 def open_bundle_backend(
-    bundle: str | Path, manifest: dict[str, Any], backend: str = "auto", plugin_library: Path | None = None
+    bundle: str | Path,
+    manifest: dict[str, Any],
+    backend: str = "auto",
+    plugin_library: Path | None = None,
+    tower_cache: TowerCache | None = None,
 ) -> tuple[VisionBackend, str]:
-    """The backend that runs ``bundle``'s vision graph, and one line saying what it is."""
+    """The backend that runs ``bundle``'s vision graph(s), and one line saying what it is;
+    ``tower_cache`` serves a split bundle's tower outputs."""
     if backend == "ort-trt":
         resolve_backend(backend)  # one line when this ONNX Runtime has no TensorRT provider
-        runner, line = ort_trt.bundle_backend(Path(bundle), manifest, plugin_library)
+        runner, line = ort_trt.bundle_backend(Path(bundle), manifest, plugin_library, tower_cache)
         started = getattr(runner, "providers", [ort_trt.PROVIDER])
         if not started or started[0] != ort_trt.PROVIDER:  # ORT falls back to CUDA/CPU with a log line only
             raise BackendUnavailableError(
@@ -33,21 +39,25 @@ def open_bundle_backend(
                 "version this onnxruntime-gpu was built for); install them, or use --backend ort / trt"
             )
         return runner, line
-    return bundle_backend(bundle, manifest, backend)
+    return bundle_backend(bundle, manifest, backend, tower_cache=tower_cache)
 
 
 def open_pipeline(
-    bundle: str | Path, backend: str = "auto", verify: bool = False, plugin_library: Path | None = None
+    bundle: str | Path,
+    backend: str = "auto",
+    verify: bool = False,
+    plugin_library: Path | None = None,
+    tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB,
 ) -> Pipeline:
     """``Pipeline.from_bundle`` for every ``--backend``: the runtime opens auto/ort/trt itself; for
     ort-trt the vision backend is opened here, after the checks that need no engine build (a
     language model in the bundle, ``verify``'s hashes), and handed to it."""
     if backend != "ort-trt":
-        return Pipeline.from_bundle(bundle, backend=backend, verify=verify)
+        return Pipeline.from_bundle(bundle, backend=backend, verify=verify, tower_cache_mib=tower_cache_mib)
     manifest = read_manifest(bundle)
     if not manifest.get("language_model"):
         return Pipeline.from_bundle(bundle, backend=backend)  # refuses it in its one line
     if verify:
         verify_files(bundle, manifest)
-    vision, _ = open_bundle_backend(bundle, manifest, backend, plugin_library)
+    vision, _ = open_bundle_backend(bundle, manifest, backend, plugin_library, TowerCache.from_mib(tower_cache_mib))
     return Pipeline.from_bundle(bundle, vision=vision)

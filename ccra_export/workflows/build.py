@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ccra_export.calibration.layer_report import per_layer_drift
+from ccra_export.calibration.layer_report import per_layer_drift_chain
 from ccra_export.core import atomic, lpwca_schema
 from ccra_export.core.config import PRESETS, ModelConfig
 from ccra_export.core.console import SILENT, Steps
@@ -22,28 +22,31 @@ from ccra_export.core.errors import BundleError, ConfigError
 from ccra_export.core.extras import require_export_stack
 from ccra_export.core.graph_scopes import nodes_in_scope
 from ccra_export.core.hashing import sha256_file
-from ccra_export.core.manifest import ENGINE_FILE, GRAPH_FILE, MANIFEST_NAME, PARITY_NAME, file_entries, new_manifest
+from ccra_export.core.manifest import MANIFEST_NAME, PARITY_NAME, file_entries, new_manifest
 from ccra_export.core.parity import ParityReport
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.reference_record import REFERENCE_FILE, record_reference
+from ccra_export.core.vision_graphs import TOWER, TOWER_FEATURES, GraphPart, graph_parts
 from ccra_export.engine import ort_trt
-from ccra_export.engine.build import build_trt_engine
+from ccra_export.engine.build import build_trt_engine, engine_files, join_engine_records
 from ccra_export.engine.plan import optimization_profiles, profile_axes
 from ccra_export.engine.settings import ProfileOptions, TrtOptions
 from ccra_export.export.fp16 import convert_to_fp16
 from ccra_export.export.fp16_ranges import activation_ranges, over_range
 from ccra_export.export.graph_checks import check_graph, graph_interface
 from ccra_export.runtime import lm_parity
-from ccra_export.runtime.backends import resolve_backend, select_backend
+from ccra_export.runtime.backends import join_parts, resolve_backend, select_backend
 from ccra_export.runtime.lpwca_cpu import library_path
 from ccra_export.runtime.vision_backend import default_ort_providers
 from ccra_export.workflows import language_model, quantization
 from ccra_export.workflows.parity import (
     ParityOptions,
     emulated_fp16,
+    graph_parity,
     parity_inputs,
     pytorch_outputs,
     run_parity,
+    split_feeds,
     thresholds,
 )
 from ccra_export.workflows.quantization import Int8Options
@@ -70,6 +73,7 @@ class BuildOptions:
     lpwca: str = "auto"
     plugin_library: Path | None = None
     int8: Int8Options = field(default_factory=Int8Options)
+    split_vision: bool = False  # CCRA: vision_tower.onnx + ccra_head.onnx (tower outputs cacheable per image)
     lm_precision: str | None = None
     lm_device: str = "auto"
     trt: TrtOptions = field(default_factory=TrtOptions)
@@ -175,6 +179,12 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         lpwca, lpwca_reason = "portable", "auto: INT8 calibrates the portable graph"
     if lpwca != "none":
         steps.info(f"LPWCA: {lpwca} ({lpwca_reason})")
+    if options.split_vision and source.config.ccra is None:
+        raise ConfigError(
+            "--split-vision: this model is the plain LLaVA-1.5 variant; its vision graph has no text-conditioned "
+            "head to split off (the whole graph runs once per image already)"
+        )
+    parts = graph_parts(ccra=source.config.ccra is not None, split=options.split_vision)
     plugin = _plugin_record(lpwca, options.plugin_library)
     if backend_kind == "trt" and plugin and not options.plugin_library:
         raise ConfigError(
@@ -192,44 +202,52 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         ):
             feeds, described, title = parity_inputs(source, options.parity, calibration)
             _check_parity_fits_profile(feeds, dynamic_axes)
-            written = _write_graph(stage, Path(scratch), source, lpwca, calibration, options, feeds, steps)
+            part_feeds = split_feeds(source, parts, feeds)
+            written = [
+                _write_graph(stage, Path(scratch), source, part, lpwca, calibration, options, part_feeds, steps)
+                for part in parts
+            ]
             with steps.step("onnx.checker full check and shape inference"):
-                interface = graph_interface(check_graph(stage / GRAPH_FILE))
+                interfaces = [graph_interface(check_graph(stage / part.file)) for part in parts]
             backend, engine = _open_backend(
-                stage, backend_kind, backend_reason, interface, dynamic_axes, plugin, options, steps
+                stage, parts, backend_kind, backend_reason, interfaces, dynamic_axes, plugin, options, steps
             )
             limits = thresholds(options.precision, options.parity)
             with steps.step(title):
                 reference = pytorch_outputs(source, feeds)
                 report = run_parity(backend, options.precision, limits, feeds, reference, described)
-                report.fp16_kept_fp32 = written.fp16_kept_fp32
+                report.graphs = graph_parity(source, backend, parts, part_feeds, limits)
+                report.fp16_kept_fp32 = _joined([w.fp16_kept_fp32 for w in written])
             if options.precision == "fp16":
                 with steps.step("FP16 arithmetic, emulated (the PyTorch reference in half on the CPU)"):
+                    fp32_modules = [m for m in STAGE_SCOPES if any(m in w.fp32_modules for w in written)]
                     report.emulated_fp16, failures = emulated_fp16(
-                        source, feeds, reference, limits, fp32_modules=written.fp32_modules
+                        source, feeds, reference, limits, fp32_modules=fp32_modules
                     )
                 report.extra_failures += failures
             recorded = record_reference(stage / REFERENCE_FILE, feeds, reference)
             if int8:
-                with steps.step("Per-layer drift, INT8 vs FP32 graph"):
-                    report.layers, report.first_drift = per_layer_drift(written.fp32_graph, stage / GRAPH_FILE, feeds)
+                with steps.step(f"Per-layer drift, INT8 vs FP32 graph{'s' if len(parts) > 1 else ''}"):
+                    report.layers, report.first_drift = per_layer_drift_chain(
+                        [(w.fp32_graph, stage / w.part.file) for w in written], feeds
+                    )
             lm_record = _add_language_model(stage, Path(scratch), source, report, options, backend_kind, steps)
             atomic.write_json(stage / PARITY_NAME, report.to_dict())
             files = [
-                *written.files,
+                *(name for w in written for name in w.files),
                 REFERENCE_FILE,
-                *([ENGINE_FILE] if engine else []),
+                *(engine_files(engine) if engine else []),
                 *(lm_record or {}).get("files", []),
             ]
             manifest = new_manifest(
-                **_manifest_fields(source, options, lpwca, interface, dynamic_axes, written.graph_files),
+                **_manifest_fields(source, options, lpwca, written, interfaces, dynamic_axes),
                 files=file_entries(stage, files),
                 backend={"name": backend.name, "description": backend.description},
                 parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(limits)},
                 reference={"file": REFERENCE_FILE, "samples": recorded, "inputs": described},
                 engine=engine,
                 plugin=plugin,
-                calibration=written.calibration,
+                calibration=_calibration_record(written),
                 language_model=lm_record,
                 image_processor=dataclasses.asdict(processor),
             )
@@ -254,6 +272,7 @@ def _check_parity_fits_profile(feeds: dict[str, Any], dynamic_axes: dict[str, An
 
 @dataclass
 class _WrittenGraph:
+    part: GraphPart
     graph_files: list[str]  # the graph, then its external data
     files: list[str]  # everything written (graph files and INT8 caches)
     calibration: dict[str, Any] | None = None
@@ -262,85 +281,130 @@ class _WrittenGraph:
     fp32_modules: list[str] = field(default_factory=list)  # FP16: model stages holding FP32 nodes
 
 
+def _joined(lists: list[list[dict[str, Any]] | None]) -> list[dict[str, Any]] | None:
+    if all(item is None for item in lists):
+        return None
+    return [row for rows in lists for row in rows or []]
+
+
 def _write_graph(
     stage: Path,
     scratch: Path,
     source: Source,
+    part: GraphPart,
     lpwca: str,
     calibration: Any,
     options: BuildOptions,
-    feeds: dict[str, Any],
+    part_feeds: dict[str, dict[str, Any]],
     steps: Steps,
 ) -> _WrittenGraph:
-    """Export to ONNX and write the graph in the bundle's precision (FP32, FP16, or calibrated INT8)."""
+    """Export one graph (the single graph, the tower or CCRA's head) to ONNX and write it in the
+    bundle's precision (FP32, FP16, or calibrated INT8)."""
     from ccra_export.export.onnx_export import export_model_proto, save_model  # torch: the [export] extra
 
-    fused_note = ", LPWCA fused" if lpwca == "fused" else ""
-    with steps.step(f"Exporting {source.config.name} to ONNX (opset {options.opset}, dynamic batch{fused_note})"):
-        proto = export_model_proto(source.model, opset=options.opset, lpwca="fused" if lpwca == "fused" else "portable")
+    feeds = part_feeds[part.name]
+    fused = lpwca == "fused" and part.name != TOWER.name
+    what = "" if part.name == "vision" else f" {part.name}"
+    with steps.step(
+        f"Exporting {source.config.name}{what} to ONNX (opset {options.opset}, dynamic batch"
+        f"{', LPWCA fused' if fused else ''})"
+    ):
+        proto = export_model_proto(source.model, opset=options.opset, lpwca="fused" if fused else "portable", part=part)
     kept: list[dict[str, Any]] | None = None
     fp32_modules: list[str] = []
+    fp32_graph = scratch / part.file
     if options.precision == "fp16":
-        fp32_graph = scratch / GRAPH_FILE
-        with steps.step("FP32 activation ranges on the parity inputs (what FP16 cannot hold)"):
+        with steps.step(f"FP32 activation ranges of {part.file} on the parity inputs (what FP16 cannot hold)"):
             save_model(proto, fp32_graph, options.external_data)
             over = over_range(proto, activation_ranges(fp32_graph, feeds))
-        kept = [o.to_dict() for o in over]
+        kept = [{**o.to_dict(), "graph": part.file} if what else o.to_dict() for o in over]
         keep_nodes = [node for o in over for node in o.nodes]
+        present = {scope for scope in STAGE_SCOPES if nodes_in_scope(proto, scope)}
         fp32_modules = [
-            stage
-            for stage in STAGE_SCOPES
-            if (stage == "ccra" and not options.ccra_fp16) or set(keep_nodes) & set(nodes_in_scope(proto, stage))
+            scope
+            for scope in STAGE_SCOPES
+            if scope in present
+            and ((scope == "ccra" and not options.ccra_fp16) or set(keep_nodes) & set(nodes_in_scope(proto, scope)))
         ]
         note = f", {len(keep_nodes)} nodes around {len(over)} over-range tensors" if over else ""
-        with steps.step(f"Converting to FP16 (Softmax and the CCRA module kept FP32{note})"):
+        with steps.step(f"Converting {part.file} to FP16 (Softmax and the CCRA module kept FP32{note})"):
             proto = convert_to_fp16(proto, keep_ccra_fp32=not options.ccra_fp16, keep_nodes=keep_nodes)
     if options.precision != "int8":
-        with steps.step(f"Writing {GRAPH_FILE}"):
-            graph_files = save_model(proto, stage / GRAPH_FILE, options.external_data)
-        return _WrittenGraph(graph_files, list(graph_files), fp16_kept_fp32=kept, fp32_modules=fp32_modules)
-    fp32_graph = scratch / GRAPH_FILE  # kept aside for the per-layer drift report
-    save_model(proto, fp32_graph, options.external_data)
+        with steps.step(f"Writing {part.file}"):
+            graph_files = save_model(proto, stage / part.file, options.external_data)
+        return _WrittenGraph(part, graph_files, list(graph_files), fp16_kept_fp32=kept, fp32_modules=fp32_modules)
+    save_model(proto, fp32_graph, options.external_data)  # kept aside for the per-layer drift report
     del proto
-    graph_files, record = quantization.quantize(fp32_graph, stage, GRAPH_FILE, calibration, options.int8, steps)
-    caches = [quantization.ORT_CACHE]
-    return _WrittenGraph(graph_files, [*graph_files, *caches], record, fp32_graph)
+    transform = quantization.part_inputs(part, scratch / TOWER.file)
+    cache = quantization.ORT_CACHE if part.name == "vision" else f"{part.name}.{quantization.ORT_CACHE}"
+    graph_files, record = quantization.quantize(
+        fp32_graph, stage, part.file, calibration, options.int8, steps, transform=transform, ort_cache=cache
+    )
+    return _WrittenGraph(part, graph_files, [*graph_files, cache], record, fp32_graph)
+
+
+def _calibration_record(written: list[_WrittenGraph]) -> dict[str, Any] | None:
+    """INT8: the calibration record; a split bundle's head adds its own counts and range cache."""
+    if written[0].calibration is None:
+        return None
+    record = dict(written[0].calibration)
+    for w in written[1:]:
+        keys = ("quantized_nodes", "excluded_nodes", "ort_cache")
+        record.setdefault("graphs", {})[w.part.name] = {k: w.calibration[k] for k in keys}
+    if len(written) > 1:
+        record["graph"] = written[0].part.name
+    return record
 
 
 def _open_backend(
     stage: Path,
+    parts: tuple[GraphPart, ...],
     kind: str,
     reason: str,
-    interface: dict[str, Any],
+    interfaces: list[dict[str, Any]],
     dynamic_axes: dict[str, Any],
     plugin: dict[str, Any] | None,
     options: BuildOptions,
     steps: Steps,
 ) -> tuple[Any, dict[str, Any] | None]:
-    """The backend that runs the bundle for parity, and the engine record when TensorRT built one."""
-    engine = None
-    profile = optimization_profiles(interface["inputs"], dynamic_axes)
+    """The backend that runs the bundle's graph(s) for parity, and the engine record when TensorRT
+    built them (one engine per graph; a split bundle's record lists both)."""
     library = options.plugin_library if plugin else None  # build_bundle checked it is given for TensorRT
-    if kind == "trt":
-        backend, engine = build_trt_engine(
-            stage / GRAPH_FILE, stage / ENGINE_FILE, options.precision, profile, library, options.trt, steps
-        )
-        line = f"backend: {backend.description}"
-    else:
-        with steps.step("Creating the runtime session"):
+    runners, records = [], []
+    for part, interface in zip(parts, interfaces, strict=True):
+        profile = optimization_profiles(interface["inputs"], dynamic_axes)
+        part_library = library if part.name != TOWER.name else None  # the tower has no LPWCA node
+        if kind == "trt":
+            runner, record = build_trt_engine(
+                stage / part.file,
+                stage / part.engine_file,
+                options.precision,
+                profile,
+                part_library,
+                options.trt,
+                steps,
+            )
+            runners.append(runner)
+            records.append(record)
+            continue
+        with steps.step(f"Creating the runtime session for {part.file}"):
             ort_options = {}
             if kind == "ort-trt":
                 ort_options = ort_trt.session_options(
                     stage,
                     options.precision,
                     profile,
-                    library,
+                    part_library,
                     workspace_mib=options.trt.workspace_mib,
                     optimization_level=options.trt.optimization_level,
                 )
             ort_options.setdefault("providers", default_ort_providers(options.precision))
-            backend, line = select_backend(kind, stage / GRAPH_FILE, **ort_options)
+            runner, _ = select_backend(kind, stage / part.file, **ort_options)
+            runners.append(runner)
+    backend = join_parts(runners)
+    line = f"backend: {backend.description}"
     steps.info(f"{line} ({reason})" if reason else line)
+    engine = join_engine_records(parts, records) if records else None
     return backend, engine
 
 
@@ -372,15 +436,38 @@ def _manifest_fields(
     source: Source,
     options: BuildOptions,
     lpwca: str,
-    interface: dict[str, Any],
+    written: list[_WrittenGraph],
+    interfaces: list[dict[str, Any]],
     dynamic_axes: dict[str, Any],
-    graph_files: list[str],
 ) -> dict[str, Any]:
     import torch
 
     from ccra_export.model.ccra_module import ccra_parameter_count
 
     config = source.config
+    if len(written) == 1:
+        graph = {
+            "file": written[0].part.file,
+            "external_data": written[0].graph_files[1:],
+            "inputs": interfaces[0]["inputs"],
+            "outputs": interfaces[0]["outputs"],
+        }
+    else:  # the vision stage as a whole: the tower's pixels and the head's text in, the head's outputs out
+        tower, head = interfaces
+        graph = {
+            "inputs": [*tower["inputs"], *(i for i in head["inputs"] if i["name"] != TOWER_FEATURES)],
+            "outputs": head["outputs"],
+            "parts": [
+                {
+                    "name": w.part.name,
+                    "file": w.part.file,
+                    "external_data": w.graph_files[1:],
+                    "inputs": interface["inputs"],
+                    "outputs": interface["outputs"],
+                }
+                for w, interface in zip(written, interfaces, strict=True)
+            ],
+        }
     return {
         "model": config.to_dict(),
         "variant": config.variant,
@@ -389,16 +476,12 @@ def _manifest_fields(
         "precision": options.precision,
         "export": {
             "exporter": f"torch.onnx (dynamo) torch {torch.__version__}",
-            "opset": interface["opset"],
-            "ir_version": interface["ir_version"],
+            "opset": interfaces[0]["opset"],
+            "ir_version": interfaces[0]["ir_version"],
             "ccra_fp32_in_fp16": not options.ccra_fp16 if options.precision == "fp16" else None,
             "lpwca": lpwca,
+            "split_vision": len(written) > 1,
         },
-        "graph": {
-            "file": GRAPH_FILE,
-            "external_data": graph_files[1:],
-            "inputs": interface["inputs"],
-            "outputs": interface["outputs"],
-        },
+        "graph": graph,
         "dynamic_axes": dynamic_axes,
     }

@@ -17,7 +17,6 @@ from ccra_export.core import atomic
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import BackendUnavailableError, BundleError, ConfigError
 from ccra_export.core.manifest import (
-    ENGINE_FILE,
     ENGINE_PARITY_FILE,
     MANIFEST_NAME,
     file_entry,
@@ -26,10 +25,11 @@ from ccra_export.core.manifest import (
 )
 from ccra_export.core.parity import ParityReport
 from ccra_export.core.plugin_library import check_plugin_library
-from ccra_export.engine.build import build_trt_engine
+from ccra_export.core.vision_graphs import PARTS, TOWER, part_records
+from ccra_export.engine.build import build_trt_engine, join_engine_records
 from ccra_export.engine.plan import bundle_profile
 from ccra_export.engine.settings import TrtOptions
-from ccra_export.runtime.backends import tensorrt_status
+from ccra_export.runtime.backends import join_parts, tensorrt_status
 from ccra_export.workflows.parity import check_parity, resolve_reference
 
 
@@ -53,8 +53,10 @@ def add_engine(
     """
     bundle = Path(bundle)
     manifest = read_manifest(bundle)
+    parts = part_records(manifest)
+    names = [PARTS[part["name"]].engine_file for part in parts]  # vision.engine, or the tower's and the head's
     if manifest.get("engine") and not force:
-        raise BundleError(f"--bundle {bundle}: already holds {ENGINE_FILE}; pass --force to rebuild it")
+        raise BundleError(f"--bundle {bundle}: already holds {' and '.join(names)}; pass --force to rebuild")
     if manifest.get("plugin") and plugin_library is None:
         raise ConfigError(
             "--plugin-library: this bundle's graph has the fused ccra::LPWCA node; pass the plugin library "
@@ -62,7 +64,7 @@ def add_engine(
         )
     if plugin_library is not None:
         check_plugin_library(plugin_library)
-    profile = bundle_profile(manifest, profile_overrides)
+    profiles = [bundle_profile(manifest, profile_overrides, part) for part in parts]
     reference_kind, reference_line = resolve_reference(reference, manifest, model_override)
     with steps.step("Verifying bundle file hashes"):
         verify_files(bundle, manifest)
@@ -77,21 +79,23 @@ def add_engine(
     except OSError as exc:
         raise BundleError(f"--bundle {bundle}: not writable ({exc.strerror or exc})") from None
     try:
-        runner, record = build_trt_engine(
-            bundle / manifest["graph"]["file"],
-            scratch / ENGINE_FILE,
-            manifest["precision"],
-            profile,
-            plugin_library,
-            trt_options,
-            steps,
-        )
+        runners, records = [], []
+        for part, name, profile in zip(parts, names, profiles, strict=True):
+            library = plugin_library if part["name"] != TOWER.name else None  # the tower has no LPWCA node
+            runner, record = build_trt_engine(
+                bundle / part["file"], scratch / name, manifest["precision"], profile, library, trt_options, steps
+            )
+            runners.append(runner)
+            records.append(record)
+        runner = join_parts(runners)
         report = check_parity(bundle, manifest, runner, reference_kind, model_override=model_override, steps=steps)
         atomic.write_json(bundle / ENGINE_PARITY_FILE, report.to_dict())
+        record = join_engine_records(tuple(PARTS[part["name"]] for part in parts), records)
         record["parity"] = {"file": ENGINE_PARITY_FILE, "passed": report.passed, "reference": report.reference}
-        (scratch / ENGINE_FILE).replace(bundle / ENGINE_FILE)
+        for name in names:
+            (scratch / name).replace(bundle / name)
+            manifest["files"][name] = file_entry(bundle / name)
         manifest["engine"] = record
-        manifest["files"][ENGINE_FILE] = file_entry(bundle / ENGINE_FILE)
         atomic.write_json(bundle / MANIFEST_NAME, manifest)
     except OSError as exc:
         raise BundleError(f"--bundle {bundle}: cannot write the engine ({exc.strerror or exc})") from None

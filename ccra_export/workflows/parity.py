@@ -26,6 +26,7 @@ from ccra_export.core.parity import (
 )
 from ccra_export.core.reference_record import REFERENCE_FILE, load_reference
 from ccra_export.core.sample_inputs import random_inputs
+from ccra_export.core.vision_graphs import HEAD, TOWER, TOWER_FEATURES, GraphPart, is_split
 from ccra_export.workflows import quantization
 from ccra_export.workflows.source import Source, source_from_manifest
 
@@ -86,6 +87,43 @@ def pytorch_outputs(source: Source, feeds: dict[str, np.ndarray]) -> dict[str, n
     from ccra_export.model.vision_model import reference_outputs
 
     return reference_outputs(source.model, feeds)
+
+
+def pytorch_part_outputs(source: Source, part: Any, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The FP32 PyTorch reference of one graph part (``core.vision_graphs``) on its own inputs."""
+    from ccra_export.model.vision_model import reference_part_outputs
+
+    return reference_part_outputs(source.model, part, feeds)
+
+
+def split_feeds(source: Source, parts: tuple[GraphPart, ...], feeds: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Each graph's own inputs for the parity feeds: a split bundle's head reads PyTorch's tower output."""
+    if len(parts) == 1:
+        return {parts[0].name: feeds}
+    features = pytorch_part_outputs(source, TOWER, feeds)[TOWER_FEATURES]
+    head = {name: features if name == TOWER_FEATURES else feeds[name] for name in HEAD.inputs}
+    return {TOWER.name: {name: feeds[name] for name in TOWER.inputs}, HEAD.name: head}
+
+
+def graph_parity(
+    source: Source,
+    runner: Any,
+    parts: tuple[GraphPart, ...],
+    part_feeds: dict[str, dict[str, np.ndarray]],
+    limits: Thresholds,
+) -> dict[str, list[Any]] | None:
+    """A split bundle: the tower and the head each against PyTorch's same stage on the same inputs
+    (the head on PyTorch's tower output), so a drift is pinned on the graph that causes it."""
+    if len(parts) == 1:
+        return None
+    runners = {TOWER.name: runner.tower, HEAD.name: runner.head}
+    results = {}
+    for part in parts:
+        feeds = part_feeds[part.name]
+        actual = runners[part.name].run(feeds)
+        expected = pytorch_part_outputs(source, part, feeds)
+        results[part.name] = [compare_output(n, actual[n], expected[n], limits) for n in part.outputs]
+    return results
 
 
 def run_parity(
@@ -170,7 +208,11 @@ def check_parity(
     else:
         feeds, described, title = parity_inputs(source, parity)
     with steps.step(title):
-        return run_parity(runner, precision, limits, feeds, pytorch_outputs(source, feeds), described)
+        report = run_parity(runner, precision, limits, feeds, pytorch_outputs(source, feeds), described)
+        if is_split(manifest):  # each graph against PyTorch's same stage too, as at build
+            parts = (TOWER, HEAD)
+            report.graphs = graph_parity(source, runner, parts, split_feeds(source, parts, feeds), limits)
+        return report
 
 
 def emulated_fp16(

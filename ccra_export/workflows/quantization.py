@@ -7,6 +7,7 @@ against the FP32 PyTorch reference, plus a per-layer drift report against the FP
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -15,11 +16,13 @@ import numpy as np
 
 from ccra_export.calibration.images import CalibrationSet, load_calibration_set
 from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
-from ccra_export.calibration.reader import ImageBatchReader, make_feeds
+from ccra_export.calibration.reader import ImageBatchReader, MappedReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.image_preprocess import ImageProcessorConfig
+from ccra_export.core.vision_graphs import HEAD, PIXEL_VALUES, TOWER, TOWER_FEATURES, GraphPart
+from ccra_export.runtime.vision_backend import OrtBackend
 
 ORT_CACHE = "calibration.json"
 
@@ -87,6 +90,26 @@ def prepare(options: Int8Options, source: Any, seed: int, steps: Steps = SILENT)
     return Calibration(dataset, processor_for(source, options.pad_to_square), make_embedder(source, seed))
 
 
+Transform = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+def part_inputs(part: GraphPart, fp32_tower: Path) -> Transform | None:
+    """What one graph of a split bundle calibrates on, from the images' full inputs: the tower
+    its pixels; CCRA's head the FP32 tower graph's output (``fp32_tower``, already written) with
+    the instruction, as the whole graph's calibrator would see it. None: the single graph."""
+    if part.name == TOWER.name:
+        return lambda feeds: {name: feeds[name] for name in TOWER.inputs}
+    if part.name != HEAD.name:
+        return None
+    tower = OrtBackend(fp32_tower)
+
+    def head_inputs(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        features = tower.run({PIXEL_VALUES: feeds[PIXEL_VALUES]})[TOWER_FEATURES]
+        return {TOWER_FEATURES: features, **{k: v for k, v in feeds.items() if k != PIXEL_VALUES}}
+
+    return head_inputs
+
+
 def quantize(
     fp32_model: Path,
     stage: Path,
@@ -94,23 +117,27 @@ def quantize(
     calibration: Calibration,
     options: Int8Options,
     steps: Steps = SILENT,
+    *,
+    transform: Transform | None = None,
+    ort_cache: str = ORT_CACHE,
 ) -> tuple[list[str], dict[str, Any]]:
-    """Write the Q/DQ graph and ONNX Runtime's calibration cache into ``stage``.
+    """Write the Q/DQ graph and ONNX Runtime's calibration cache (``ort_cache``) into ``stage``;
+    ``transform`` maps the images' inputs to this graph's (``part_inputs``).
 
     Returns the graph files and the manifest record."""
     images = calibration.dataset.calibration
-    title = f"Calibrating ({options.method}, {len(images)} images) and inserting Q/DQ"
+    title = f"Calibrating {graph_file} ({options.method}, {len(images)} images) and inserting Q/DQ"
     with steps.progress(title, total=len(images), unit="images") as advance:
         reader = ImageBatchReader(images, calibration.processor, calibration.embedder, options.batch_size, advance)
         summary = quantize_int8(
             fp32_model,
             stage / graph_file,
-            reader,
+            reader if transform is None else MappedReader(reader, transform),
             method=options.method,
-            ort_cache=stage / ORT_CACHE,
+            ort_cache=stage / ort_cache,
             quantize_ccra=options.quantize_ccra,
         )
-    graph_files = sorted(p.name for p in stage.iterdir() if p.name.startswith(graph_file))
+    graph_files = sorted(p.name for p in stage.iterdir() if p.name == graph_file or p.name.startswith(f"{graph_file}."))
     graph_files.sort(key=lambda name: name != graph_file)  # the graph first, its external data after
     record = {
         **asdict(summary),
@@ -124,7 +151,7 @@ def quantize(
         "batch_size": reader.batch_size,
         "processor": asdict(calibration.processor),
         "text_embeddings": calibration.embedder.source if calibration.embedder else None,
-        "ort_cache": ORT_CACHE,
+        "ort_cache": ort_cache,
     }
     return graph_files, record
 

@@ -1,0 +1,79 @@
+"""The vision graph(s) a bundle holds: one graph, or the CLIP tower and CCRA's head apart.
+
+CCRA conditions the visual tokens on the instruction, but the CLIP tower (most of the vision
+compute) does not read the instruction. A split bundle (``build --split-vision``) therefore holds
+two graphs: ``vision_tower.onnx`` (pixels -> the stacked hidden states CCRA reads) runs once per
+image and its output is cached; ``ccra_head.onnx`` (those states + the instruction -> visual
+tokens) runs once per question. Both together compute exactly what the single graph computes.
+
+Torch-free: the export, the runtime and the manifest all name the parts from here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+PIXEL_VALUES = "pixel_values"
+TEXT_EMBEDS = "text_embeds"
+TEXT_MASK = "text_mask"
+TOWER_FEATURES = "tower_features"  #: [batch, L, N, Dv]: the hidden states of CCRA's feature layers
+VISUAL_TOKENS = "visual_tokens"
+LPWCA_ATTENTION = "lpwca_attention"
+
+
+@dataclass(frozen=True)
+class GraphPart:
+    """One exported graph of a bundle: its name, files and I/O names."""
+
+    name: str
+    file: str
+    engine_file: str
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+
+WHOLE_CCRA = GraphPart(
+    "vision", "vision.onnx", "vision.engine", (PIXEL_VALUES, TEXT_EMBEDS, TEXT_MASK), (VISUAL_TOKENS, LPWCA_ATTENTION)
+)
+WHOLE_PLAIN = GraphPart("vision", "vision.onnx", "vision.engine", (PIXEL_VALUES,), (VISUAL_TOKENS,))
+TOWER = GraphPart("vision_tower", "vision_tower.onnx", "vision_tower.engine", (PIXEL_VALUES,), (TOWER_FEATURES,))
+HEAD = GraphPart(
+    "ccra_head",
+    "ccra_head.onnx",
+    "ccra_head.engine",
+    (TOWER_FEATURES, TEXT_EMBEDS, TEXT_MASK),
+    (VISUAL_TOKENS, LPWCA_ATTENTION),
+)
+PARTS = {part.name: part for part in (WHOLE_CCRA, TOWER, HEAD)}
+
+
+def graph_parts(*, ccra: bool, split: bool) -> tuple[GraphPart, ...]:
+    """The graphs a build writes, in execution order."""
+    if split:
+        return (TOWER, HEAD)
+    return (WHOLE_CCRA,) if ccra else (WHOLE_PLAIN,)
+
+
+def is_split(manifest: dict[str, Any]) -> bool:
+    return "parts" in manifest["graph"]
+
+
+def part_records(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    """The manifest's record of each graph (``name``, ``file``, ``external_data``, ``inputs``,
+    ``outputs``), in execution order: one for a single-graph bundle, tower then head when split."""
+    graph = manifest["graph"]
+    if "parts" in graph:
+        return list(graph["parts"])
+    return [{"name": "vision", **graph}]
+
+
+def engine_records(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{part name: engine record}`` for the bundle's TensorRT engines (empty without one)."""
+    engine = manifest.get("engine")
+    if not engine:
+        return {}
+    if "parts" in engine:
+        shared = {k: v for k, v in engine.items() if k != "parts"}
+        return {record["part"]: {**shared, **record} for record in engine["parts"]}
+    return {"vision": engine}
