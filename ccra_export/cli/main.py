@@ -17,6 +17,7 @@ from ccra_export.cli.output import terminate_like_interrupt
 from ccra_export.cli.plugins import plugins
 from ccra_export.cli.run import run
 from ccra_export.cli.serve import serve
+from ccra_export.cli.triton import triton
 
 
 class _Cli(click.Group):
@@ -50,7 +51,7 @@ def main() -> None:
     """
 
 
-for verb in (build, check, engine, run, explain, serve, bench, doctor, plugins):
+for verb in (build, check, engine, run, explain, serve, triton, bench, doctor, plugins):
     main.add_command(verb)
 
 if __name__ == "__main__":

@@ -1,0 +1,334 @@
+"""`ccra-export triton`: a Triton Inference Server model repository that serves a bundle as it is.
+
+    REPO/
+      README.md                 how to start Triton on it (Triton reads only the model folders)
+      ccra_vision/
+        config.pbtxt            tensorrt_plan | onnxruntime_onnx | python, dims and batching from the manifest
+        libccra_lpwca_plugin.so the LPWCA TensorRT plugin (tensorrt_plan with a fused graph only)
+        1/model.plan            the engine, or 1/model.onnx, or 1/model.py + the ONNX graph
+      ccra_vlm/
+        config.pbtxt            python backend, decoupled
+        1/model.py              subclasses ccra_export.serve.triton_vlm.VlmModel
+        1/bundle/               the whole bundle (manifest, language model, tokenizer, graphs)
+
+The repository is self-contained: it can be copied to another machine or mounted into a
+container without the bundle. Files are hard-linked from the bundle where they are on the same
+filesystem (no second copy on disk; bundles are replaced by rename, never edited in place) and
+copied otherwise. It is written to a staging directory and renamed into place when complete.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ccra_export import __version__
+from ccra_export.core.atomic import staged_directory
+from ccra_export.core.errors import BundleError, ConfigError
+from ccra_export.core.hashing import sha256_file
+from ccra_export.core.manifest import read_manifest
+from ccra_export.core.platform import gpus
+from ccra_export.core.plugin_library import check_plugin_library
+from ccra_export.core.vision_graphs import is_split
+from ccra_export.serve.triton_config import (
+    PLATFORMS,
+    PYTHON_BACKEND,
+    TEXT_TYPES,
+    VISION_MODEL,
+    VLM_MODEL,
+    Batching,
+    batching,
+    model_config_pb2,
+    to_pbtxt,
+    vision_config,
+    vlm_config,
+)
+
+VISION_BACKENDS = ("auto", "tensorrt", "onnxruntime", "python")
+DEVICES = ("auto", "gpu", "cpu")
+VERSION = "1"
+BUNDLE_DIR = "bundle"
+
+_SHIM = '''"""{model}: written by `ccra-export triton` {version}; the code is {module}.
+
+Triton's Python backend stub runs this file with the Python it finds (a container's python3, or
+the first python3 on PATH): ccra-export must be installed there.
+"""
+
+import triton_python_backend_utils as pb_utils
+
+try:
+    from {module} import {cls}
+except ImportError as exc:
+    raise ImportError(
+        "{model}: the Python that runs Triton's Python backend cannot import ccra_export "
+        f"({{exc}}); pip install 'ccra-export[gpu]' (or [cpu]) there, or put the environment that has it first on PATH"
+    ) from exc
+
+
+class TritonPythonModel({cls}):
+    pb = pb_utils
+'''
+
+
+@dataclass(frozen=True)
+class RepoOptions:
+    """What `ccra-export triton` writes; the defaults are the CLI's."""
+
+    vision_backend: str = "auto"
+    device: str = "auto"
+    text_type: str = "string"
+    max_queue_delay_us: int = 2000
+    vision_instances: int = 1
+    vlm_instances: int = 1
+    max_new_tokens: int = 256
+    plugin_library: Path | None = None
+
+
+@dataclass
+class RepoResult:
+    repo: Path
+    vision_backend: str  # tensorrt | onnxruntime | python
+    platform: str  # the config's platform or backend
+    reason: str  # why auto chose it ("" when asked for)
+    gpu: bool  # ccra_vision's instance group
+    batching: Batching
+    copied: bool  # some files were copied rather than hard-linked (another filesystem)
+    launch: str  # a tritonserver command line for this repository
+    notes: list[str] = field(default_factory=list)
+
+
+def engine_gpu_mismatch(engine: dict[str, Any], local: list[tuple[str, str]]) -> str | None:
+    """Why the engine cannot run on this machine's GPUs, or None when one of them matches."""
+    built = f"{engine.get('gpu') or 'a GPU'} (compute capability {engine['compute_capability']})"
+    if not local:
+        return f"the engine was built for {built} and this machine shows no GPU to run it on"
+    if any(capability == engine["compute_capability"] for _, capability in local):
+        return None
+    here = ", ".join(f"{name} ({capability})" for name, capability in local)
+    return f"the engine was built for {built}; this machine has {here}"
+
+
+def fused(manifest: dict[str, Any]) -> bool:
+    """The graph has the fused ccra::LPWCA node (a TensorRT plugin; ONNX Runtime runs it from Python)."""
+    return bool(manifest.get("plugin")) or manifest.get("export", {}).get("lpwca") == "fused"
+
+
+def choose_vision_backend(
+    bundle: Path, manifest: dict[str, Any], requested: str, local_gpus: list[tuple[str, str]]
+) -> tuple[str, str]:
+    """(tensorrt | onnxruntime | python, why auto chose it)."""
+    if requested not in VISION_BACKENDS:
+        raise ConfigError(f"--vision-backend {requested}: expected one of {', '.join(VISION_BACKENDS)}")
+    engine = manifest.get("engine")
+    if requested == "python":
+        return "python", ""
+    if requested == "tensorrt":
+        if not engine:
+            raise BundleError(
+                f"--vision-backend tensorrt: --bundle {bundle} holds no TensorRT engine; build one on the serving "
+                f"GPU with `ccra-export engine --bundle {bundle}`"
+            )
+        mismatch = engine_gpu_mismatch(engine, local_gpus)
+        if mismatch and local_gpus:
+            raise BundleError(
+                f"--vision-backend tensorrt: {mismatch}; rebuild it there with `ccra-export engine --bundle {bundle} "
+                "--force`, or use --vision-backend onnxruntime"
+            )
+        return "tensorrt", ""
+    if requested == "onnxruntime":
+        if fused(manifest):
+            raise ConfigError(
+                "--vision-backend onnxruntime: the graph has the fused ccra::LPWCA node, whose ONNX Runtime kernel "
+                "ccra-export registers from Python; Triton's ONNX Runtime backend cannot run it: use "
+                "--vision-backend python, or tensorrt with the bundle's engine"
+            )
+        return "onnxruntime", ""
+    if engine:
+        mismatch = engine_gpu_mismatch(engine, local_gpus)
+        if mismatch is None:
+            return (
+                "tensorrt",
+                f"auto: the bundle's TensorRT engine was built for this GPU ({engine['compute_capability']})",
+            )
+        why = f"{mismatch} (--vision-backend tensorrt uses it anyway)"
+    else:
+        why = "the bundle holds no TensorRT engine"
+    if fused(manifest):
+        return "python", f"auto: {why}; the fused LPWCA node runs on ONNX Runtime only inside the Python backend"
+    return "onnxruntime", f"auto: {why}"
+
+
+def place(source: Path, target: Path) -> bool:
+    """Hard-link ``source`` at ``target`` (copy where linking fails); True when it was copied."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.link(source, target)
+        return False
+    except OSError:  # another filesystem (EXDEV), or one without hard links
+        shutil.copy2(source, target)
+        return True
+
+
+def mirror_bundle(bundle: Path, target: Path) -> bool:
+    """Every file of the bundle under ``target`` (hidden scratch entries left out); True if any was copied."""
+    copied = False
+    for path in sorted(bundle.rglob("*")):
+        relative = path.relative_to(bundle)
+        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
+            continue
+        copied |= place(path, target / relative)
+    return copied
+
+
+def check_paths(bundle: Path, repo: Path, force: bool) -> None:
+    """Refuse a repository that would replace or sit inside the bundle, or replace files unasked."""
+    root, out = bundle.resolve(), repo.resolve()
+    if out == root or root.is_relative_to(out) or out.is_relative_to(root):
+        raise BundleError(f"--repo {repo}: overlaps --bundle {bundle}; write the repository somewhere else")
+    if repo.exists() and not repo.is_dir():
+        raise BundleError(f"--repo {repo}: exists and is not a directory")
+    if repo.is_dir() and any(repo.iterdir()) and not force:
+        raise BundleError(f"--repo {repo}: already holds files; pass --force to replace it")
+
+
+def plugin_for_engine(manifest: dict[str, Any], library: Path | None) -> Path | None:
+    """The LPWCA plugin library the engine needs (None for an unfused graph), checked against the
+    hash the engine build recorded."""
+    if not fused(manifest):
+        return None
+    if library is None:
+        raise ConfigError(
+            "--plugin-library: the engine runs the fused ccra::LPWCA node as a TensorRT plugin; pass the library "
+            "it was built with (libccra_lpwca_plugin.so, built for the serving machine's TensorRT)"
+        )
+    library = check_plugin_library(library)
+    recorded = (manifest.get("engine") or {}).get("plugin_sha256")
+    if recorded and sha256_file(library) != recorded:
+        raise ConfigError(f"--plugin-library {library}: not the library the engine was built with (sha256 differs)")
+    return library
+
+
+def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions, *, force: bool = False) -> RepoResult:
+    """Write the model repository for ``bundle`` at ``repo`` (see the module docstring)."""
+    bundle, repo = Path(bundle), Path(repo)
+    model_config_pb2()  # tritonclient missing: one line before anything is read or written
+    if options.device not in DEVICES:
+        raise ConfigError(f"--device {options.device}: expected one of {', '.join(DEVICES)}")
+    if options.text_type not in TEXT_TYPES:
+        raise ConfigError(f"--text-type {options.text_type}: expected one of {', '.join(TEXT_TYPES)}")
+    manifest = read_manifest(bundle)
+    if not manifest.get("language_model"):
+        raise BundleError(f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision int4|int8|fp16")
+    if is_split(manifest):
+        raise BundleError(
+            f"--bundle {bundle}: the vision graph is split (build --split-vision); ccra-export triton serves "
+            "single-graph bundles: rebuild without --split-vision"
+        )
+    check_paths(bundle, repo, force)
+    local_gpus = gpus()
+    kind, reason = choose_vision_backend(bundle, manifest, options.vision_backend, local_gpus)
+    plugin = plugin_for_engine(manifest, options.plugin_library) if kind == "tensorrt" else None
+    if kind == "tensorrt":
+        gpu = True
+    elif options.device == "auto":
+        gpu = manifest["language_model"]["device"] == "cuda"
+    else:
+        gpu = options.device == "gpu"
+    policy = batching(manifest, options.max_queue_delay_us, use_engine=kind == "tensorrt")
+    platform = PLATFORMS.get(kind, PYTHON_BACKEND)
+    repo.parent.mkdir(parents=True, exist_ok=True)
+    copied = False
+    with staged_directory(repo, replace=force) as stage:
+        vision_dir = stage / VISION_MODEL
+        parameters = {"tool_version": __version__}
+        graph = manifest["graph"]
+        if kind == "tensorrt":
+            copied |= place(bundle / manifest["engine"]["file"], vision_dir / VERSION / "model.plan")
+            if plugin is not None:
+                copied |= place(plugin, vision_dir / plugin.name)
+                parameters["lpwca_plugin_library"] = plugin.name
+        else:
+            name = "model.onnx" if kind == "onnxruntime" else Path(graph["file"]).name
+            copied |= place(bundle / graph["file"], vision_dir / VERSION / name)
+            for external in graph["external_data"]:  # ONNX names them relative to the graph file
+                copied |= place(bundle / external, vision_dir / VERSION / Path(external).name)
+            if kind == "python":
+                parameters.update(graph=name, precision=manifest["precision"])
+                (vision_dir / VERSION / "model.py").write_text(_shim(VISION_MODEL, "triton_vision", "VisionModel"))
+        config = vision_config(
+            manifest, platform, policy, gpu=gpu, instances=options.vision_instances, parameters=parameters
+        )
+        (vision_dir / "config.pbtxt").write_text(to_pbtxt(config))
+        vlm_dir = stage / VLM_MODEL
+        copied |= mirror_bundle(bundle, vlm_dir / VERSION / BUNDLE_DIR)
+        (vlm_dir / VERSION / "model.py").write_text(_shim(VLM_MODEL, "triton_vlm", "VlmModel"))
+        vlm_parameters = {
+            "bundle": BUNDLE_DIR,
+            "vision_model": VISION_MODEL,
+            "default_max_new_tokens": str(options.max_new_tokens),
+            "tool_version": __version__,
+        }
+        config = vlm_config(options.text_type, instances=options.vlm_instances, parameters=vlm_parameters)
+        (vlm_dir / "config.pbtxt").write_text(to_pbtxt(config))
+        launch = launch_command(plugin.name if plugin else None)
+        (stage / "README.md").write_text(repo_readme(bundle, kind, reason, launch, options.text_type))
+    notes = []
+    if kind == "tensorrt" and not local_gpus:
+        notes.append(f"not checked against a GPU here: {engine_gpu_mismatch(manifest['engine'], local_gpus)}")
+    if kind == "tensorrt":
+        notes.append(
+            "the engine runs only under the TensorRT version that built it "
+            f"({manifest['engine'].get('tensorrt_version')}): pick the Triton release that ships it"
+        )
+    return RepoResult(repo, kind, platform, reason, gpu, policy, copied, launch, notes)
+
+
+def _shim(model: str, module: str, cls: str) -> str:
+    return _SHIM.format(model=model, version=__version__, module=f"ccra_export.serve.{module}", cls=cls)
+
+
+def launch_command(plugin: str | None, models: str = "/models") -> str:
+    """tritonserver's command line for the repository mounted at ``models`` (the plugin preloaded)."""
+    preload = f"LD_PRELOAD={models}/{VISION_MODEL}/{plugin} " if plugin else ""
+    return f"{preload}tritonserver --model-repository={models}"
+
+
+_RUNS_ON = {
+    "tensorrt": "the bundle's TensorRT engine, platform `tensorrt_plan`",
+    "onnxruntime": "the ONNX graph on Triton's ONNX Runtime backend, platform `onnxruntime_onnx`",
+    "python": "the ONNX graph in ONNX Runtime inside Triton's Python backend",
+}
+
+
+def repo_readme(bundle: Path, kind: str, reason: str, launch: str, text_type: str) -> str:
+    """The repository's README.md: what each model is and the command that serves it."""
+    prompt = "TYPE_STRING" if text_type == "string" else "UTF-8 bytes in a TYPE_UINT8 vector"
+    why = f" ({reason})" if reason else ""
+    lines = [
+        f"# Triton model repository for {bundle.resolve().name}",
+        "",
+        f"Written by `ccra-export triton` {__version__} from `{bundle.resolve()}`.",
+        "",
+        f"- `{VISION_MODEL}`: {_RUNS_ON[kind]}{why}; dynamically batched.",
+        f"- `{VLM_MODEL}`: Python backend, decoupled. Inputs `image` (the encoded file, TYPE_UINT8) and `prompt` "
+        f"({prompt}); optional `max_new_tokens`, `temperature`, `top_p`, `seed`, `stream`; output `text` (one "
+        "response per piece of text; `stream` false: one response).",
+        "",
+        "Serve it with this folder mounted at /models, ccra-export installed in the Python that runs Triton's "
+        "Python backend (`pip install 'ccra-export[gpu]'` in NVIDIA's Triton container):",
+        "",
+        "```",
+        launch,
+        "```",
+        "",
+        "See ccra-export's docs/triton.md for containers, Jetson and clients.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+__all__ = ["DEVICES", "VISION_BACKENDS", "RepoOptions", "RepoResult", "write_repository"]

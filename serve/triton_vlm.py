@@ -1,0 +1,185 @@
+"""``ccra_vlm`` on Triton's Python backend: image + prompt in, the answer out as it is generated.
+
+The runtime's ``Pipeline`` does everything it does for `ccra-export run` (LLaVA-1.5's template,
+tokenisation, CLIP preprocessing, CCRA's text input, splicing the visual tokens, prefill and
+decode), with one difference: its vision backend is ``BlsVision``, which sends the vision feeds
+to the ``ccra_vision`` model through Triton's business-logic scripting (BLS). So Triton's dynamic
+batcher batches the vision graph across requests and instances, whatever runs it (TensorRT,
+ONNX Runtime, or ONNX Runtime inside the Python backend).
+
+The model is decoupled: with ``stream`` true (the default) every piece of text is one response
+and an empty final response closes the stream (gRPC streaming, HTTP ``generate_stream``); with
+``stream`` false the whole answer is one response (HTTP ``generate``). Each instance serves one
+request at a time (the runtime's decoder holds one sequence); scale with the instance count or
+with more Triton replicas.
+
+The repository's ``ccra_vlm/1/model.py`` subclasses ``VlmModel`` and sets ``pb`` to
+``triton_python_backend_utils``, which exists only inside the stub process.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from ccra_export.core.errors import CCRAExportError
+from ccra_export.core.image_preprocess import ImageReadError, to_rgb
+from ccra_export.core.manifest import read_manifest
+from ccra_export.runtime.inputs import InputError
+from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.vision_backend import VisionBackend
+from ccra_export.runtime.vlm_pipeline import Pipeline
+from ccra_export.serve.triton_config import SAMPLING_INPUTS, VISION_MODEL
+from ccra_export.serve.triton_tensors import from_numpy, read_bytes, read_scalar, read_text, text_tensor, to_numpy
+from ccra_export.serve.triton_vision import parameter
+
+LOG = logging.getLogger("ccra_export.serve.triton")
+DEFAULT_MAX_NEW_TOKENS = 256
+DEFAULT_MAX_PIXELS = 40_000_000
+
+
+#: the runtime names the CLI's flags in its messages; a Triton client sent these inputs
+_INPUT_NAMES = {
+    "--max-new-tokens": "max_new_tokens",
+    "--temperature": "temperature",
+    "--top-p": "top_p",
+    "--seed": "seed",
+    "--prompt": "prompt",
+    "--image": "image",
+}
+
+
+def client_message(exc: BaseException) -> str:
+    """The runtime's one-line message with the request's input names in place of the CLI's flags."""
+    message = str(exc)
+    for flag, name in _INPUT_NAMES.items():
+        message = message.replace(flag, name)
+    return message
+
+
+class Cancelled(Exception):
+    """The client cancelled the request (or went away); raised inside the decode loop to stop it."""
+
+
+class VisionModelError(CCRAExportError):
+    """ccra_vision answered a BLS request with an error."""
+
+
+class BlsVision(VisionBackend):
+    """The vision-backend interface over a BLS request to another Triton model."""
+
+    name = "triton-bls"
+
+    def __init__(self, pb: Any, manifest: dict[str, Any], model_name: str = VISION_MODEL) -> None:
+        self.pb, self.model_name = pb, model_name
+        graph = manifest["graph"]
+        self._dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in graph["inputs"]}
+        self._outputs = [spec["name"] for spec in graph["outputs"]]
+
+    @property
+    def description(self) -> str:
+        return f"Triton model {self.model_name} (BLS)"
+
+    @property
+    def input_dtypes(self) -> dict[str, np.dtype]:
+        return dict(self._dtypes)
+
+    def _run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        request = self.pb.InferenceRequest(
+            model_name=self.model_name,
+            requested_output_names=self._outputs,
+            inputs=[from_numpy(self.pb, name, array) for name, array in feeds.items()],
+        )
+        response = request.exec()
+        if response.has_error():
+            raise VisionModelError(f"{self.model_name}: {response.error().message()}")
+        return {name: to_numpy(self.pb.get_output_tensor_by_name(response, name)) for name in self._outputs}
+
+
+def decode_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Encoded image bytes -> 8-bit RGB; the pixel count is checked from the header first."""
+    if not data:
+        raise InputError("image: empty; send the encoded file (PNG, JPEG, ...) as a UINT8 vector")
+    try:
+        with Image.open(io.BytesIO(data)) as handle:
+            width, height = handle.size
+            if width * height > max_pixels:
+                raise InputError(f"image: {width}x{height} pixels; the limit is {max_pixels}")
+            handle.load()
+            return to_rgb(handle)
+    except ImageReadError as exc:
+        raise InputError(f"image: {exc.problem}") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        raise InputError(f"image: not a readable image ({type(exc).__name__})") from None
+
+
+class VlmModel:
+    """Triton Python-backend model (decoupled): the runtime's Pipeline with its vision graph on
+    ``ccra_vision``."""
+
+    pb: Any = None  # triton_python_backend_utils, set by the generated model.py
+
+    def initialize(self, args: dict[str, str]) -> None:
+        config = json.loads(args["model_config"])
+        bundle = Path(args["model_repository"]) / args["model_version"] / (parameter(config, "bundle") or "bundle")
+        manifest = read_manifest(bundle)
+        vision = BlsVision(self.pb, manifest, parameter(config, "vision_model") or VISION_MODEL)
+        self.pipeline = Pipeline.from_bundle(bundle, vision=vision)
+        types = {spec["name"]: spec["data_type"] for spec in config["input"]}
+        self.text_type = "string" if types.get("prompt") == "TYPE_STRING" else "uint8"
+        self.max_new_tokens = int(parameter(config, "default_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
+        self.max_pixels = int(parameter(config, "max_image_pixels") or DEFAULT_MAX_PIXELS)
+
+    def execute(self, requests: list[Any]) -> None:
+        for request in requests:
+            self.serve(request)
+        return None  # decoupled: every response went through the request's sender
+
+    def sampling(self, request: Any) -> tuple[Sampling, bool]:
+        """The request's optional inputs as a ``Sampling`` (greedy by default) and whether to stream."""
+        value = {name: read_scalar(self.pb.get_input_tensor_by_name(request, name)) for name in SAMPLING_INPUTS}
+        stream = True if value["stream"] is None else bool(value["stream"])
+        sampling = Sampling(
+            max_new_tokens=self.max_new_tokens if value["max_new_tokens"] is None else int(value["max_new_tokens"]),
+            temperature=0.0 if value["temperature"] is None else float(value["temperature"]),
+            top_p=1.0 if value["top_p"] is None else float(value["top_p"]),
+            seed=None if value["seed"] is None else int(value["seed"]),
+            stop_ids=self.pipeline.lm.eos_ids,
+        )
+        return sampling, stream
+
+    def serve(self, request: Any) -> None:
+        pb = self.pb
+        sender = request.get_response_sender()
+        final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+        try:
+            image = decode_image(read_bytes(pb.get_input_tensor_by_name(request, "image")), self.max_pixels)
+            prompt = read_text(pb.get_input_tensor_by_name(request, "prompt"), self.text_type)
+            sampling, stream = self.sampling(request)
+
+            def on_text(piece: str) -> None:
+                if getattr(request, "is_cancelled", lambda: False)():
+                    raise Cancelled
+                if stream:
+                    sender.send(pb.InferenceResponse(output_tensors=[text_tensor(pb, "text", piece, self.text_type)]))
+
+            text = self.pipeline.generate(image, prompt, sampling, on_text=on_text)
+            if stream:
+                sender.send(flags=final)
+            else:
+                sender.send(pb.InferenceResponse(output_tensors=[text_tensor(pb, "text", text, self.text_type)]), final)
+        except Cancelled:
+            sender.send(flags=final)
+        except (CCRAExportError, ValueError) as exc:  # the request's fault, or ccra_vision's answer: one line
+            sender.send(pb.InferenceResponse(error=pb.TritonError(client_message(exc))), final)
+        except Exception as exc:
+            LOG.exception("ccra_vlm: generation failed")
+            sender.send(
+                pb.InferenceResponse(error=pb.TritonError(f"ccra_vlm: internal error ({type(exc).__name__})")), final
+            )

@@ -1,0 +1,513 @@
+"""`ccra-export triton`: every config.pbtxt parsed back as Triton's ModelConfig, and a real Triton
+(the tritonserver binary of PyPI's nvidia-pytriton, Python backend only) serving the repository
+to tritonclient over gRPC streaming and HTTP, with ccra_vision batched by Triton's dynamic batcher.
+
+The TensorRT and ONNX Runtime backends are not in that binary: their configs are checked here,
+not served. Every wait is bounded; the server is stopped however the tests end.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+import os
+import queue
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from google.protobuf import text_format
+from PIL import Image
+from tritonclient.grpc import model_config_pb2 as pb2
+
+from ccra_export.cli import main
+from ccra_export.core.errors import BundleError, ConfigError
+from ccra_export.core.manifest import read_manifest
+from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.vlm_pipeline import Pipeline
+from ccra_export.serve import triton_repo
+from ccra_export.serve.triton_config import batching, vision_config
+from ccra_export.serve.triton_repo import RepoOptions, choose_vision_backend, write_repository
+from ccra_export.serve.triton_tensors import read_text, text_tensor
+from ccra_export.serve.triton_vlm import decode_image
+from tests.test_generation import PROMPT
+
+NEW_TOKENS = 8
+QUEUE_DELAY_US = 300_000  # long enough that concurrent requests reach the batcher together on a busy CPU
+
+
+def parse(path: Path):
+    """config.pbtxt -> ModelConfig, as Triton parses it (an unknown field raises)."""
+    return text_format.Parse(path.read_text(), pb2.ModelConfig())
+
+
+def write(bundle: Path, repo: Path, *extra: str):
+    return CliRunner().invoke(main, ["triton", "--bundle", str(bundle), "--repo", str(repo), *extra])
+
+
+def dims(spec: dict) -> list[int]:
+    return [d if isinstance(d, int) else -1 for d in spec["shape"][1:]]
+
+
+def type_name(field) -> str:
+    return pb2.DataType.Name(field.data_type)
+
+
+# ---------------------------------------------------------------- configs, no server
+
+
+def test_default_repository_configs_parse_as_model_config(ccra_bundle, tmp_path):
+    result = write(ccra_bundle, tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    assert "onnxruntime_onnx" in result.output and "no TensorRT engine" in result.output
+    manifest = read_manifest(ccra_bundle)
+    repo = tmp_path / "repo"
+    vision = parse(repo / "ccra_vision" / "config.pbtxt")
+    assert vision.name == "ccra_vision" and vision.platform == "onnxruntime_onnx" and not vision.backend
+    axis = manifest["dynamic_axes"]["batch"]
+    assert vision.max_batch_size == axis["max"]
+    assert list(vision.dynamic_batching.preferred_batch_size) == sorted({axis["opt"], axis["max"]} - {1})
+    assert vision.dynamic_batching.max_queue_delay_microseconds == 2000
+    assert [i.name for i in vision.input] == [s["name"] for s in manifest["graph"]["inputs"]]
+    assert [list(i.dims) for i in vision.input] == [dims(s) for s in manifest["graph"]["inputs"]]
+    assert [list(o.dims) for o in vision.output] == [dims(s) for s in manifest["graph"]["outputs"]]
+    assert [type_name(i) for i in vision.input] == ["TYPE_FP32", "TYPE_FP32", "TYPE_INT64"]
+    assert vision.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU  # the LM was built for the CPU
+    graph = repo / "ccra_vision" / "1" / "model.onnx"
+    assert graph.read_bytes() == (ccra_bundle / manifest["graph"]["file"]).read_bytes()
+
+    vlm = parse(repo / "ccra_vlm" / "config.pbtxt")
+    assert vlm.backend == "python" and vlm.max_batch_size == 0 and vlm.model_transaction_policy.decoupled
+    inputs = {i.name: i for i in vlm.input}
+    assert type_name(inputs["image"]) == "TYPE_UINT8" and type_name(inputs["prompt"]) == "TYPE_STRING"
+    assert not inputs["image"].optional and not inputs["prompt"].optional
+    assert {n for n, i in inputs.items() if i.optional} == {"max_new_tokens", "temperature", "top_p", "seed", "stream"}
+    assert [(o.name, type_name(o)) for o in vlm.output] == [("text", "TYPE_STRING")]
+    assert vlm.parameters["bundle"].string_value == "bundle"
+    copy = repo / "ccra_vlm" / "1" / vlm.parameters["bundle"].string_value
+    assert read_manifest(copy)["files"] == manifest["files"]  # a whole bundle, sizes checked
+    assert "class TritonPythonModel(VlmModel)" in (repo / "ccra_vlm" / "1" / "model.py").read_text()
+    assert "tritonserver --model-repository" in (repo / "README.md").read_text()
+
+
+def fake_engine_manifest(manifest: dict, sha: str | None) -> dict:
+    """The bundle's manifest as if `ccra-export engine` had built a fused-graph engine on an H100."""
+    profile = {
+        spec["name"]: [[b, *[7 if isinstance(d, str) else d for d in spec["shape"][1:]]] for b in (2, 4, 16)]
+        for spec in manifest["graph"]["inputs"]
+    }
+    engine = {
+        "file": "vision.engine",
+        "tensorrt_version": "10.13.0",
+        "gpu": "NVIDIA H100",
+        "compute_capability": "9.0",
+        "plugin_sha256": sha,
+        "profile": profile,
+    }
+    return {**manifest, "engine": engine, "plugin": {"node": "ccra::LPWCA"}, "export": {**manifest["export"]}}
+
+
+def test_tensorrt_plan_config_names_the_plugin_library(ccra_bundle, tmp_path, monkeypatch):
+    """Config only: no TensorRT here. The manifest is edited in memory; the bundle copy gets a stand-in engine."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(ccra_bundle, bundle)
+    (bundle / "vision.engine").write_bytes(b"engine")
+    plugin = tmp_path / "libccra_lpwca_plugin.so"
+    plugin.write_bytes(b"\x7fELF plugin")
+    from ccra_export.core.hashing import sha256_file
+
+    manifest = fake_engine_manifest(read_manifest(ccra_bundle), sha256_file(plugin))
+    monkeypatch.setattr(triton_repo, "read_manifest", lambda _: manifest)
+    monkeypatch.setattr(triton_repo, "check_plugin_library", lambda path: Path(path))
+    monkeypatch.setattr(triton_repo, "gpus", lambda: [("NVIDIA H100 80GB HBM3", "9.0")])
+    with pytest.raises(ConfigError, match="--plugin-library"):
+        write_repository(bundle, tmp_path / "r0", RepoOptions())
+    result = write_repository(bundle, tmp_path / "repo", RepoOptions(plugin_library=plugin))
+    assert result.vision_backend == "tensorrt" and "built for this GPU" in result.reason
+    vision = parse(tmp_path / "repo" / "ccra_vision" / "config.pbtxt")
+    assert vision.platform == "tensorrt_plan" and vision.default_model_filename == "model.plan"
+    assert vision.max_batch_size == 16  # the engine's profile, not the manifest's axes
+    assert list(vision.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert vision.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
+    assert vision.parameters["lpwca_plugin_library"].string_value == plugin.name
+    assert (tmp_path / "repo" / "ccra_vision" / plugin.name).read_bytes() == plugin.read_bytes()
+    assert (tmp_path / "repo" / "ccra_vision" / "1" / "model.plan").read_bytes() == b"engine"
+    assert f"LD_PRELOAD=/models/ccra_vision/{plugin.name} tritonserver" in result.launch
+    assert result.launch in (tmp_path / "repo" / "README.md").read_text()
+    other = tmp_path / "other.so"
+    other.write_bytes(b"\x7fELF another")
+    with pytest.raises(ConfigError, match="not the library the engine was built with"):
+        write_repository(bundle, tmp_path / "r1", RepoOptions(plugin_library=other))
+
+
+def test_auto_picks_the_engine_only_for_this_gpu(ccra_bundle):
+    manifest = fake_engine_manifest(read_manifest(ccra_bundle), None)
+    unfused = {**manifest, "plugin": None}
+    assert choose_vision_backend(ccra_bundle, unfused, "auto", [("H100", "9.0")])[0] == "tensorrt"
+    kind, why = choose_vision_backend(ccra_bundle, unfused, "auto", [("L4", "8.9")])
+    assert kind == "onnxruntime" and "8.9" in why and "9.0" in why
+    kind, why = choose_vision_backend(ccra_bundle, unfused, "auto", [])
+    assert kind == "onnxruntime" and "no GPU" in why
+    kind, why = choose_vision_backend(ccra_bundle, manifest, "auto", [])  # fused: ONNX Runtime only from Python
+    assert kind == "python" and "Python backend" in why
+    with pytest.raises(BundleError, match="this machine has L4"):
+        choose_vision_backend(ccra_bundle, unfused, "tensorrt", [("L4", "8.9")])
+    assert choose_vision_backend(ccra_bundle, unfused, "tensorrt", []) == ("tensorrt", "")  # written for elsewhere
+    with pytest.raises(ConfigError, match="fused"):
+        choose_vision_backend(ccra_bundle, manifest, "onnxruntime", [])
+    with pytest.raises(BundleError, match="holds no TensorRT engine"):
+        choose_vision_backend(ccra_bundle, read_manifest(ccra_bundle), "tensorrt", [])
+
+
+def test_onnxruntime_gpu_and_python_configs(ccra_bundle):
+    manifest = read_manifest(ccra_bundle)
+    policy = batching(manifest, 500, use_engine=False)
+    gpu = vision_config(manifest, "onnxruntime_onnx", policy, gpu=True, instances=2)
+    parsed = text_format.Parse(text_format.MessageToString(gpu), pb2.ModelConfig())
+    assert parsed.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU and parsed.instance_group[0].count == 2
+    python = vision_config(manifest, "python", policy, gpu=False, parameters={"graph": "vision.onnx"})
+    assert (
+        python.backend == "python"
+        and not python.platform
+        and python.dynamic_batching.max_queue_delay_microseconds == 500
+    )
+
+
+def test_refusals_are_one_line(ccra_bundle, tmp_path):
+    not_bundle = tmp_path / "empty"
+    not_bundle.mkdir()
+    result = write(not_bundle, tmp_path / "repo")
+    assert result.exit_code == 2 and "no manifest.json" in result.output and "Traceback" not in result.output
+    no_lm = tmp_path / "no-lm"
+    shutil.copytree(ccra_bundle, no_lm, copy_function=os.link)
+    manifest = json.loads((no_lm / "manifest.json").read_text())
+    (no_lm / "manifest.json").unlink()  # a hard link: write a new file, the session bundle stays as it is
+    (no_lm / "manifest.json").write_text(json.dumps({**manifest, "language_model": None}))
+    result = write(no_lm, tmp_path / "repo")
+    assert result.exit_code == 2 and "holds no language model" in result.output
+    assert not (tmp_path / "repo").exists()
+    repo = tmp_path / "taken"
+    repo.mkdir()
+    (repo / "keep.txt").write_text("mine")
+    result = write(ccra_bundle, repo)
+    assert result.exit_code == 2 and "--force" in result.output and (repo / "keep.txt").exists()
+    result = write(ccra_bundle, repo, "--force")
+    assert result.exit_code == 0, result.output
+    assert not (repo / "keep.txt").exists() and (repo / "ccra_vlm" / "config.pbtxt").is_file()
+    result = write(ccra_bundle, ccra_bundle / "repo")
+    assert result.exit_code == 2 and "overlaps --bundle" in result.output
+    result = write(ccra_bundle, tmp_path / "r", "--vision-backend", "tvm")
+    assert result.exit_code == 2 and "Invalid value for '--vision-backend'" in result.output
+    help_text = CliRunner().invoke(main, ["triton", "--help"]).output
+    for flag in (
+        "--bundle",
+        "--repo",
+        "--vision-backend",
+        "--device",
+        "--text-type",
+        "--max-queue-delay-us",
+        "--force",
+    ):
+        assert flag in help_text
+
+
+class FakeTensor:
+    def __init__(self, name, array):
+        self._name, self.array = name, array
+
+    def name(self):
+        return self._name
+
+    def as_numpy(self):
+        return self.array
+
+
+class FakePb:
+    Tensor = FakeTensor
+
+
+def test_string_text_tensors_and_image_errors():
+    """The TYPE_STRING branch, which this machine's Triton (24.10 with numpy 2) cannot run end to end."""
+    tensor = text_tensor(FakePb, "text", "chat noir é", "string")
+    assert tensor.as_numpy().dtype == object and read_text(tensor, "string") == "chat noir é"
+    from ccra_export.runtime.inputs import InputError
+
+    with pytest.raises(InputError, match="not a readable image"):
+        decode_image(b"not an image", 1000)
+    buffer = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buffer, format="PNG")
+    with pytest.raises(InputError, match="40x30 pixels; the limit is 100"):
+        decode_image(buffer.getvalue(), 100)
+
+
+# ---------------------------------------------------------------- a real Triton
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def pytriton_server() -> tuple[Path, Path, Path] | None:
+    """(tritonserver, the Python backend folder, this Python's stub) from nvidia-pytriton, if installed."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or spec.origin is None:
+        return None
+    root = Path(spec.origin).parent / "tritonserver"
+    version = f"{sys.version_info.major}.{sys.version_info.minor}"
+    found = (
+        root / "bin" / "tritonserver",
+        root / "backends" / "python",
+        root / "python_backend_stubs" / version / "triton_python_backend_stub",
+    )
+    return found if all(p.exists() for p in found) else None
+
+
+def backend_directory(dest: Path, python_backend: Path, stub: Path) -> Path:
+    """A backends folder Triton can use: the Python backend plus the stub built for this Python
+    (nvidia-pytriton ships one stub per Python version and copies the right one in at run time)."""
+    target = dest / "python"
+    shutil.copytree(python_backend, target, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy2(stub, target / "triton_python_backend_stub")
+    return dest
+
+
+def server_env(server: Path) -> dict[str, str]:
+    """The stub links libpython: a pyenv (or any non-system) Python needs its LIBDIR on the library
+    path, or the stub loads the system libpython. The stub's embedded Python takes its prefix from
+    the first python3 on PATH, so this environment's bin goes first: ccra_export imports there."""
+    libraries = [sysconfig.get_config_var("LIBDIR"), str(server.parents[3] / "nvidia_pytriton.libs")]
+    env = dict(os.environ)
+    env["LD_LIBRARY_PATH"] = os.pathsep.join([*libraries, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    return env
+
+
+@contextlib.contextmanager
+def running_triton(repo: Path, workdir: Path):
+    found = pytriton_server()
+    if found is None:
+        pytest.skip("no tritonserver binary: install nvidia-pytriton (it ships Triton with the Python backend)")
+    server, python_backend, stub = found
+    backends = backend_directory(workdir / "backends", python_backend, stub)
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    command = [
+        str(server),
+        f"--model-repository={repo}",
+        f"--backend-directory={backends}",
+        "--disable-auto-complete-config",  # Triton runs the configs exactly as written
+        "--http-address=127.0.0.1",
+        "--grpc-address=127.0.0.1",
+        "--metrics-address=127.0.0.1",
+        f"--http-port={http}",
+        f"--grpc-port={grpc}",
+        f"--metrics-port={metrics}",
+        "--exit-timeout-secs=5",
+    ]
+    log_path = workdir / "tritonserver.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=server_env(server))
+    try:
+        deadline = time.monotonic() + 90
+        ready = False
+        while time.monotonic() < deadline and process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                ready = all(
+                    httpx.get(f"http://127.0.0.1:{http}{path}", timeout=2).status_code == 200
+                    for path in ("/v2/health/ready", "/v2/models/ccra_vision/ready", "/v2/models/ccra_vlm/ready")
+                )
+            if ready:
+                break
+            time.sleep(0.25)
+        if not ready:
+            tail = log_path.read_text(errors="replace")[-3000:]
+            pytest.fail(f"tritonserver was not ready in 90 s (exit {process.poll()}):\n{tail}")
+        yield f"127.0.0.1:{http}", f"127.0.0.1:{grpc}", log_path
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def triton(ccra_bundle, tmp_path_factory):
+    """Triton serving the repository `ccra-export triton --vision-backend python --text-type uint8` writes."""
+    workdir = tmp_path_factory.mktemp("triton")
+    repo = workdir / "repo"
+    extra = ["--vision-backend", "python", "--text-type", "uint8", "--max-queue-delay-us", str(QUEUE_DELAY_US)]
+    result = write(ccra_bundle, repo, *extra, "--max-new-tokens", str(NEW_TOKENS))
+    assert result.exit_code == 0, result.output
+    with running_triton(repo, workdir) as endpoints:
+        yield endpoints
+
+
+@pytest.fixture(scope="module")
+def photo(cat):
+    buffer = io.BytesIO()
+    cat.resize((160, 120)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def pipeline(ccra_bundle):
+    return Pipeline.from_bundle(ccra_bundle)
+
+
+@pytest.fixture(scope="module")
+def greedy(pipeline, photo) -> str:
+    picture = Image.open(io.BytesIO(photo)).convert("RGB")
+    return pipeline.generate(picture, PROMPT, Sampling(max_new_tokens=NEW_TOKENS, stop_ids=pipeline.lm.eos_ids))
+
+
+def grpc_input(name: str, array: np.ndarray, datatype: str):
+    import tritonclient.grpc as grpcclient
+
+    tensor = grpcclient.InferInput(name, list(array.shape), datatype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def utf8(text: str) -> np.ndarray:
+    return np.frombuffer(text.encode(), dtype=np.uint8)
+
+
+def stream_vlm(url: str, inputs: list, timeout: float = 60.0) -> tuple[list[str], list[str]]:
+    """ccra_vlm over a gRPC stream: (text pieces, errors), until Triton's final-response flag."""
+    import tritonclient.grpc as grpcclient
+
+    client = grpcclient.InferenceServerClient(url)
+    events: queue.Queue = queue.Queue()
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
+    pieces, errors = [], []
+    try:
+        client.async_stream_infer("ccra_vlm", inputs, enable_empty_final_response=True)
+        deadline = time.monotonic() + timeout
+        while True:
+            result, error = events.get(timeout=max(0.1, deadline - time.monotonic()))
+            if error is not None:
+                errors.append(str(error))
+                break
+            text = result.as_numpy("text")
+            if text is not None:
+                pieces.append(text.tobytes().decode())
+            final = result.get_response().parameters.get("triton_final_response")
+            if final is not None and final.bool_param:
+                break
+    finally:
+        client.stop_stream()
+        client.close()
+    return pieces, errors
+
+
+def test_grpc_stream_gives_the_pipelines_greedy_answer_token_by_token(triton, photo, greedy):
+    _, grpc_url, _ = triton
+    inputs = [grpc_input("image", np.frombuffer(photo, np.uint8), "UINT8"), grpc_input("prompt", utf8(PROMPT), "UINT8")]
+    pieces, errors = stream_vlm(grpc_url, inputs)
+    assert not errors
+    assert len(pieces) >= 2, pieces  # streamed, not one block
+    assert "".join(pieces) == greedy
+
+
+def http_text(value) -> str:
+    """A UINT8 output in Triton's JSON (a one-element tensor comes back as a bare number)."""
+    return bytes(value if isinstance(value, list) else [value]).decode()
+
+
+def test_http_generate_and_generate_stream(triton, photo, greedy):
+    """tritonclient.http refuses decoupled models (Triton answers 501); HTTP clients use the generate
+    extension: /generate for one response (stream false), /generate_stream for server-sent events."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    http_url, _, _ = triton
+    body = {"image": list(photo), "prompt": list(PROMPT.encode()), "max_new_tokens": NEW_TOKENS}
+    one = httpx.post(f"http://{http_url}/v2/models/ccra_vlm/generate", json={**body, "stream": False}, timeout=60)
+    assert one.status_code == 200, one.text
+    assert http_text(one.json()["text"]) == greedy
+    events = httpx.post(f"http://{http_url}/v2/models/ccra_vlm/generate_stream", json=body, timeout=60)
+    data = [json.loads(line[len("data: ") :]) for line in events.text.splitlines() if line.startswith("data: ")]
+    assert len(data) >= 2 and "".join(http_text(d["text"]) for d in data) == greedy
+    client = httpclient.InferenceServerClient(http_url)
+    tensor = httpclient.InferInput("image", [len(photo)], "UINT8")
+    tensor.set_data_from_numpy(np.frombuffer(photo, np.uint8))
+    with pytest.raises(InferenceServerException, match="decoupled"):
+        client.infer("ccra_vlm", [tensor])
+
+
+def test_bad_requests_get_one_line_errors_and_triton_keeps_serving(triton, photo):
+    _, grpc_url, _ = triton
+    bad_image = [grpc_input("image", utf8("not a png"), "UINT8"), grpc_input("prompt", utf8(PROMPT), "UINT8")]
+    _, errors = stream_vlm(grpc_url, bad_image)
+    assert len(errors) == 1 and "image: not a readable image" in errors[0]
+    hot = [
+        grpc_input("image", np.frombuffer(photo, np.uint8), "UINT8"),
+        grpc_input("prompt", utf8(PROMPT), "UINT8"),
+        grpc_input("temperature", np.array([-1.0], np.float32), "FP32"),
+    ]
+    _, errors = stream_vlm(grpc_url, hot)
+    assert len(errors) == 1 and "temperature: -1.0" in errors[0] and "--" not in errors[0]
+    sampled = [*hot[:2], grpc_input("max_new_tokens", np.array([3], np.int32), "INT32")]
+    pieces, errors = stream_vlm(grpc_url, sampled)
+    assert not errors and pieces
+
+
+def test_concurrent_vision_requests_are_batched(triton, pipeline):
+    """Several requests at once: Triton's statistics show fewer executions than inferences, and each
+    batched answer equals the vision graph run on that request alone."""
+    import tritonclient.grpc as grpcclient
+
+    _, grpc_url, _ = triton
+    client = grpcclient.InferenceServerClient(grpc_url)
+    rng = np.random.default_rng(0)
+    requests = []
+    for _ in range(6):  # one prompt length: Triton batches requests whose shapes match
+        requests.append(
+            {
+                "pixel_values": rng.standard_normal((1, 3, 56, 56)).astype(np.float32),
+                "text_embeds": rng.standard_normal((1, 5, 96)).astype(np.float32),
+                "text_mask": np.ones((1, 5), np.int64),
+            }
+        )
+    types = {"pixel_values": "FP32", "text_embeds": "FP32", "text_mask": "INT64"}
+
+    def stats() -> tuple[int, int]:
+        model = client.get_inference_statistics("ccra_vision").model_stats[0]
+        return model.inference_count, model.execution_count
+
+    inferences, executions = stats()
+    answers: queue.Queue = queue.Queue()
+    for index, feed in enumerate(requests):
+        inputs = [grpc_input(name, array, types[name]) for name, array in feed.items()]
+        client.async_infer(
+            "ccra_vision", inputs, callback=lambda result, error, i=index: answers.put((i, result, error))
+        )
+    received = [answers.get(timeout=60) for _ in requests]
+    assert all(error is None for _, _, error in received), [error for _, _, error in received]
+    after_inferences, after_executions = stats()
+    assert after_inferences - inferences == len(requests)
+    assert after_executions - executions < len(requests), "no two requests were batched together"
+    for index, result, _ in received:
+        alone = pipeline.vision.run(requests[index])
+        np.testing.assert_allclose(result.as_numpy("visual_tokens"), alone["visual_tokens"], rtol=1e-5, atol=1e-5)
+    client.close()
+
+
+def test_triton_log_shows_no_python_errors(triton):
+    """Runs last: nothing the models did printed a traceback (DLPack capsules, BLS, error responses)."""
+    _, _, log_path = triton
+    log = log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "PyCapsule" not in log, log[-3000:]
