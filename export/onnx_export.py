@@ -37,7 +37,8 @@ from ccra_export.core.vision_graphs import (
     GraphPart,
 )
 from ccra_export.export.lpwca_op import TRANSLATION_TABLE, lpwca_mode
-from ccra_export.model.vision_model import CCRAVisionModel, part_module
+from ccra_export.model.ccra_plugin import CCRAModuleError
+from ccra_export.model.vision_model import CCRAVisionModel, model_parts, part_module
 
 DEFAULT_OPSET = 20
 MIN_OPSET = 17  #: LayerNormalization
@@ -123,8 +124,8 @@ def export_model_proto(
     """
     check_opset(opset)
     config = model.config
-    part = part or (WHOLE_PLAIN if config.ccra is None else WHOLE_CCRA)
-    with _quiet_exporter(), torch.no_grad(), lpwca_mode(model, lpwca):
+    part = part or model_parts(model)[0]
+    with _quiet_exporter(), torch.no_grad(), lpwca_mode(model, lpwca), _plugin_export_errors(config):
         program = torch.onnx.export(
             part_module(model.eval(), part),
             example_inputs(config, part=part),
@@ -148,6 +149,25 @@ def export_model_proto(
         proto, {"ccra_export.variant": config.variant, "ccra_export.model": config.name, "ccra_export.graph": part.name}
     )
     return proto
+
+
+@contextlib.contextmanager
+def _plugin_export_errors(config: ModelConfig) -> Iterator[None]:
+    """A plug-in CCRA module that torch.export cannot trace: one line naming it and what is expected
+    (the reconstruction's export failing would be this toolkit's bug, and keeps its traceback)."""
+    if config.ccra is None or not config.ccra.is_plugin:
+        yield
+        return
+    try:
+        yield
+    except Exception as exc:  # torch.onnx's TorchExportError / ConversionError wrap the cause
+        cause = exc.__cause__ or exc
+        detail = " ".join(str(cause).split())[:240]
+        raise CCRAModuleError(
+            f"--ccra-module {config.ccra.module}: does not export to ONNX ({type(cause).__name__}: {detail}); "
+            "its forward must trace with torch.export: tensor ops only, no Python branches on tensor values, "
+            "dynamic batch and text length"
+        ) from None
 
 
 #: The one piece of exporter node metadata kept: module scopes, which precision passes use to

@@ -47,8 +47,8 @@ class Prepared:
 
 def no_attention_map(bundle: Path) -> str:
     return (
-        f"--bundle {bundle}: the plain LLaVA-1.5 variant has no LPWCA attention map "
-        "(only CCRA bundles output lpwca_attention)"
+        f"--bundle {bundle}: its vision graph outputs no attention map (the plain LLaVA-1.5 variant, or a "
+        "plug-in CCRA module that returns none; the reconstruction outputs lpwca_attention)"
     )
 
 
@@ -68,6 +68,8 @@ class Pipeline:
         record = manifest["language_model"]
         self.image_token_id = int(record["image_token_id"])
         self.ccra = manifest["variant"] == "ccra"
+        #: the vision graph outputs CCRA's attention map (a plug-in CCRA module may not give one)
+        self.has_attention = any(o["name"] == "lpwca_attention" for o in manifest["graph"]["outputs"])
         self.processor = processor_from_manifest(manifest)
         self.control_tokens = control_tokens(tokenizer)
 
@@ -149,7 +151,7 @@ class Pipeline:
         the photo (the vision graph only; no text is generated)."""
         check_prompt(prompt, self.control_tokens)
         picture = image if isinstance(image, Image.Image) else load_image(image)
-        if not self.ccra:
+        if not self.has_attention:
             raise InputError(no_attention_map(self.bundle))
         return self.attention_map(self._vision(picture, prompt)["lpwca_attention"][0], picture.size)
 

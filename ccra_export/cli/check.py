@@ -24,6 +24,7 @@ from ccra_export.workflows.parity import ParityOptions
         help="Seed of the fresh parity inputs (default: a new random seed, printed).",
     ),
     o.MODEL_OVERRIDE,
+    o.CCRA_MODULE_CHECK,
     o.REFERENCE,
     o.PLUGIN_LIBRARY,
     o.PARITY,
@@ -33,6 +34,7 @@ from ccra_export.workflows.parity import ParityOptions
 def check(
     bundle: Path,
     model_override: str | None,
+    ccra_module: str | None,
     reference: str,
     plugin_library: Path | None,
     backend: str,
@@ -50,6 +52,7 @@ def check(
         parity=o.into(ParityOptions, parity),
         backend=backend,
         model_override=model_override,
+        ccra_module=ccra_module,
         reference=reference,
         plugin_library=plugin_library,
         steps=Steps(stderr),

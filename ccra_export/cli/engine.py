@@ -21,6 +21,7 @@ from ccra_export.workflows.engine import add_engine
     o.PROFILE,
     o.REFERENCE,
     o.MODEL_OVERRIDE,
+    o.CCRA_MODULE_CHECK,
     o.opt("force", "--force", is_flag=True, help="Replace the engine the bundle already holds."),
     o.ENGINE,
 )
@@ -30,6 +31,7 @@ def engine(
     plugin_library: Path | None,
     reference: str,
     model_override: str | None,
+    ccra_module: str | None,
     force: bool,
     profile: dict[str, Any],
     trt: dict[str, Any],
@@ -49,6 +51,7 @@ def engine(
         profile_overrides=o.into(ProfileOptions, profile).overrides(),
         reference=reference,
         model_override=model_override,
+        ccra_module=ccra_module,
         force=force,
         steps=Steps(stderr),
     )

@@ -164,6 +164,13 @@ TOWER_CACHE_MIB = opt(
     "content, so a second question about an image runs only CCRA's head. One llava-1.5-7b image takes 27 MiB "
     "(FP16) to 54 MiB (FP32); 0 disables the cache.",
 )
+CCRA_MODULE_CHECK = opt(
+    "ccra_module",
+    "--ccra-module",
+    metavar="PKG.MOD:FACTORY",
+    help="A bundle built with a plug-in CCRA module: name it again (as recorded in its manifest) to rebuild the "
+    "PyTorch reference; a manifest never makes ccra-export import code.",
+)
 BUNDLE = opt(
     "bundle", "--bundle", required=True, type=click.Path(path_type=Path), help="Bundle directory written by `build`."
 )
@@ -450,6 +457,14 @@ EXPORT = (
         show_default=True,
         help="LPWCA as one ccra::LPWCA node (fused: the TensorRT plugin; the C++ CPU kernel under ONNX Runtime) "
         "or as standard ops (portable). auto: fused for TensorRT, portable for ONNX Runtime.",
+    ),
+    opt(
+        "ccra_module",
+        "--ccra-module",
+        metavar="PKG.MOD:FACTORY",
+        help="The CCRA module to export, a torch.nn.Module built by FACTORY(spec) (README, 'Bring your own CCRA'); "
+        "its weights are read from ccra.safetensors by its own state_dict names. Default: the checkpoint's "
+        "ccra_module entry, else the reconstruction (ccra_export.model.ccra_module:reconstruction).",
     ),
     opt(
         "split_vision",

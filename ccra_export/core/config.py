@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,18 @@ def check_float(value: Any, where: str, name: str, *, positive: bool = False) ->
     if positive and value <= 0:
         raise ConfigError(f"{where}: {name} must be positive, got {value}")
     return float(value)
+
+
+#: The reconstruction of CCRA, registered through the same factory interface as a user's module.
+DEFAULT_CCRA_MODULE = "ccra_export.model.ccra_module:reconstruction"
+_MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def check_module_path(value: Any, where: str) -> str:
+    """``package.module:Factory`` (dotted names only), else one line saying what was expected."""
+    if not isinstance(value, str) or not _MODULE_PATH.match(value):
+        raise ConfigError(f"{where}: expected package.module:Factory, got {_shown(value)}")
+    return value
 
 
 @dataclass(frozen=True)
@@ -109,6 +122,19 @@ class CCRAConfig:
     num_heads: int = 8
     layer_scale_init: float = 1e-2
     layer_norm_eps: float = 1e-5
+    #: which implementation: ``package.module:Factory`` (README, "Bring your own CCRA"); None is the
+    #: reconstruction (``DEFAULT_CCRA_MODULE``). The four sizes above are the reconstruction's.
+    module: str | None = None
+    #: the module's own settings (JSON), handed to its factory as ``spec.options``
+    options: dict[str, Any] = field(default_factory=dict, compare=False)
+
+    @property
+    def module_path(self) -> str:
+        return self.module or DEFAULT_CCRA_MODULE
+
+    @property
+    def is_plugin(self) -> bool:
+        return self.module is not None and self.module != DEFAULT_CCRA_MODULE
 
     @property
     def num_layers(self) -> int:
@@ -137,6 +163,10 @@ class CCRAConfig:
             )
         if len(set(self.feature_layers)) != len(self.feature_layers):
             raise ConfigError(f"{where}: CCRA feature_layers has duplicates: {list(self.feature_layers)}")
+        if self.module is not None:
+            check_module_path(self.module, f"{where}: CCRA module")
+        if not isinstance(self.options, dict):
+            raise ConfigError(f"{where}: CCRA options must be a JSON object, got {_shown(self.options)}")
         if self.attn_dim <= 0 or self.num_heads <= 0 or self.attn_dim % self.num_heads:
             raise ConfigError(
                 f"{where}: CCRA attn_dim {self.attn_dim} must be a positive multiple of num_heads {self.num_heads}"
@@ -205,7 +235,11 @@ class ModelConfig:
                 name=data["name"],
                 vision=VisionTowerConfig(**data["vision"]),
                 lm_hidden_size=int(data["lm_hidden_size"]),
-                ccra=None if ccra is None else CCRAConfig(**{**ccra, "feature_layers": tuple(ccra["feature_layers"])}),
+                ccra=None
+                if ccra is None
+                else CCRAConfig(
+                    **{**ccra, "feature_layers": tuple(ccra["feature_layers"]), "options": ccra.get("options") or {}}
+                ),
                 vision_feature_layer=int(data.get("vision_feature_layer", -2)),
                 projector_act=data.get("projector_act", "gelu"),
                 projector_bias=bool(data.get("projector_bias", True)),

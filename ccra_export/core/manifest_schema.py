@@ -111,11 +111,16 @@ class ReferenceRecord(TypedDict):
     inputs: dict[str, Any]
 
 
+#: a plug-in CCRA module, ``package.module:Factory`` (recorded, never imported on the manifest's word)
+ModulePath = Annotated[str, Field(pattern=r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")]
+
+
 @with_config(_OPEN)
 class CheckpointSource(TypedDict):
     kind: Literal["checkpoint"]
     path: str
     weights_sha256: Sha256
+    ccra_module: NotRequired[ModulePath]
 
 
 @with_config(_OPEN)
@@ -124,6 +129,7 @@ class PresetSource(TypedDict):
     preset: str
     seed: NonNegativeInt
     plain: bool
+    ccra_module: NotRequired[ModulePath]
 
 
 @with_config(_OPEN)

@@ -11,7 +11,7 @@ Torch-free: the export, the runtime and the manifest all name the parts from her
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 PIXEL_VALUES = "pixel_values"
@@ -48,11 +48,28 @@ HEAD = GraphPart(
 PARTS = {part.name: part for part in (WHOLE_CCRA, TOWER, HEAD)}
 
 
-def graph_parts(*, ccra: bool, split: bool) -> tuple[GraphPart, ...]:
-    """The graphs a build writes, in execution order."""
-    if split:
-        return (TOWER, HEAD)
-    return (WHOLE_CCRA,) if ccra else (WHOLE_PLAIN,)
+def graph_parts(*, ccra: bool, split: bool, attention: bool = True) -> tuple[GraphPart, ...]:
+    """The graphs a build writes, in execution order. ``attention``: the CCRA module returns its
+    attention map (the reconstruction does; a plug-in module may not)."""
+    if not ccra:
+        return (WHOLE_PLAIN,)
+    parts = (TOWER, HEAD) if split else (WHOLE_CCRA,)
+    if attention:
+        return parts
+    return tuple(replace(p, outputs=(VISUAL_TOKENS,)) if p.name != TOWER.name else p for p in parts)
+
+
+def parts_from_manifest(manifest: dict[str, Any]) -> tuple[GraphPart, ...]:
+    """The bundle's graphs as ``GraphPart``s, with the I/O names its manifest records."""
+    return tuple(
+        replace(
+            PARTS[record["name"]],
+            file=record["file"],
+            inputs=tuple(spec["name"] for spec in record["inputs"]),
+            outputs=tuple(spec["name"] for spec in record["outputs"]),
+        )
+        for record in part_records(manifest)
+    )
 
 
 def is_split(manifest: dict[str, Any]) -> bool:

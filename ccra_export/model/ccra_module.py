@@ -16,11 +16,15 @@ import torch
 from torch import nn
 
 from ccra_export.core.config import CCRAConfig
+from ccra_export.model.ccra_plugin import CCRAModuleSpec, ccra_module_factory, make_module
 from ccra_export.model.lpwca_fused import fold_query, lpwca
 
 
 class CCRA(nn.Module):
     """Progressive Attention Integration: text query -> LPWCA -> layer-wise -> patch-wise."""
+
+    #: computes ``ccra::LPWCA`` exactly (stages 2-3), so ``--lpwca fused`` may replace them by the node
+    lpwca_contract = True
 
     def __init__(self, config: CCRAConfig, vision_hidden_size: int, num_patches: int) -> None:
         super().__init__()
@@ -97,8 +101,14 @@ class CCRA(nn.Module):
         return self.patch_attention(fused, q), attention
 
 
-def ccra_parameter_count(config: CCRAConfig, vision_hidden_size: int) -> int:
-    """Exact parameter count of the module, computed from its shapes (no weights allocated)."""
+@ccra_module_factory
+def reconstruction(spec: CCRAModuleSpec) -> CCRA:
+    """The default CCRA module (``core.config.DEFAULT_CCRA_MODULE``), through the plug-in interface."""
+    return CCRA(spec.config, spec.vision_hidden_size, spec.num_patches)
+
+
+def ccra_parameter_count(config: CCRAConfig, vision_hidden_size: int, num_patches: int = 1) -> int:
+    """Exact parameter count of the configured module, computed from its shapes (no weights allocated)."""
     with torch.device("meta"):
-        module = CCRA(config, vision_hidden_size, num_patches=1)
+        module = make_module(config.module_path, CCRAModuleSpec(config, vision_hidden_size, num_patches))
     return sum(p.numel() for p in module.parameters())

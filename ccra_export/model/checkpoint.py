@@ -31,6 +31,7 @@ from ccra_export.core.errors import CheckpointError
 from ccra_export.core.hashing import TensorDigest
 from ccra_export.model.checkpoint_check import (
     CCRA_CONFIG_KEY,
+    CCRA_MODULE_KEY,
     CCRA_WEIGHTS,
     ENCODER_LAYER_KEY,
     PROJECTOR_KEY,
@@ -125,12 +126,15 @@ def _load_strict(model: CCRAVisionModel, state: dict[str, torch.Tensor], root: P
     model.load_state_dict(state, strict=True)
 
 
-def load_checkpoint(path: str | Path, language_model: LanguageModelRequest | None = None) -> LoadedCheckpoint:
+def load_checkpoint(
+    path: str | Path, language_model: LanguageModelRequest | None = None, ccra_module: str | None = None
+) -> LoadedCheckpoint:
     """Validate the whole checkpoint (configs, headers, tokenizer; see ``checkpoint_check``), then
     read the vision-side weights; the language model's layers are never loaded.
 
-    ``language_model``: ``--lm-precision`` was asked for, so what it needs is checked up front too."""
-    checked = validate_checkpoint(path, language_model)
+    ``language_model``: ``--lm-precision`` was asked for, so what it needs is checked up front too.
+    ``ccra_module``: ``--ccra-module``, the CCRA implementation the weights are for."""
+    checked = validate_checkpoint(path, language_model, ccra_module)
     root, config = checked.root, checked.config
     digest = TensorDigest()
     ccra_tensors = _read_ccra(checked.ccra_file, digest) if checked.ccra_file is not None else None
@@ -175,6 +179,10 @@ def save_ccra_weights(model: CCRAVisionModel, directory: str | Path) -> Path:
     path = Path(directory) / CCRA_WEIGHTS
     meta_config = asdict(model.config.ccra)
     meta_config["feature_layers"] = list(meta_config["feature_layers"])
+    module = meta_config.pop("module")
+    metadata = {CCRA_CONFIG_KEY: json.dumps(meta_config)}
+    if module is not None:  # a plug-in module: its weights load only into it
+        metadata[CCRA_MODULE_KEY] = module
     tensors = {k: v.detach().contiguous() for k, v in model.ccra.state_dict().items()}
-    save_file(tensors, str(path), metadata={CCRA_CONFIG_KEY: json.dumps(meta_config)})
+    save_file(tensors, str(path), metadata=metadata)
     return path

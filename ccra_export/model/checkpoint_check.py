@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from ccra_export.core.config import (
+    DEFAULT_CCRA_MODULE,
     MAX_HEADS,
     MAX_HIDDEN,
     MAX_IMAGE_SIZE,
@@ -38,6 +39,7 @@ from ccra_export.core.config import (
     VisionTowerConfig,
     check_float,
     check_int,
+    check_module_path,
 )
 from ccra_export.core.errors import CheckpointError, ConfigError
 
@@ -45,6 +47,7 @@ CONFIG_FILE = "config.json"
 INDEX_FILE = "model.safetensors.index.json"
 CCRA_WEIGHTS = "ccra.safetensors"
 CCRA_CONFIG_KEY = "ccra_config"
+CCRA_MODULE_KEY = "ccra_module"  #: ``package.module:Factory`` of a plug-in CCRA module (README)
 TOKENIZER_FILE = "tokenizer.json"
 SENTENCEPIECE_FILE = "tokenizer.model"
 IMAGE_TOKEN = "<image>"
@@ -454,8 +457,12 @@ def parse_ccra_config(metadata: dict[str, str], path: Path) -> CCRAConfig:
     layers = fields["feature_layers"]
     if not isinstance(layers, list):
         raise CheckpointError(f"{where}: feature_layers must be a list of layer indices, got {_shown(layers)}")
+    if not isinstance(fields.get("options", {}), dict):
+        raise CheckpointError(f"{where}: options must be a JSON object (the CCRA module's own settings)")
     ccra = CCRAConfig(**{**fields, "feature_layers": tuple(layers)})
     try:  # types and bounds; the layer range needs the tower and is checked by _check_ccra
+        if ccra.module is not None:
+            check_module_path(ccra.module, f"{where}: module")
         for layer in ccra.feature_layers:
             check_int(layer, where, "feature_layers entry", 0, MAX_LAYERS)
         check_int(ccra.text_hidden_size, where, "text_hidden_size", 1, MAX_HIDDEN)
@@ -466,6 +473,32 @@ def parse_ccra_config(metadata: dict[str, str], path: Path) -> CCRAConfig:
     except ConfigError as exc:
         raise CheckpointError(str(exc)) from None
     return ccra
+
+
+def _ccra_module(
+    ccra: CCRAConfig,
+    flag: str | None,
+    header: SafetensorsHeader,
+    ccra_file: Path,
+    raw: dict[str, Any],
+    config_path: Path,
+) -> str | None:
+    """Which CCRA module the weights are for: ``--ccra-module``, else the checkpoint's ``ccra_module``
+    (``ccra.safetensors`` metadata, ccra_config's ``module``, config.json), else the reconstruction."""
+    candidates = [
+        ("--ccra-module", flag),
+        (f"{ccra_file}: metadata {CCRA_MODULE_KEY}", header.metadata.get(CCRA_MODULE_KEY)),
+        (f"{ccra_file}: {CCRA_CONFIG_KEY} module", ccra.module),
+        (f"{config_path}: {CCRA_MODULE_KEY}", raw.get(CCRA_MODULE_KEY)),
+    ]
+    for where, value in candidates:
+        if value is not None:
+            try:
+                module = check_module_path(value, where)
+            except ConfigError as exc:
+                raise CheckpointError(str(exc)) from None
+            return None if module == DEFAULT_CCRA_MODULE else module
+    return None
 
 
 def _check_ccra(ccra: CCRAConfig, vision: VisionTowerConfig, path: Path) -> None:
@@ -558,13 +591,16 @@ def _check_positions(config: ModelConfig, shape: tuple[int, ...], file: Path, na
 
 def _check_ccra_tensors(header: SafetensorsHeader, config: ModelConfig) -> None:
     """ccra.safetensors holds exactly the CCRA module's tensors, in the shapes its ccra_config gives."""
-    from ccra_export.model.ccra_module import CCRA
+    from ccra_export.model.ccra_plugin import CCRAModuleSpec, make_module
 
     assert config.ccra is not None
     with torch.device("meta"):
-        module = CCRA(config.ccra, config.vision.hidden_size, config.num_patches)
+        spec = CCRAModuleSpec(config.ccra, config.vision.hidden_size, config.num_patches)
+        module = make_module(config.ccra.module_path, spec)
     expected = {name: tuple(t.shape) for name, t in module.state_dict().items()}
     source = f"its {CCRA_CONFIG_KEY} and config.json vision_config"
+    if config.ccra.is_plugin:
+        source = f"the state_dict of {config.ccra.module} ({source})"
     missing = sorted(set(expected) - set(header.tensors))
     unexpected = sorted(set(header.tensors) - set(expected))
     if missing or unexpected:
@@ -704,11 +740,15 @@ def _check_tokenizer(root: Path, hf: Any, text: dict[str, int], request: Languag
 # --------------------------------------------------------------------------- the whole checkpoint
 
 
-def validate_checkpoint(path: str | Path, language_model: LanguageModelRequest | None = None) -> CheckedCheckpoint:
+def validate_checkpoint(
+    path: str | Path, language_model: LanguageModelRequest | None = None, ccra_module: str | None = None
+) -> CheckedCheckpoint:
     """Check everything a build reads from the checkpoint, from configs and headers alone.
 
     ``language_model``: also what ``--lm-precision`` needs (tokenizer, ``<image>`` id, attention
-    head size, the decoder's tensors). Every failure is one CheckpointError naming the file."""
+    head size, the decoder's tensors). ``ccra_module``: ``--ccra-module``, which takes precedence
+    over the checkpoint's own ``ccra_module`` entry (``ccra.safetensors`` metadata, then
+    config.json). Every failure is one CheckpointError naming the file."""
     root = Path(path)
     if not root.is_dir():
         raise CheckpointError(f"--model {root}: not a directory and not a preset name")
@@ -726,6 +766,9 @@ def validate_checkpoint(path: str | Path, language_model: LanguageModelRequest |
     if ccra_file.exists():
         ccra_header = read_safetensors_header(ccra_file)
         ccra = parse_ccra_config(ccra_header.metadata, ccra_file)
+        ccra = dataclasses.replace(
+            ccra, module=_ccra_module(ccra, ccra_module, ccra_header, ccra_file, raw, config_path)
+        )
         _check_ccra(ccra, config.vision, ccra_file)
         if ccra.text_hidden_size != text["hidden_size"]:
             raise CheckpointError(

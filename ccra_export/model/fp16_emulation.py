@@ -68,4 +68,4 @@ def half_precision_outputs(
         args.append(tensor.half() if tensor.is_floating_point() else tensor)
     outputs = half(*args)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return {name: out.float().numpy() for name, out in zip(output_names(model.config), outputs, strict=True)}
+    return {name: out.float().numpy() for name, out in zip(output_names(model), outputs, strict=True)}

@@ -23,16 +23,23 @@ from ccra_export.core.vision_graphs import (
     TOWER,
     VISUAL_TOKENS,
     GraphPart,
+    graph_parts,
 )
-from ccra_export.model.ccra_module import CCRA
+from ccra_export.model.ccra_plugin import CCRAModuleSpec, make_module, probe_outputs
 
 
 def input_names(config: ModelConfig) -> list[str]:
     return [PIXEL_VALUES] if config.ccra is None else [PIXEL_VALUES, TEXT_EMBEDS, TEXT_MASK]
 
 
-def output_names(config: ModelConfig) -> list[str]:
-    return [VISUAL_TOKENS] if config.ccra is None else [VISUAL_TOKENS, LPWCA_ATTENTION]
+def output_names(model: CCRAVisionModel) -> list[str]:
+    """The single graph's outputs: visual tokens, and the attention map when the CCRA module gives one."""
+    return [VISUAL_TOKENS, LPWCA_ATTENTION] if model.provides_attention else [VISUAL_TOKENS]
+
+
+def model_parts(model: CCRAVisionModel, split: bool = False) -> tuple[GraphPart, ...]:
+    """The graphs a build exports from ``model``, with this module's outputs."""
+    return graph_parts(ccra=model.config.ccra is not None, split=split, attention=model.provides_attention)
 
 
 def hf_vision_config(config: ModelConfig, num_layers: int | None = None) -> CLIPVisionConfig:
@@ -71,9 +78,14 @@ class CCRAVisionModel(nn.Module):
         super().__init__()
         self.config = config
         self.vision_tower = CLIPVisionModel(hf_vision_config(config, config.tower_layers_needed))
-        self.ccra = (
-            CCRA(config.ccra, config.vision.hidden_size, config.num_patches) if config.ccra is not None else None
-        )
+        self.ccra: nn.Module | None = None
+        #: whether the CCRA module also returns its attention map (the graphs' lpwca_attention output)
+        self.provides_attention = config.ccra is not None
+        if config.ccra is not None:  # the reconstruction or a user's module, through one factory interface
+            spec = CCRAModuleSpec(config.ccra, config.vision.hidden_size, config.num_patches)
+            self.ccra = make_module(config.ccra.module_path, spec)
+            if config.ccra.is_plugin:
+                self.provides_attention = probe_outputs(config.ccra.module_path, self.ccra, spec)
         self.multi_modal_projector = LlavaProjector(
             config.vision.hidden_size, config.lm_hidden_size, config.projector_act, config.projector_bias
         )
@@ -109,9 +121,11 @@ def stacked_features(tower: nn.Module, layers: list[int], pixel_values: torch.Te
 
 def ccra_head(
     ccra: nn.Module, projector: nn.Module, features: torch.Tensor, text_embeds: torch.Tensor, text_mask: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    fused, attention = ccra(features, text_embeds, text_mask)
-    return projector(fused), attention
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    out = ccra(features, text_embeds, text_mask)
+    if isinstance(out, tuple | list):  # features and the attention map
+        return projector(out[0]), out[1]
+    return projector(out)
 
 
 class VisionTowerGraph(nn.Module):
@@ -207,4 +221,4 @@ def reference_outputs(model: CCRAVisionModel, feeds: dict[str, np.ndarray]) -> d
     args = [torch.from_numpy(np.ascontiguousarray(feeds[name])) for name in input_names(config)]
     outputs = model.float()(*args)
     outputs = outputs if isinstance(outputs, tuple) else (outputs,)
-    return {name: out.numpy() for name, out in zip(output_names(config), outputs, strict=True)}
+    return {name: out.numpy() for name, out in zip(output_names(model), outputs, strict=True)}

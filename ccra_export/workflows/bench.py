@@ -249,12 +249,18 @@ def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | N
     with the fix in the same line. A ``--model`` that cannot be the source is refused instead."""
     from ccra_export.core.errors import CheckpointError, ConfigError
     from ccra_export.core.extras import export_stack_available
+    from ccra_export.workflows.source import recorded_module
 
     source = manifest["source"]
     if source["kind"] == "preset" and model is not None:
         raise ConfigError("--model applies to bundles built from a checkpoint; this one was built from a preset")
     if not export_stack_available():  # first: on a Jetson, the checkpoint would not help
         return f"{NO_TORCH}; timed the bundle alone (pip install 'ccra-export[export]' to compare)"
+    if (module := recorded_module(manifest)) is not None:
+        return (
+            f"the bundle's CCRA module is the plug-in {module}, which bench does not import on a manifest's word; "
+            "timed the bundle alone (`check --ccra-module` compares it with PyTorch)"
+        )
     if source["kind"] == "preset":
         return None
     if model is None:

@@ -73,6 +73,7 @@ class BuildOptions:
     lpwca: str = "auto"
     plugin_library: Path | None = None
     int8: Int8Options = field(default_factory=Int8Options)
+    ccra_module: str | None = None  # package.module:Factory: a plug-in CCRA module instead of the reconstruction
     split_vision: bool = False  # CCRA: vision_tower.onnx + ccra_head.onnx (tower outputs cacheable per image)
     lm_precision: str | None = None
     lm_device: str = "auto"
@@ -108,14 +109,23 @@ def _check_output_dir(output: Path, force: bool) -> None:
         raise BundleError(f"--output {output}: parent directory {parent} is not writable")
 
 
-def resolve_lpwca(mode: str, backend: str, config: ModelConfig) -> tuple[str, str]:
-    """(portable | fused | none, why): ``auto`` fuses for TensorRT, stays portable for ONNX Runtime."""
+def resolve_lpwca(mode: str, backend: str, config: ModelConfig, contract: bool = True) -> tuple[str, str]:
+    """(portable | fused | none, why): ``auto`` fuses for TensorRT, stays portable for ONNX Runtime.
+    ``contract``: the CCRA module declares it computes ``ccra::LPWCA`` (a plug-in that does not
+    exports portable, and ``--lpwca fused`` with it is refused)."""
     if mode not in LPWCA_MODES:
         raise ConfigError(f"--lpwca {mode}: expected one of {', '.join(LPWCA_MODES)}")
     if config.ccra is None:
         if mode == "fused":
             raise ConfigError("--lpwca fused: this model is the plain LLaVA-1.5 variant and has no LPWCA stage")
         return "none", "plain variant: no LPWCA stage"
+    if not contract:
+        if mode == "fused":
+            raise ConfigError(
+                f"--lpwca fused: the CCRA module {config.ccra.module_path} does not declare the LPWCA contract "
+                "(lpwca_contract = True); it exports as standard ONNX ops (--lpwca portable)"
+            )
+        return "portable", f"the CCRA module {config.ccra.module_path} does not declare the LPWCA contract"
     if mode != "auto":
         return mode, f"--lpwca {mode}"
     if backend in ("trt", "ort-trt"):
@@ -124,6 +134,12 @@ def resolve_lpwca(mode: str, backend: str, config: ModelConfig) -> tuple[str, st
         "auto: ONNX Runtime runs the decomposed graph with its own kernels; "
         "--lpwca fused runs the node there through the C++ CPU kernel"
     )
+
+
+def _declares_lpwca(source: Source) -> bool:
+    from ccra_export.model.ccra_plugin import declares_lpwca_contract  # torch: the [export] extra
+
+    return source.model.ccra is None or declares_lpwca_contract(source.model.ccra)
 
 
 def _plugin_record(lpwca: str, plugin_library: Path | None) -> dict[str, Any] | None:
@@ -162,6 +178,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         plain=options.plain,
         steps=steps,
         language_model=language_model_request(options.lm_precision, options.lm_device, backend_kind),
+        ccra_module=options.ccra_module,
     )
     processor = quantization.processor_for(source, options.int8.pad_to_square)  # preprocessor_config.json, checked now
 
@@ -169,7 +186,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     for flag, value in (("--calib-data", options.int8.calib_data), ("--prompts", options.int8.prompts)):
         if not int8 and value is not None:
             steps.warn(f"{flag} {value}: ignored; INT8 calibration applies to --precision int8 only")
-    lpwca, lpwca_reason = resolve_lpwca(options.lpwca, backend_kind, source.config)
+    lpwca, lpwca_reason = resolve_lpwca(options.lpwca, backend_kind, source.config, _declares_lpwca(source))
     if int8 and lpwca == "fused":
         if options.lpwca == "fused":
             raise ConfigError(
@@ -184,7 +201,9 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             "--split-vision: this model is the plain LLaVA-1.5 variant; its vision graph has no text-conditioned "
             "head to split off (the whole graph runs once per image already)"
         )
-    parts = graph_parts(ccra=source.config.ccra is not None, split=options.split_vision)
+    parts = graph_parts(
+        ccra=source.config.ccra is not None, split=options.split_vision, attention=source.model.provides_attention
+    )
     plugin = _plugin_record(lpwca, options.plugin_library)
     if backend_kind == "trt" and plugin and not options.plugin_library:
         raise ConfigError(
@@ -481,6 +500,7 @@ def _manifest_fields(
             "ccra_fp32_in_fp16": not options.ccra_fp16 if options.precision == "fp16" else None,
             "lpwca": lpwca,
             "split_vision": len(written) > 1,
+            "ccra_module": config.ccra.module_path if config.ccra else None,
         },
         "graph": graph,
         "dynamic_axes": dynamic_axes,

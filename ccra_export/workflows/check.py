@@ -21,6 +21,7 @@ def check_bundle(
     parity: ParityOptions,
     backend: str = "auto",
     model_override: str | None = None,
+    ccra_module: str | None = None,
     reference: str = "auto",
     plugin_library: Path | None = None,
     steps: Steps = SILENT,
@@ -28,14 +29,21 @@ def check_bundle(
     """Re-run parity of a built bundle: against PyTorch on fresh random inputs (a new seed unless
     one is given; INT8: the held-out images), or against the PyTorch outputs recorded at build time."""
     manifest = read_manifest(bundle)
-    reference, reference_line = resolve_reference(reference, manifest, model_override)
+    reference, reference_line = resolve_reference(reference, manifest, model_override, ccra_module)
     with steps.step("Verifying bundle file hashes"):
         verify_files(bundle, manifest)
     runner, line = open_bundle_backend(bundle, manifest, backend, plugin_library=plugin_library)
     steps.info(line)
     steps.info(reference_line)
     report = check_parity(
-        bundle, manifest, runner, reference, parity=parity, model_override=model_override, steps=steps
+        bundle,
+        manifest,
+        runner,
+        reference,
+        parity=parity,
+        model_override=model_override,
+        ccra_module=ccra_module,
+        steps=steps,
     )
     if manifest["language_model"]:
         _check_language_model(Path(bundle), manifest["language_model"], report, steps)

@@ -41,6 +41,7 @@ def add_engine(
     profile_overrides: dict[str, dict[str, int]] | None = None,
     reference: str = "auto",
     model_override: str | None = None,
+    ccra_module: str | None = None,
     force: bool = False,
     steps: Steps = SILENT,
 ) -> ParityReport:
@@ -65,7 +66,7 @@ def add_engine(
     if plugin_library is not None:
         check_plugin_library(plugin_library)
     profiles = [bundle_profile(manifest, profile_overrides, part) for part in parts]
-    reference_kind, reference_line = resolve_reference(reference, manifest, model_override)
+    reference_kind, reference_line = resolve_reference(reference, manifest, model_override, ccra_module)
     with steps.step("Verifying bundle file hashes"):
         verify_files(bundle, manifest)
     usable, reason = tensorrt_status()
@@ -88,7 +89,15 @@ def add_engine(
             runners.append(runner)
             records.append(record)
         runner = join_parts(runners)
-        report = check_parity(bundle, manifest, runner, reference_kind, model_override=model_override, steps=steps)
+        report = check_parity(
+            bundle,
+            manifest,
+            runner,
+            reference_kind,
+            model_override=model_override,
+            ccra_module=ccra_module,
+            steps=steps,
+        )
         atomic.write_json(bundle / ENGINE_PARITY_FILE, report.to_dict())
         record = join_engine_records(tuple(PARTS[part["name"]] for part in parts), records)
         record["parity"] = {"file": ENGINE_PARITY_FILE, "passed": report.passed, "reference": report.reference}

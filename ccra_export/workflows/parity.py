@@ -26,9 +26,9 @@ from ccra_export.core.parity import (
 )
 from ccra_export.core.reference_record import REFERENCE_FILE, load_reference
 from ccra_export.core.sample_inputs import random_inputs
-from ccra_export.core.vision_graphs import HEAD, TOWER, TOWER_FEATURES, GraphPart, is_split
+from ccra_export.core.vision_graphs import HEAD, TOWER, TOWER_FEATURES, GraphPart, is_split, parts_from_manifest
 from ccra_export.workflows import quantization
-from ccra_export.workflows.source import Source, source_from_manifest
+from ccra_export.workflows.source import Source, recorded_module, source_from_manifest
 
 REFERENCE_CHOICES = ("auto", "pytorch", "recorded")
 
@@ -147,7 +147,9 @@ def run_parity(
     )
 
 
-def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str | None = None) -> tuple[str, str]:
+def resolve_reference(
+    kind: str, manifest: dict[str, Any], model_override: str | None = None, ccra_module: str | None = None
+) -> tuple[str, str]:
     """``--reference`` -> ``pytorch`` | ``recorded``, and one line saying which and why.
 
     auto recomputes with PyTorch where PyTorch is installed and the source is at hand: a preset, or
@@ -165,6 +167,8 @@ def resolve_reference(kind: str, manifest: dict[str, Any], model_override: str |
             kind, why = "recorded", " (auto: PyTorch is not installed here)"
         elif manifest["source"]["kind"] == "checkpoint" and model_override is None:
             kind, why = "recorded", " (auto: --model CHECKPOINT recomputes it with PyTorch)"
+        elif (module := recorded_module(manifest)) is not None and ccra_module is None:
+            kind, why = "recorded", f" (auto: --ccra-module {module} recomputes it with PyTorch)"
         else:
             kind, why = "pytorch", " (auto: PyTorch and the bundle's source are here)"
     if kind == "recorded" and not manifest.get("reference"):
@@ -185,6 +189,7 @@ def check_parity(
     *,
     parity: ParityOptions | None = None,
     model_override: str | None = None,
+    ccra_module: str | None = None,
     steps: Steps = SILENT,
 ) -> ParityReport:
     """Parity of ``runner`` (the bundle's graph or engine) against ``reference`` (pytorch | recorded)."""
@@ -198,7 +203,7 @@ def check_parity(
         with steps.step(f"Parity vs recorded PyTorch outputs ({entry['samples']} samples)"):
             return run_parity(runner, precision, limits, feeds, expected, described, RECORDED_REFERENCE)
     require_export_stack("parity against a fresh PyTorch run (--reference pytorch)")
-    source = source_from_manifest(manifest, model_override, steps)
+    source = source_from_manifest(manifest, model_override, steps, ccra_module)
     if precision == "int8" and manifest["reference"]:
         # INT8 is judged on its held-out images: their inputs are recorded, PyTorch recomputes the outputs
         entry = manifest["reference"]
@@ -210,7 +215,7 @@ def check_parity(
     with steps.step(title):
         report = run_parity(runner, precision, limits, feeds, pytorch_outputs(source, feeds), described)
         if is_split(manifest):  # each graph against PyTorch's same stage too, as at build
-            parts = (TOWER, HEAD)
+            parts = parts_from_manifest(manifest)
             report.graphs = graph_parity(source, runner, parts, split_feeds(source, parts, feeds), limits)
         return report
 

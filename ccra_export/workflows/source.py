@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ccra_export.core.config import PRESETS, ModelConfig, preset
+from ccra_export.core.config import DEFAULT_CCRA_MODULE, PRESETS, ModelConfig, check_module_path, preset
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import CheckpointError, ConfigError
 from ccra_export.runtime.vision_backend import available_providers
@@ -59,13 +60,20 @@ def resolve_source(
     plain: bool,
     steps: Steps = SILENT,
     language_model: LanguageModelRequest | None = None,
+    ccra_module: str | None = None,
 ) -> Source:
     """A preset (random weights only: presets carry no trained weights) or a checkpoint directory.
 
     A checkpoint is validated whole before anything is read from it (``language_model``: with
-    what the language model build needs), so a bad one fails in seconds, before any export."""
+    what the language model build needs), so a bad one fails in seconds, before any export.
+    ``ccra_module`` (``--ccra-module``): the CCRA implementation, instead of the reconstruction
+    (presets) or of the checkpoint's own ``ccra_module`` entry."""
     from ccra_export.model.vision_model import build_model  # torch: the [export] extra
 
+    if ccra_module is not None:
+        check_module_path(ccra_module, "--ccra-module")
+        if ccra_module == DEFAULT_CCRA_MODULE:
+            ccra_module = None
     if model in PRESETS:
         if not random_weights:
             raise ConfigError(
@@ -73,9 +81,15 @@ def resolve_source(
                 "add --random-weights, or pass a checkpoint directory"
             )
         config = preset(model, plain=plain)
+        if ccra_module is not None:
+            if config.ccra is None:
+                raise ConfigError("--ccra-module: --plain builds LLaVA-1.5 without a CCRA module")
+            config = config.with_ccra(dataclasses.replace(config.ccra, module=ccra_module))
+            steps.info(f"CCRA module: {ccra_module} (a plug-in; the reconstruction is {DEFAULT_CCRA_MODULE})")
         with steps.step(f"Building {config.name} ({config.variant}) with random weights, seed {seed}"):
             built = build_model(config, seed=seed)
-        return Source(built, config, {"kind": "preset", "preset": model, "plain": plain, "seed": seed})
+        record = {"kind": "preset", "preset": model, "plain": plain, "seed": seed}
+        return Source(built, config, {**record, **_module_record(config)})
 
     path = Path(model)
     if not path.exists():
@@ -90,23 +104,58 @@ def resolve_source(
     from ccra_export.model.checkpoint import load_checkpoint  # torch: the [export] extra
 
     with steps.step(f"Loading checkpoint {path}"):
-        loaded = load_checkpoint(path, language_model)
+        loaded = load_checkpoint(path, language_model, ccra_module)
     if loaded.config.ccra is None:
+        if ccra_module is not None:
+            raise ConfigError(f"--ccra-module: {path} has no ccra.safetensors (the module's weights)")
         steps.info(
             f"{path}: no ccra.safetensors; building the plain LLaVA-1.5 variant (graph input: pixel_values only)"
         )
+    elif loaded.config.ccra.is_plugin:
+        steps.info(f"CCRA module: {loaded.config.ccra.module} (a plug-in)")
     record = {"kind": "checkpoint", "path": str(path.resolve()), "weights_sha256": loaded.weights_sha256}
-    return Source(loaded.model, loaded.config, record, loaded.token_embeddings())
+    return Source(loaded.model, loaded.config, {**record, **_module_record(loaded.config)}, loaded.token_embeddings())
 
 
-def source_from_manifest(manifest: dict[str, Any], model_override: str | None, steps: Steps = SILENT) -> Source:
-    """Rebuild the PyTorch reference a bundle was built from, refusing a changed checkpoint."""
+def _module_record(config: ModelConfig) -> dict[str, Any]:
+    """The source record's ``ccra_module``, for a plug-in only (reconstruction bundles stay as they were)."""
+    return {"ccra_module": config.ccra.module} if config.ccra is not None and config.ccra.is_plugin else {}
+
+
+def recorded_module(manifest: dict[str, Any]) -> str | None:
+    """The plug-in CCRA module a bundle was built with (None: the reconstruction, or plain)."""
+    module = manifest["source"].get("ccra_module")
+    return module if isinstance(module, str) else None
+
+
+def source_from_manifest(
+    manifest: dict[str, Any], model_override: str | None, steps: Steps = SILENT, ccra_module: str | None = None
+) -> Source:
+    """Rebuild the PyTorch reference a bundle was built from, refusing a changed checkpoint.
+
+    A plug-in CCRA module is imported only when the user names it (``--ccra-module``, equal to the
+    one recorded): a bundle's manifest never makes ccra-export import code."""
     record = manifest["source"]
+    module = recorded_module(manifest)
+    if ccra_module is not None and ccra_module == DEFAULT_CCRA_MODULE:
+        ccra_module = None
+    if module != ccra_module:
+        if module is None:
+            raise ConfigError(f"--ccra-module {ccra_module}: this bundle was built with the reconstruction of CCRA")
+        raise ConfigError(
+            f"--ccra-module: this bundle's CCRA module is the plug-in {module}; pass --ccra-module {module} to "
+            "rebuild its PyTorch reference (a manifest never makes ccra-export import code)"
+        )
     if record["kind"] == "preset":
         if model_override:
             raise ConfigError("--model applies to bundles built from a checkpoint; this one was built from a preset")
         return resolve_source(
-            record["preset"], random_weights=True, seed=record["seed"], plain=record["plain"], steps=steps
+            record["preset"],
+            random_weights=True,
+            seed=record["seed"],
+            plain=record["plain"],
+            steps=steps,
+            ccra_module=module,
         )
     path = model_override
     if path is None:  # the recorded path is provenance, not an instruction: the user names the checkpoint
@@ -116,7 +165,7 @@ def source_from_manifest(manifest: dict[str, Any], model_override: str | None, s
         )
     if not Path(path).is_dir():
         raise CheckpointError(f"--model {path}: no such checkpoint directory")
-    source = resolve_source(path, random_weights=False, seed=0, plain=False, steps=steps)
+    source = resolve_source(path, random_weights=False, seed=0, plain=False, steps=steps, ccra_module=module)
     if source.record["weights_sha256"] != record["weights_sha256"]:
         raise CheckpointError(
             f"--model {path}: weights differ from the ones this bundle was built from (sha256 mismatch)"
