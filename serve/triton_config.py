@@ -7,7 +7,9 @@ optimization profile (the engine's own profile when TensorRT runs the graph).
 
 - ``ccra_vision``: the vision graph. ``tensorrt_plan`` (the engine), ``onnxruntime_onnx`` (the
   ONNX graph) or ``python`` (ONNX Runtime inside Triton's Python backend), batched by Triton's
-  dynamic batcher.
+  dynamic batcher. A split bundle (``build --split-vision``) has two graphs instead, each its own
+  model configured the same way from its own part record: ``ccra_vision_tower`` (the CLIP tower)
+  and ``ccra_head`` (CCRA's head).
 - ``ccra_vlm``: a decoupled Python-backend model: image + prompt in, text out as it is generated.
 """
 
@@ -18,9 +20,19 @@ from types import ModuleType
 from typing import Any
 
 from ccra_export.core.errors import BundleError, ConfigError, MissingDependencyError
+from ccra_export.core.vision_graphs import HEAD, TOWER, WHOLE_CCRA, engine_records, part_records
 
 VISION_MODEL = "ccra_vision"
+TOWER_MODEL = "ccra_vision_tower"
+HEAD_MODEL = "ccra_head"
 VLM_MODEL = "ccra_vlm"
+#: the Triton model that serves each graph of a bundle (core.vision_graphs' part names)
+PART_MODELS = {WHOLE_CCRA.name: VISION_MODEL, TOWER.name: TOWER_MODEL, HEAD.name: HEAD_MODEL}
+#: ccra_vlm's config parameters naming the vision models it calls through BLS, and its tower cache
+VISION_MODEL_PARAMETER = "vision_model"
+TOWER_MODEL_PARAMETER = "tower_model"
+HEAD_MODEL_PARAMETER = "head_model"
+TOWER_CACHE_PARAMETER = "tower_cache_mib"
 #: Triton platform/backend of ccra_vision for each --vision-backend
 PLATFORMS = {"tensorrt": "tensorrt_plan", "onnxruntime": "onnxruntime_onnx"}
 PYTHON_BACKEND = "python"
@@ -75,7 +87,7 @@ def parse_pbtxt(text: str) -> Any:
 
 @dataclass(frozen=True)
 class Batching:
-    """Triton's batching of ccra_vision, from the optimization profile's batch axis.
+    """Triton's batching of a vision model, from the optimization profile's batch axis.
 
     ``preferred`` leaves out 1: a preferred size of 1 makes the dynamic batcher send every request
     alone the moment it arrives, which is no batching at all."""
@@ -83,6 +95,19 @@ class Batching:
     max_batch_size: int
     preferred: tuple[int, ...]
     max_queue_delay_us: int
+
+
+def part_manifest(manifest: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """The manifest as if ``part`` (a ``part_records`` entry) were the bundle's only graph, with
+    that part's engine record: what configures the part's model. For a single-graph bundle it is
+    the manifest itself."""
+    graph = {key: part[key] for key in ("file", "external_data", "inputs", "outputs")}
+    return {**manifest, "graph": graph, "engine": engine_records(manifest).get(part["name"])}
+
+
+def part_manifests(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(Triton model name, ``part_manifest``) for each graph of the bundle, in execution order."""
+    return [(PART_MODELS[part["name"]], part_manifest(manifest, part)) for part in part_records(manifest)]
 
 
 def batch_range(manifest: dict[str, Any]) -> tuple[int, int, int]:
@@ -101,7 +126,8 @@ def batch_range(manifest: dict[str, Any]) -> tuple[int, int, int]:
 
 
 def batching(manifest: dict[str, Any], max_queue_delay_us: int, *, use_engine: bool) -> Batching:
-    """The dynamic-batching policy of ccra_vision for this bundle."""
+    """The dynamic-batching policy of ccra_vision for this bundle (of one graph's model, given its
+    ``part_manifest``)."""
     view = manifest if use_engine else {**manifest, "engine": None}
     _, opt, high = batch_range(view)
     preferred = tuple(sorted({opt, high} - {1}))
@@ -147,11 +173,13 @@ def vision_config(
     gpu: bool,
     instances: int = 1,
     parameters: dict[str, str] | None = None,
+    name: str = VISION_MODEL,
 ) -> Any:
-    """``ccra_vision``'s ModelConfig. ``platform``: ``tensorrt_plan``, ``onnxruntime_onnx`` or
-    ``python`` (then ``backend: "python"``); ``gpu`` picks a GPU or CPU instance group."""
+    """``ccra_vision``'s ModelConfig (or, with a ``part_manifest`` and that part's ``name``, the
+    config of one graph of a split bundle). ``platform``: ``tensorrt_plan``, ``onnxruntime_onnx``
+    or ``python`` (then ``backend: "python"``); ``gpu`` picks a GPU or CPU instance group."""
     pb2 = model_config_pb2()
-    config = pb2.ModelConfig(name=VISION_MODEL)
+    config = pb2.ModelConfig(name=name)
     if platform == PYTHON_BACKEND:
         config.backend = PYTHON_BACKEND
     else:

@@ -7,9 +7,14 @@
         libccra_lpwca_plugin.so the LPWCA TensorRT plugin (tensorrt_plan with a fused graph only)
         1/model.plan            the engine, or 1/model.onnx, or 1/model.py + the ONNX graph
       ccra_vlm/
-        config.pbtxt            python backend, decoupled
+        config.pbtxt            python backend, decoupled (a split bundle: tower_model, head_model, tower_cache_mib)
         1/model.py              subclasses ccra_export.serve.triton_vlm.VlmModel
         1/bundle/               the whole bundle (manifest, language model, tokenizer, graphs)
+
+A split bundle (``build --split-vision``) has ``ccra_vision_tower/`` (vision_tower.onnx or
+vision_tower.engine) and ``ccra_head/`` (ccra_head.onnx or ccra_head.engine, and the plugin for a
+fused head) in place of ``ccra_vision/``, each laid out and configured like it from its own part
+record; ``ccra_vlm`` calls the tower only for images missing from its tower-output cache.
 
 The repository is self-contained: it can be copied to another machine or mounted into a
 container without the bundle. Files are hard-linked from the bundle where they are on the same
@@ -33,15 +38,23 @@ from ccra_export.core.manifest import read_manifest
 from ccra_export.core.platform import gpus
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.vision_graphs import is_split
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.serve.triton_config import (
+    HEAD_MODEL,
+    HEAD_MODEL_PARAMETER,
     PLATFORMS,
     PYTHON_BACKEND,
     TEXT_TYPES,
+    TOWER_CACHE_PARAMETER,
+    TOWER_MODEL,
+    TOWER_MODEL_PARAMETER,
     VISION_MODEL,
+    VISION_MODEL_PARAMETER,
     VLM_MODEL,
     Batching,
     batching,
     model_config_pb2,
+    part_manifests,
     to_pbtxt,
     vision_config,
     vlm_config,
@@ -86,6 +99,7 @@ class RepoOptions:
     vlm_instances: int = 1
     max_new_tokens: int = 256
     plugin_library: Path | None = None
+    tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB  # split bundles: ccra_vlm's cache of tower outputs
 
 
 @dataclass
@@ -94,10 +108,11 @@ class RepoResult:
     vision_backend: str  # tensorrt | onnxruntime | python
     platform: str  # the config's platform or backend
     reason: str  # why auto chose it ("" when asked for)
-    gpu: bool  # ccra_vision's instance group
-    batching: Batching
+    gpu: bool  # the vision models' instance group
+    batching: dict[str, Batching]  # each vision model's (ccra_vision; or ccra_vision_tower and ccra_head)
     copied: bool  # some files were copied rather than hard-linked (another filesystem)
     launch: str  # a tritonserver command line for this repository
+    tower_cache_mib: float | None  # a split bundle's tower cache in ccra_vlm; None for a single graph
     notes: list[str] = field(default_factory=list)
 
 
@@ -212,6 +227,49 @@ def plugin_for_engine(manifest: dict[str, Any], library: Path | None) -> Path | 
     return library
 
 
+def holds_lpwca(manifest: dict[str, Any], model: str) -> bool:
+    """The model's graph has the fused ccra::LPWCA node: the single graph or CCRA's head, never
+    the CLIP tower."""
+    return fused(manifest) and model != TOWER_MODEL
+
+
+def write_vision_model(
+    bundle: Path,
+    model_dir: Path,
+    manifest: dict[str, Any],
+    kind: str,
+    policy: Batching,
+    plugin: Path | None,
+    *,
+    gpu: bool,
+    instances: int,
+) -> bool:
+    """One vision model's folder (``manifest``: a ``part_manifest``; the model is named by the
+    folder); True when a file was copied."""
+    copied = False
+    parameters = {"tool_version": __version__}
+    graph = manifest["graph"]
+    if kind == "tensorrt":
+        copied |= place(bundle / manifest["engine"]["file"], model_dir / VERSION / "model.plan")
+        if plugin is not None:
+            copied |= place(plugin, model_dir / plugin.name)
+            parameters["lpwca_plugin_library"] = plugin.name
+    else:
+        name = "model.onnx" if kind == "onnxruntime" else Path(graph["file"]).name
+        copied |= place(bundle / graph["file"], model_dir / VERSION / name)
+        for external in graph["external_data"]:  # ONNX names them relative to the graph file
+            copied |= place(bundle / external, model_dir / VERSION / Path(external).name)
+        if kind == "python":
+            parameters.update(graph=name, precision=manifest["precision"])
+            (model_dir / VERSION / "model.py").write_text(_shim(model_dir.name, "triton_vision", "VisionModel"))
+    platform = PLATFORMS.get(kind, PYTHON_BACKEND)
+    config = vision_config(
+        manifest, platform, policy, gpu=gpu, instances=instances, parameters=parameters, name=model_dir.name
+    )
+    (model_dir / "config.pbtxt").write_text(to_pbtxt(config))
+    return copied
+
+
 def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions, *, force: bool = False) -> RepoResult:
     """Write the model repository for ``bundle`` at ``repo`` (see the module docstring)."""
     bundle, repo = Path(bundle), Path(repo)
@@ -220,14 +278,11 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
         raise ConfigError(f"--device {options.device}: expected one of {', '.join(DEVICES)}")
     if options.text_type not in TEXT_TYPES:
         raise ConfigError(f"--text-type {options.text_type}: expected one of {', '.join(TEXT_TYPES)}")
+    if options.tower_cache_mib < 0:
+        raise ConfigError(f"--tower-cache-mib {options.tower_cache_mib:g}: expected 0 (no cache) or more")
     manifest = read_manifest(bundle)
     if not manifest.get("language_model"):
         raise BundleError(f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision int4|int8|fp16")
-    if is_split(manifest):
-        raise BundleError(
-            f"--bundle {bundle}: the vision graph is split (build --split-vision); ccra-export triton serves "
-            "single-graph bundles: rebuild without --split-vision"
-        )
     check_paths(bundle, repo, force)
     local_gpus = gpus()
     kind, reason = choose_vision_backend(bundle, manifest, options.vision_backend, local_gpus)
@@ -238,44 +293,42 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
         gpu = manifest["language_model"]["device"] == "cuda"
     else:
         gpu = options.device == "gpu"
-    policy = batching(manifest, options.max_queue_delay_us, use_engine=kind == "tensorrt")
-    platform = PLATFORMS.get(kind, PYTHON_BACKEND)
+    models = {
+        model: (view, batching(view, options.max_queue_delay_us, use_engine=kind == "tensorrt"))
+        for model, view in part_manifests(manifest)
+    }
+    plugin_model = next((model for model in models if holds_lpwca(manifest, model)), None) if plugin else None
+    split = is_split(manifest)
     repo.parent.mkdir(parents=True, exist_ok=True)
     copied = False
     with staged_directory(repo, replace=force) as stage:
-        vision_dir = stage / VISION_MODEL
-        parameters = {"tool_version": __version__}
-        graph = manifest["graph"]
-        if kind == "tensorrt":
-            copied |= place(bundle / manifest["engine"]["file"], vision_dir / VERSION / "model.plan")
-            if plugin is not None:
-                copied |= place(plugin, vision_dir / plugin.name)
-                parameters["lpwca_plugin_library"] = plugin.name
-        else:
-            name = "model.onnx" if kind == "onnxruntime" else Path(graph["file"]).name
-            copied |= place(bundle / graph["file"], vision_dir / VERSION / name)
-            for external in graph["external_data"]:  # ONNX names them relative to the graph file
-                copied |= place(bundle / external, vision_dir / VERSION / Path(external).name)
-            if kind == "python":
-                parameters.update(graph=name, precision=manifest["precision"])
-                (vision_dir / VERSION / "model.py").write_text(_shim(VISION_MODEL, "triton_vision", "VisionModel"))
-        config = vision_config(
-            manifest, platform, policy, gpu=gpu, instances=options.vision_instances, parameters=parameters
-        )
-        (vision_dir / "config.pbtxt").write_text(to_pbtxt(config))
+        for model, (view, policy) in models.items():
+            copied |= write_vision_model(
+                bundle,
+                stage / model,
+                view,
+                kind,
+                policy,
+                plugin if model == plugin_model else None,
+                gpu=gpu,
+                instances=options.vision_instances,
+            )
         vlm_dir = stage / VLM_MODEL
         copied |= mirror_bundle(bundle, vlm_dir / VERSION / BUNDLE_DIR)
         (vlm_dir / VERSION / "model.py").write_text(_shim(VLM_MODEL, "triton_vlm", "VlmModel"))
-        vlm_parameters = {
-            "bundle": BUNDLE_DIR,
-            "vision_model": VISION_MODEL,
-            "default_max_new_tokens": str(options.max_new_tokens),
-            "tool_version": __version__,
-        }
+        vlm_parameters = {"bundle": BUNDLE_DIR}
+        if split:
+            vlm_parameters[TOWER_MODEL_PARAMETER] = TOWER_MODEL
+            vlm_parameters[HEAD_MODEL_PARAMETER] = HEAD_MODEL
+            vlm_parameters[TOWER_CACHE_PARAMETER] = f"{options.tower_cache_mib:g}"
+        else:
+            vlm_parameters[VISION_MODEL_PARAMETER] = VISION_MODEL
+        vlm_parameters.update(default_max_new_tokens=str(options.max_new_tokens), tool_version=__version__)
         config = vlm_config(options.text_type, instances=options.vlm_instances, parameters=vlm_parameters)
         (vlm_dir / "config.pbtxt").write_text(to_pbtxt(config))
-        launch = launch_command(plugin.name if plugin else None)
-        (stage / "README.md").write_text(repo_readme(bundle, kind, reason, launch, options.text_type))
+        launch = launch_command(plugin.name if plugin else None, plugin_model or VISION_MODEL)
+        cache_mib = options.tower_cache_mib if split else None
+        (stage / "README.md").write_text(repo_readme(bundle, kind, reason, launch, options.text_type, cache_mib))
     notes = []
     if kind == "tensorrt" and not local_gpus:
         notes.append(f"not checked against a GPU here: {engine_gpu_mismatch(manifest['engine'], local_gpus)}")
@@ -284,16 +337,20 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
             "the engine runs only under the TensorRT version that built it "
             f"({manifest['engine'].get('tensorrt_version')}): pick the Triton release that ships it"
         )
-    return RepoResult(repo, kind, platform, reason, gpu, policy, copied, launch, notes)
+    policies = {model: policy for model, (_, policy) in models.items()}
+    platform = PLATFORMS.get(kind, PYTHON_BACKEND)
+    tower_cache = options.tower_cache_mib if split else None
+    return RepoResult(repo, kind, platform, reason, gpu, policies, copied, launch, tower_cache, notes)
 
 
 def _shim(model: str, module: str, cls: str) -> str:
     return _SHIM.format(model=model, version=__version__, module=f"ccra_export.serve.{module}", cls=cls)
 
 
-def launch_command(plugin: str | None, models: str = "/models") -> str:
-    """tritonserver's command line for the repository mounted at ``models`` (the plugin preloaded)."""
-    preload = f"LD_PRELOAD={models}/{VISION_MODEL}/{plugin} " if plugin else ""
+def launch_command(plugin: str | None, plugin_model: str = VISION_MODEL, models: str = "/models") -> str:
+    """tritonserver's command line for the repository mounted at ``models`` (the plugin, kept in
+    ``plugin_model``'s folder, preloaded)."""
+    preload = f"LD_PRELOAD={models}/{plugin_model}/{plugin} " if plugin else ""
     return f"{preload}tritonserver --model-repository={models}"
 
 
@@ -304,19 +361,37 @@ _RUNS_ON = {
 }
 
 
-def repo_readme(bundle: Path, kind: str, reason: str, launch: str, text_type: str) -> str:
-    """The repository's README.md: what each model is and the command that serves it."""
+def repo_readme(
+    bundle: Path, kind: str, reason: str, launch: str, text_type: str, tower_cache_mib: float | None = None
+) -> str:
+    """The repository's README.md: what each model is and the command that serves it.
+    ``tower_cache_mib``: a split bundle's tower cache (None for a single graph)."""
     prompt = "TYPE_STRING" if text_type == "string" else "UTF-8 bytes in a TYPE_UINT8 vector"
     why = f" ({reason})" if reason else ""
+    if tower_cache_mib is None:
+        vision = [f"- `{VISION_MODEL}`: {_RUNS_ON[kind]}{why}; dynamically batched."]
+        calls = f"calls `{VISION_MODEL}` through BLS"
+    else:
+        vision = [
+            f"- `{TOWER_MODEL}`: the CLIP tower graph (`vision_tower.onnx`: pixels -> tower features), "
+            f"{_RUNS_ON[kind]}{why}; dynamically batched.",
+            f"- `{HEAD_MODEL}`: CCRA's head graph (`ccra_head.onnx`: tower features + the question -> visual "
+            f"tokens), {_RUNS_ON[kind]}; dynamically batched.",
+        ]
+        cache = f"up to {tower_cache_mib:g} MiB per instance" if tower_cache_mib else "disabled: --tower-cache-mib 0"
+        calls = (
+            f"calls `{HEAD_MODEL}` through BLS for every request and `{TOWER_MODEL}` only for an image not in its "
+            f"tower-output cache ({cache})"
+        )
     lines = [
         f"# Triton model repository for {bundle.resolve().name}",
         "",
         f"Written by `ccra-export triton` {__version__} from `{bundle.resolve()}`.",
         "",
-        f"- `{VISION_MODEL}`: {_RUNS_ON[kind]}{why}; dynamically batched.",
-        f"- `{VLM_MODEL}`: Python backend, decoupled. Inputs `image` (the encoded file, TYPE_UINT8) and `prompt` "
-        f"({prompt}); optional `max_new_tokens`, `temperature`, `top_p`, `seed`, `stream`; output `text` (one "
-        "response per piece of text; `stream` false: one response).",
+        *vision,
+        f"- `{VLM_MODEL}`: Python backend, decoupled; {calls}. Inputs `image` (the encoded file, TYPE_UINT8) "
+        f"and `prompt` ({prompt}); optional `max_new_tokens`, `temperature`, `top_p`, `seed`, `stream`; output "
+        "`text` (one response per piece of text; `stream` false: one response).",
         "",
         "Serve it with this folder mounted at /models, ccra-export installed in the Python that runs Triton's "
         "Python backend (`pip install 'ccra-export[gpu]'` in NVIDIA's Triton container):",

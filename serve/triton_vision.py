@@ -1,5 +1,8 @@
 """``ccra_vision`` on Triton's Python backend: the bundle's ONNX graph in ONNX Runtime.
 
+The same class serves each graph of a split bundle (``ccra_vision_tower``, ``ccra_head``): the
+config's ``graph`` parameter names the ONNX file, its inputs and outputs the tensors.
+
 For a Triton without the ONNX Runtime or TensorRT backend (PyPI's nvidia-pytriton ships only the
 Python backend) and for fused graphs, whose ccra::LPWCA node runs through the CPU kernel that
 ccra-export registers with ONNX Runtime from Python. Triton's dynamic batcher hands ``execute``
@@ -7,8 +10,9 @@ several requests at once; requests of the same shapes (the same prompt length, f
 input) are concatenated along the batch axis and run as one batch, so a batched answer is
 exactly the one each request would get alone.
 
-The repository's ``ccra_vision/1/model.py`` subclasses ``VisionModel`` and sets ``pb`` to
-``triton_python_backend_utils``, which exists only inside the stub process.
+The repository's ``ccra_vision/1/model.py`` (or the split models' ``1/model.py``) subclasses
+``VisionModel`` and sets ``pb`` to ``triton_python_backend_utils``, which exists only inside the
+stub process.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from ccra_export.runtime.vision_backend import OrtBackend, available_providers, cuda_provider_options
+from ccra_export.serve.triton_config import VISION_MODEL
 from ccra_export.serve.triton_tensors import from_numpy, to_numpy
 
 
@@ -59,6 +64,7 @@ class VisionModel:
         self.backend = OrtBackend(graph, providers=instance_providers(args, parameter(config, "precision")))
         self.inputs = [spec["name"] for spec in config["input"]]
         self.outputs = [spec["name"] for spec in config["output"]]
+        self.model_name = config.get("name") or VISION_MODEL
 
     def execute(self, requests: list[Any]) -> list[Any]:
         feeds = [
@@ -71,7 +77,7 @@ class VisionModel:
                 outputs = self.backend.run({n: np.concatenate([feeds[i][n] for i in indices]) for n in self.inputs})
             except Exception as exc:  # one bad group fails its own requests, not the whole batch
                 for i in indices:
-                    responses[i] = self.pb.InferenceResponse(error=self.pb.TritonError(f"ccra_vision: {exc}"))
+                    responses[i] = self.pb.InferenceResponse(error=self.pb.TritonError(f"{self.model_name}: {exc}"))
                 continue
             start = 0
             for i in indices:

@@ -7,6 +7,12 @@ to the ``ccra_vision`` model through Triton's business-logic scripting (BLS). So
 batcher batches the vision graph across requests and instances, whatever runs it (TensorRT,
 ONNX Runtime, or ONNX Runtime inside the Python backend).
 
+For a split bundle (``build --split-vision``) the vision backend is the runtime's
+``SplitVision`` over two ``BlsVision``: ``ccra_head`` is called for every request, and
+``ccra_vision_tower`` only for an image whose tower output is not in this instance's
+``TowerCache`` (``tower_cache_mib`` in the config), so a second question about an image costs
+only the head.
+
 The model is decoupled: with ``stream`` true (the default) every piece of text is one response
 and an empty final response closes the stream (gRPC streaming, HTTP ``generate_stream``); with
 ``stream`` false the whole answer is one response (HTTP ``generate``). Each instance serves one
@@ -31,11 +37,23 @@ from PIL import Image, UnidentifiedImageError
 from ccra_export.core.errors import CCRAExportError
 from ccra_export.core.image_preprocess import ImageReadError, to_rgb
 from ccra_export.core.manifest import read_manifest
+from ccra_export.core.vision_graphs import is_split, part_records
 from ccra_export.runtime.inputs import InputError
 from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.split_vision import SplitVision
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend
 from ccra_export.runtime.vlm_pipeline import Pipeline
-from ccra_export.serve.triton_config import SAMPLING_INPUTS, VISION_MODEL
+from ccra_export.serve.triton_config import (
+    HEAD_MODEL,
+    HEAD_MODEL_PARAMETER,
+    SAMPLING_INPUTS,
+    TOWER_CACHE_PARAMETER,
+    TOWER_MODEL,
+    TOWER_MODEL_PARAMETER,
+    VISION_MODEL,
+    VISION_MODEL_PARAMETER,
+)
 from ccra_export.serve.triton_tensors import from_numpy, read_bytes, read_scalar, read_text, text_tensor, to_numpy
 from ccra_export.serve.triton_vision import parameter
 
@@ -68,19 +86,24 @@ class Cancelled(Exception):
 
 
 class VisionModelError(CCRAExportError):
-    """ccra_vision answered a BLS request with an error."""
+    """A vision model (ccra_vision, ccra_vision_tower, ccra_head) answered a BLS request with an error."""
 
 
 class BlsVision(VisionBackend):
-    """The vision-backend interface over a BLS request to another Triton model."""
+    """The vision-backend interface over a BLS request to another Triton model.
+
+    ``inputs`` and ``outputs`` are the graph's tensor specs (``name``, ``dtype``, ...) as the
+    manifest records them: ``graph.inputs``/``graph.outputs``, or one part record's for a split
+    bundle's tower or head."""
 
     name = "triton-bls"
 
-    def __init__(self, pb: Any, manifest: dict[str, Any], model_name: str = VISION_MODEL) -> None:
+    def __init__(
+        self, pb: Any, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], model_name: str = VISION_MODEL
+    ) -> None:
         self.pb, self.model_name = pb, model_name
-        graph = manifest["graph"]
-        self._dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in graph["inputs"]}
-        self._outputs = [spec["name"] for spec in graph["outputs"]]
+        self._dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in inputs}
+        self._outputs = [spec["name"] for spec in outputs]
 
     @property
     def description(self) -> str:
@@ -121,7 +144,7 @@ def decode_image(data: bytes, max_pixels: int) -> Image.Image:
 
 class VlmModel:
     """Triton Python-backend model (decoupled): the runtime's Pipeline with its vision graph on
-    ``ccra_vision``."""
+    ``ccra_vision`` (a split bundle's on ``ccra_vision_tower`` and ``ccra_head``)."""
 
     pb: Any = None  # triton_python_backend_utils, set by the generated model.py
 
@@ -129,12 +152,28 @@ class VlmModel:
         config = json.loads(args["model_config"])
         bundle = Path(args["model_repository"]) / args["model_version"] / (parameter(config, "bundle") or "bundle")
         manifest = read_manifest(bundle)
-        vision = BlsVision(self.pb, manifest, parameter(config, "vision_model") or VISION_MODEL)
-        self.pipeline = Pipeline.from_bundle(bundle, vision=vision)
+        self.pipeline = Pipeline.from_bundle(bundle, vision=self.vision(manifest, config))
         types = {spec["name"]: spec["data_type"] for spec in config["input"]}
         self.text_type = "string" if types.get("prompt") == "TYPE_STRING" else "uint8"
         self.max_new_tokens = int(parameter(config, "default_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         self.max_pixels = int(parameter(config, "max_image_pixels") or DEFAULT_MAX_PIXELS)
+
+    def vision(self, manifest: dict[str, Any], config: dict[str, Any]) -> VisionBackend:
+        """The pipeline's vision backend: BLS to ccra_vision, or for a split bundle the tower
+        (only on a tower-cache miss) and the head, joined by the runtime's ``SplitVision``."""
+        if not is_split(manifest):
+            graph = manifest["graph"]
+            model = parameter(config, VISION_MODEL_PARAMETER) or VISION_MODEL
+            return BlsVision(self.pb, graph["inputs"], graph["outputs"], model)
+        tower, head = part_records(manifest)
+        cache_mib = float(parameter(config, TOWER_CACHE_PARAMETER) or DEFAULT_TOWER_CACHE_MIB)
+        return SplitVision(
+            BlsVision(
+                self.pb, tower["inputs"], tower["outputs"], parameter(config, TOWER_MODEL_PARAMETER) or TOWER_MODEL
+            ),
+            BlsVision(self.pb, head["inputs"], head["outputs"], parameter(config, HEAD_MODEL_PARAMETER) or HEAD_MODEL),
+            TowerCache.from_mib(cache_mib),
+        )
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -176,7 +215,7 @@ class VlmModel:
                 sender.send(pb.InferenceResponse(output_tensors=[text_tensor(pb, "text", text, self.text_type)]), final)
         except Cancelled:
             sender.send(flags=final)
-        except (CCRAExportError, ValueError) as exc:  # the request's fault, or ccra_vision's answer: one line
+        except (CCRAExportError, ValueError) as exc:  # the request's fault, or a vision model's answer: one line
             sender.send(pb.InferenceResponse(error=pb.TritonError(client_message(exc))), final)
         except Exception as exc:
             LOG.exception("ccra_vlm: generation failed")

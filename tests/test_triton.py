@@ -1,6 +1,8 @@
 """`ccra-export triton`: every config.pbtxt parsed back as Triton's ModelConfig, and a real Triton
 (the tritonserver binary of PyPI's nvidia-pytriton, Python backend only) serving the repository
 to tritonclient over gRPC streaming and HTTP, with ccra_vision batched by Triton's dynamic batcher.
+A split bundle (build --split-vision) is served as ccra_vision_tower + ccra_head, the tower called
+only when ccra_vlm's tower cache misses.
 
 The TensorRT and ONNX Runtime backends are not in that binary: their configs are checked here,
 not served. Every wait is bounded; the server is stopped however the tests end.
@@ -33,16 +35,27 @@ from tritonclient.grpc import model_config_pb2 as pb2
 from ccra_export.cli import main
 from ccra_export.core.errors import BundleError, ConfigError
 from ccra_export.core.manifest import read_manifest
+from ccra_export.core.vision_graphs import part_records
 from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.serve import triton_repo
-from ccra_export.serve.triton_config import batching, vision_config
+from ccra_export.serve.triton_config import (
+    HEAD_MODEL,
+    TOWER_MODEL,
+    VISION_MODEL,
+    VLM_MODEL,
+    batching,
+    vision_config,
+)
 from ccra_export.serve.triton_repo import RepoOptions, choose_vision_backend, write_repository
 from ccra_export.serve.triton_tensors import read_text, text_tensor
 from ccra_export.serve.triton_vlm import decode_image
+from tests.bundles import build
 from tests.test_generation import PROMPT
 
 NEW_TOKENS = 8
+SECOND_PROMPT = "What colour is the animal's fur?"  # another question about the same image
 QUEUE_DELAY_US = 300_000  # long enough that concurrent requests reach the batcher together on a busy CPU
 
 
@@ -250,6 +263,132 @@ def test_string_text_tensors_and_image_errors():
         decode_image(buffer.getvalue(), 100)
 
 
+# ---------------------------------------------------------------- split bundles (build --split-vision)
+
+
+@pytest.fixture(scope="module")
+def split_bundle(tmp_path_factory, ccra_checkpoint):
+    """The CCRA checkpoint as a split bundle (vision_tower.onnx + ccra_head.onnx) with its FP32 language model."""
+    return build(tmp_path_factory.mktemp("split") / "bundle", ccra_checkpoint, "fp32", "--split-vision")
+
+
+def check_part_config(config, name: str, part: dict, axis: dict) -> None:
+    """A split model's config against its own part record and the bundle's batch axis."""
+    assert config.name == name
+    assert config.max_batch_size == axis["max"]
+    assert list(config.dynamic_batching.preferred_batch_size) == sorted({axis["opt"], axis["max"]} - {1})
+    assert [i.name for i in config.input] == [s["name"] for s in part["inputs"]]
+    assert [o.name for o in config.output] == [s["name"] for s in part["outputs"]]
+    assert [list(i.dims) for i in config.input] == [dims(s) for s in part["inputs"]]
+    assert [list(o.dims) for o in config.output] == [dims(s) for s in part["outputs"]]
+    expected = {"float32": "TYPE_FP32", "int64": "TYPE_INT64"}
+    assert [type_name(i) for i in config.input] == [expected[s["dtype"]] for s in part["inputs"]]
+
+
+def test_split_repository_has_tower_and_head_models(split_bundle, tmp_path):
+    manifest = read_manifest(split_bundle)
+    tower, head = part_records(manifest)
+    axis = manifest["dynamic_axes"]["batch"]
+    repo = tmp_path / "repo"
+    result = write(split_bundle, repo, "--tower-cache-mib", "64")
+    assert result.exit_code == 0, result.output
+    assert f"{TOWER_MODEL}: onnxruntime_onnx" in result.output and f"{HEAD_MODEL}: onnxruntime_onnx" in result.output
+    assert "tower cache 64 MiB" in result.output
+    assert sorted(p.name for p in repo.iterdir()) == sorted(["README.md", TOWER_MODEL, HEAD_MODEL, VLM_MODEL])
+    for name, part in ((TOWER_MODEL, tower), (HEAD_MODEL, head)):
+        config = parse(repo / name / "config.pbtxt")
+        check_part_config(config, name, part, axis)
+        assert config.platform == "onnxruntime_onnx"
+        assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU
+        assert (repo / name / "1" / "model.onnx").read_bytes() == (split_bundle / part["file"]).read_bytes()
+    assert [list(o.dims) for o in parse(repo / TOWER_MODEL / "config.pbtxt").output] == [[3, 16, 64]]
+    vlm = parse(repo / VLM_MODEL / "config.pbtxt")
+    parameters = {k: v.string_value for k, v in vlm.parameters.items()}
+    assert parameters["tower_model"] == TOWER_MODEL and parameters["head_model"] == HEAD_MODEL
+    assert parameters["tower_cache_mib"] == "64" and "vision_model" not in parameters
+    assert vlm.model_transaction_policy.decoupled
+    readme = (repo / "README.md").read_text()
+    assert TOWER_MODEL in readme and HEAD_MODEL in readme and "64 MiB" in readme
+
+    python = tmp_path / "python"
+    assert write(split_bundle, python, "--vision-backend", "python").exit_code == 0
+    for name, part in ((TOWER_MODEL, tower), (HEAD_MODEL, head)):
+        config = parse(python / name / "config.pbtxt")
+        check_part_config(config, name, part, axis)
+        assert config.backend == "python" and not config.platform
+        assert config.parameters["graph"].string_value == Path(part["file"]).name
+        assert (python / name / "1" / part["file"]).read_bytes() == (split_bundle / part["file"]).read_bytes()
+        assert "class TritonPythonModel(VisionModel)" in (python / name / "1" / "model.py").read_text()
+    cache = parse(python / VLM_MODEL / "config.pbtxt").parameters["tower_cache_mib"].string_value
+    assert float(cache) == DEFAULT_TOWER_CACHE_MIB
+
+
+def fake_split_engine_manifest(manifest: dict, sha: str | None) -> dict:
+    """The split bundle's manifest as if `ccra-export engine` had built both engines (fused head) on an
+    H100, each with its own profile: the tower up to batch 8, the head up to 16."""
+
+    def profile(part: dict, batches: tuple[int, int, int]) -> dict:
+        return {
+            spec["name"]: [[b, *[7 if isinstance(d, str) else d for d in spec["shape"][1:]]] for b in batches]
+            for spec in part["inputs"]
+        }
+
+    tower, head = part_records(manifest)
+    engine = {
+        "tensorrt_version": "10.13.0",
+        "gpu": "NVIDIA H100",
+        "compute_capability": "9.0",
+        "plugin_sha256": sha,
+        "parts": [
+            {"part": "vision_tower", "file": "vision_tower.engine", "profile": profile(tower, (1, 2, 8))},
+            {"part": "ccra_head", "file": "ccra_head.engine", "profile": profile(head, (2, 4, 16))},
+        ],
+    }
+    return {**manifest, "engine": engine, "plugin": {"node": "ccra::LPWCA"}}
+
+
+def test_split_tensorrt_plan_configs_give_the_plugin_to_the_head_only(split_bundle, tmp_path, monkeypatch):
+    """Config only, as for a single graph: stand-in engines, the manifest edited in memory."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(split_bundle, bundle, copy_function=os.link)  # new files only: the module's bundle stays
+    (bundle / "vision_tower.engine").write_bytes(b"tower engine")
+    (bundle / "ccra_head.engine").write_bytes(b"head engine")
+    plugin = tmp_path / "libccra_lpwca_plugin.so"
+    plugin.write_bytes(b"\x7fELF plugin")
+    from ccra_export.core.hashing import sha256_file
+
+    manifest = fake_split_engine_manifest(read_manifest(split_bundle), sha256_file(plugin))
+    monkeypatch.setattr(triton_repo, "read_manifest", lambda _: manifest)
+    monkeypatch.setattr(triton_repo, "check_plugin_library", lambda path: Path(path))
+    monkeypatch.setattr(triton_repo, "gpus", lambda: [("NVIDIA H100 80GB HBM3", "9.0")])
+    with pytest.raises(ConfigError, match="--plugin-library"):
+        write_repository(bundle, tmp_path / "r0", RepoOptions())
+    repo = tmp_path / "repo"
+    result = write_repository(bundle, repo, RepoOptions(plugin_library=plugin))
+    assert result.vision_backend == "tensorrt" and "built for this GPU" in result.reason
+    assert list(result.batching) == [TOWER_MODEL, HEAD_MODEL]
+    tower, head = parse(repo / TOWER_MODEL / "config.pbtxt"), parse(repo / HEAD_MODEL / "config.pbtxt")
+    for config in (tower, head):
+        assert config.platform == "tensorrt_plan" and config.default_model_filename == "model.plan"
+        assert config.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
+    assert tower.max_batch_size == 8 and list(tower.dynamic_batching.preferred_batch_size) == [2, 8]
+    assert head.max_batch_size == 16 and list(head.dynamic_batching.preferred_batch_size) == [4, 16]
+    assert [i.name for i in tower.input] == ["pixel_values"] and [o.name for o in tower.output] == ["tower_features"]
+    assert [i.name for i in head.input] == ["tower_features", "text_embeds", "text_mask"]
+    assert (repo / TOWER_MODEL / "1" / "model.plan").read_bytes() == b"tower engine"
+    assert (repo / HEAD_MODEL / "1" / "model.plan").read_bytes() == b"head engine"
+    assert head.parameters["lpwca_plugin_library"].string_value == plugin.name
+    assert (repo / HEAD_MODEL / plugin.name).read_bytes() == plugin.read_bytes()
+    assert "lpwca_plugin_library" not in tower.parameters and not (repo / TOWER_MODEL / plugin.name).exists()
+    assert f"LD_PRELOAD=/models/{HEAD_MODEL}/{plugin.name} tritonserver" in result.launch
+    assert result.launch in (repo / "README.md").read_text()
+    unfused = {**manifest, "plugin": None, "engine": {**manifest["engine"], "plugin_sha256": None}}
+    monkeypatch.setattr(triton_repo, "read_manifest", lambda _: unfused)
+    result = write_repository(bundle, tmp_path / "unfused", RepoOptions())
+    assert "LD_PRELOAD" not in result.launch
+    assert not any(p.suffix == ".so" for p in (tmp_path / "unfused").rglob("*"))
+
+
 # ---------------------------------------------------------------- a real Triton
 
 
@@ -295,7 +434,7 @@ def server_env(server: Path) -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running_triton(repo: Path, workdir: Path):
+def running_triton(repo: Path, workdir: Path, models: tuple[str, ...] = (VISION_MODEL, VLM_MODEL)):
     found = pytriton_server()
     if found is None:
         pytest.skip("no tritonserver binary: install nvidia-pytriton (it ships Triton with the Python backend)")
@@ -323,10 +462,8 @@ def running_triton(repo: Path, workdir: Path):
         ready = False
         while time.monotonic() < deadline and process.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
-                ready = all(
-                    httpx.get(f"http://127.0.0.1:{http}{path}", timeout=2).status_code == 200
-                    for path in ("/v2/health/ready", "/v2/models/ccra_vision/ready", "/v2/models/ccra_vlm/ready")
-                )
+                paths = ["/v2/health/ready", *(f"/v2/models/{model}/ready" for model in models)]
+                ready = all(httpx.get(f"http://127.0.0.1:{http}{path}", timeout=2).status_code == 200 for path in paths)
             if ready:
                 break
             time.sleep(0.25)
@@ -509,5 +646,49 @@ def test_concurrent_vision_requests_are_batched(triton, pipeline):
 def test_triton_log_shows_no_python_errors(triton):
     """Runs last: nothing the models did printed a traceback (DLPack capsules, BLS, error responses)."""
     _, _, log_path = triton
+    log = log_path.read_text(errors="replace")
+    assert "Traceback" not in log and "PyCapsule" not in log, log[-3000:]
+
+
+@pytest.fixture(scope="module")
+def split_triton(split_bundle, tmp_path_factory):
+    """Triton serving a split bundle's repository (--vision-backend python --text-type uint8)."""
+    workdir = tmp_path_factory.mktemp("split-triton")
+    repo = workdir / "repo"
+    result = write(
+        split_bundle, repo, "--vision-backend", "python", "--text-type", "uint8", "--max-new-tokens", str(NEW_TOKENS)
+    )
+    assert result.exit_code == 0, result.output
+    with running_triton(repo, workdir, (TOWER_MODEL, HEAD_MODEL, VLM_MODEL)) as endpoints:
+        yield endpoints
+
+
+def test_split_second_question_about_an_image_runs_only_the_head(split_triton, split_bundle, photo):
+    """Two questions about one image over gRPC streaming: each answer is the split pipeline's greedy
+    answer, and Triton's statistics show the tower ran once (the second request hit ccra_vlm's tower
+    cache) while the head ran for both."""
+    import tritonclient.grpc as grpcclient
+
+    _, grpc_url, log_path = split_triton
+    local = Pipeline.from_bundle(split_bundle)
+    picture = Image.open(io.BytesIO(photo)).convert("RGB")
+    greedy = Sampling(max_new_tokens=NEW_TOKENS, stop_ids=local.lm.eos_ids)
+    for prompt in (PROMPT, SECOND_PROMPT):
+        inputs = [
+            grpc_input("image", np.frombuffer(photo, np.uint8), "UINT8"),
+            grpc_input("prompt", utf8(prompt), "UINT8"),
+        ]
+        pieces, errors = stream_vlm(grpc_url, inputs)
+        assert not errors and pieces
+        assert "".join(pieces) == local.generate(picture, prompt, greedy), prompt
+    client = grpcclient.InferenceServerClient(grpc_url)
+    try:
+        counts = {
+            name: client.get_inference_statistics(name).model_stats[0].inference_count
+            for name in (TOWER_MODEL, HEAD_MODEL)
+        }
+    finally:
+        client.close()
+    assert counts == {TOWER_MODEL: 1, HEAD_MODEL: 2}
     log = log_path.read_text(errors="replace")
     assert "Traceback" not in log and "PyCapsule" not in log, log[-3000:]
