@@ -160,10 +160,10 @@ def test_plain_variant_has_no_map(fp32_bundle, cat, tmp_path):
     out = tmp_path / "explained"
     args = ["--bundle", str(fp32_bundle), "--image", str(tmp_path / "cat.png"), "--prompt", PROMPT]
     result = CliRunner().invoke(main, ["explain", *args, "--out", str(out)])
-    assert result.exit_code == 2 and "plain LLaVA-1.5 variant has no LPWCA attention map" in result.stderr
+    assert result.exit_code == 2 and "outputs no attention map (the plain LLaVA-1.5 variant" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()
     run = CliRunner().invoke(main, ["run", *args, "--attention-map", str(tmp_path / "m.png")])
-    assert run.exit_code == 2 and "no LPWCA attention map" in run.stderr and not (tmp_path / "m.png").exists()
+    assert run.exit_code == 2 and "outputs no attention map" in run.stderr and not (tmp_path / "m.png").exists()
 
 
 def test_run_refuses_an_attention_map_that_is_not_png_before_loading(tmp_path):

@@ -101,7 +101,7 @@ def test_readme_commands_name_the_extra_and_ci_runs_the_readme_one():
     assert "cpu,export" in commands and "cpu,dev" in commands
     ci = (ROOT / ".ci" / "run").read_text()
     installs = re.findall(r"^pip install --quiet (.+)$", ci, re.M)
-    assert installs == ["torch==2.13.0", '-e ".[cpu,dev]"']
+    assert installs == ["torch==2.13.0", '-e ".[cpu,dev]"', "--no-deps nvidia-pytriton==0.7.0"]
     test_command = next(line for line in readme.splitlines() if "python -m pytest" in line and "pip install" in line)
     assert all(f"pip install {i}" in test_command for i in installs)
 

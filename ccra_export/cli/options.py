@@ -24,6 +24,7 @@ from ccra_export.core.config import PRESETS
 from ccra_export.core.errors import CCRAExportError, ConfigError
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.engine.settings import DEFAULT_TIMING_CACHE
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 
 T = TypeVar("T")
 
@@ -157,7 +158,7 @@ def deprecated_alias(param: str, value: T, alias_value: T | None, flag: str, ali
 TOWER_CACHE_MIB = opt(
     "tower_cache_mib",
     "--tower-cache-mib",
-    default=256,
+    default=DEFAULT_TOWER_CACHE_MIB,
     show_default=True,
     type=click.FloatRange(0.0, 1 << 20),
     help="Split bundles (build --split-vision): memory for cached vision-tower outputs, keyed by the image's "
