@@ -370,3 +370,12 @@ def test_unsupported_opsets_are_refused(tmp_path, opset, message):
     with pytest.raises(ConfigError, match=message):  # the Python API: refused before the export
         build_bundle(BuildOptions(model="tiny", output=tmp_path / "api", random_weights=True, opset=opset))
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_ccra_config_written_before_plugins_still_loads(checkpoint_copy):
+    """ccra.safetensors from before `--ccra-module` has no ``options``: it is the reconstruction's."""
+    ccra_config(options=DELETE)(checkpoint_copy)
+    header = json.loads(read_safetensors_header(checkpoint_copy / CCRA).metadata["ccra_config"])
+    assert "options" not in header and "module" not in header
+    checked = validate_checkpoint(checkpoint_copy)
+    assert checked.config.ccra.options == {} and not checked.config.ccra.is_plugin

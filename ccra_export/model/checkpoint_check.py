@@ -434,7 +434,9 @@ def _check_attention(text: dict[str, int], request: LanguageModelRequest, path: 
 # --------------------------------------------------------------------------- ccra.safetensors
 
 _CCRA_FIELDS = {f.name: f for f in dataclasses.fields(CCRAConfig)}
-_CCRA_REQUIRED = [n for n, f in _CCRA_FIELDS.items() if f.default is dataclasses.MISSING]
+_CCRA_REQUIRED = [
+    n for n, f in _CCRA_FIELDS.items() if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+]
 
 
 def parse_ccra_config(metadata: dict[str, str], path: Path) -> CCRAConfig:
