@@ -55,18 +55,27 @@ def _canary_copy(bundle: Path, canary: Path, name: str) -> Path:
     return target
 
 
+#: the CCRA bundle is split by default: the tower's graph and CCRA's head are the graph files
+TOWER, HEAD = "vision_tower.onnx", "ccra_head.onnx"
+
+
+def _graph(manifest: dict, index: int) -> dict:
+    """The manifest's record of graph ``index`` (a split bundle's tower or head)."""
+    return manifest["graph"]["parts"][index]
+
+
 def graph_absolute(bundle, manifest, canary):
-    manifest["graph"]["file"] = str(_canary_copy(bundle, canary, "vision.onnx"))
+    _graph(manifest, 0)["file"] = str(_canary_copy(bundle, canary, TOWER))
 
 
 def graph_dotdot(bundle, manifest, canary):
-    _canary_copy(bundle, canary, "vision.onnx")
-    manifest["graph"]["file"] = f"../{canary.name}/vision.onnx"
+    _canary_copy(bundle, canary, HEAD)
+    _graph(manifest, 1)["file"] = f"../{canary.name}/{HEAD}"
 
 
 def files_absolute(bundle, manifest, canary):
-    target = _canary_copy(bundle, canary, "vision.onnx")
-    manifest["files"][str(target)] = manifest["files"]["vision.onnx"]
+    target = _canary_copy(bundle, canary, TOWER)
+    manifest["files"][str(target)] = manifest["files"][TOWER]
 
 
 def reference_outside(bundle, manifest, canary):
@@ -74,9 +83,9 @@ def reference_outside(bundle, manifest, canary):
 
 
 def graph_symlink_out(bundle, manifest, canary):
-    target = _canary_copy(bundle, canary, "vision.onnx")
-    (bundle / "vision.onnx").unlink()
-    (bundle / "vision.onnx").symlink_to(target)
+    target = _canary_copy(bundle, canary, HEAD)
+    (bundle / HEAD).unlink()
+    (bundle / HEAD).symlink_to(target)
 
 
 def decoder_symlink_out(bundle, manifest, canary):
@@ -179,10 +188,10 @@ MALFORMED = [
     genai_context_string,
 ]
 CORRUPT = [
-    _truncate("vision.onnx"),
+    _truncate(TOWER),
     _truncate("lm/decoder/model.onnx.data"),
     _truncate("lm/embed.onnx"),
-    _scramble("vision.onnx"),
+    _scramble(HEAD),
     _scramble("lm/embed.onnx"),
     _scramble("lm/decoder/model.onnx"),
     _scramble("lm/decoder/tokenizer.json"),

@@ -244,12 +244,14 @@ class TestCli:
         )
         assert result.exit_code == 0, result.output
         # no TensorRT implicit-INT8 cache: it would calibrate an FP32 graph the bundle does not ship
-        assert sorted(p.name for p in out.iterdir()) == [
-            "calibration.json",
+        assert sorted(p.name for p in out.iterdir()) == [  # CCRA: tower and head, each calibrated
+            "ccra_head.calibration.json",
+            "ccra_head.onnx",
             "manifest.json",
             "parity.json",
             "reference.npz",
-            "vision.onnx",
+            "vision_tower.calibration.json",
+            "vision_tower.onnx",
         ]
         parity = json.loads((out / "parity.json").read_text())
         assert parity["inputs"]["kind"] == "held-out images" and len(parity["inputs"]["images"]) == 2
@@ -258,9 +260,10 @@ class TestCli:
         record = manifest["calibration"]
         assert record["method"] == "entropy" and len(record["images_used"]) == 6
         assert not set(record["images_used"]) & {h["file"] for h in record["held_out"]}
-        assert "tensorrt_cache" not in record and record["ort_cache"] == "calibration.json"
+        assert "tensorrt_cache" not in record and record["ort_cache"] == "vision_tower.calibration.json"
         mode = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
-        assert mode["calibration.json"] == mode["vision.onnx"], mode  # ORT writes it 0600 through mkstemp
+        assert mode["vision_tower.calibration.json"] == mode["vision_tower.onnx"], mode  # ORT writes 0600 (mkstemp)
+        assert mode["ccra_head.calibration.json"] == mode["ccra_head.onnx"], mode
         assert "INT8 drift per layer" in result.stdout
         # the held-out images' inputs and PyTorch outputs are recorded: moving the photos changes nothing
         (photo_dir / record["held_out"][0]["file"]).rename(tmp_path / "moved")

@@ -73,7 +73,7 @@ class TestInterface:
         assert type(model.ccra) is ccra_module.CCRA and model.provides_attention
 
     def test_the_plugin_is_the_module_the_graph_computes(self, tmp_path):
-        result = preset_build(tmp_path / "b", "--precision", "fp32", "--ccra-module", PLUGIN)
+        result = preset_build(tmp_path / "b", "--precision", "fp32", "--ccra-module", PLUGIN, "--single-vision-graph")
         assert result.exit_code == 0, result.output
         manifest = read_manifest(tmp_path / "b")
         assert manifest["source"]["ccra_module"] == PLUGIN and manifest["export"]["lpwca"] == "portable"
@@ -125,6 +125,7 @@ class TestInterface:
 
 
 class TestPrecisions:
+    @pytest.mark.slow  # FP16 islands by scope are the same mechanism the reconstruction's default tests use
     def test_fp16_keeps_the_module_fp32_and_passes(self, tmp_path):
         result = preset_build(tmp_path / "b", "--precision", "fp16", "--ccra-module", PLUGIN)
         assert result.exit_code == 0, result.output
@@ -147,6 +148,7 @@ class TestPrecisions:
             str(photos),
             "--holdout",
             "2",
+            "--single-vision-graph",  # the module's nodes and the Q/DQ in one graph
         )
         assert result.exit_code == 0, result.output
         report = json.loads((tmp_path / "b" / "parity.json").read_text())
@@ -163,7 +165,7 @@ class TestPrecisions:
         assert ccra_nodes and not any(set(n.input) & quantized_inputs for n in ccra_nodes if n.op_type == "MatMul")
 
     def test_split_vision_puts_the_module_in_the_head(self, tmp_path):
-        result = preset_build(tmp_path / "b", "--precision", "fp32", "--ccra-module", PLUGIN, "--split-vision")
+        result = preset_build(tmp_path / "b", "--precision", "fp32", "--ccra-module", PLUGIN)  # split: the CCRA default
         assert result.exit_code == 0, result.output
         report = json.loads((tmp_path / "b" / "parity.json").read_text())
         assert report["passed"] and set(report["graphs"]) == {"vision_tower", "ccra_head"}

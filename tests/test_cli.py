@@ -44,16 +44,17 @@ def fp16_bundle(tmp_path_factory):
 class TestBuild:
     def test_fp16_bundle_contents(self, fp16_bundle):
         out, result = fp16_bundle
-        assert sorted(p.name for p in out.iterdir()) == [
+        assert sorted(p.name for p in out.iterdir()) == [  # CCRA: split vision graphs by default
+            "ccra_head.onnx",
             "manifest.json",
             "parity.json",
             "reference.npz",
-            "vision.onnx",
+            "vision_tower.onnx",
         ]
         manifest = json.loads((out / "manifest.json").read_text())
         parity = json.loads((out / "parity.json").read_text())
         assert manifest["precision"] == "fp16" and manifest["variant"] == "ccra"
-        assert manifest["files"]["vision.onnx"] == file_entry(out / "vision.onnx")
+        assert manifest["files"]["vision_tower.onnx"] == file_entry(out / "vision_tower.onnx")
         assert manifest["export"]["opset"]["ai.onnx"] >= 17
         assert {i["name"]: i["dtype"] for i in manifest["graph"]["inputs"]}["pixel_values"] == "float16"
         assert manifest["parity"]["passed"] is parity["passed"] is True
@@ -163,12 +164,12 @@ class TestCheck:
     def test_tampered_graph_is_refused(self, tmp_path, fp16_bundle):
         out = tmp_path / "b"
         shutil.copytree(fp16_bundle[0], out)
-        with open(out / "vision.onnx", "r+b") as handle:  # same size: only the hash can tell
+        with open(out / "ccra_head.onnx", "r+b") as handle:  # same size: only the hash can tell
             handle.seek(200)
             handle.write(bytes(255 - b for b in handle.read(4)))
         result = run("check", "--bundle", out)
         assert result.exit_code == 2 and "sha256 differs from the manifest" in one_line_error(result)
-        with open(out / "vision.onnx", "ab") as handle:  # a size change is caught without hashing
+        with open(out / "ccra_head.onnx", "ab") as handle:  # a size change is caught without hashing
             handle.write(b"\x00")
         result = run("check", "--bundle", out)
         assert result.exit_code == 2 and "bytes, the manifest records" in one_line_error(result)

@@ -152,10 +152,13 @@ def test_build_records_the_profile_flags(tmp_path):
 
 def test_ort_tensorrt_provider_options_from_a_bundle(bundle, fused_bundle):
     manifest = json.loads((bundle / "manifest.json").read_text())
-    options = ort_trt.bundle_session_options(bundle, manifest)
+    tower, head = manifest["graph"]["parts"]  # CCRA bundles are split by default: one profile per graph
+    options = ort_trt.bundle_session_options(bundle, manifest, part=tower)
     name, provider = options["providers"][0]
     assert name == "TensorrtExecutionProvider" and provider["trt_fp16_enable"] is False
-    assert provider["trt_profile_opt_shapes"] == "pixel_values:1x3x56x56,text_embeds:1x64x96,text_mask:1x64"
+    assert provider["trt_profile_opt_shapes"] == "pixel_values:1x3x56x56"
+    provider = ort_trt.bundle_session_options(bundle, manifest, part=head)["providers"][0][1]
+    assert provider["trt_profile_opt_shapes"] == "tower_features:1x3x16x64,text_embeds:1x64x96,text_mask:1x64"
     fused = json.loads((fused_bundle / "manifest.json").read_text())
     with pytest.raises(BundleError, match="needs --plugin-library"):
         ort_trt.bundle_session_options(fused_bundle, fused)

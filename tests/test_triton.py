@@ -79,11 +79,11 @@ def type_name(field) -> str:
 # ---------------------------------------------------------------- configs, no server
 
 
-def test_default_repository_configs_parse_as_model_config(ccra_bundle, tmp_path):
-    result = write(ccra_bundle, tmp_path / "repo")
+def test_default_repository_configs_parse_as_model_config(single_bundle, tmp_path):
+    result = write(single_bundle, tmp_path / "repo")
     assert result.exit_code == 0, result.output
     assert "onnxruntime_onnx" in result.output and "no TensorRT engine" in result.output
-    manifest = read_manifest(ccra_bundle)
+    manifest = read_manifest(single_bundle)
     repo = tmp_path / "repo"
     vision = parse(repo / "ccra_vision" / "config.pbtxt")
     assert vision.name == "ccra_vision" and vision.platform == "onnxruntime_onnx" and not vision.backend
@@ -97,7 +97,7 @@ def test_default_repository_configs_parse_as_model_config(ccra_bundle, tmp_path)
     assert [type_name(i) for i in vision.input] == ["TYPE_FP32", "TYPE_FP32", "TYPE_INT64"]
     assert vision.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU  # the LM was built for the CPU
     graph = repo / "ccra_vision" / "1" / "model.onnx"
-    assert graph.read_bytes() == (ccra_bundle / manifest["graph"]["file"]).read_bytes()
+    assert graph.read_bytes() == (single_bundle / manifest["graph"]["file"]).read_bytes()
 
     vlm = parse(repo / "ccra_vlm" / "config.pbtxt")
     assert vlm.backend == "python" and vlm.max_batch_size == 0 and vlm.model_transaction_policy.decoupled
@@ -130,16 +130,16 @@ def fake_engine_manifest(manifest: dict, sha: str | None) -> dict:
     return {**manifest, "engine": engine, "plugin": {"node": "ccra::LPWCA"}, "export": {**manifest["export"]}}
 
 
-def test_tensorrt_plan_config_names_the_plugin_library(ccra_bundle, tmp_path, monkeypatch):
+def test_tensorrt_plan_config_names_the_plugin_library(single_bundle, tmp_path, monkeypatch):
     """Config only: no TensorRT here. The manifest is edited in memory; the bundle copy gets a stand-in engine."""
     bundle = tmp_path / "bundle"
-    shutil.copytree(ccra_bundle, bundle)
+    shutil.copytree(single_bundle, bundle)
     (bundle / "vision.engine").write_bytes(b"engine")
     plugin = tmp_path / "libccra_lpwca_plugin.so"
     plugin.write_bytes(b"\x7fELF plugin")
     from ccra_export.core.hashing import sha256_file
 
-    manifest = fake_engine_manifest(read_manifest(ccra_bundle), sha256_file(plugin))
+    manifest = fake_engine_manifest(read_manifest(single_bundle), sha256_file(plugin))
     monkeypatch.setattr(triton_repo, "read_manifest", lambda _: manifest)
     monkeypatch.setattr(triton_repo, "check_plugin_library", lambda path: Path(path))
     monkeypatch.setattr(triton_repo, "gpus", lambda: [("NVIDIA H100 80GB HBM3", "9.0")])
@@ -163,27 +163,27 @@ def test_tensorrt_plan_config_names_the_plugin_library(ccra_bundle, tmp_path, mo
         write_repository(bundle, tmp_path / "r1", RepoOptions(plugin_library=other))
 
 
-def test_auto_picks_the_engine_only_for_this_gpu(ccra_bundle):
-    manifest = fake_engine_manifest(read_manifest(ccra_bundle), None)
+def test_auto_picks_the_engine_only_for_this_gpu(single_bundle):
+    manifest = fake_engine_manifest(read_manifest(single_bundle), None)
     unfused = {**manifest, "plugin": None}
-    assert choose_vision_backend(ccra_bundle, unfused, "auto", [("H100", "9.0")])[0] == "tensorrt"
-    kind, why = choose_vision_backend(ccra_bundle, unfused, "auto", [("L4", "8.9")])
+    assert choose_vision_backend(single_bundle, unfused, "auto", [("H100", "9.0")])[0] == "tensorrt"
+    kind, why = choose_vision_backend(single_bundle, unfused, "auto", [("L4", "8.9")])
     assert kind == "onnxruntime" and "8.9" in why and "9.0" in why
-    kind, why = choose_vision_backend(ccra_bundle, unfused, "auto", [])
+    kind, why = choose_vision_backend(single_bundle, unfused, "auto", [])
     assert kind == "onnxruntime" and "no GPU" in why
-    kind, why = choose_vision_backend(ccra_bundle, manifest, "auto", [])  # fused: ONNX Runtime only from Python
+    kind, why = choose_vision_backend(single_bundle, manifest, "auto", [])  # fused: ONNX Runtime only from Python
     assert kind == "python" and "Python backend" in why
     with pytest.raises(BundleError, match="this machine has L4"):
-        choose_vision_backend(ccra_bundle, unfused, "tensorrt", [("L4", "8.9")])
-    assert choose_vision_backend(ccra_bundle, unfused, "tensorrt", []) == ("tensorrt", "")  # written for elsewhere
+        choose_vision_backend(single_bundle, unfused, "tensorrt", [("L4", "8.9")])
+    assert choose_vision_backend(single_bundle, unfused, "tensorrt", []) == ("tensorrt", "")  # written for elsewhere
     with pytest.raises(ConfigError, match="fused"):
-        choose_vision_backend(ccra_bundle, manifest, "onnxruntime", [])
+        choose_vision_backend(single_bundle, manifest, "onnxruntime", [])
     with pytest.raises(BundleError, match="holds no TensorRT engine"):
-        choose_vision_backend(ccra_bundle, read_manifest(ccra_bundle), "tensorrt", [])
+        choose_vision_backend(single_bundle, read_manifest(single_bundle), "tensorrt", [])
 
 
-def test_onnxruntime_gpu_and_python_configs(ccra_bundle):
-    manifest = read_manifest(ccra_bundle)
+def test_onnxruntime_gpu_and_python_configs(single_bundle):
+    manifest = read_manifest(single_bundle)
     policy = batching(manifest, 500, use_engine=False)
     gpu = vision_config(manifest, "onnxruntime_onnx", policy, gpu=True, instances=2)
     parsed = text_format.Parse(text_format.MessageToString(gpu), pb2.ModelConfig())
@@ -196,13 +196,13 @@ def test_onnxruntime_gpu_and_python_configs(ccra_bundle):
     )
 
 
-def test_refusals_are_one_line(ccra_bundle, tmp_path):
+def test_refusals_are_one_line(single_bundle, tmp_path):
     not_bundle = tmp_path / "empty"
     not_bundle.mkdir()
     result = write(not_bundle, tmp_path / "repo")
     assert result.exit_code == 2 and "no manifest.json" in result.output and "Traceback" not in result.output
     no_lm = tmp_path / "no-lm"
-    shutil.copytree(ccra_bundle, no_lm, copy_function=os.link)
+    shutil.copytree(single_bundle, no_lm, copy_function=os.link)
     manifest = json.loads((no_lm / "manifest.json").read_text())
     (no_lm / "manifest.json").unlink()  # a hard link: write a new file, the session bundle stays as it is
     (no_lm / "manifest.json").write_text(json.dumps({**manifest, "language_model": None}))
@@ -212,14 +212,14 @@ def test_refusals_are_one_line(ccra_bundle, tmp_path):
     repo = tmp_path / "taken"
     repo.mkdir()
     (repo / "keep.txt").write_text("mine")
-    result = write(ccra_bundle, repo)
+    result = write(single_bundle, repo)
     assert result.exit_code == 2 and "--force" in result.output and (repo / "keep.txt").exists()
-    result = write(ccra_bundle, repo, "--force")
+    result = write(single_bundle, repo, "--force")
     assert result.exit_code == 0, result.output
     assert not (repo / "keep.txt").exists() and (repo / "ccra_vlm" / "config.pbtxt").is_file()
-    result = write(ccra_bundle, ccra_bundle / "repo")
+    result = write(single_bundle, single_bundle / "repo")
     assert result.exit_code == 2 and "overlaps --bundle" in result.output
-    result = write(ccra_bundle, tmp_path / "r", "--vision-backend", "tvm")
+    result = write(single_bundle, tmp_path / "r", "--vision-backend", "tvm")
     assert result.exit_code == 2 and "Invalid value for '--vision-backend'" in result.output
     help_text = CliRunner().invoke(main, ["triton", "--help"]).output
     for flag in (
@@ -267,9 +267,17 @@ def test_string_text_tensors_and_image_errors():
 
 
 @pytest.fixture(scope="module")
-def split_bundle(tmp_path_factory, ccra_checkpoint):
-    """The CCRA checkpoint as a split bundle (vision_tower.onnx + ccra_head.onnx) with its FP32 language model."""
-    return build(tmp_path_factory.mktemp("split") / "bundle", ccra_checkpoint, "fp32", "--split-vision")
+def split_bundle(ccra_bundle):
+    """The CCRA checkpoint's bundle (vision_tower.onnx + ccra_head.onnx: split is the CCRA default) with its
+    FP32 language model."""
+    assert (ccra_bundle / "ccra_head.onnx").exists()
+    return ccra_bundle
+
+
+@pytest.fixture(scope="module")
+def single_bundle(tmp_path_factory, ccra_checkpoint):
+    """The CCRA checkpoint as one vision.onnx (--single-vision-graph) with its FP32 language model."""
+    return build(tmp_path_factory.mktemp("single") / "bundle", ccra_checkpoint, "fp32", "--single-vision-graph")
 
 
 def check_part_config(config, name: str, part: dict, axis: dict) -> None:
@@ -481,12 +489,12 @@ def running_triton(repo: Path, workdir: Path, models: tuple[str, ...] = (VISION_
 
 
 @pytest.fixture(scope="module")
-def triton(ccra_bundle, tmp_path_factory):
+def triton(single_bundle, tmp_path_factory):
     """Triton serving the repository `ccra-export triton --vision-backend python --text-type uint8` writes."""
     workdir = tmp_path_factory.mktemp("triton")
     repo = workdir / "repo"
     extra = ["--vision-backend", "python", "--text-type", "uint8", "--max-queue-delay-us", str(QUEUE_DELAY_US)]
-    result = write(ccra_bundle, repo, *extra, "--max-new-tokens", str(NEW_TOKENS))
+    result = write(single_bundle, repo, *extra, "--max-new-tokens", str(NEW_TOKENS))
     assert result.exit_code == 0, result.output
     with running_triton(repo, workdir) as endpoints:
         yield endpoints
@@ -500,8 +508,8 @@ def photo(cat):
 
 
 @pytest.fixture(scope="module")
-def pipeline(ccra_bundle):
-    return Pipeline.from_bundle(ccra_bundle)
+def pipeline(single_bundle):
+    return Pipeline.from_bundle(single_bundle)
 
 
 @pytest.fixture(scope="module")

@@ -470,11 +470,11 @@ EXPORT = (
     opt(
         "split_vision",
         "--split-vision/--single-vision-graph",
-        default=False,
-        show_default=True,
-        help="CCRA: export vision_tower.onnx (pixels -> the stacked layer states CCRA reads) and ccra_head.onnx "
-        "(those states + the instruction -> visual tokens) instead of one vision.onnx. The runtime caches tower "
-        "outputs per image (--tower-cache-mib), so a second question about an image runs only the head.",
+        default=None,
+        help="CCRA (the default for CCRA models): export vision_tower.onnx (pixels -> the stacked layer states "
+        "CCRA reads) and ccra_head.onnx (those states + the instruction -> visual tokens) instead of one "
+        "vision.onnx. The runtime caches tower outputs per image (--tower-cache-mib), so a second question about "
+        "an image runs only the head. --single-vision-graph: one vision.onnx (plain LLaVA-1.5 always is).",
     ),
     opt(
         "lm_precision",

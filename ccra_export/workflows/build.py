@@ -74,7 +74,8 @@ class BuildOptions:
     plugin_library: Path | None = None
     int8: Int8Options = field(default_factory=Int8Options)
     ccra_module: str | None = None  # package.module:Factory: a plug-in CCRA module instead of the reconstruction
-    split_vision: bool = False  # CCRA: vision_tower.onnx + ccra_head.onnx (tower outputs cacheable per image)
+    #: vision_tower.onnx + ccra_head.onnx (tower outputs cached per image); None: yes for CCRA, no for plain
+    split_vision: bool | None = None
     lm_precision: str | None = None
     lm_device: str = "auto"
     trt: TrtOptions = field(default_factory=TrtOptions)
@@ -201,9 +202,8 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             "--split-vision: this model is the plain LLaVA-1.5 variant; its vision graph has no text-conditioned "
             "head to split off (the whole graph runs once per image already)"
         )
-    parts = graph_parts(
-        ccra=source.config.ccra is not None, split=options.split_vision, attention=source.model.provides_attention
-    )
+    split = source.config.ccra is not None if options.split_vision is None else options.split_vision
+    parts = graph_parts(ccra=source.config.ccra is not None, split=split, attention=source.model.provides_attention)
     plugin = _plugin_record(lpwca, options.plugin_library)
     if backend_kind == "trt" and plugin and not options.plugin_library:
         raise ConfigError(
