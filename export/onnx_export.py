@@ -125,7 +125,7 @@ def export_model_proto(
     check_opset(opset)
     config = model.config
     part = part or model_parts(model)[0]
-    with _quiet_exporter(), torch.no_grad(), lpwca_mode(model, lpwca), _plugin_export_errors(config):
+    with _quiet_exporter(), torch.no_grad(), _plugin_export_errors(config), lpwca_mode(model, lpwca):
         program = torch.onnx.export(
             part_module(model.eval(), part),
             example_inputs(config, part=part),

@@ -34,6 +34,16 @@ class CacheStats:
         return asdict(self)
 
 
+def tower_bytes_per_image(manifest: dict) -> int:
+    """Bytes one image's tower output takes in the cache (0 for a single-graph bundle)."""
+    parts = manifest["graph"].get("parts")
+    if not parts:
+        return 0
+    spec = parts[0]["outputs"][0]
+    values = int(np.prod([d for d in spec["shape"] if isinstance(d, int)]))
+    return values * np.dtype(spec["dtype"]).itemsize
+
+
 def image_key(pixels: np.ndarray) -> str:
     """Content hash of one preprocessed image (``[C, H, W]``), its dtype and shape included."""
     digest = hashlib.blake2b(digest_size=16)

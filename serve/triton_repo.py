@@ -34,7 +34,7 @@ from ccra_export import __version__
 from ccra_export.core.atomic import staged_directory
 from ccra_export.core.errors import BundleError, ConfigError
 from ccra_export.core.hashing import sha256_file
-from ccra_export.core.manifest import read_manifest
+from ccra_export.core.manifest import MANIFEST_NAME, bundle_path, read_manifest
 from ccra_export.core.platform import gpus
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.vision_graphs import is_split
@@ -188,14 +188,14 @@ def place(source: Path, target: Path) -> bool:
         return True
 
 
-def mirror_bundle(bundle: Path, target: Path) -> bool:
-    """Every file of the bundle under ``target`` (hidden scratch entries left out); True if any was copied."""
-    copied = False
-    for path in sorted(bundle.rglob("*")):
-        relative = path.relative_to(bundle)
-        if any(part.startswith(".") for part in relative.parts) or not path.is_file():
-            continue
-        copied |= place(path, target / relative)
+def mirror_bundle(bundle: Path, target: Path, manifest: dict[str, Any]) -> bool:
+    """The manifest and the files it lists under ``target``; True if any was copied.
+
+    Only what the manifest lists, each resolved inside the bundle (``bundle_path``): a stray file or
+    a symlink out of a downloaded bundle is never carried into a repository meant to be shipped."""
+    copied = place(bundle / MANIFEST_NAME, target / MANIFEST_NAME)
+    for name in sorted(manifest["files"]):
+        copied |= place(bundle_path(bundle, name, f"files[{name!r}]"), target / name)
     return copied
 
 
@@ -299,36 +299,39 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
     }
     plugin_model = next((model for model in models if holds_lpwca(manifest, model)), None) if plugin else None
     split = is_split(manifest)
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    copied = False
-    with staged_directory(repo, replace=force) as stage:
-        for model, (view, policy) in models.items():
-            copied |= write_vision_model(
-                bundle,
-                stage / model,
-                view,
-                kind,
-                policy,
-                plugin if model == plugin_model else None,
-                gpu=gpu,
-                instances=options.vision_instances,
-            )
-        vlm_dir = stage / VLM_MODEL
-        copied |= mirror_bundle(bundle, vlm_dir / VERSION / BUNDLE_DIR)
-        (vlm_dir / VERSION / "model.py").write_text(_shim(VLM_MODEL, "triton_vlm", "VlmModel"))
-        vlm_parameters = {"bundle": BUNDLE_DIR}
-        if split:
-            vlm_parameters[TOWER_MODEL_PARAMETER] = TOWER_MODEL
-            vlm_parameters[HEAD_MODEL_PARAMETER] = HEAD_MODEL
-            vlm_parameters[TOWER_CACHE_PARAMETER] = f"{options.tower_cache_mib:g}"
-        else:
-            vlm_parameters[VISION_MODEL_PARAMETER] = VISION_MODEL
-        vlm_parameters.update(default_max_new_tokens=str(options.max_new_tokens), tool_version=__version__)
-        config = vlm_config(options.text_type, instances=options.vlm_instances, parameters=vlm_parameters)
-        (vlm_dir / "config.pbtxt").write_text(to_pbtxt(config))
-        launch = launch_command(plugin.name if plugin else None, plugin_model or VISION_MODEL)
-        cache_mib = options.tower_cache_mib if split else None
-        (stage / "README.md").write_text(repo_readme(bundle, kind, reason, launch, options.text_type, cache_mib))
+    try:
+        repo.parent.mkdir(parents=True, exist_ok=True)
+        copied = False
+        with staged_directory(repo, replace=force) as stage:
+            for model, (view, policy) in models.items():
+                copied |= write_vision_model(
+                    bundle,
+                    stage / model,
+                    view,
+                    kind,
+                    policy,
+                    plugin if model == plugin_model else None,
+                    gpu=gpu,
+                    instances=options.vision_instances,
+                )
+            vlm_dir = stage / VLM_MODEL
+            copied |= mirror_bundle(bundle, vlm_dir / VERSION / BUNDLE_DIR, manifest)
+            (vlm_dir / VERSION / "model.py").write_text(_shim(VLM_MODEL, "triton_vlm", "VlmModel"))
+            vlm_parameters = {"bundle": BUNDLE_DIR}
+            if split:
+                vlm_parameters[TOWER_MODEL_PARAMETER] = TOWER_MODEL
+                vlm_parameters[HEAD_MODEL_PARAMETER] = HEAD_MODEL
+                vlm_parameters[TOWER_CACHE_PARAMETER] = f"{options.tower_cache_mib:g}"
+            else:
+                vlm_parameters[VISION_MODEL_PARAMETER] = VISION_MODEL
+            vlm_parameters.update(default_max_new_tokens=str(options.max_new_tokens), tool_version=__version__)
+            config = vlm_config(options.text_type, instances=options.vlm_instances, parameters=vlm_parameters)
+            (vlm_dir / "config.pbtxt").write_text(to_pbtxt(config))
+            launch = launch_command(plugin.name if plugin else None, plugin_model or VISION_MODEL)
+            cache_mib = options.tower_cache_mib if split else None
+            (stage / "README.md").write_text(repo_readme(bundle, kind, reason, launch, options.text_type, cache_mib))
+    except OSError as exc:  # permissions, a failed copy: one line, nothing half-written (staged)
+        raise BundleError(f"--repo {repo}: cannot write the repository ({exc.strerror or exc})") from None
     notes = []
     if kind == "tensorrt" and not local_gpus:
         notes.append(f"not checked against a GPU here: {engine_gpu_mismatch(manifest['engine'], local_gpus)}")

@@ -235,3 +235,33 @@ def test_spec_exposes_the_interface_fields():
     assert (spec.feature_layers, spec.num_layers, spec.text_hidden_size, spec.options) == ((1, 2, 3), 3, 96, {})
     with pytest.raises(CCRAModuleError, match=r"expected package\.module:Factory"):
         load_factory("tests.ccra_plugins")
+
+
+def test_review_fixes(tmp_path, monkeypatch, plugin_checkpoint):
+    from ccra_export.model.ccra_plugin import declares_lpwca_contract
+
+    # the working directory is not searched: a checkpoint cannot ship the code its metadata names
+    (tmp_path / "shipped_payload.py").write_text("import torch\nclass Factory(torch.nn.Module):\n    pass\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(CCRAModuleError, match="cannot import shipped_payload"):
+        load_factory("shipped_payload:Factory")
+
+    # declaring the contract is not enough without the reconstruction's sizes for the kernel
+    class Claims(LayerGatedCrossAttention):
+        lpwca_contract = True
+        lpwca_impl = "portable"
+
+    assert not declares_lpwca_contract(Claims(CCRAModuleSpec(preset("tiny").ccra, 64, 16)))
+
+    # naming the reconstruction explicitly wins over the checkpoint's own entry (whose weights are the plug-in's)
+    result = cli(
+        "build", "--model", str(plugin_checkpoint), "--ccra-module", DEFAULT_CCRA_MODULE, "-o", str(tmp_path / "b")
+    )
+    one_line_refusal(result, "weights do not match")
+
+
+def test_parameter_count_is_the_modules(plugin_bundle):
+    config = preset("tiny")
+    config = config.with_ccra(type(config.ccra)(**{**config.ccra.__dict__, "module": PLUGIN}))
+    module = build_model(config, seed=0).ccra
+    assert read_manifest(plugin_bundle)["ccra_parameters"] == sum(p.numel() for p in module.parameters())

@@ -366,3 +366,48 @@ def _tower_metrics(url: str) -> dict[str, float]:
     text = httpx.get(f"{url}/metrics", timeout=10).text
     rows = [line.split() for line in text.splitlines() if line.startswith("ccra_tower")]
     return {name: float(value) for name, value in rows}
+
+
+class TestReviewFixes:
+    def test_layouts_that_disagree_are_refused_in_one_line(self, split_fp32, single_fp32):
+        from ccra_export.core.manifest_schema import validate_manifest
+
+        split = json.loads((split_fp32 / "manifest.json").read_text())
+        split["engine"] = {"file": "reference.npz", "tensorrt_version": "10.3", "compute_capability": "8.7"}
+        with pytest.raises(ValueError, match=r"engine: built for one graph, but the bundle's graphs are"):
+            validate_manifest(split)
+        split["engine"] = {
+            "parts": [
+                {"part": "vision_tower", "file": "reference.npz"},
+                {"part": "vision_tower", "file": "reference.npz"},
+            ],
+            "tensorrt_version": "10.3",
+            "compute_capability": "8.7",
+        }
+        with pytest.raises(ValueError, match="engine"):
+            validate_manifest(split)
+        plain = json.loads((split_fp32 / "manifest.json").read_text())
+        plain["variant"] = "plain"
+        with pytest.raises(ValueError, match="only a CCRA bundle splits"):
+            validate_manifest(plain)
+
+    def test_bench_batch_is_checked_against_each_engine(self, split_fp32):
+        from ccra_export.core.errors import BundleError
+        from ccra_export.workflows.bench import check_batch
+
+        manifest = json.loads((split_fp32 / "manifest.json").read_text())
+        manifest["engine"] = {
+            "tensorrt_version": "10.3",
+            "compute_capability": "8.7",
+            "parts": [
+                {"part": "vision_tower", "file": "t", "profile": {"pixel_values": [[1, 3, 56, 56]] * 3}},
+                {
+                    "part": "ccra_head",
+                    "file": "h",
+                    "profile": {"tower_features": [[1, 3, 16, 64], [1, 3, 16, 64], [2, 3, 16, 64]]},
+                },
+            ],
+        }
+        check_batch(manifest, 1)
+        with pytest.raises(BundleError, match="above 1, the largest batch of its vision_tower engine"):
+            check_batch(manifest, 2)

@@ -700,3 +700,19 @@ def test_split_second_question_about_an_image_runs_only_the_head(split_triton, s
     assert counts == {TOWER_MODEL: 1, HEAD_MODEL: 2}
     log = log_path.read_text(errors="replace")
     assert "Traceback" not in log and "PyCapsule" not in log, log[-3000:]
+
+
+def test_only_the_files_the_manifest_lists_are_carried(single_bundle, tmp_path):
+    """A stray file or a symlink out of a downloaded bundle never lands in a repository meant to be shipped."""
+    bundle = tmp_path / "bundle"
+    shutil.copytree(single_bundle, bundle, copy_function=os.link)
+    secret = tmp_path / "secret.txt"
+    secret.write_text("not for the repository")
+    (bundle / "notes").symlink_to(secret)
+    (bundle / "stray.bin").write_bytes(b"x")
+    result = write(bundle, tmp_path / "repo")
+    assert result.exit_code == 0, result.output
+    carried = tmp_path / "repo" / "ccra_vlm" / "1" / "bundle"
+    assert not (carried / "notes").exists() and not (carried / "stray.bin").exists()
+    listed = set(read_manifest(single_bundle)["files"]) | {"manifest.json"}
+    assert {str(p.relative_to(carried)) for p in carried.rglob("*") if p.is_file()} == listed

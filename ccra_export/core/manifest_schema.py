@@ -267,7 +267,22 @@ def validate_manifest(data: Any) -> Manifest:
     except ValidationError as exc:
         raise ValueError(first_error(exc)) from None
     _check_files_listed(manifest)
+    _check_layout(manifest)
     return manifest
+
+
+def _check_layout(manifest: Manifest) -> None:
+    """A split graph only for CCRA, and an engine for exactly the bundle's graphs, in their order."""
+    graph, engine = manifest["graph"], manifest["engine"]
+    graphs = [part["name"] for part in graph.get("parts", [])]
+    if graphs and manifest["variant"] != "ccra":
+        raise ValueError("graph.parts: only a CCRA bundle splits its vision graph (this one is plain)")
+    if engine:
+        engines = [part["part"] for part in engine.get("parts", [])]
+        if engines != graphs:
+            raise ValueError(
+                f"engine: built for {engines or 'one graph'}, but the bundle's graphs are {graphs or 'one graph'}"
+            )
 
 
 _UNION_TAG = re.compile(r"^(\[key\]|constrained-\w+|function-\w+\[.*\]|str|int|float|bool|none)$")

@@ -21,8 +21,6 @@ The reconstruction (``ccra_module.reconstruction``) is loaded through this same 
 from __future__ import annotations
 
 import importlib
-import os
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -73,15 +71,14 @@ def ccra_module_factory(function: F) -> F:
 
 
 def load_factory(path: str) -> Callable[[CCRAModuleSpec], nn.Module]:
-    """Import ``package.module:Factory`` (from the working directory or the environment, as uvicorn
-    finds an app); one line naming it and what was expected otherwise."""
+    """Import ``package.module:Factory`` from the environment (installed, or on PYTHONPATH: the
+    working directory is not searched, so a checkpoint directory cannot ship code that a name in its
+    metadata would import); one line naming it and what was expected otherwise."""
     try:
         check_module_path(path, "--ccra-module")
     except ConfigError as exc:
         raise CCRAModuleError(str(exc)) from None
     module_name, _, attribute = path.partition(":")
-    if os.getcwd() not in sys.path:  # like uvicorn's APP: a module beside the user, or installed
-        sys.path.insert(0, os.getcwd())
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises at import time
@@ -121,7 +118,12 @@ def make_module(path: str, spec: CCRAModuleSpec) -> nn.Module:
 
 def declares_lpwca_contract(module: nn.Module) -> bool:
     """Whether the module says it computes ``ccra::LPWCA`` exactly (and can switch to the fused node)."""
-    return getattr(type(module), "lpwca_contract", False) is True and hasattr(module, "lpwca_impl")
+    config = getattr(module, "config", None)
+    return (
+        getattr(type(module), "lpwca_contract", False) is True
+        and hasattr(module, "lpwca_impl")
+        and all(hasattr(config, name) for name in ("num_heads", "num_layers", "head_dim", "layer_norm_eps"))
+    )
 
 
 @torch.no_grad()

@@ -180,6 +180,8 @@ def save_ccra_weights(model: CCRAVisionModel, directory: str | Path) -> Path:
     meta_config = asdict(model.config.ccra)
     meta_config["feature_layers"] = list(meta_config["feature_layers"])
     module = meta_config.pop("module")
+    if not meta_config["options"]:  # readers from before plug-ins refuse unknown keys
+        meta_config.pop("options")
     metadata = {CCRA_CONFIG_KEY: json.dumps(meta_config)}
     if module is not None:  # a plug-in module: its weights load only into it
         metadata[CCRA_MODULE_KEY] = module

@@ -276,12 +276,14 @@ def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | N
 def check_batch(manifest: dict[str, Any], batch: int) -> None:
     """Refuse a batch beyond what the bundle was built for: its profile's maximum, and its engine's."""
     from ccra_export.core.errors import BundleError
+    from ccra_export.core.vision_graphs import engine_records
 
     limits = {"the bundle's profile (--max-batch at build)": manifest["dynamic_axes"].get("batch", {}).get("max")}
-    engine = manifest.get("engine") or {}
-    shapes = (engine.get("profile") or {}).get("pixel_values")
-    if shapes:
-        limits["its TensorRT engine's profile (`ccra-export engine --max-batch`)"] = shapes[-1][0]
+    for part, engine in engine_records(manifest).items():  # a split bundle: the tower's and the head's
+        shapes = next(iter((engine.get("profile") or {}).values()), None)  # first input's (min, opt, max)
+        if shapes:
+            engine_name = "TensorRT engine" if part == "vision" else f"{part} engine"
+            limits[f"its {engine_name}'s profile (`ccra-export engine --max-batch`)"] = shapes[-1][0]
     for where, limit in limits.items():
         if isinstance(limit, int) and batch > limit:
             raise BundleError(f"--batch {batch}: above {limit}, the largest batch of {where}")
@@ -367,12 +369,13 @@ def _vision_ours(
 ) -> tuple[VisionFigures, dict]:
     from ccra_export.core.manifest import bundle_path, read_manifest
     from ccra_export.core.reference_record import load_reference
-    from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
+    from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache, tower_bytes_per_image
     from ccra_export.workflows.backends import open_bundle_backend
 
     manifest = read_manifest(bundle)
     library = Path(plugin_library) if plugin_library else None
-    runner, _ = open_bundle_backend(bundle, manifest, backend, library, TowerCache.from_mib(DEFAULT_TOWER_CACHE_MIB))
+    cache = TowerCache(max(DEFAULT_TOWER_CACHE_MIB << 20, batch * tower_bytes_per_image(manifest)))  # holds the batch
+    runner, _ = open_bundle_backend(bundle, manifest, backend, library, cache)
     feeds, _ = load_reference(bundle_path(bundle, manifest["reference"]["file"], "reference.file"))
     feeds = _batch_of(feeds, batch)
     cache = getattr(runner, "cache", None)

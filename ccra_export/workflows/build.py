@@ -461,8 +461,6 @@ def _manifest_fields(
 ) -> dict[str, Any]:
     import torch
 
-    from ccra_export.model.ccra_module import ccra_parameter_count
-
     config = source.config
     if len(written) == 1:
         graph = {
@@ -490,7 +488,7 @@ def _manifest_fields(
     return {
         "model": config.to_dict(),
         "variant": config.variant,
-        "ccra_parameters": ccra_parameter_count(config.ccra, config.vision.hidden_size) if config.ccra else 0,
+        "ccra_parameters": sum(p.numel() for p in source.model.ccra.parameters()) if config.ccra else 0,
         "source": source.record,
         "precision": options.precision,
         "export": {

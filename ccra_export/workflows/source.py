@@ -72,9 +72,9 @@ def resolve_source(
 
     if ccra_module is not None:
         check_module_path(ccra_module, "--ccra-module")
+    if model in PRESETS:
         if ccra_module == DEFAULT_CCRA_MODULE:
             ccra_module = None
-    if model in PRESETS:
         if not random_weights:
             raise ConfigError(
                 f"--model {model}: a preset has no trained weights; "
