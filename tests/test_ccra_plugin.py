@@ -164,6 +164,7 @@ class TestPrecisions:
         ]
         assert ccra_nodes and not any(set(n.input) & quantized_inputs for n in ccra_nodes if n.op_type == "MatMul")
 
+    @pytest.mark.slow  # split is module-agnostic: the default run splits the reconstruction everywhere
     def test_split_vision_puts_the_module_in_the_head(self, tmp_path):
         result = preset_build(tmp_path / "b", "--precision", "fp32", "--ccra-module", PLUGIN)  # split: the CCRA default
         assert result.exit_code == 0, result.output

@@ -86,7 +86,7 @@ def check_overflow_is_fixed(tmp_path, name: str, lpwca: str, batch: int, text_le
     return {"over": over, "cosine": result.cosine}
 
 
-@pytest.mark.parametrize("lpwca", ["portable", "fused"])
+@pytest.mark.parametrize("lpwca", ["portable", pytest.param("fused", marks=pytest.mark.slow)])
 def test_tiny_fp16_survives_outliers_and_a_sharp_map(tmp_path, lpwca):
     check_overflow_is_fixed(tmp_path, "tiny", lpwca, batch=2, text_len=8)
 

@@ -183,6 +183,7 @@ def test_ccra_pipeline_matches_the_pytorch_reference(ccra_bundle, ccra_checkpoin
     assert compare_output("logits", generation.first_logits, want_logits, thresholds_for("fp32")).passed
 
 
+@pytest.mark.slow  # test_bench_cli times both sides (and every ratio's spread) in the default run
 def test_bench_reports_both_sides(fp32_bundle, plain_checkpoint):
     args = ["bench", "--bundle", str(fp32_bundle), "--model", str(plain_checkpoint)]
     result = CliRunner().invoke(main, [*args, "--new-tokens", "4", "--repeats", "1"])

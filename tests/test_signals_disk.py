@@ -208,6 +208,7 @@ def test_sigterm_mid_build_cleans_up_and_stops_the_builder(tmp_path, ccra_checkp
     assert sorted(p.name for p in tmp_path.iterdir()) == []  # no staging, scratch, bundle or ./cache_dir
 
 
+@pytest.mark.slow  # 13 s; the default run's SIGTERM test stops the builder through the same finally
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
 def test_sigkill_of_the_build_takes_the_builder_down(tmp_path, ccra_checkpoint):
     build, builder = _build_until_builder_runs(ccra_checkpoint, tmp_path)
@@ -292,7 +293,9 @@ def calib_dir(tmp_path_factory) -> Path:
     [
         ("300k", ["--precision", "fp32"]),  # the vision graph does not fit
         ("1000k", ["--precision", "int8", "--calib-data", "{calib}"]),  # ONNX's unchecked C++ write, then DecodeError
-        ("1700k", ["--precision", "fp32", "--lm-precision", "int4"]),  # the language model's copy / its builder
+        pytest.param(  # the language model's copy / its builder (20 s: the default run keeps the other two)
+            "1700k", ["--precision", "fp32", "--lm-precision", "int4"], marks=pytest.mark.slow
+        ),
     ],
     ids=["vision", "int8-short-write", "language-model"],
 )

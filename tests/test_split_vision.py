@@ -353,11 +353,9 @@ class TestRuntime:
         vision = cli("bench", "--bundle", str(split_fp32), "--vision-only", "--repeats", "2")
         assert vision.exit_code == 0, vision.output
         # 3 rounds (warm-up + 2) of a new image (the cache cleared: a miss), then 3 of the same one (hits)
-        assert "tower cache: 3 hits, 3 misses; 1 image held" in vision.stdout
-        from ccra_export.workflows.bench import run_vision_bench
-
-        figures = run_vision_bench(split_fp32, repeats=2).figures[0]
-        assert figures.vision_cached_ms is not None and figures.tower_cache["bytes"] == 3 * 16 * 64 * 4
+        assert (
+            "tower cache: 3 hits, 3 misses; 1 image held" in vision.stdout and "(0.01 MiB per image)" in vision.stdout
+        )
 
 
 def _tower_metrics(url: str) -> dict[str, float]:
