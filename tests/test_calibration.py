@@ -255,12 +255,14 @@ class TestCli:
         ]
         parity = json.loads((out / "parity.json").read_text())
         assert parity["inputs"]["kind"] == "held-out images" and len(parity["inputs"]["images"]) == 2
-        assert parity["layers"]["rows"][0]["label"] == "vision layer 1"
+        labels = [row["label"] for row in parity["layers"]["rows"]]  # the drift report spans both graphs
+        assert labels[0] == "vision layer 1" and labels[-3:] == ["tower features", "ccra module", "visual tokens"]
         manifest = json.loads((out / "manifest.json").read_text())
         record = manifest["calibration"]
         assert record["method"] == "entropy" and len(record["images_used"]) == 6
         assert not set(record["images_used"]) & {h["file"] for h in record["held_out"]}
         assert "tensorrt_cache" not in record and record["ort_cache"] == "vision_tower.calibration.json"
+        assert record["graphs"]["ccra_head"]["ort_cache"] == "ccra_head.calibration.json"  # the head calibrated too
         mode = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
         assert mode["vision_tower.calibration.json"] == mode["vision_tower.onnx"], mode  # ORT writes 0600 (mkstemp)
         assert mode["ccra_head.calibration.json"] == mode["ccra_head.onnx"], mode

@@ -68,10 +68,10 @@ def test_cuda_bundle_runs_on_the_cpu_provider_when_asked(cuda_bundle, cat):
     assert len(reply.generation.tokens) == 6 and np.isfinite(reply.generation.first_logits).all()
 
 
-def test_auto_device_is_cpu_without_a_gpu(tmp_path, plain_checkpoint):
+def test_auto_device_is_cpu_without_a_gpu(fp32_bundle):
     if HAS_CUDA_EP:
         pytest.skip("this ONNX Runtime has the CUDA provider: auto picks cuda")
-    bundle = build(tmp_path / "b", plain_checkpoint, "fp32")
+    bundle = fp32_bundle  # built with the default --lm-device auto
     assert json.loads((bundle / "manifest.json").read_text())["language_model"]["device"] == "cpu"
     doctor = json.loads(CliRunner().invoke(main, ["doctor", "--json"]).stdout)
     row = next(c for c in doctor if c["component"] == "Language model devices")

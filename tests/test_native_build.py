@@ -19,6 +19,7 @@ def run(*args):
     return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
 
 
+@pytest.mark.slow  # 12 s; CI's own CMake step builds the same targets before pytest
 @needs_nvcc
 def test_without_tensorrt_headers_builds_kernels_and_says_what_is_missing(tmp_path, monkeypatch):
     monkeypatch.delenv("TensorRT_ROOT", raising=False)

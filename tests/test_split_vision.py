@@ -97,6 +97,7 @@ class TestBundle:
         for rows in report["graphs"].values():
             assert all(r["passed"] and r["cosine"] > 0.99999 and r["scaled_max_abs_err"] < 1e-4 for r in rows)
 
+    @pytest.mark.slow  # both equal the recorded PyTorch outputs in the default run (manifest test, check)
     def test_tower_and_head_equal_the_single_graph(self, split_fp32, single_fp32):
         split, _ = bundle_backend(split_fp32, read_manifest(split_fp32), "ort")
         single, _ = bundle_backend(single_fp32, read_manifest(single_fp32), "ort")
@@ -132,6 +133,7 @@ class TestBundle:
         tower = part_records(read_manifest(bundle))[0]
         assert tower["outputs"][0]["dtype"] == "float16"  # half the cache memory per image
 
+    @pytest.mark.slow  # the default run's INT8 CLI test (test_calibration) builds a split INT8 bundle
     def test_int8_calibrates_both_graphs_and_drift_spans_them(self, tmp_path, cat):
         photos = tmp_path / "photos"
         photos.mkdir()
@@ -302,10 +304,10 @@ class TestRuntime:
         assert (stats.misses, stats.hits) == (1, 1)  # the second question reused the tower's output
         assert uncached.tower_cache.stats().misses == 2 and uncached.tower_cache.stats().hits == 0
 
-    def test_single_graph_bundles_have_no_cache(self, tmp_path, single_fp32):
+    def test_single_graph_bundles_have_no_cache(self, fp32_bundle):
         from ccra_export.runtime.vision_backend import OrtBackend
 
-        runner, _ = bundle_backend(single_fp32, read_manifest(single_fp32), "ort", tower_cache=TowerCache(1 << 20))
+        runner, _ = bundle_backend(fp32_bundle, read_manifest(fp32_bundle), "ort", tower_cache=TowerCache(1 << 20))
         assert isinstance(runner, OrtBackend)
 
     def test_run_interactive_independent_questions_hit_the_cache(self, split_lm_bundle, tmp_path, cat):
