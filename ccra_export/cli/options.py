@@ -155,16 +155,21 @@ def deprecated_alias(param: str, value: T, alias_value: T | None, flag: str, ali
     return alias_value
 
 
-TOWER_CACHE_MIB = opt(
-    "tower_cache_mib",
-    "--tower-cache-mib",
-    default=DEFAULT_TOWER_CACHE_MIB,
-    show_default=True,
-    type=click.FloatRange(0.0, 1 << 20),
-    help="Split bundles (build --split-vision): memory for cached vision-tower outputs, keyed by the image's "
-    "content, so a second question about an image runs only CCRA's head. One llava-1.5-7b image takes 27 MiB "
-    "(FP16) to 54 MiB (FP32); 0 disables the cache.",
-)
+def tower_cache_mib(holder: str = "", skips: str = "runs only CCRA's head") -> Opt:
+    """``--tower-cache-mib``, declared once; ``holder`` says who keeps the cache (Triton: each instance)."""
+    return opt(
+        "tower_cache_mib",
+        "--tower-cache-mib",
+        default=DEFAULT_TOWER_CACHE_MIB,
+        show_default=True,
+        type=click.FloatRange(0.0, 1 << 20),
+        help=f"Split bundles (build --split-vision): memory {holder}for cached vision-tower outputs, keyed by the "
+        f"image's content, so a second question about an image {skips}. One llava-1.5-7b image takes 27 MiB "
+        "(FP16) to 54 MiB (FP32); 0 disables the cache.",
+    )
+
+
+TOWER_CACHE_MIB = tower_cache_mib()
 CCRA_MODULE_CHECK = opt(
     "ccra_module",
     "--ccra-module",

@@ -9,7 +9,6 @@ from rich.markup import escape
 
 from ccra_export.cli import options as o
 from ccra_export.cli.output import reports_errors, stderr, stdout
-from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.serve.triton_config import TEXT_TYPES, VLM_MODEL
 from ccra_export.serve.triton_repo import DEVICES, VISION_BACKENDS, RepoOptions, write_repository
 
@@ -87,16 +86,7 @@ from ccra_export.serve.triton_repo import DEVICES, VISION_BACKENDS, RepoOptions,
         type=click.IntRange(1),
         help="Tokens ccra_vlm generates when a request does not send max_new_tokens.",
     ),
-    o.opt(
-        "tower_cache_mib",
-        "--tower-cache-mib",
-        default=DEFAULT_TOWER_CACHE_MIB,
-        show_default=True,
-        type=click.FloatRange(0.0, 1 << 20),
-        help="Split bundles (build --split-vision): memory each ccra_vlm instance keeps for cached vision-tower "
-        "outputs, keyed by the image's content, so a second question about an image calls only ccra_head. One "
-        "llava-1.5-7b image takes 27 MiB (FP16) to 54 MiB (FP32); 0 disables the cache.",
-    ),
+    o.tower_cache_mib("each ccra_vlm instance keeps ", "calls only ccra_head"),
     o.PLUGIN_LIBRARY,
     o.opt("force", "--force", is_flag=True, help="Replace an existing --repo (only once the new one is complete)."),
 )
