@@ -65,6 +65,29 @@ class AttentionMap:
                 outside += per_patch[row, col] * max(0.0, 1.0 - (right - left) * (bottom - top) / full)
         return float(outside)
 
+    def share_in_box(self, box: tuple[float, float, float, float]) -> float:
+        """The attention inside ``box`` (left, top, right, bottom in original-image pixels): each
+        patch's weight times the fraction of its area in the photo that the box covers (padding
+        counts as outside). Compare with ``box_share`` of the same box: uniform attention gives
+        about that much."""
+        rows, cols = self.grid
+        per_patch = self.per_patch()
+        width, height = self.geometry.crop_width / cols, self.geometry.crop_height / rows
+        full = width * self.geometry.scale_x * height * self.geometry.scale_y
+        inside = 0.0
+        for row in range(rows):
+            for col in range(cols):
+                left, top, right, bottom = self.patch_box(row, col)
+                overlap_w = max(0.0, min(right, box[2]) - max(left, box[0]))
+                overlap_h = max(0.0, min(bottom, box[3]) - max(top, box[1]))
+                inside += per_patch[row, col] * overlap_w * overlap_h / full
+        return float(inside)
+
+    def box_share(self, box: tuple[float, float, float, float]) -> float:
+        """The fraction of the photo's area that ``box`` covers."""
+        area = max(0.0, box[2] - box[0]) * max(0.0, box[3] - box[1])
+        return area / float(self.geometry.image_width * self.geometry.image_height)
+
     def entropy(self) -> float:
         """Entropy of the joint map in nats (0: one position; log(L*N): uniform)."""
         p = self.weights[self.weights > 0]

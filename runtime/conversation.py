@@ -22,12 +22,10 @@ from typing import Any, Protocol
 import numpy as np
 from PIL import Image
 
+from ccra_export.core.chat_template import EOS_TOKEN, FOLLOW_UP
 from ccra_export.runtime.inputs import InputError, check_prompt, check_text, load_image
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
-
-FOLLOW_UP = "USER: {prompt} ASSISTANT:"
-EOS_TOKEN = "</s>"
 
 
 class Prepared(Protocol):

@@ -8,10 +8,11 @@ from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from ccra_export.core.chat_template import IMAGE_TOKEN
 from ccra_export.core.errors import CCRAExportError
 from ccra_export.core.image_preprocess import ImageReadError, open_rgb
 
-IMAGE_TOKEN = "<image>"
+__all__ = ["IMAGE_TOKEN", "InputError", "check_prompt", "check_text", "control_tokens", "load_image"]
 
 
 class InputError(CCRAExportError):

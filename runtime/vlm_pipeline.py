@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from ccra_export.core.chat_template import TEMPLATE
 from ccra_export.core.errors import BundleError
 from ccra_export.core.image_preprocess import ImageProcessorConfig, crop_geometry, preprocess
 from ccra_export.core.manifest import read_manifest, verify_files
@@ -28,7 +29,6 @@ from ccra_export.runtime.text_stream import TextStream
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend, unloadable
 
-TEMPLATE = "USER: <image>\n{prompt} ASSISTANT:"  # LLaVA-1.5 (vicuna_v1), first turn
 LM_DIR = "lm"
 
 __all__ = ["IMAGE_TOKEN", "TEMPLATE", "Conversation", "InputError", "Pipeline", "Prepared", "load_image"]

@@ -182,3 +182,19 @@ def test_run_refuses_an_attention_map_that_is_not_png_before_loading(tmp_path):
         ],
     )
     assert result.exit_code == 2 and "--attention-map m.jpg: expected a .png file name" in result.stderr
+
+
+def test_share_in_box_counts_the_box_area_of_each_patch():
+    """All attention on one patch of a 4x4 grid over a 400x400 photo (100 px patches): a box over
+    that patch holds all of it, a box over its left half holds half, a box elsewhere none."""
+    from ccra_export.core.image_preprocess import ImageProcessorConfig, crop_geometry
+    from ccra_export.runtime.attention import AttentionMap
+
+    weights = np.zeros((2, 16))
+    weights[0, 5] = weights[1, 5] = 0.5  # row 1, col 1: pixels 100..200 both ways
+    geometry = crop_geometry((400, 400), ImageProcessorConfig.for_image_size(56))
+    amap = AttentionMap.from_output(weights, (1, 2), geometry)
+    assert amap.share_in_box((100, 100, 200, 200)) == pytest.approx(1.0)
+    assert amap.share_in_box((100, 100, 150, 200)) == pytest.approx(0.5)
+    assert amap.share_in_box((300, 300, 400, 400)) == 0.0
+    assert amap.box_share((100, 100, 200, 200)) == pytest.approx(1 / 16)
