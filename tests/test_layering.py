@@ -41,6 +41,9 @@ RUNTIME_MODULES = [
     "ccra_export.workflows.check",
     "ccra_export.export.graph_checks",
     "ccra_export.core.reference_record",
+    # the demo's task generator (calibration and eval use it on a target) and where its checkpoint is
+    "ccra_export.core.shapes",
+    "ccra_export.demo",
     "ccra_export.cli",
 ]
 
