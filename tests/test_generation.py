@@ -117,6 +117,7 @@ def test_run_command_streams_the_answer(fp32_bundle, tmp_path, cat):
         (["--image", "{tmp}/missing.jpg"], "--image {tmp}/missing.jpg: no such file"),
         (["--image", "{tmp}/broken.jpg"], "not a readable image"),
         (["--prompt", "  "], "--prompt: empty"),
+        (["--prompt", ""], "--prompt: empty"),
         (["--prompt", "<image> what?"], "--prompt: contains <image>"),
         (["--max-new-tokens", "100000"], "exceed the context of"),
     ],

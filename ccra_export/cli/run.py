@@ -10,7 +10,7 @@ import click
 
 from ccra_export.cli import options as o
 from ccra_export.cli.output import reports_errors, stderr
-from ccra_export.runtime.inputs import InputError, load_image
+from ccra_export.runtime.inputs import InputError, check_prompt, load_image
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import no_attention_map
 from ccra_export.workflows.backends import open_pipeline
@@ -103,6 +103,8 @@ def run(
     """
     if not interactive and prompt is None:
         raise InputError("--prompt: missing; give the question (or use --interactive)")
+    if prompt is not None:
+        check_prompt(prompt)  # "" too: an empty question is refused, not an empty run that exits 0
     if attention_map is not None:
         require_matplotlib("--attention-map")
         if attention_map.suffix.lower() != ".png":
