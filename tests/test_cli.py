@@ -250,3 +250,12 @@ class TestFusedLpwca:
         )  # refused as the option is parsed (click's usage error), before anything runs
         assert result.exit_code == 2 and "Invalid value for '--plugin-library': no such file" in result.output
         assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("verb", ["run", "explain", "serve", "bench"])
+def test_backend_help_describes_only_the_backends_the_verb_takes(verb):
+    command = main.commands[verb]
+    option = next(p for p in command.params if p.name == "backend")
+    offered = set(option.type.choices)
+    described = {name for name in ("auto", "ort", "trt", "ort-trt") if f"{name}:" in option.help}
+    assert described == offered, (verb, described, offered)

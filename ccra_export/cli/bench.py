@@ -70,7 +70,7 @@ def spread(value: Spread, digits: int = 1, suffix: str = "") -> str:
         help="The checkpoint the bundle was built from, to time PyTorch / Hugging Face on it too (its weights "
         "must match the manifest's hash). Without it (or without PyTorch) the bundle is timed alone.",
     ),
-    o.backend("auto", "ort", "trt", "ort-trt", help=o.RUN_BACKEND_HELP),
+    o.run_backend("auto", "ort", "trt", "ort-trt"),
     o.PLUGIN_LIBRARY,
 )
 @reports_errors

@@ -27,7 +27,7 @@ from ccra_export.workflows.explain import explain as explain_workflow
     ),
     o.opt("top_k", "--top-k", default=5, show_default=True, type=click.IntRange(1, 64), help="Patches to outline."),
     o.opt("force", "--force", is_flag=True, help="Replace an existing --out directory (once the new one is complete)."),
-    o.backend("auto", "ort", "trt", help=o.RUN_BACKEND_HELP),
+    o.run_backend("auto", "ort", "trt"),
 )
 @reports_errors
 def explain(bundle: Path, image: Path, prompt: str, out: Path, top_k: int, force: bool, backend: str) -> None:

@@ -111,11 +111,20 @@ BACKEND_HELP = (
     "else ONNX Runtime (CUDA provider if installed, else CPU); ort: ONNX Runtime; trt: a native TensorRT engine; "
     "ort-trt: ONNX Runtime's TensorRT execution provider."
 )
-RUN_BACKEND_HELP = (
-    "What runs the vision graph: auto uses the bundle's TensorRT engine where TensorRT is usable, else ONNX Runtime; "
-    "ort: ONNX Runtime; trt: the bundle's TensorRT engine; ort-trt: ONNX Runtime's TensorRT execution provider "
-    "(builds and caches its engine in the bundle; a fused graph needs --plugin-library)."
-)
+#: what each backend a bundle runs on means, for the verbs that run one (each lists only its own)
+RUN_BACKENDS = {
+    "auto": "the bundle's TensorRT engine where TensorRT is usable, else ONNX Runtime",
+    "ort": "ONNX Runtime",
+    "trt": "the bundle's TensorRT engine",
+    "ort-trt": "ONNX Runtime's TensorRT execution provider (builds and caches its engine in the bundle; a fused "
+    "graph needs --plugin-library)",
+}
+
+
+def run_backend(*choices: str) -> Opt:
+    """``--backend`` of a verb that runs a bundle, its help naming only the backends it takes."""
+    described = "; ".join(f"{choice}: {RUN_BACKENDS[choice]}" for choice in choices)
+    return backend(*choices, help=f"What runs the vision graph. {described}.")
 
 
 def backend(*choices: str, help: str = BACKEND_HELP) -> Opt:
@@ -189,7 +198,11 @@ LM_BUNDLE = opt(
 )
 IMAGE = opt("image", "--image", required=True, type=click.Path(path_type=Path), help="Image file (jpg, png, ...).")
 MODEL_OVERRIDE = opt(
-    "model_override", "--model", metavar="DIR", help="Where the source checkpoint is now, if it moved since the build."
+    "model_override",
+    "--model",
+    metavar="demo|DIR",
+    help="The checkpoint the bundle was built from, to recompute its PyTorch reference (a bundle built from "
+    "demo finds the shipped one by itself; without it, the PyTorch outputs recorded at build are used).",
 )
 
 
@@ -383,9 +396,9 @@ EXPORT = (
         "model",
         "--model",
         required=True,
-        metavar="PRESET|DIR",
-        help=f"A preset ({', '.join(PRESETS)}) with --random-weights, or a local Hugging Face LLaVA-1.5 "
-        "checkpoint directory (see README: Checkpoint layout).",
+        metavar="demo|PRESET|DIR",
+        help=f"demo (the shipped CCRA-LLaVA trained on the shapes task), a random preset ({', '.join(PRESETS)}) with "
+        "--random-weights, or a local Hugging Face LLaVA-1.5 checkpoint directory (docs/bundle.md: checkpoint layout).",
     ),
     opt(
         "output",

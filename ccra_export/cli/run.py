@@ -77,7 +77,7 @@ from ccra_export.workflows.explain import require_matplotlib, save_overlay
     ),
     o.TOWER_CACHE_MIB,
     o.opt("verify", "--verify", is_flag=True, help="Re-hash every bundle file against the manifest before running."),
-    o.backend("auto", "ort", "trt", "ort-trt", help=o.RUN_BACKEND_HELP),
+    o.run_backend("auto", "ort", "trt", "ort-trt"),
     o.PLUGIN_LIBRARY,
 )
 @reports_errors

@@ -75,7 +75,7 @@ API_KEY_ENV = "CCRA_API_KEY"
     ),
     o.opt("model_name", "--model-name", default="ccra", show_default=True, help="The model id clients name."),
     o.TOWER_CACHE_MIB,
-    o.backend("auto", "ort", "trt", help=o.RUN_BACKEND_HELP),
+    o.run_backend("auto", "ort", "trt"),
 )
 @reports_errors
 def serve(
