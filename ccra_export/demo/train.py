@@ -156,7 +156,8 @@ class Batcher:
         return self.tokenizer.encode(text, add_special_tokens=special).ids
 
     def sequence(self, turns: list[Question]) -> tuple[list[int], list[int]]:
-        """Token ids and, per position, the id to predict there (-100: not a target)."""
+        """Token ids and, per position, that token if it is a target (an answer's, ``</s>`` included) else
+        -100; the logits one position earlier are trained to predict it."""
         ids: list[int] = []
         targets: list[int] = []
         for index, turn in enumerate(turns):
@@ -167,8 +168,8 @@ class Batcher:
             )
             answer = [*self.encode(turn.answer), self.eos]
             ids += prompt + answer
-            targets += [-100] * (len(prompt) - 1) + answer + [-100]
-        return ids, targets[: len(ids)]
+            targets += [-100] * len(prompt) + answer  # the answer's tokens are the targets, at their own positions
+        return ids, targets
 
     def draw(self, images: int, per_image: int, follow_up: float = 0.5) -> tuple[list[Scene], list[Example]]:
         scenes = [random_scene(self.rng) for _ in range(images)]
@@ -362,18 +363,33 @@ def save(
         assert torch.equal(loaded.model.state_dict()[name], tensor), f"{name} did not round-trip"
 
 
+def load_into(model: DemoModel, checkpoint: Path) -> None:
+    """Weights of a checkpoint this script wrote (the warm-up probes start afresh: they are not saved)."""
+    from transformers import LlavaForConditionalGeneration
+
+    from ccra_export.model.checkpoint import load_checkpoint
+
+    model.vision.load_state_dict(load_checkpoint(checkpoint).model.state_dict())
+    llava = LlavaForConditionalGeneration.from_pretrained(str(checkpoint), dtype=torch.float32)
+    model.lm.model.load_state_dict(llava.model.language_model.state_dict())
+    model.lm.lm_head.load_state_dict(llava.lm_head.state_dict())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Train the demo CCRA-LLaVA on the shapes task (CPU).")
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--warmup-steps", type=int, default=1800, help="stage 1: tower warm-up steps")
-    parser.add_argument("--steps", type=int, default=3500, help="stage 2: end-to-end steps")
+    parser.add_argument("--warmup-steps", type=int, default=1200, help="stage 1: tower warm-up steps")
+    parser.add_argument("--steps", type=int, default=2500, help="stage 2: end-to-end steps")
     parser.add_argument("--images", type=int, default=16, help="pictures per step")
     parser.add_argument("--per-image", type=int, default=4, help="sequences per picture")
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--eval-every", type=int, default=500)
     parser.add_argument("--eval-images", type=int, default=256, help="held-out pictures per evaluation")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: all cores)")
+    parser.add_argument(
+        "--init", type=Path, help="continue from this checkpoint (written by this script) instead of random weights"
+    )
     parser.add_argument("--smoke", action="store_true", help="a few small steps (the test suite's run)")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -387,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = train_tokenizer()
     text_config, llava_config = hf_configs(config, tokenizer)
     model = DemoModel(config, text_config).train()
+    if args.init is not None:
+        load_into(model, args.init)
     train_data = Batcher(tokenizer, processor, args.seed)
     held_out = Batcher(tokenizer, processor, args.seed + 1000)
     args.out.mkdir(parents=True, exist_ok=True)
