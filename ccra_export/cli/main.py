@@ -41,11 +41,12 @@ def main() -> None:
     bundle directory it writes holds the graphs, manifest.json and parity.json.
 
     \b
-    Quick start (no GPU needed):
-      ccra-export build --model tiny --random-weights --precision fp16 --output out/tiny
-      ccra-export check --bundle out/tiny
+    Quick start (no GPU needed): the shipped demo model, from picture to answer
+      ccra-export build --model demo --precision fp16 --lm-precision int4 --output out/demo
+      ccra-export run --bundle out/demo --image ccra_export/demo/examples/shapes_7_00003.png \\
+          --prompt "What color is the circle?"
     \b
-    From a LLaVA checkpoint to text:
+    From your own LLaVA checkpoint to text:
       ccra-export build --model CKPT --lm-precision int4 --output out/vlm
       ccra-export run --bundle out/vlm --image photo.jpg --prompt "What is in the picture?"
     """

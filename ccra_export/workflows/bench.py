@@ -244,6 +244,12 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
     )
 
 
+def _reference_checkpoint(manifest: dict[str, Any], model: str | None) -> str | None:
+    from ccra_export.workflows.source import reference_checkpoint
+
+    return reference_checkpoint(manifest, model)
+
+
 def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | None:
     """Why the PyTorch side cannot run here (None when it can): checked before anything is timed,
     with the fix in the same line. A ``--model`` that cannot be the source is refused instead."""
@@ -312,6 +318,7 @@ def run_bench(
     if image is not None:
         load_image(image)  # a bad image fails before anything loads
     import_onnxruntime()  # the language model runs on it: refuse here, in one line, not in the spawned side
+    model = _reference_checkpoint(manifest, model)
     skipped = pytorch_side_skipped(manifest, model)
     context = multiprocessing.get_context("spawn")
     args = (str(bundle), str(image) if image else None, tokens, repeats)
@@ -433,6 +440,7 @@ def run_vision_bench(
     check_batch(manifest, batch)
     if backend in ("ort", "ort-trt") or (backend == "auto" and not manifest.get("engine")):
         import_onnxruntime()  # ONNX Runtime will run the graph: refuse here, in one line
+    model = _reference_checkpoint(manifest, model)
     skipped = pytorch_side_skipped(manifest, model)
     context = multiprocessing.get_context("spawn")
     library = str(plugin_library) if plugin_library else None

@@ -28,7 +28,7 @@ from ccra_export.core.reference_record import REFERENCE_FILE, load_reference
 from ccra_export.core.sample_inputs import random_inputs
 from ccra_export.core.vision_graphs import HEAD, TOWER, TOWER_FEATURES, GraphPart, is_split, parts_from_manifest
 from ccra_export.workflows import quantization
-from ccra_export.workflows.source import Source, recorded_module, source_from_manifest
+from ccra_export.workflows.source import Source, recorded_module, reference_checkpoint, source_from_manifest
 
 REFERENCE_CHOICES = ("auto", "pytorch", "recorded")
 
@@ -165,7 +165,7 @@ def resolve_reference(
     elif kind == "auto":
         if not export_stack_available():
             kind, why = "recorded", " (auto: PyTorch is not installed here)"
-        elif manifest["source"]["kind"] == "checkpoint" and model_override is None:
+        elif manifest["source"]["kind"] == "checkpoint" and reference_checkpoint(manifest, model_override) is None:
             kind, why = "recorded", " (auto: --model CHECKPOINT recomputes it with PyTorch)"
         elif (module := recorded_module(manifest)) is not None and ccra_module is None:
             kind, why = "recorded", f" (auto: --ccra-module {module} recomputes it with PyTorch)"

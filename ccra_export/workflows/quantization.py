@@ -14,17 +14,22 @@ from typing import Any
 
 import numpy as np
 
-from ccra_export.calibration.images import CalibrationSet, load_calibration_set
+from ccra_export.calibration.images import CalibrationImage, CalibrationSet, load_calibration_set
 from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, MappedReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.image_preprocess import ImageProcessorConfig
+from ccra_export.core.shapes import questions, random_scene, render
 from ccra_export.core.vision_graphs import HEAD, PIXEL_VALUES, TOWER, TOWER_FEATURES, GraphPart
+from ccra_export.demo import DEMO
 from ccra_export.runtime.vision_backend import OrtBackend
 
 ORT_CACHE = "calibration.json"
+#: the demo's INT8 calibration without --calib-data: pictures of its own task, from this seed
+DEMO_CALIBRATION_SEED = 2
+DEMO_CALIBRATION_IMAGES = 64
 
 
 @dataclass
@@ -66,6 +71,13 @@ def processor_for(source: Any, pad_to_square: bool) -> ImageProcessorConfig:
 
 def prepare(options: Int8Options, source: Any, seed: int, steps: Steps = SILENT) -> Calibration:
     """Read and split the images before the (slow) export, so bad calibration data fails first."""
+    if options.calib_data is None and source.record.get("name") == DEMO:
+        dataset = task_calibration_set(options.holdout, options.limit)
+        steps.info(
+            f"calibration: no --calib-data; {len(dataset.calibration)} generated shapes-task pictures (seed "
+            f"{DEMO_CALIBRATION_SEED}), {len(dataset.held_out)} held out for parity"
+        )
+        return Calibration(dataset, processor_for(source, options.pad_to_square), make_embedder(source, seed))
     if options.calib_data is None:
         raise ConfigError("--precision int8 needs --calib-data DIR (a folder of .jpg/.png calibration images)")
     with (
@@ -88,6 +100,20 @@ def prepare(options: Int8Options, source: Any, seed: int, steps: Steps = SILENT)
             f"{options.batch_size}: calibrating in one batch of {len(dataset.calibration)}"
         )
     return Calibration(dataset, processor_for(source, options.pad_to_square), make_embedder(source, seed))
+
+
+def task_calibration_set(holdout: int | None, limit: int | None) -> CalibrationSet:
+    """The demo's own task, generated (``core.shapes``), each picture with one of its questions."""
+    rng = np.random.default_rng(DEMO_CALIBRATION_SEED)
+    items = []
+    for index in range(min(limit or DEMO_CALIBRATION_IMAGES, DEMO_CALIBRATION_IMAGES)):
+        scene = random_scene(rng)
+        name = Path(f"shapes_{DEMO_CALIBRATION_SEED}_{index:05d}.png")
+        items.append(CalibrationImage(name, render(scene), questions(scene, rng, 1)[0].question))
+    holdout = max(1, len(items) // 10) if holdout is None else holdout
+    if not 1 <= holdout < len(items):
+        raise ConfigError(f"--holdout {holdout}: expected 1..{len(items) - 1} for {len(items)} generated pictures")
+    return CalibrationSet(items[:-holdout], items[-holdout:])
 
 
 Transform = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
@@ -143,7 +169,9 @@ def quantize(
         **asdict(summary),
         "quantized_op_types": list(QUANTIZED_OP_TYPES),
         "format": "QDQ, symmetric int8 activations and per-channel weights",
-        "calibration_dir": str(Path(options.calib_data).resolve()),
+        "calibration_dir": str(Path(options.calib_data).resolve())
+        if options.calib_data
+        else f"generated: shapes task, seed {DEMO_CALIBRATION_SEED}",
         "images_used": [item.path.name for item in images],
         "held_out": [{"file": item.path.name, "prompt": item.prompt} for item in calibration.dataset.held_out],
         "skipped": [{"file": p.name, "reason": r} for p, r in calibration.dataset.skipped],

@@ -13,11 +13,32 @@ import numpy as np
 from ccra_export.core.config import DEFAULT_CCRA_MODULE, PRESETS, ModelConfig, check_module_path, preset
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import CheckpointError, ConfigError
+from ccra_export.demo import CHECKPOINT as DEMO_CHECKPOINT
+from ccra_export.demo import DEMO
 from ccra_export.runtime.vision_backend import available_providers
 from ccra_export.workflows.language_model import resolve_device
 
 if TYPE_CHECKING:
     from ccra_export.model.checkpoint_check import LanguageModelRequest
+
+
+def demo_checkpoint() -> Path:
+    """The shipped demo checkpoint (package data), or one line saying this installation lacks it."""
+    if not (DEMO_CHECKPOINT / "config.json").is_file():
+        raise CheckpointError(
+            f"--model {DEMO}: the demo checkpoint is missing from this installation ({DEMO_CHECKPOINT}); "
+            "reinstall ccra-export, or rebuild it with python -m ccra_export.demo.train"
+        )
+    return DEMO_CHECKPOINT
+
+
+def reference_checkpoint(manifest: dict[str, Any], model: str | None) -> str | None:
+    """The checkpoint ``--model`` names for a bundle's PyTorch reference: ``demo`` is the shipped
+    one, and a bundle built from the demo finds it without ``--model`` (it is this installation's
+    own package data, not a path the manifest chose; its hash is still checked)."""
+    if model == DEMO or (model is None and manifest["source"].get("name") == DEMO):
+        return str(demo_checkpoint())
+    return model
 
 
 @dataclass
@@ -72,6 +93,24 @@ def resolve_source(
 
     if ccra_module is not None:
         check_module_path(ccra_module, "--ccra-module")
+    if model == DEMO:
+        if random_weights or plain:
+            flag = "--random-weights" if random_weights else "--plain"
+            raise ConfigError(
+                f"{flag}: --model {DEMO} is a trained CCRA checkpoint; {flag} applies to the random presets "
+                f"({', '.join(PRESETS)})"
+            )
+        source = resolve_source(
+            str(demo_checkpoint()),
+            random_weights=False,
+            seed=seed,
+            plain=False,
+            steps=steps,
+            language_model=language_model,
+            ccra_module=ccra_module,
+        )
+        source.record["name"] = DEMO
+        return source
     if model in PRESETS:
         if ccra_module == DEFAULT_CCRA_MODULE:
             ccra_module = None
@@ -157,7 +196,7 @@ def source_from_manifest(
             steps=steps,
             ccra_module=module,
         )
-    path = model_override
+    path = reference_checkpoint(manifest, model_override)
     if path is None:  # the recorded path is provenance, not an instruction: the user names the checkpoint
         raise CheckpointError(
             f"--reference pytorch: pass --model DIR, the checkpoint this bundle was built from (recorded as "
