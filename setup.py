@@ -1,7 +1,7 @@
 """Builds the LPWCA CPU kernel library with the root CMakeLists.txt during `pip install`.
 
 Everything else about the package is in pyproject.toml. Only the CPU target is built here (a few
-seconds); the CUDA kernels and the TensorRT plugin are built with CMake directly (README:
+seconds); the CUDA kernels and the TensorRT plugin are built with CMake directly (docs/tensorrt.md:
 "Building the TensorRT plugin") because they need nvcc / TensorRT and take minutes.
 """
 

@@ -29,8 +29,8 @@ EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 INSTALL_ORT = (
     "pip install 'ccra-export[cpu]' (PyPI's onnxruntime), or 'ccra-export[gpu]' (onnxruntime-gpu, CUDA and "
-    "TensorRT providers, x86_64); on a Jetson, JetPack's or Jetson AI Lab's onnxruntime-gpu (README: Installing "
-    "on a Jetson). Install one ONNX Runtime distribution, never two"
+    "TensorRT providers, x86_64); on a Jetson, JetPack's or Jetson AI Lab's onnxruntime-gpu (docs/install.md: "
+    "Installing on a Jetson). Install one ONNX Runtime distribution, never two"
 )
 
 

@@ -2,7 +2,7 @@
 
 Requests run one at a time, in arrival order, on a single worker thread (the runtime's decoder
 holds one sequence: onnxruntime-genai's batching Engine cannot take our spliced embeddings,
-README). Each job streams events back to its request's event loop; a client that disconnects, a
+docs/language-model.md). Each job streams events back to its request's event loop; a client that disconnects, a
 stop string or the request's deadline ends the generation at the next token.
 """
 

@@ -481,7 +481,7 @@ EXPORT = (
         "ccra_module",
         "--ccra-module",
         metavar="PKG.MOD:FACTORY",
-        help="The CCRA module to export, a torch.nn.Module built by FACTORY(spec) (README, 'Bring your own CCRA'); "
+        help="The CCRA module to export, a torch.nn.Module built by FACTORY(spec) (docs/ccra.md); "
         "its weights are read from ccra.safetensors by its own state_dict names. Default: the checkpoint's "
         "ccra_module entry, else the reconstruction (ccra_export.model.ccra_module:reconstruction).",
     ),

@@ -122,7 +122,7 @@ class CCRAConfig:
     num_heads: int = 8
     layer_scale_init: float = 1e-2
     layer_norm_eps: float = 1e-5
-    #: which implementation: ``package.module:Factory`` (README, "Bring your own CCRA"); None is the
+    #: which implementation: ``package.module:Factory`` (docs/ccra.md, "Bring your own CCRA"); None is the
     #: reconstruction (``DEFAULT_CCRA_MODULE``). The four sizes above are the reconstruction's.
     module: str | None = None
     #: the module's own settings (JSON), handed to its factory as ``spec.options``

@@ -1,6 +1,6 @@
 """The CCRA module as a plug-in point: ``package.module:Factory`` -> the ``torch.nn.Module`` to export.
 
-The interface (README, "Bring your own CCRA"):
+The interface (docs/ccra.md, "Bring your own CCRA"):
 
 - ``Factory(spec: CCRAModuleSpec) -> torch.nn.Module``. The factory is a ``torch.nn.Module``
   subclass taking the spec, or a function marked with ``@ccra_module_factory``: a name in a

@@ -1,6 +1,6 @@
 """Load the vision half of a local Hugging Face LLaVA-1.5 checkpoint, plus CCRA weights if present.
 
-Layout (README, "Checkpoint layout"):
+Layout (docs/bundle.md, "Checkpoint layout"):
 
     CKPT/config.json                     LlavaConfig (model_type "llava", vision_config, text_config)
     CKPT/model*.safetensors [+ .index.json]  Hugging Face weights; only the vision tower, the

@@ -81,7 +81,7 @@ def _lm_device_check() -> Check:
         ""
         if "cuda" in devices
         else "a bundle built with --lm-device cuda needs ONNX Runtime's CUDA provider: the onnxruntime-gpu build "
-        "for your CUDA (Jetson: JetPack's or Jetson AI Lab's wheel, see README)",
+        "for your CUDA (Jetson: JetPack's or Jetson AI Lab's wheel, see docs/install.md)",
     )
 
 

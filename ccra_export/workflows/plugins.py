@@ -1,6 +1,6 @@
 """`ccra-export plugins build`: configure, build and test the native libraries with CMake.
 
-The same commands work by hand (README, "Building the TensorRT plugin"); this wraps them with
+The same commands work by hand (docs/tensorrt.md, "Building the TensorRT plugin"); this wraps them with
 the flags a Jetson user needs, runs the C++ tests, and reports each library with its sha256
 (the hash a bundle manifest records with --plugin-library).
 """
