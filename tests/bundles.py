@@ -25,3 +25,11 @@ def build(bundle, checkpoint, lm_precision, *extra):
     )
     assert result.exit_code == 0, result.output
     return bundle
+
+
+def build_demo(bundle, precision, lm_precision, *extra):
+    """The shipped demo model (``--model demo``) with a language model."""
+    args = ["build", "--model", "demo", "--precision", precision, "--lm-precision", lm_precision, "-o", str(bundle)]
+    result = CliRunner().invoke(main, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    return bundle

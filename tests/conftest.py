@@ -119,3 +119,19 @@ def cat():
     from PIL import Image
 
     return Image.fromarray(skimage.data.chelsea()).convert("RGB")
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory):
+    """The README's main job: the shipped demo, FP16 vision and an INT4 language model."""
+    from tests.bundles import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo") / "fp16-int4", "fp16", "int4")
+
+
+@pytest.fixture(scope="session")
+def demo_fp32_bundle(tmp_path_factory):
+    """The shipped demo at FP32 throughout: its answers must be PyTorch's."""
+    from tests.bundles import build_demo
+
+    return build_demo(tmp_path_factory.mktemp("demo") / "fp32", "fp32", "fp32")
