@@ -32,15 +32,6 @@ from ccra_export.runtime.vlm_pipeline import Pipeline
 SEED = 4242
 
 
-def held_out(images: int) -> list[tuple[shapes.Scene, shapes.Question]]:
-    rng = np.random.default_rng(SEED)
-    items = []
-    for _ in range(images):
-        scene = shapes.random_scene(rng)
-        items += [(scene, q) for q in shapes.questions(scene, rng, 2, distinct=True)]
-    return items
-
-
 def per_template(items, answers) -> dict[str, float]:  # noqa: ANN001
     scores = {
         t: [a == q.answer for a, (_, q) in zip(answers, items, strict=True) if q.template == t]
@@ -72,7 +63,7 @@ def main() -> None:
     parser.add_argument("--lm", default="fp32,int8,int4", help="language-model precisions (comma-separated)")
     parser.add_argument("--work", type=Path, default=Path("out/figures"), help="where the bundles are built")
     args = parser.parse_args()
-    items = held_out(args.images)
+    items = shapes.held_out(args.images, SEED)
     pictures = [shapes.render(scene) for scene, _ in items]
     reference = ReferenceVLM.from_checkpoint(CHECKPOINT)
     start = time.perf_counter()

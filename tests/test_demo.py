@@ -20,15 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 HELD_OUT_SEED = 4242
 
 
-def held_out(images: int, seed: int = HELD_OUT_SEED) -> list[tuple[shapes.Scene, shapes.Question]]:
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(images):
-        scene = shapes.random_scene(rng)
-        items += [(scene, q) for q in shapes.questions(scene, rng, 2, distinct=True)]
-    return items
-
-
 def answers(pipeline, items) -> list[str]:
     from ccra_export.runtime.language_model import Sampling
 
@@ -112,7 +103,7 @@ def test_fp32_bundle_answers_as_pytorch_does_and_right(demo_fp32_bundle, referen
     scores 90% on 1000 held-out questions, its model card; issue 23's 95% is not reached yet)."""
     from ccra_export.runtime.vlm_pipeline import Pipeline
 
-    items = held_out(40)
+    items = shapes.held_out(40, HELD_OUT_SEED)
     ours = answers(Pipeline.from_bundle(demo_fp32_bundle), items)
     theirs = [reference.answer(shapes.render(s), q.question).text.strip() for s, q in items]
     assert ours == theirs
@@ -125,7 +116,7 @@ def test_fp16_vision_int4_language_model_keeps_the_answers(demo_bundle, referenc
     broken pipeline (a misplaced image, a wrong preprocessing, a garbled decoder) cannot reach."""
     from ccra_export.runtime.vlm_pipeline import Pipeline
 
-    items = held_out(40)
+    items = shapes.held_out(40, HELD_OUT_SEED)
     ours = answers(Pipeline.from_bundle(demo_bundle), items)
     theirs = [reference.answer(shapes.render(s), q.question).text.strip() for s, q in items]
     accuracy = np.mean([a == q.answer for a, (_, q) in zip(ours, items, strict=True)])

@@ -10,15 +10,6 @@ import numpy as np
 from ccra_export.core import shapes
 
 
-def held_out(images: int, seed: int) -> list[tuple[shapes.Scene, shapes.Question]]:
-    rng = np.random.default_rng(seed)
-    items = []
-    for _ in range(images):
-        scene = shapes.random_scene(rng)
-        items += [(scene, q) for q in shapes.questions(scene, rng, 2, distinct=True)]
-    return items
-
-
 def _digest(items) -> str:
     digest = hashlib.sha256()
     for scene, question in items:
@@ -28,8 +19,8 @@ def _digest(items) -> str:
 
 
 def test_generator_is_deterministic_by_seed():
-    assert _digest(held_out(12, seed=3)) == _digest(held_out(12, seed=3))
-    assert _digest(held_out(12, seed=3)) != _digest(held_out(12, seed=4))
+    assert _digest(shapes.held_out(12, 3)) == _digest(shapes.held_out(12, 3))
+    assert _digest(shapes.held_out(12, 3)) != _digest(shapes.held_out(12, 4))
 
 
 def test_scenes_follow_the_specification():

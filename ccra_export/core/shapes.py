@@ -198,6 +198,16 @@ def questions(scene: Scene, rng: np.random.Generator, per_scene: int, *, distinc
     return asked
 
 
+def held_out(images: int, seed: int, per_image: int = 2) -> list[tuple[Scene, Question]]:
+    """``images`` scenes from ``seed``, each with ``per_image`` distinct questions: an evaluation set."""
+    rng = np.random.default_rng(seed)
+    items = []
+    for _ in range(images):
+        scene = random_scene(rng)
+        items += [(scene, q) for q in questions(scene, rng, per_image, distinct=True)]
+    return items
+
+
 @dataclass(frozen=True)
 class Item:
     image: str  #: the picture's file name, relative to the JSON Lines file
