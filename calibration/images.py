@@ -93,9 +93,17 @@ def load_calibration_set(
             f"--calib-data {folder}: {len(loaded)} readable image; "
             "INT8 needs at least 2 (calibration + held-out parity)"
         )
-    holdout = max(1, len(loaded) // 10) if holdout is None else holdout
-    if not 1 <= holdout < len(loaded):
-        raise CalibrationDataError(
-            f"--holdout {holdout}: expected 1..{len(loaded) - 1} for {len(loaded)} readable images"
-        )
-    return CalibrationSet(loaded[:-holdout], loaded[-holdout:], skipped)
+    return split_held_out(loaded, holdout, "readable images", skipped)
+
+
+def split_held_out(
+    items: list[CalibrationImage],
+    holdout: int | None,
+    what: str,
+    skipped: list[tuple[Path, str]] | None = None,
+) -> CalibrationSet:
+    """The last ``holdout`` items (default: 10%, at least 1) kept out of calibration for parity."""
+    holdout = max(1, len(items) // 10) if holdout is None else holdout
+    if not 1 <= holdout < len(items):
+        raise CalibrationDataError(f"--holdout {holdout}: expected 1..{len(items) - 1} for {len(items)} {what}")
+    return CalibrationSet(items[:-holdout], items[-holdout:], skipped or [])

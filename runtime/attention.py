@@ -52,17 +52,20 @@ class AttentionMap:
         """[L]: each layer's share of the attention (sums to 1)."""
         return self.weights.sum(axis=(1, 2))
 
-    def share_outside_image(self) -> float:
-        """The attention on what is not the photo: LLaVA's pad-to-square padding (by patch area)."""
+    def _patches_in_photo(self) -> tuple[float, list[tuple[float, tuple[float, float, float, float]]]]:
+        """A whole patch's area in photo pixels, and each patch's (weight, box clipped to the photo)."""
         rows, cols = self.grid
         width, height = self.geometry.crop_width / cols, self.geometry.crop_height / rows
         full = width * self.geometry.scale_x * height * self.geometry.scale_y
         per_patch = self.per_patch()
+        return full, [(per_patch[r, c], self.patch_box(r, c)) for r in range(rows) for c in range(cols)]
+
+    def share_outside_image(self) -> float:
+        """The attention on what is not the photo: LLaVA's pad-to-square padding (by patch area)."""
+        full, patches = self._patches_in_photo()
         outside = 0.0
-        for row in range(rows):
-            for col in range(cols):
-                left, top, right, bottom = self.patch_box(row, col)
-                outside += per_patch[row, col] * max(0.0, 1.0 - (right - left) * (bottom - top) / full)
+        for weight, (left, top, right, bottom) in patches:
+            outside += weight * max(0.0, 1.0 - (right - left) * (bottom - top) / full)
         return float(outside)
 
     def share_in_box(self, box: tuple[float, float, float, float]) -> float:
@@ -70,17 +73,12 @@ class AttentionMap:
         patch's weight times the fraction of its area in the photo that the box covers (padding
         counts as outside). Compare with ``box_share`` of the same box: uniform attention gives
         about that much."""
-        rows, cols = self.grid
-        per_patch = self.per_patch()
-        width, height = self.geometry.crop_width / cols, self.geometry.crop_height / rows
-        full = width * self.geometry.scale_x * height * self.geometry.scale_y
+        full, patches = self._patches_in_photo()
         inside = 0.0
-        for row in range(rows):
-            for col in range(cols):
-                left, top, right, bottom = self.patch_box(row, col)
-                overlap_w = max(0.0, min(right, box[2]) - max(left, box[0]))
-                overlap_h = max(0.0, min(bottom, box[3]) - max(top, box[1]))
-                inside += per_patch[row, col] * overlap_w * overlap_h / full
+        for weight, (left, top, right, bottom) in patches:
+            overlap_w = max(0.0, min(right, box[2]) - max(left, box[0]))
+            overlap_h = max(0.0, min(bottom, box[3]) - max(top, box[1]))
+            inside += weight * overlap_w * overlap_h / full
         return float(inside)
 
     def box_share(self, box: tuple[float, float, float, float]) -> float:

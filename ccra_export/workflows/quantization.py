@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from ccra_export.calibration.images import CalibrationImage, CalibrationSet, load_calibration_set
+from ccra_export.calibration.images import CalibrationImage, CalibrationSet, load_calibration_set, split_held_out
 from ccra_export.calibration.quantize import QUANTIZED_OP_TYPES, quantize_int8
 from ccra_export.calibration.reader import ImageBatchReader, MappedReader, make_feeds
 from ccra_export.calibration.text import TextEmbedder
@@ -110,10 +110,7 @@ def task_calibration_set(holdout: int | None, limit: int | None) -> CalibrationS
         scene = random_scene(rng)
         name = Path(f"shapes_{DEMO_CALIBRATION_SEED}_{index:05d}.png")
         items.append(CalibrationImage(name, render(scene), questions(scene, rng, 1)[0].question))
-    holdout = max(1, len(items) // 10) if holdout is None else holdout
-    if not 1 <= holdout < len(items):
-        raise ConfigError(f"--holdout {holdout}: expected 1..{len(items) - 1} for {len(items)} generated pictures")
-    return CalibrationSet(items[:-holdout], items[-holdout:])
+    return split_held_out(items, holdout, "generated pictures")
 
 
 Transform = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
