@@ -1,6 +1,9 @@
 """Train the demo CCRA-LLaVA on the shapes task, end to end, on a CPU (the shipped checkpoint's recipe).
 
-    python -m ccra_export.demo.train --out ccra_export/demo/checkpoint          # the shipped run
+    # the shipped checkpoint: a first run, then a second end-to-end cycle continuing from it
+    python -m ccra_export.demo.train --out out/demo-first
+    python -m ccra_export.demo.train --out ccra_export/demo/checkpoint --init out/demo-first \
+        --warmup-steps 0 --steps 2500 --seed 1 --lr 5e-4
     python -m ccra_export.demo.train --out /tmp/smoke --smoke                   # a few steps
 
 The model is the product's own: ``model.vision_model.CCRAVisionModel`` (Hugging Face's
