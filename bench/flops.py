@@ -38,14 +38,42 @@ def vision_graph_flops(config: ModelConfig, batch: int, text_len: int) -> float:
     return batch * (tower_flops(config) + ccra_flops(config, text_len) + projector_flops(config))
 
 
+def _gflops(run, size: int, seconds: float) -> float:
+    run()
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        run()
+        count += 1
+    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+
+
 def measured_gemm_peak(size: int = 2048, seconds: float = 2.0) -> float:
-    """FP32 GEMM GFLOP/s with torch on the current threads: the attainable compute peak here."""
+    """FP32 GEMM GFLOP/s with torch (its BLAS: MKL on x86) on the current threads."""
     import torch
 
     a, b = torch.randn(size, size), torch.randn(size, size)
-    torch.mm(a, b)
-    count, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        torch.mm(a, b)
-        count += 1
-    return 2 * size**3 * count / (time.perf_counter() - start) / 1e9
+    return _gflops(lambda: torch.mm(a, b), size, seconds)
+
+
+def measured_ort_gemm_peak(threads: int, size: int = 2048, seconds: float = 2.0) -> float:
+    """FP32 GEMM GFLOP/s with ONNX Runtime's own MatMul (MLAS) on ``threads`` threads: the peak of
+    the library a bundle's graph runs on. MKL and MLAS differ by up to 2x on the same cores (MKL
+    runs at about half speed on AMD CPUs), so a graph's share of peak is against its own library."""
+    import numpy as np
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["a", "b"], ["c"])],
+        "gemm",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, [size, size]) for n in ("a", "b")],
+        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [size, size])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = min(model.ir_version, 9)
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    session = ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    feeds = {n: rng.standard_normal((size, size), dtype=np.float32) for n in ("a", "b")}
+    return _gflops(lambda: session.run(None, feeds), size, seconds)

@@ -31,8 +31,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # tests.conftest: the in-process checkpoint helpers
 
 
-def make_checkpoint(path: Path) -> None:
-    """llava-1.5-7b's vision side and CCRA, a one-layer 4096-wide language model, random weights."""
+def make_checkpoint(path: Path, name: str = "llava-1.5-7b") -> None:
+    """The preset's vision side and CCRA (llava-1.5-7b's by default), a one-layer language model of
+    its width, random weights."""
     import torch
     from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -41,13 +42,14 @@ def make_checkpoint(path: Path) -> None:
     from ccra_export.model.vision_model import build_model, hf_vision_config
     from tests.conftest import save_tokenizer
 
-    config = preset("llava-1.5-7b")
+    config = preset(name)
+    wide = config.lm_hidden_size >= 4096
     text = LlamaConfig(
         hidden_size=config.lm_hidden_size,
         intermediate_size=1024,
         num_hidden_layers=1,
-        num_attention_heads=32,
-        num_key_value_heads=8,
+        num_attention_heads=32 if wide else config.lm_hidden_size // 16,  # ORT's CPU GQA: head size 16k
+        num_key_value_heads=8 if wide else 2,
         vocab_size=128,
     )
     llava_config = LlavaConfig(
@@ -115,6 +117,7 @@ def single_graph_ms(checkpoint: Path, bundle: Path, repeats: int) -> tuple[list[
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--preset", default="llava-1.5-7b", help="the vision side's sizes (tiny: a smoke run)")
     parser.add_argument("--work", type=Path, default=Path("out/bench-split-vision"))
     parser.add_argument("--json", type=Path)
     parser.add_argument(
@@ -132,11 +135,11 @@ def main() -> None:
     from ccra_export.workflows.bench import Spread, run_bench
 
     console = Console()
-    checkpoint = args.work / "checkpoint"
-    bundle = args.work / ("bundle" if args.lpwca == "portable" else "bundle-fused")
+    checkpoint = args.work / f"checkpoint-{args.preset}"
+    bundle = args.work / f"bundle-{args.preset}-{args.lpwca}"
     if not (checkpoint / "ccra.safetensors").exists():
-        with console.status("Writing the llava-1.5-7b-size checkpoint"):
-            make_checkpoint(checkpoint)
+        with console.status(f"Writing the {args.preset}-size checkpoint"):
+            make_checkpoint(checkpoint, args.preset)
     if not (bundle / "manifest.json").exists():
         with console.status("Building the --split-vision bundle (minutes)"):
             build(checkpoint, bundle, args.lpwca)
@@ -149,7 +152,9 @@ def main() -> None:
     def fmt(s: Spread, digits: int = 0, suffix: str = "") -> str:
         return f"{s.median:.{digits}f}{suffix} ({s.low:.{digits}f}–{s.high:.{digits}f})"
 
-    title = f"llava-1.5-7b vision sizes, FP32, LPWCA {args.lpwca}, ONNX Runtime CPU; median (min–max) of {args.repeats}"
+    title = (
+        f"{args.preset} vision sizes, FP32, LPWCA {args.lpwca}, ONNX Runtime CPU; median (min–max) of {args.repeats}"
+    )
     table = Table(title=title)
     for column in ("", "vision ms", "first token ms"):
         table.add_column(column, justify="left" if not column else "right")
@@ -168,7 +173,7 @@ def main() -> None:
     stats = ours.tower_cache
     per_image = stats["bytes"] / max(stats["entries"], 1)
     console.print(
-        f"tower cache: {per_image / 2**20:.1f} MiB per image (FP32 [23, 576, 1024]; FP16 bundles hold half), "
+        f"tower cache: {per_image / 2**20:.1f} MiB per image (FP32; FP16 bundles hold half), "
         f"{stats['hits']} hits / {stats['misses']} misses; split vs single graph cosine {cosine:.7f}"
     )
     if args.json:
