@@ -45,10 +45,10 @@ class CalibrationSet:
 def discover(folder: Path) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise CalibrationDataError(f"--calib-data {folder}: no such directory")
+        raise CalibrationDataError("no such directory", field="calib_data", value=folder)
     paths = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     if not paths:
-        raise CalibrationDataError(f"--calib-data {folder}: no {'/'.join(IMAGE_SUFFIXES)} images in it")
+        raise CalibrationDataError(f"no {'/'.join(IMAGE_SUFFIXES)} images in it", field="calib_data", value=folder)
     return paths
 
 
@@ -59,11 +59,12 @@ def load_prompts(path: Path | None, count: int) -> list[str]:
     try:
         lines = [line.strip() for line in Path(path).read_text().splitlines() if line.strip()]
     except (OSError, UnicodeDecodeError) as exc:
-        raise CalibrationDataError(f"--prompts {path}: unreadable ({exc})") from None
+        raise CalibrationDataError(f"unreadable ({exc})", field="prompts", value=path) from None
     if len(lines) != count:
         raise CalibrationDataError(
-            f"--prompts {path}: {len(lines)} instructions for {count} images; expected one line per image, in "
-            "file-name order"
+            f"{len(lines)} instructions for {count} images; expected one line per image, in file-name order",
+            field="prompts",
+            value=path,
         )
     return lines
 
@@ -87,11 +88,14 @@ def load_calibration_set(
             skipped.append((path, exc.problem))
     if not loaded:
         first = f" (first: {skipped[0][0].name}: {skipped[0][1]})" if skipped else ""
-        raise CalibrationDataError(f"--calib-data {folder}: none of the {len(paths)} images could be read{first}")
+        raise CalibrationDataError(
+            f"none of the {len(paths)} images could be read{first}", field="calib_data", value=folder
+        )
     if len(loaded) < 2:
         raise CalibrationDataError(
-            f"--calib-data {folder}: {len(loaded)} readable image; "
-            "INT8 needs at least 2 (calibration + held-out parity)"
+            f"{len(loaded)} readable image; INT8 needs at least 2 (calibration + held-out parity)",
+            field="calib_data",
+            value=folder,
         )
     return split_held_out(loaded, holdout, "readable images", skipped)
 
@@ -105,5 +109,7 @@ def split_held_out(
     """The last ``holdout`` items (default: 10%, at least 1) kept out of calibration for parity."""
     holdout = max(1, len(items) // 10) if holdout is None else holdout
     if not 1 <= holdout < len(items):
-        raise CalibrationDataError(f"--holdout {holdout}: expected 1..{len(items) - 1} for {len(items)} {what}")
+        raise CalibrationDataError(
+            f"expected 1..{len(items) - 1} for {len(items)} {what}", field="holdout", value=holdout
+        )
     return CalibrationSet(items[:-holdout], items[-holdout:], skipped or [])

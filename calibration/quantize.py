@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from onnxruntime.quantization import CalibrationDataReader
 
 from ccra_export.core.atomic import make_shared
+from ccra_export.core.errors import ConfigError
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
 from ccra_export.core.lpwca_schema import OP_TYPE as LPWCA_OP
 from ccra_export.runtime.ort_session import import_onnxruntime
@@ -80,7 +81,7 @@ def quantize_int8(
 ) -> QuantizationSummary:
     """Calibrate on ``reader`` and write the Q/DQ graph to ``output`` (ranges to ``ort_cache``)."""
     if method not in METHODS:
-        raise ValueError(f"--calib-method {method}: expected one of {', '.join(METHODS)}")
+        raise ConfigError(f"expected one of {', '.join(METHODS)}", field="calib_method", value=method)
     proto = onnx.load(str(fp32_model), load_external_data=False)
     excluded = excluded_nodes(proto, quantize_ccra=quantize_ccra)
     large = sum(t.ByteSize() for t in proto.graph.initializer) > (1 << 30) or any(

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ccra_export.core.errors import BundleError
+from ccra_export.core.errors import BundleError, Remedy
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.vision_graphs import part_records
 from ccra_export.engine.plan import Profile, optimization_profiles
@@ -81,8 +81,11 @@ def bundle_session_options(
     library built for this machine."""
     if manifest.get("plugin") and plugin_library is None:
         raise BundleError(
-            f"--bundle {bundle}: its graph has the fused ccra::LPWCA node; ONNX Runtime's TensorRT provider "
-            "needs --plugin-library (ccra-export plugins build)"
+            "its graph has the fused ccra::LPWCA node; ONNX Runtime's TensorRT provider needs {plugin_library}",
+            field="bundle",
+            value=bundle,
+            mentions=("plugin_library",),
+            remedy=Remedy("plugins build"),
         )
     if plugin_library is not None:
         check_plugin_library(plugin_library)

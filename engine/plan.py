@@ -68,13 +68,15 @@ def precision_plan(version: TrtVersion, precision: str, typing: str = "auto") ->
     (``pin_fp32``: layer precision FP32 and OBEY_PRECISION_CONSTRAINTS).
     """
     if typing not in TYPING_CHOICES:
-        raise ConfigError(f"--trt-typing {typing}: expected one of {', '.join(TYPING_CHOICES)}")
+        raise ConfigError(f"expected one of {', '.join(TYPING_CHOICES)}", field="trt_typing", value=typing)
     if version.major < 10:
         raise ConfigError(f"TensorRT {version}: IPluginV3 and this builder need TensorRT >= 10 (JetPack 6)")
     cleared = ("TF32",) if precision == "fp32" else ()
     if version.major >= 11:
         if typing == "weak":
-            raise ConfigError(f"--trt-typing weak: TensorRT {version} removed weak typing; the graph's types decide")
+            raise ConfigError(
+                f"TensorRT {version} removed weak typing; the graph's types decide", field="trt_typing", value="weak"
+            )
         why = f"TensorRT {version}: strongly typed, precision from the {precision} graph"
         return PrecisionPlan(True, (), why, cleared)
     if typing in ("auto", "strong"):
@@ -153,16 +155,20 @@ def profile_axes(
     max_batch = DEFAULT_MAX_BATCH if max_batch is None else max_batch
     max_text_len = DEFAULT_MAX_TEXT_LEN if max_text_len is None else max_text_len
     batch = {"min": 1, "opt": 1 if opt_batch is None else opt_batch, "max": max_batch}
-    axes = {"batch": _checked("--opt-batch/--max-batch", batch)}
+    axes = {"batch": _checked(batch, "opt_batch", "max_batch")}
     if has_text:
         opt = min(64, max_text_len) if opt_text_len is None else opt_text_len
-        axes["text_len"] = _checked("--opt-text-len/--max-text-len", {"min": 1, "opt": opt, "max": max_text_len})
+        text_len = {"min": 1, "opt": opt, "max": max_text_len}
+        axes["text_len"] = _checked(text_len, "opt_text_len", "max_text_len")
     return axes
 
 
-def _checked(what: str, bounds: dict[str, int]) -> dict[str, int]:
+def _checked(bounds: dict[str, int], *inputs: str, where: str = "") -> dict[str, int]:
+    """``bounds`` once 1 <= min <= opt <= max; else one line after ``where``, or after ``inputs``
+    (the opt and max inputs that gave them, named by each front end)."""
     if not 1 <= bounds["min"] <= bounds["opt"] <= bounds["max"]:
-        raise ConfigError(f"{what}: need 1 <= min <= opt <= max, got {bounds}")
+        where = where or "/".join("{" + name + "}" for name in inputs)
+        raise ConfigError(f"{where}: need 1 <= min <= opt <= max, got {bounds}", mentions=inputs)
     return bounds
 
 
@@ -178,7 +184,7 @@ def optimization_profiles(
         if name not in dynamic_axes:
             raise ConfigError(f"profile: this graph has no symbolic axis {name!r} (it has {sorted(dynamic_axes)})")
     axes = {
-        name: _checked(f"profile for {name!r}", {**bounds, **overrides.get(name, {})})
+        name: _checked({**bounds, **overrides.get(name, {})}, where=f"profile for {name!r}")
         for name, bounds in dynamic_axes.items()
     }
     shapes = {}

@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from ccra_export.core.errors import CheckpointError
+from ccra_export.core.errors import CheckpointError, ConfigError
 
 LM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -126,13 +126,15 @@ def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu") 
     machine; ONNX Runtime's CPU provider also runs it, which is how a CPU workstation checks it.
     """
     if device not in LM_DEVICES:
-        raise ValueError(f"--lm-device {device}: expected one of {', '.join(LM_DEVICES)}")
+        raise ConfigError(f"expected one of {', '.join(LM_DEVICES)}", field="lm_device", value=device)
     if precision not in LM_PRECISIONS:
-        raise ValueError(f"--lm-precision {precision}: expected one of {', '.join(LM_PRECISIONS)}")
+        raise ConfigError(f"expected one of {', '.join(LM_PRECISIONS)}", field="lm_precision", value=precision)
     import importlib.util
 
     if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise CheckpointError("--lm-precision needs onnxruntime-genai's model builder: pip install 'ccra-export[lm]'")
+        raise CheckpointError(
+            "needs onnxruntime-genai's model builder: pip install 'ccra-export[lm]'", field="lm_precision"
+        )
     command = [
         sys.executable,
         "-m",

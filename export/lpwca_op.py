@@ -9,6 +9,7 @@ import onnxscript
 import torch
 
 from ccra_export.core import lpwca_schema
+from ccra_export.core.errors import ConfigError
 from ccra_export.model.lpwca_fused import check_kernel_limits, lpwca
 
 lpwca_schema.register()  # onnxscript resolves the op's outputs from the registered schema
@@ -46,11 +47,11 @@ def lpwca_mode(model: torch.nn.Module, mode: str) -> Iterator[None]:
     """Temporarily switch a CCRAVisionModel's LPWCA stage to ``portable`` or ``fused``."""
     ccra = getattr(model, "ccra", None)
     if mode not in ("portable", "fused"):
-        raise ValueError(f"--lpwca {mode}: expected portable or fused")
+        raise ConfigError("expected portable or fused", field="lpwca", value=mode)
     if ccra is None or mode == "portable":
         yield
         return
-    check_kernel_limits(ccra.config.num_heads, ccra.config.num_layers, "--lpwca fused")
+    check_kernel_limits(ccra.config.num_heads, ccra.config.num_layers)
     previous, ccra.lpwca_impl = ccra.lpwca_impl, mode
     try:
         yield

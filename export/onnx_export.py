@@ -54,15 +54,15 @@ ExternalData = Literal["auto", "always", "never"]
 
 
 class UnsupportedOpsetError(ConfigError, ValueError):
-    """An ``--opset`` the export cannot honour (a ValueError too, for callers of the Python API)."""
+    """An ``opset`` the export cannot honour (a ValueError too, for callers of the Python API)."""
 
 
 def check_opset(opset: int) -> int:
     """``opset`` if the export can write it, else one line saying which opsets it can."""
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
-        raise UnsupportedOpsetError(f"--opset {opset}: LayerNormalization needs opset >= {MIN_OPSET}")
+        raise UnsupportedOpsetError(f"LayerNormalization needs opset >= {MIN_OPSET}", field="opset", value=opset)
     if opset > MAX_OPSET:
-        raise UnsupportedOpsetError(f"--opset {opset}: the export supports opsets {MIN_OPSET}..{MAX_OPSET}")
+        raise UnsupportedOpsetError(f"the export supports opsets {MIN_OPSET}..{MAX_OPSET}", field="opset", value=opset)
     return opset
 
 
@@ -164,9 +164,11 @@ def _plugin_export_errors(config: ModelConfig) -> Iterator[None]:
         cause = exc.__cause__ or exc
         detail = " ".join(str(cause).split())[:240]
         raise CCRAModuleError(
-            f"--ccra-module {config.ccra.module}: does not export to ONNX ({type(cause).__name__}: {detail}); "
+            f"does not export to ONNX ({type(cause).__name__}: {detail}); "
             "its forward must trace with torch.export: tensor ops only, no Python branches on tensor values, "
-            "dynamic batch and text length"
+            "dynamic batch and text length",
+            field="ccra_module",
+            value=config.ccra.module,
         ) from None
 
 
@@ -193,13 +195,19 @@ def _lower_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     except Exception as exc:  # the converter raises RuntimeError/ValueError/protobuf errors
         reason = " ".join(str(exc).split())[:160]
         raise UnsupportedOpsetError(
-            f"--opset {opset}: onnx's version converter cannot lower this graph from opset {EXPORTER_OPSET} "
-            f"({reason}); use --opset {EXPORTER_OPSET} or later"
+            f"onnx's version converter cannot lower this graph from opset {EXPORTER_OPSET} "
+            f"({reason}); use {{opset}} {EXPORTER_OPSET} or later",
+            field="opset",
+            value=opset,
+            mentions=("opset",),
         ) from None
     declared = {op.domain or "ai.onnx": op.version for op in lowered.opset_import}.get("ai.onnx")
     if declared != opset:
         raise UnsupportedOpsetError(
-            f"--opset {opset}: the converted graph declares opset {declared}; use --opset {EXPORTER_OPSET} or later"
+            f"the converted graph declares opset {declared}; use {{opset}} {EXPORTER_OPSET} or later",
+            field="opset",
+            value=opset,
+            mentions=("opset",),
         )
     for node in lowered.graph.node:
         if node.name in kept and not node.metadata_props:
@@ -217,8 +225,11 @@ def _lower_opset(proto: onnx.ModelProto, opset: int) -> onnx.ModelProto:
     except onnx.checker.ValidationError as exc:
         reason = " ".join(str(exc).split())[:160]
         raise UnsupportedOpsetError(
-            f"--opset {opset}: the graph lowered from opset {EXPORTER_OPSET} is not valid ({reason}); "
-            f"use --opset {EXPORTER_OPSET} or later"
+            f"the graph lowered from opset {EXPORTER_OPSET} is not valid ({reason}); "
+            f"use {{opset}} {EXPORTER_OPSET} or later",
+            field="opset",
+            value=opset,
+            mentions=("opset",),
         ) from None
     return lowered
 
@@ -238,8 +249,11 @@ def _drop_noop_with_empty_axes(node: onnx.NodeProto, opset: int) -> None:
         return
     if noop.i and not (attrs.get("axes") and attrs["axes"].ints):
         raise UnsupportedOpsetError(
-            f"--opset {opset}: {node.op_type} node {node.name} is an identity on empty axes, which opset {opset} "
-            f"cannot express; use --opset {EXPORTER_OPSET} or later"
+            f"{node.op_type} node {node.name} is an identity on empty axes, which opset {opset} "
+            f"cannot express; use {{opset}} {EXPORTER_OPSET} or later",
+            field="opset",
+            value=opset,
+            mentions=("opset",),
         )
     node.attribute.remove(noop)
 

@@ -12,7 +12,7 @@ import importlib.util
 from pathlib import Path
 from typing import Literal
 
-from ccra_export.core.errors import BackendUnavailableError, BundleError
+from ccra_export.core.errors import BackendUnavailableError, BundleError, Remedy
 from ccra_export.core.vision_graphs import engine_records, part_records
 from ccra_export.runtime.split_vision import SplitVision
 from ccra_export.runtime.tower_cache import TowerCache
@@ -43,21 +43,25 @@ def tensorrt_status() -> tuple[bool, str]:
 def resolve_backend(kind: str) -> tuple[str, str]:
     """``--backend`` -> ``trt`` | ``ort`` | ``ort-trt``, and why (empty when the user named it)."""
     if kind not in BACKEND_KINDS:
-        raise BackendUnavailableError(f"--backend {kind}: expected one of {', '.join(BACKEND_KINDS)}")
+        raise BackendUnavailableError(f"expected one of {', '.join(BACKEND_KINDS)}", field="backend", value=kind)
     if kind == "ort":
         return "ort", ""
     if kind == "ort-trt":
         if "TensorrtExecutionProvider" not in available_providers():
             raise BackendUnavailableError(
-                "--backend ort-trt: this ONNX Runtime has no TensorrtExecutionProvider; install onnxruntime-gpu "
-                "built with TensorRT (and only it), or use --backend trt / ort"
+                "this ONNX Runtime has no TensorrtExecutionProvider; install onnxruntime-gpu built with TensorRT "
+                "(and only it), or run the bundle on the trt or ort backend",
+                field="backend",
+                value=kind,
             )
         return "ort-trt", ""
     usable, reason = tensorrt_status()
     if usable:
         return "trt", reason
     if kind == "trt":
-        raise BackendUnavailableError(f"--backend trt: {reason}; install TensorRT 10+ or use --backend ort")
+        raise BackendUnavailableError(
+            f"{reason}; install TensorRT 10+ or run the bundle on the ort backend", field="backend", value=kind
+        )
     return "ort", f"auto: {reason}"
 
 
@@ -81,7 +85,9 @@ def bundle_backend(
     kind, reason = resolve_backend(backend)
     if kind == "ort-trt":
         raise BackendUnavailableError(
-            "--backend ort-trt: ONNX Runtime's TensorRT provider is opened by ccra_export.engine.ort_trt.bundle_backend"
+            "ONNX Runtime's TensorRT provider is opened by ccra_export.engine.ort_trt.bundle_backend",
+            field="backend",
+            value=kind,
         )
     engines = engine_records(manifest)
     if kind == "trt" and engines:
@@ -93,7 +99,10 @@ def bundle_backend(
     if kind == "trt":
         if backend == "trt":
             raise BundleError(
-                f"--bundle {bundle}: holds no TensorRT engine; build one with `ccra-export engine --bundle {bundle}`"
+                "holds no TensorRT engine; build one on this GPU",
+                field="bundle",
+                value=bundle,
+                remedy=Remedy("engine", (("bundle", bundle),)),
             )
         reason = "auto: the bundle holds no TensorRT engine"
     providers = default_ort_providers(manifest.get("precision"))

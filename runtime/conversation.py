@@ -23,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from ccra_export.core.chat_template import EOS_TOKEN, FOLLOW_UP
-from ccra_export.runtime.inputs import InputError, check_prompt, check_text, load_image
+from ccra_export.runtime.inputs import InputError, check_prompt, check_text, load_image, overflowing
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
 
@@ -89,7 +89,7 @@ class Conversation:
         pipeline = self.pipeline
         if self.turns == 0:
             if image is None:
-                raise InputError("--image: the first turn of a conversation needs the image")
+                raise InputError("the first turn of a conversation needs the image", field="image")
             picture = image if isinstance(image, Image.Image) else load_image(image)
             prepared = pipeline.prepare(picture, prompt)
             return _Turn(
@@ -101,8 +101,9 @@ class Conversation:
             )
         if image is not None:
             raise InputError(
-                "--image: a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
-                "start a new conversation for a new image"
+                "a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
+                "start a new conversation for a new image",
+                field="image",
             )
         check_prompt(prompt, pipeline.control_tokens)
         closing = self._pending if self._pending[-1:] == [self._eos] else [*self._pending, self._eos]
@@ -117,13 +118,13 @@ class Conversation:
         """Feed a turn whose answer is already known (a client's history): its question and the
         given answer go into the cache without sampling, so the next ``ask`` continues after it."""
         turn = self._turn(prompt, image)
-        check_text(answer, self.pipeline.control_tokens, "messages: an assistant message")
+        check_text(answer, self.pipeline.control_tokens, "answer")
         answer_ids = self.pipeline.encode_text(answer.strip())
         embeds = turn.embeds
         if answer_ids:
             embeds = np.concatenate([embeds, self.pipeline.lm.embed(answer_ids)], axis=1)
         if self.cache.length + embeds.shape[1] + 1 > self.cache.capacity:
-            raise InputError(f"messages: the conversation exceeds the context of {self.cache.capacity} tokens")
+            raise InputError(f"the conversation exceeds the context of {self.cache.capacity} tokens", field="history")
         self.cache.step(embeds)
         self._record(turn.ids, answer_ids)
         self._pending = []
@@ -142,9 +143,10 @@ class Conversation:
         needed = self.cache.length + embeds.shape[1] + sampling.max_new_tokens
         if needed > self.cache.capacity:
             raise InputError(
-                f"--prompt: the conversation holds {self.cache.length} tokens; this turn's {embeds.shape[1]} prompt "
+                f"the conversation holds {self.cache.length} tokens; this turn's {embeds.shape[1]} prompt "
                 f"tokens + {sampling.max_new_tokens} new tokens exceed the context of {self.cache.capacity}: "
-                "start a new conversation or lower --max-new-tokens"
+                "start a new conversation or ask for fewer new tokens",
+                field=overflowing(self.cache.length + embeds.shape[1], self.cache.capacity),
             )
         self.last_prompt_tokens = int(embeds.shape[1])  # known even if the caller stops the decode early
         stream = TextStream(pipeline.tokenizer)

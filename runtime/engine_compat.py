@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ccra_export.core.errors import BundleError
+from ccra_export.core.errors import BundleError, Remedy
 
 
 def check_engine(
@@ -36,6 +36,6 @@ def check_engine(
         reasons.append("the LPWCA plugin library differs from the one serialised with it")
     if reasons:
         raise BundleError(
-            f"engine mismatch: {'; '.join(reasons)}: rebuild it here from the bundle's portable ONNX graph "
-            f"with `ccra-export engine --bundle {bundle} --force`"
+            f"engine mismatch: {'; '.join(reasons)}: rebuild it here from the bundle's portable ONNX graph",
+            remedy=Remedy("engine", (("bundle", bundle), ("force", True))),
         )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ccra_export.core.errors import BackendUnavailableError, BundleError, CCRAExportError
+from ccra_export.core.errors import BackendUnavailableError, BundleError, CCRAExportError, Remedy
 from ccra_export.core.genai_config import GENAI_CONFIG, read_genai_config
 from ccra_export.core.manifest import bundle_path
 from ccra_export.runtime.ort_session import import_onnxruntime
@@ -50,15 +50,15 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise SamplingError(f"--max-new-tokens: {self.max_new_tokens!r}; expected an integer >= 1")
+            raise SamplingError(f"{self.max_new_tokens!r}; expected an integer >= 1", field="max_new_tokens")
         if not _real(self.temperature) or not math.isfinite(self.temperature) or self.temperature < 0:
-            raise SamplingError(f"--temperature: {self.temperature!r}; expected a finite number >= 0 (0: greedy)")
+            raise SamplingError(f"{self.temperature!r}; expected a finite number >= 0 (0: greedy)", field="temperature")
         if not _real(self.top_p) or not 0.0 <= self.top_p <= 1.0:  # NaN fails both comparisons
-            raise SamplingError(f"--top-p: {self.top_p!r}; expected a number in [0, 1] (0: the top token only)")
+            raise SamplingError(f"{self.top_p!r}; expected a number in [0, 1] (0: the top token only)", field="top_p")
         if self.seed is not None and (
             isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= MAX_SEED
         ):
-            raise SamplingError(f"--seed: {self.seed!r}; expected an integer in [0, 2**64)")
+            raise SamplingError(f"{self.seed!r}; expected an integer in [0, 2**64)", field="seed")
 
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> int:
         if self.temperature == 0.0 or self.top_p == 0.0:
@@ -99,8 +99,8 @@ def lm_providers(device: str, where: str = "language model") -> list[str]:
     if _PROVIDERS[device] not in available_providers():
         raise BackendUnavailableError(
             f"{where} was built for CUDA and this ONNX Runtime has no CUDAExecutionProvider: install the "
-            "onnxruntime-gpu build for your CUDA (and only it), or rebuild the bundle for this machine with "
-            "`ccra-export build ... --lm-device cpu`"
+            "onnxruntime-gpu build for your CUDA (and only it), or rebuild the bundle for this machine",
+            remedy=Remedy("build", (("lm_device", "cpu"),), complete=False),
         )
     return [_PROVIDERS[device]] if device == "cpu" else [_PROVIDERS[device], _PROVIDERS["cpu"]]
 

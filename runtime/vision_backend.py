@@ -117,8 +117,8 @@ def unloadable(path: str | Path, exc: BaseException) -> str:
     """One line for a bundle file a library could not load, with what to run next."""
     detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     return (
-        f"{path}: cannot be loaded ({detail[:300]}); the file may be truncated or changed: "
-        "`ccra-export check --bundle DIR` or `run --verify` re-hashes every file"
+        f"{path}: cannot be loaded ({detail[:300]}); the file may be truncated or changed: verifying the "
+        "bundle re-hashes every file (check, or run with verify)"
     )
 
 

@@ -17,13 +17,20 @@ import numpy as np
 from PIL import Image
 
 from ccra_export.core.chat_template import TEMPLATE
-from ccra_export.core.errors import BundleError
+from ccra_export.core.errors import BundleError, no_language_model
 from ccra_export.core.image_preprocess import ImageProcessorConfig, crop_geometry, preprocess
 from ccra_export.core.manifest import read_manifest, verify_files
 from ccra_export.runtime.attention import AttentionMap
 from ccra_export.runtime.backends import bundle_backend
 from ccra_export.runtime.conversation import Conversation
-from ccra_export.runtime.inputs import IMAGE_TOKEN, InputError, check_prompt, control_tokens, load_image
+from ccra_export.runtime.inputs import (
+    IMAGE_TOKEN,
+    InputError,
+    check_prompt,
+    control_tokens,
+    load_image,
+    overflowing,
+)
 from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
@@ -45,10 +52,13 @@ class Prepared:
     vision_s: float = 0.0  # preprocessing + the vision graph(s): a split bundle's cached tower makes it small
 
 
-def no_attention_map(bundle: Path) -> str:
-    return (
-        f"--bundle {bundle}: its vision graph outputs no attention map (the plain LLaVA-1.5 variant, or a "
-        "plug-in CCRA module that returns none; the reconstruction outputs lpwca_attention)"
+def no_attention_map(bundle: Path) -> InputError:
+    """This model has no map to show: the refusal every verb that draws one gives."""
+    return InputError(
+        "its vision graph outputs no attention map (the plain LLaVA-1.5 variant, or a plug-in CCRA module "
+        "that returns none; the reconstruction outputs lpwca_attention)",
+        field="bundle",
+        value=bundle,
     )
 
 
@@ -95,9 +105,7 @@ class Pipeline:
         bundle = Path(bundle)
         manifest = read_manifest(bundle)
         if not manifest.get("language_model"):
-            raise BundleError(
-                f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision int4|int8|fp16"
-            )
+            raise no_language_model(bundle)
         if verify:
             verify_files(bundle, manifest)
         if vision is None:
@@ -152,7 +160,7 @@ class Pipeline:
         check_prompt(prompt, self.control_tokens)
         picture = image if isinstance(image, Image.Image) else load_image(image)
         if not self.has_attention:
-            raise InputError(no_attention_map(self.bundle))
+            raise no_attention_map(self.bundle)
         return self.attention_map(self._vision(picture, prompt)["lpwca_attention"][0], picture.size)
 
     def attention_map(self, attention: np.ndarray, image_size: tuple[int, int]) -> AttentionMap:
@@ -183,8 +191,9 @@ class Pipeline:
         length = prepared.inputs_embeds.shape[1]
         if length + sampling.max_new_tokens > self.lm.context_length:
             raise InputError(
-                f"--prompt: {length} prompt tokens (with {prepared.visual_tokens.shape[1]} image tokens) + "
-                f"{sampling.max_new_tokens} new tokens exceed the context of {self.lm.context_length}"
+                f"{length} prompt tokens (with {prepared.visual_tokens.shape[1]} image tokens) + "
+                f"{sampling.max_new_tokens} new tokens exceed the context of {self.lm.context_length}",
+                field=overflowing(length, self.lm.context_length),
             )
         text_stream = TextStream(self.tokenizer)
 

@@ -94,7 +94,7 @@ def test_demo_with_random_weights_is_refused(tmp_path):
     result = CliRunner().invoke(main, ["build", "--model", "demo", "--random-weights", "-o", str(tmp_path / "b")])
     assert result.exit_code == 2
     assert (
-        "--random-weights: model demo is a trained CCRA checkpoint" in result.stderr
+        "--random-weights: --model demo is a trained CCRA checkpoint" in result.stderr
         and len(result.stderr.strip().splitlines()) == 1
     )
     assert not (tmp_path / "b").exists()

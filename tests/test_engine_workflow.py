@@ -160,7 +160,7 @@ def test_ort_tensorrt_provider_options_from_a_bundle(bundle, fused_bundle):
     provider = ort_trt.bundle_session_options(bundle, manifest, part=head)["providers"][0][1]
     assert provider["trt_profile_opt_shapes"] == "tower_features:1x3x16x64,text_embeds:1x64x96,text_mask:1x64"
     fused = json.loads((fused_bundle / "manifest.json").read_text())
-    with pytest.raises(BundleError, match="needs --plugin-library"):
+    with pytest.raises(BundleError, match="needs plugin_library"):
         ort_trt.bundle_session_options(fused_bundle, fused)
 
 

@@ -62,7 +62,7 @@ def test_a_bomb_is_one_line_naming_the_file(tmp_path):
     bomb = write_bomb(tmp_path / "huge.png")
     with pytest.raises(ImageReadError, match=r"huge\.png: too large to decode safely \(Image size \(400000000 pix"):
         open_rgb(bomb)
-    with pytest.raises(InputError, match=r"^--image .*huge\.png: too large to decode safely"):
+    with pytest.raises(InputError, match=r"^image .*huge\.png: too large to decode safely"):
         load_image(bomb)
 
 
@@ -145,7 +145,7 @@ def test_a_float_image_is_taken_as_0_to_1_and_refused_outside(tmp_path):
 
 
 def test_the_server_scales_16_bit_images_too(tmp_path):
-    from ccra_export.serve.images import ImageLimits, _decode
+    from ccra_export.serve.openai.image_urls import ImageLimits, _decode
 
     Image.fromarray(gradient16()).save(tmp_path / "wide.png")
     got = np.asarray(_decode((tmp_path / "wide.png").read_bytes(), ImageLimits())).astype(int)

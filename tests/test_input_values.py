@@ -107,7 +107,7 @@ def test_seeds_up_to_two_to_the_64_are_repeatable():
         ("say <unk>", "<unk>"),
         ("bad \udcff byte", "not valid text"),
         ("   ", "empty"),
-        ("look at <image>", "--image"),
+        ("look at <image>", "the image is given beside the prompt"),
     ],
 )
 def test_prompts_are_text_not_control_tokens(prompt, expected):

@@ -30,7 +30,7 @@ RUNTIME_MODULES = [
     "ccra_export.runtime.vlm_pipeline",
     "ccra_export.runtime.conversation",
     "ccra_export.runtime.attention",
-    "ccra_export.serve.app",
+    "ccra_export.serve.openai.api_server",
     "ccra_export.calibration.images",
     "ccra_export.calibration.quantize",
     "ccra_export.calibration.reader",

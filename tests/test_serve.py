@@ -20,8 +20,8 @@ from PIL import Image
 
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
-from ccra_export.serve.app import ServerSettings, create_app
-from ccra_export.serve.images import ImageLimits
+from ccra_export.serve.openai.api_server import ServerSettings, create_app
+from ccra_export.serve.openai.image_urls import ImageLimits
 from tests.test_generation import PROMPT
 
 FOLLOW_UP = "And what colour is it?"
@@ -332,7 +332,7 @@ def test_a_request_past_its_time_limit_is_stopped(pipeline, photo):
 def test_held_conversations_are_bounded_in_bytes():
     from types import SimpleNamespace
 
-    from ccra_export.serve.conversations import ConversationStore
+    from ccra_export.serve.openai.conversations import ConversationStore
 
     def conversation(nbytes):
         return SimpleNamespace(cache=SimpleNamespace(nbytes=nbytes))
@@ -376,3 +376,12 @@ def test_http_image_urls_are_fetched_only_when_allowed_and_within_limits(pipelin
             _error(ask(url, "missing.png"), 400, "could not fetch it")
     finally:
         files.shutdown()
+
+
+def test_a_client_asking_more_tokens_than_the_context_hears_of_max_tokens(server, photo):
+    """An OpenAI client that sent max_tokens=100000 was told to lower --max-new-tokens, a flag of
+    another program; the refusal names the request's field."""
+    reply = _post(server, {"messages": [first_turn(photo)], "max_tokens": 100000})
+    error = reply.json()["error"]
+    assert reply.status_code == 400 and error["param"] == "max_tokens", error
+    assert "exceed the context" in error["message"] and "--" not in error["message"]

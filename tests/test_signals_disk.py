@@ -83,7 +83,7 @@ def test_concurrent_publish_is_serialised(tmp_path, replace):
             assert ok == workers, got  # each replaced the previous one in turn
         else:
             assert ok == 1, got  # the first one published; the others are refused in one line
-            assert all("already holds files" in g and "--force" in g for g in got if g != "ok"), got
+            assert all("already holds files" in g and "pass force to replace" in g for g in got if g != "ok"), got
         final = tmp_path / f"round{index}" / "out"
         assert (final / "a").read_text() == (final / "b").read_text()  # one writer's complete bundle
         assert sorted(p.name for p in final.parent.iterdir()) == ["out"]  # no staging, old copy or lock

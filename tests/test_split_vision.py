@@ -331,7 +331,7 @@ class TestRuntime:
 
         import httpx
 
-        from ccra_export.serve.app import ServerSettings
+        from ccra_export.serve.openai.api_server import ServerSettings
         from tests.test_serve import running
 
         buffer = io.BytesIO()

@@ -39,8 +39,8 @@ from ccra_export.core.vision_graphs import part_records
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.runtime.vlm_pipeline import Pipeline
-from ccra_export.serve import triton_repo
-from ccra_export.serve.triton_config import (
+from ccra_export.serve.triton import repository as triton_repo
+from ccra_export.serve.triton.config import (
     HEAD_MODEL,
     TOWER_MODEL,
     VISION_MODEL,
@@ -48,9 +48,9 @@ from ccra_export.serve.triton_config import (
     batching,
     vision_config,
 )
-from ccra_export.serve.triton_repo import RepoOptions, choose_vision_backend, write_repository
-from ccra_export.serve.triton_tensors import read_text, text_tensor
-from ccra_export.serve.triton_vlm import decode_image
+from ccra_export.serve.triton.repository import RepoOptions, choose_vision_backend, write_repository
+from ccra_export.serve.triton.tensors import read_text, text_tensor
+from ccra_export.serve.triton.vlm_model import decode_request_image
 from tests.bundles import build
 from tests.test_generation import PROMPT
 
@@ -143,7 +143,7 @@ def test_tensorrt_plan_config_names_the_plugin_library(single_bundle, tmp_path, 
     monkeypatch.setattr(triton_repo, "read_manifest", lambda _: manifest)
     monkeypatch.setattr(triton_repo, "check_plugin_library", lambda path: Path(path))
     monkeypatch.setattr(triton_repo, "gpus", lambda: [("NVIDIA H100 80GB HBM3", "9.0")])
-    with pytest.raises(ConfigError, match="--plugin-library"):
+    with pytest.raises(ConfigError, match=r"^plugin_library: the engine runs the fused"):
         write_repository(bundle, tmp_path / "r0", RepoOptions())
     result = write_repository(bundle, tmp_path / "repo", RepoOptions(plugin_library=plugin))
     assert result.vision_backend == "tensorrt" and "built for this GPU" in result.reason
@@ -256,11 +256,11 @@ def test_string_text_tensors_and_image_errors():
     from ccra_export.runtime.inputs import InputError
 
     with pytest.raises(InputError, match="not a readable image"):
-        decode_image(b"not an image", 1000)
+        decode_request_image(b"not an image", 1000)
     buffer = io.BytesIO()
     Image.new("RGB", (40, 30)).save(buffer, format="PNG")
     with pytest.raises(InputError, match="40x30 pixels; the limit is 100"):
-        decode_image(buffer.getvalue(), 100)
+        decode_request_image(buffer.getvalue(), 100)
 
 
 # ---------------------------------------------------------------- split bundles (build --split-vision)
@@ -369,7 +369,7 @@ def test_split_tensorrt_plan_configs_give_the_plugin_to_the_head_only(split_bund
     monkeypatch.setattr(triton_repo, "read_manifest", lambda _: manifest)
     monkeypatch.setattr(triton_repo, "check_plugin_library", lambda path: Path(path))
     monkeypatch.setattr(triton_repo, "gpus", lambda: [("NVIDIA H100 80GB HBM3", "9.0")])
-    with pytest.raises(ConfigError, match="--plugin-library"):
+    with pytest.raises(ConfigError, match=r"^plugin_library: the engine runs the fused"):
         write_repository(bundle, tmp_path / "r0", RepoOptions())
     repo = tmp_path / "repo"
     result = write_repository(bundle, repo, RepoOptions(plugin_library=plugin))

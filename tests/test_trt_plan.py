@@ -9,6 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from ccra_export.cli import main
+from ccra_export.cli.output import error_line
 from ccra_export.core.config import preset
 from ccra_export.core.errors import BundleError, ConfigError
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope, node_scope
@@ -122,7 +123,8 @@ def test_engine_compatibility():
         check_engine(record, "10.7.0", "9.0", "abc", "out/vlm")
     message = str(info.value)
     assert "TensorRT 10.3.0 built it, this is TensorRT 10.7.0" in message and "this GPU is 9.0" in message
-    assert "rebuild it here" in message and "`ccra-export engine --bundle out/vlm --force`" in message
+    assert "rebuild it here" in message and "(the engine step with bundle=out/vlm, force)" in message
+    assert "`ccra-export engine --bundle out/vlm --force`" in error_line(info.value)  # the CLI's words
     assert "\n" not in message
     with pytest.raises(BundleError, match="plugin library differs"):
         check_engine(record, "10.3.0", "8.7", "def")

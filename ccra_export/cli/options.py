@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 import click
 from click.core import ParameterSource
 
+from ccra_export.cli.output import command_line
 from ccra_export.core.config import PRESETS
 from ccra_export.core.errors import CCRAExportError, ConfigError
 from ccra_export.core.plugin_library import check_plugin_library
@@ -211,7 +212,8 @@ def _plugin_library(ctx: click.Context, param: click.Parameter, value: Path | No
     try:
         return None if value is None else check_plugin_library(value)
     except ConfigError as exc:
-        raise click.BadParameter(str(exc).removeprefix(f"--plugin-library {value}: ")) from None
+        remedy = f" ({command_line(exc.remedy)})" if exc.remedy is not None else ""
+        raise click.BadParameter(exc.message + remedy) from None  # click names the flag and the value
 
 
 PLUGIN_LIBRARY = opt(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shlex
 import signal
 import sys
 import threading
@@ -11,10 +12,11 @@ from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
+import click
 from rich.console import Console
 from rich.markup import escape
 
-from ccra_export.core.errors import CCRAExportError
+from ccra_export.core.errors import CCRAExportError, Remedy
 from ccra_export.core.parity import ParityReport
 
 # Off a terminal (CI logs, pipes) rich falls back to 80 columns, too narrow for the parity table.
@@ -67,6 +69,34 @@ def terminate_like_interrupt() -> Iterator[None]:
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
+def flag_name(field: str) -> str | None:
+    """The running verb's name for a domain field: its option (``--max-new-tokens``) or argument
+    (``IMAGE``); None when the verb has no such input."""
+    context = click.get_current_context(silent=True)
+    spelled = "--" + field.replace("_", "-")
+    for param in context.command.params if context is not None else ():
+        if param.name == field or spelled in getattr(param, "opts", ()):
+            if isinstance(param, click.Option):
+                return max(param.opts, key=len)
+            return param.human_readable_name
+    return None
+
+
+def command_line(remedy: Remedy) -> str:
+    """A remedy as the command that applies it: ``ccra-export engine --bundle B --force``."""
+    words = ["ccra-export", *remedy.step.split(), *([] if remedy.complete else ["..."])]
+    for name, value in remedy.options:
+        words.append("--" + name.replace("_", "-"))
+        if value is not True:
+            words.append(str(value))
+    return f"`{shlex.join(words)}`"
+
+
+def error_line(error: CCRAExportError) -> str:
+    """The one line the CLI prints for a domain error: fields as flags, remedies as commands."""
+    return error.render(flag_name, command_line)
+
+
 def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Turn a user-facing error into one line on stderr and its exit code, never a traceback.
 
@@ -78,7 +108,7 @@ def reports_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return command(*args, **kwargs)
         except CCRAExportError as exc:
-            stderr.print(f"[bold red]error:[/bold red] {escape(str(exc))}", soft_wrap=True)
+            stderr.print(f"[bold red]error:[/bold red] {escape(error_line(exc))}", soft_wrap=True)
             sys.exit(exc.exit_code)
         except Terminated as exc:
             stderr.print(f"[bold red]terminated[/bold red] ({exc.args[0]}): nothing was written")

@@ -114,7 +114,7 @@ def run(
     picture = load_image(image)  # a bad image fails before the models load
     pipeline = open_pipeline(bundle, backend, verify, plugin_library, tower_cache_mib)
     if attention_map is not None and not pipeline.has_attention:
-        raise InputError(no_attention_map(bundle))
+        raise no_attention_map(bundle)
     conversation = pipeline.chat()
     question = prompt if prompt is not None else _read_question()
     while question:

@@ -106,8 +106,8 @@ def serve(
         raise MissingDependencyError(f"ccra-export serve needs {', '.join(missing)}: pip install 'ccra-export[serve]'")
     import uvicorn
 
-    from ccra_export.serve.app import ServerSettings, create_app, load_pipeline
-    from ccra_export.serve.images import ImageLimits
+    from ccra_export.serve.openai.api_server import ServerSettings, create_app, load_pipeline
+    from ccra_export.serve.openai.image_urls import ImageLimits
 
     if api_key == "env":
         api_key = os.environ.get(API_KEY_ENV)

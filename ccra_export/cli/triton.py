@@ -9,8 +9,8 @@ from rich.markup import escape
 
 from ccra_export.cli import options as o
 from ccra_export.cli.output import reports_errors, stderr, stdout
-from ccra_export.serve.triton_config import TEXT_TYPES, VLM_MODEL
-from ccra_export.serve.triton_repo import DEVICES, VISION_BACKENDS, RepoOptions, write_repository
+from ccra_export.serve.triton.config import TEXT_TYPES, VLM_MODEL
+from ccra_export.serve.triton.repository import DEVICES, VISION_BACKENDS, RepoOptions, write_repository
 
 
 @click.command()

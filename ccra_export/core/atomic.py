@@ -215,7 +215,10 @@ def _publish(stage: Path, final: Path, *, replace: bool) -> Path | None:
     if not final.is_dir():
         raise BundleError(f"{final}: exists and is not a directory")
     if not replace and any(final.iterdir()):
-        raise BundleError(f"{final}: already holds files (another run wrote them meanwhile); pass --force to replace")
+        raise BundleError(
+            f"{final}: already holds files (another run wrote them meanwhile); pass {{force}} to replace",
+            mentions=("force",),
+        )
     trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
     try:
         os.replace(final, trash / final.name)

@@ -61,10 +61,12 @@ DEFAULT_CCRA_MODULE = "ccra_export.model.ccra_module:reconstruction"
 _MODULE_PATH = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 
-def check_module_path(value: Any, where: str) -> str:
-    """``package.module:Factory`` (dotted names only), else one line saying what was expected."""
+def check_module_path(value: Any, where: str = "", *, field: str | None = None) -> str:
+    """``package.module:Factory`` (dotted names only), else one line saying what was expected, after
+    ``where`` (a file's entry) or naming ``field`` (the input that gave it)."""
     if not isinstance(value, str) or not _MODULE_PATH.match(value):
-        raise ConfigError(f"{where}: expected package.module:Factory, got {_shown(value)}")
+        message = f"expected package.module:Factory, got {_shown(value)}"
+        raise ConfigError(f"{where}: {message}" if where else message, field=field)
     return value
 
 
@@ -277,6 +279,6 @@ def preset(name: str, *, plain: bool = False) -> ModelConfig:
         config = PRESETS[name]()
     except KeyError:
         raise ConfigError(
-            f"--model: unknown preset {name!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory"
+            f"unknown preset {name!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory", field="model"
         ) from None
     return (config.with_ccra(None) if plain else config).validate(f"preset {name!r}")

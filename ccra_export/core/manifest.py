@@ -73,9 +73,13 @@ def read_manifest(bundle: str | Path) -> Manifest:
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
-        raise BundleError(f"--bundle {bundle}: not a directory; expected a bundle written by `ccra-export build`")
+        raise BundleError(
+            "not a directory; expected a bundle written by `ccra-export build`", field="bundle", value=bundle
+        )
     if not path.is_file():
-        raise BundleError(f"--bundle {bundle}: no {MANIFEST_NAME}; expected a bundle written by `ccra-export build`")
+        raise BundleError(
+            f"no {MANIFEST_NAME}; expected a bundle written by `ccra-export build`", field="bundle", value=bundle
+        )
     if path.stat().st_size > MAX_MANIFEST_BYTES:
         raise BundleError(f"{path}: {path.stat().st_size} bytes; a manifest is under {MAX_MANIFEST_BYTES} bytes")
     try:

@@ -41,9 +41,9 @@ class Thresholds:
         # Every comparison with NaN is False: a NaN threshold would pass any error, so refuse it here,
         # where flags, the Python API and manifests all arrive.
         if not _finite_in(self.min_cosine, -1.0, 1.0):
-            raise ConfigError(f"--min-cosine: {self.min_cosine!r}; expected a finite number in [-1, 1]")
+            raise ConfigError(f"{self.min_cosine!r}; expected a finite number in [-1, 1]", field="min_cosine")
         if self.max_scaled_abs_err is not None and not _finite_in(self.max_scaled_abs_err, 0.0, math.inf):
-            raise ConfigError(f"--max-abs-err: {self.max_scaled_abs_err!r}; expected a finite number >= 0")
+            raise ConfigError(f"{self.max_scaled_abs_err!r}; expected a finite number >= 0", field="max_abs_err")
 
     def with_overrides(self, *, min_cosine: float | None = None, max_scaled_abs_err: float | None = None) -> Thresholds:
         return dataclasses.replace(

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from ccra_export.core.errors import ConfigError
+from ccra_export.core.errors import ConfigError, Remedy
 
 CREATOR_SYMBOLS = ("getCreators", "getPluginCreators")
 _ELF_MAGIC = b"\x7fELF"
@@ -56,21 +56,24 @@ def _defined_dynamic_symbols(data: bytes) -> set[str]:
     return names
 
 
-def check_plugin_library(path: str | Path, flag: str = "--plugin-library") -> Path:
-    """``path``, once it is an ELF shared object that exports TensorRT's plugin creator entry point."""
+def check_plugin_library(path: str | Path, field: str = "plugin_library") -> Path:
+    """``path``, once it is an ELF shared object that exports TensorRT's plugin creator entry point;
+    else a ConfigError naming ``field``, the input that gave it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{flag} {path}: no such file")
+        raise ConfigError("no such file", field=field, value=path)
     if path.stat().st_size > _MAX_BYTES:
-        raise ConfigError(f"{flag} {path}: {path.stat().st_size} bytes; not a plugin library")
+        raise ConfigError(f"{path.stat().st_size} bytes; not a plugin library", field=field, value=path)
     try:
         symbols = dynamic_symbols(path)
     except (OSError, NotAPluginLibrary) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else exc
-        raise ConfigError(f"{flag} {path}: {reason}; expected the TensorRT plugin library (.so)") from None
+        raise ConfigError(f"{reason}; expected the TensorRT plugin library (.so)", field=field, value=path) from None
     if not symbols & set(CREATOR_SYMBOLS):
         raise ConfigError(
-            f"{flag} {path}: exports neither {' nor '.join(CREATOR_SYMBOLS)}; expected the LPWCA TensorRT plugin "
-            "library (`ccra-export plugins build`)"
+            f"exports neither {' nor '.join(CREATOR_SYMBOLS)}; expected the LPWCA TensorRT plugin library",
+            field=field,
+            value=path,
+            remedy=Remedy("plugins build"),
         )
     return path

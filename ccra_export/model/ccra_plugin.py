@@ -75,25 +75,26 @@ def load_factory(path: str) -> Callable[[CCRAModuleSpec], nn.Module]:
     working directory is not searched, so a checkpoint directory cannot ship code that a name in its
     metadata would import); one line naming it and what was expected otherwise."""
     try:
-        check_module_path(path, "--ccra-module")
+        check_module_path(path, field="ccra_module")
     except ConfigError as exc:
-        raise CCRAModuleError(str(exc)) from None
+        raise CCRAModuleError(exc.message, field=exc.field) from None
     module_name, _, attribute = path.partition(":")
     try:
         target: Any = importlib.import_module(module_name)
     except Exception as exc:  # ImportError, or whatever the module raises at import time
         raise CCRAModuleError(
-            f"--ccra-module {path}: cannot import {module_name} ({type(exc).__name__}: {exc})"
+            f"cannot import {module_name} ({type(exc).__name__}: {exc})", field="ccra_module", value=path
         ) from None
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise CCRAModuleError(f"--ccra-module {path}: {module_name} has no attribute {attribute!r}")
+            raise CCRAModuleError(f"{module_name} has no attribute {attribute!r}", field="ccra_module", value=path)
         target = getattr(target, part)
     is_module_class = isinstance(target, type) and issubclass(target, nn.Module)
     if not is_module_class and not (callable(target) and getattr(target, _MARK, False)):
         raise CCRAModuleError(
-            f"--ccra-module {path}: expected a torch.nn.Module subclass or a function marked "
-            "@ccra_module_factory, taking a CCRAModuleSpec"
+            "expected a torch.nn.Module subclass or a function marked @ccra_module_factory, taking a CCRAModuleSpec",
+            field="ccra_module",
+            value=path,
         )
     return target
 
@@ -107,11 +108,11 @@ def make_module(path: str, spec: CCRAModuleSpec) -> nn.Module:
         raise
     except Exception as exc:
         raise CCRAModuleError(
-            f"--ccra-module {path}: the factory failed on this model's sizes ({type(exc).__name__}: {exc})"
+            f"the factory failed on this model's sizes ({type(exc).__name__}: {exc})", field="ccra_module", value=path
         ) from None
     if not isinstance(module, nn.Module):
         raise CCRAModuleError(
-            f"--ccra-module {path}: the factory returned {type(module).__name__}, not a torch.nn.Module"
+            f"the factory returned {type(module).__name__}, not a torch.nn.Module", field="ccra_module", value=path
         )
     return module
 
@@ -141,15 +142,19 @@ def probe_outputs(path: str, module: nn.Module, spec: CCRAModuleSpec) -> bool:
         outputs = module(features, text, mask)
     except Exception as exc:
         raise CCRAModuleError(
-            f"--ccra-module {path}: forward(features [B, L, N, Dv], text_embeds [B, T, Dt], text_mask [B, T]) "
-            f"failed ({type(exc).__name__}: {exc})"
+            "forward(features [B, L, N, Dv], text_embeds [B, T, Dt], text_mask [B, T]) "
+            f"failed ({type(exc).__name__}: {exc})",
+            field="ccra_module",
+            value=path,
         ) from None
     finally:
         module.train(was_training)
     attention = None
     if isinstance(outputs, tuple | list):
         if len(outputs) != 2:
-            raise CCRAModuleError(f"--ccra-module {path}: forward returned {len(outputs)} values; expected {expected}")
+            raise CCRAModuleError(
+                f"forward returned {len(outputs)} values; expected {expected}", field="ccra_module", value=path
+            )
         outputs, attention = outputs
     if not isinstance(outputs, torch.Tensor) or tuple(outputs.shape) != (
         batch,
@@ -157,12 +162,12 @@ def probe_outputs(path: str, module: nn.Module, spec: CCRAModuleSpec) -> bool:
         spec.vision_hidden_size,
     ):
         got = tuple(outputs.shape) if isinstance(outputs, torch.Tensor) else type(outputs).__name__
-        raise CCRAModuleError(f"--ccra-module {path}: forward returned {got}; expected {expected}")
+        raise CCRAModuleError(f"forward returned {got}; expected {expected}", field="ccra_module", value=path)
     if attention is not None:
         want = (batch, spec.num_layers, spec.num_patches)
         if not isinstance(attention, torch.Tensor) or tuple(attention.shape) != want:
             got = tuple(attention.shape) if isinstance(attention, torch.Tensor) else type(attention).__name__
             raise CCRAModuleError(
-                f"--ccra-module {path}: the attention map is {got}; expected [B, L, N] = {list(want)}"
+                f"the attention map is {got}; expected [B, L, N] = {list(want)}", field="ccra_module", value=path
             )
     return attention is not None

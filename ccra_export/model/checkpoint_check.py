@@ -479,16 +479,17 @@ def parse_ccra_config(metadata: dict[str, str], path: Path) -> CCRAConfig:
 
 def _ccra_module(
     ccra: CCRAConfig,
-    flag: str | None,
+    given: str | None,
     header: SafetensorsHeader,
     ccra_file: Path,
     raw: dict[str, Any],
     config_path: Path,
 ) -> str | None:
-    """Which CCRA module the weights are for: ``--ccra-module``, else the checkpoint's ``ccra_module``
-    (``ccra.safetensors`` metadata, ccra_config's ``module``, config.json), else the reconstruction."""
+    """Which CCRA module the weights are for: ``given`` (the ``ccra_module`` input), else the checkpoint's
+    ``ccra_module`` (``ccra.safetensors`` metadata, ccra_config's ``module``, config.json), else the
+    reconstruction."""
     candidates = [
-        ("--ccra-module", flag),
+        ("", given),  # the input itself: its error names the field
         (f"{ccra_file}: metadata {CCRA_MODULE_KEY}", header.metadata.get(CCRA_MODULE_KEY)),
         (f"{ccra_file}: {CCRA_CONFIG_KEY} module", ccra.module),
         (f"{config_path}: {CCRA_MODULE_KEY}", raw.get(CCRA_MODULE_KEY)),
@@ -496,9 +497,9 @@ def _ccra_module(
     for where, value in candidates:
         if value is not None:
             try:
-                module = check_module_path(value, where)
+                module = check_module_path(value, where, field=None if where else "ccra_module")
             except ConfigError as exc:
-                raise CheckpointError(str(exc)) from None
+                raise CheckpointError(exc.message, field=exc.field) from None
             return None if module == DEFAULT_CCRA_MODULE else module
     return None
 
@@ -673,7 +674,8 @@ def _check_lm_tensors(
         more = f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(
             f"{config_path.parent}: no language-model tensor {missing[0]}{more} in the safetensors files, "
-            f"which {source} (num_hidden_layers {text['num_hidden_layers']}) needs for --lm-precision"
+            f"which {source} (num_hidden_layers {text['num_hidden_layers']}) needs for {{lm_precision}}",
+            mentions=("lm_precision",),
         )
 
 
@@ -713,12 +715,16 @@ def _check_tokenizer(root: Path, hf: Any, text: dict[str, int], request: Languag
         return None
     if found is None:
         raise CheckpointError(
-            f"{root}: no tokenizer ({TOKENIZER_FILE} or {SENTENCEPIECE_FILE}); --lm-precision needs the checkpoint's "
-            "tokenizer for the runtime and the decoder builder"
+            f"{root}: no tokenizer ({TOKENIZER_FILE} or {SENTENCEPIECE_FILE}); {{lm_precision}} needs the "
+            "checkpoint's tokenizer for the runtime and the decoder builder",
+            mentions=("lm_precision",),
         )
     path, tokenizer = found
     if tokenizer is None:
-        raise CheckpointError(f"{path}: a slow (sentencepiece-only) tokenizer; --lm-precision needs {TOKENIZER_FILE}")
+        raise CheckpointError(
+            f"{path}: a slow (sentencepiece-only) tokenizer; {{lm_precision}} needs {TOKENIZER_FILE}",
+            mentions=("lm_precision",),
+        )
     image_id = tokenizer.token_to_id(IMAGE_TOKEN)
     config_path = root / CONFIG_FILE
     if image_id is None:
@@ -753,7 +759,7 @@ def validate_checkpoint(
     config.json). Every failure is one CheckpointError naming the file."""
     root = Path(path)
     if not root.is_dir():
-        raise CheckpointError(f"--model {root}: not a directory and not a preset name")
+        raise CheckpointError("not a directory and not a preset name", field="model", value=root)
     config_path = root / CONFIG_FILE
     raw = read_json(config_path, "a Hugging Face LLaVA-1.5 config.json")
     hf = _hf_config(raw, config_path)

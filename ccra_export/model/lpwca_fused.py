@@ -71,9 +71,15 @@ def _lpwca_fake(features, query_weights, query_bias, num_heads, epsilon, head_sc
     return features.new_empty(batch, patches, width), features.new_empty(batch, layers, patches)
 
 
-def check_kernel_limits(heads: int, layers: int, where: str) -> None:
+def check_kernel_limits(heads: int, layers: int) -> None:
     """Refuse at export time what the kernels cannot run, instead of failing at engine build."""
     if not 1 <= heads <= LIMIT_HEADS:
-        raise ConfigError(f"{where}: --lpwca fused supports 1..{LIMIT_HEADS} heads, the model has {heads}")
+        raise ConfigError(
+            f"the fused kernel supports 1..{LIMIT_HEADS} heads, the model has {heads}", field="lpwca", value="fused"
+        )
     if not 1 <= layers <= LIMIT_LAYERS:
-        raise ConfigError(f"{where}: --lpwca fused supports 1..{LIMIT_LAYERS} layers, the model reads {layers}")
+        raise ConfigError(
+            f"the fused kernel supports 1..{LIMIT_LAYERS} layers, the model reads {layers}",
+            field="lpwca",
+            value="fused",
+        )

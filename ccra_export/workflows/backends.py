@@ -34,9 +34,12 @@ def open_bundle_backend(
         started = getattr(runner, "providers", [ort_trt.PROVIDER])
         if not started or started[0] != ort_trt.PROVIDER:  # ORT falls back to CUDA/CPU with a log line only
             raise BackendUnavailableError(
-                f"--backend ort-trt: this ONNX Runtime lists {ort_trt.PROVIDER} but could not start it (the session "
+                f"this ONNX Runtime lists {ort_trt.PROVIDER} but could not start it (the session "
                 f"runs on {', '.join(started) or 'nothing'}: TensorRT's libraries, libnvinfer, missing or not the "
-                "version this onnxruntime-gpu was built for); install them, or use --backend ort / trt"
+                "version this onnxruntime-gpu was built for); install them, or use {backend} ort / trt",
+                field="backend",
+                value="ort-trt",
+                mentions=("backend",),
             )
         return runner, line
     return bundle_backend(bundle, manifest, backend, tower_cache=tower_cache)

@@ -121,8 +121,10 @@ def _ours(
     length = pipeline.prepare(picture, PROMPT).inputs_embeds.shape[1]
     if length + tokens > pipeline.lm.context_length:  # what `run` refuses, in its words
         raise InputError(
-            f"--max-new-tokens {tokens}: the benchmark prompt's {length} tokens (image included) + {tokens} new "
-            f"tokens exceed the context of {pipeline.lm.context_length}"
+            f"the benchmark prompt's {length} tokens (image included) + {tokens} new "
+            f"tokens exceed the context of {pipeline.lm.context_length}",
+            field="max_new_tokens",
+            value=tokens,
         )
     cache = pipeline.tower_cache  # a split bundle: the tower's outputs, per image
     vision, first, rate, vision_again, first_again = [], [], [], [], []
@@ -259,7 +261,9 @@ def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | N
 
     source = manifest["source"]
     if source["kind"] == "preset" and model is not None:
-        raise ConfigError("--model applies to bundles built from a checkpoint; this one was built from a preset")
+        raise ConfigError(
+            "{model} applies to bundles built from a checkpoint; this one was built from a preset", mentions=("model",)
+        )
     if not export_stack_available():  # first: on a Jetson, the checkpoint would not help
         return f"{NO_TORCH}; timed the bundle alone (pip install 'ccra-export[export]' to compare)"
     if (module := recorded_module(manifest)) is not None:
@@ -275,7 +279,7 @@ def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | N
             "to time PyTorch on it too"
         )
     if not Path(model).is_dir():
-        raise CheckpointError(f"--model {model}: no such checkpoint directory")
+        raise CheckpointError("no such checkpoint directory", field="model", value=model)
     return None
 
 
@@ -284,15 +288,15 @@ def check_batch(manifest: dict[str, Any], batch: int) -> None:
     from ccra_export.core.errors import BundleError
     from ccra_export.core.vision_graphs import engine_records
 
-    limits = {"the bundle's profile (--max-batch at build)": manifest["dynamic_axes"].get("batch", {}).get("max")}
+    limits = {"the bundle's profile (max_batch at build)": manifest["dynamic_axes"].get("batch", {}).get("max")}
     for part, engine in engine_records(manifest).items():  # a split bundle: the tower's and the head's
         shapes = next(iter((engine.get("profile") or {}).values()), None)  # first input's (min, opt, max)
         if shapes:
             engine_name = "TensorRT engine" if part == "vision" else f"{part} engine"
-            limits[f"its {engine_name}'s profile (`ccra-export engine --max-batch`)"] = shapes[-1][0]
+            limits[f"its {engine_name}'s profile (max_batch of the engine step)"] = shapes[-1][0]
     for where, limit in limits.items():
         if isinstance(limit, int) and batch > limit:
-            raise BundleError(f"--batch {batch}: above {limit}, the largest batch of {where}")
+            raise BundleError(f"above {limit}, the largest batch of {where}", field="batch", value=batch)
 
 
 def run_bench(
@@ -307,14 +311,14 @@ def run_bench(
 ) -> BenchResult:
     """The whole pipeline, ours then Hugging Face's (when PyTorch and ``model``, the checkpoint, are
     here; else ``skipped`` says why and ours is timed alone)."""
-    from ccra_export.core.errors import BundleError
+    from ccra_export.core.errors import no_language_model
     from ccra_export.core.manifest import read_manifest
     from ccra_export.runtime.inputs import load_image
     from ccra_export.runtime.ort_session import import_onnxruntime
 
     manifest = read_manifest(bundle)
     if not manifest.get("language_model"):
-        raise BundleError(f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision")
+        raise no_language_model(bundle)
     if image is not None:
         load_image(image)  # a bad image fails before anything loads
     import_onnxruntime()  # the language model runs on it: refuse here, in one line, not in the spawned side
@@ -436,7 +440,7 @@ def run_vision_bench(
 
     manifest = read_manifest(bundle)
     if not manifest.get("reference"):
-        raise BundleError(f"--bundle {bundle}: has no recorded parity inputs (built by an older ccra-export)")
+        raise BundleError("has no recorded parity inputs (built by an older ccra-export)", field="bundle", value=bundle)
     check_batch(manifest, batch)
     if backend in ("ort", "ort-trt") or (backend == "auto" and not manifest.get("engine")):
         import_onnxruntime()  # ONNX Runtime will run the graph: refuse here, in one line

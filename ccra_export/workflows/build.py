@@ -18,7 +18,7 @@ from ccra_export.calibration.layer_report import per_layer_drift_chain
 from ccra_export.core import atomic, lpwca_schema
 from ccra_export.core.config import PRESETS, ModelConfig
 from ccra_export.core.console import SILENT, Steps
-from ccra_export.core.errors import BundleError, ConfigError
+from ccra_export.core.errors import BundleError, ConfigError, Remedy
 from ccra_export.core.extras import require_export_stack
 from ccra_export.core.graph_scopes import nodes_in_scope
 from ccra_export.core.hashing import sha256_file
@@ -93,38 +93,50 @@ class BuildResult:
 def _check_output_dir(output: Path, force: bool) -> None:
     if output.exists():
         if not output.is_dir():
-            raise BundleError(f"--output {output}: exists and is not a directory")
+            raise BundleError("exists and is not a directory", field="output", value=output)
         if (output / MANIFEST_NAME).exists():
             if not force:
-                raise BundleError(f"--output {output}: already holds a bundle; pass --force to replace it")
+                raise BundleError(
+                    "already holds a bundle; pass {force} to replace it",
+                    field="output",
+                    value=output,
+                    mentions=("force",),
+                )
         elif any(output.iterdir()):
             raise BundleError(
-                f"--output {output}: exists, is not empty and holds no bundle; choose a new or empty directory"
+                "exists, is not empty and holds no bundle; choose a new or empty directory",
+                field="output",
+                value=output,
             )
     parent = output.resolve().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BundleError(f"--output {output}: cannot create parent directory ({exc.strerror})") from None
+        raise BundleError(f"cannot create parent directory ({exc.strerror})", field="output", value=output) from None
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise BundleError(f"--output {output}: parent directory {parent} is not writable")
+        raise BundleError(f"parent directory {parent} is not writable", field="output", value=output)
 
 
 def resolve_lpwca(mode: str, backend: str, config: ModelConfig, contract: bool = True) -> tuple[str, str]:
     """(portable | fused | none, why): ``auto`` fuses for TensorRT, stays portable for ONNX Runtime.
     ``contract``: the CCRA module declares it computes ``ccra::LPWCA`` (a plug-in that does not
-    exports portable, and ``--lpwca fused`` with it is refused)."""
+    exports portable, and ``fused`` with it is refused)."""
     if mode not in LPWCA_MODES:
-        raise ConfigError(f"--lpwca {mode}: expected one of {', '.join(LPWCA_MODES)}")
+        raise ConfigError(f"expected one of {', '.join(LPWCA_MODES)}", field="lpwca", value=mode)
     if config.ccra is None:
         if mode == "fused":
-            raise ConfigError("--lpwca fused: this model is the plain LLaVA-1.5 variant and has no LPWCA stage")
+            raise ConfigError(
+                "this model is the plain LLaVA-1.5 variant and has no LPWCA stage", field="lpwca", value="fused"
+            )
         return "none", "plain variant: no LPWCA stage"
     if not contract:
         if mode == "fused":
             raise ConfigError(
-                f"--lpwca fused: the CCRA module {config.ccra.module_path} does not declare the LPWCA contract "
-                "(lpwca_contract = True); it exports as standard ONNX ops (--lpwca portable)"
+                f"the CCRA module {config.ccra.module_path} does not declare the LPWCA contract "
+                "(lpwca_contract = True); it exports as standard ONNX ops ({lpwca} portable)",
+                field="lpwca",
+                value="fused",
+                mentions=("lpwca",),
             )
         return "portable", f"the CCRA module {config.ccra.module_path} does not declare the LPWCA contract"
     if mode != "auto":
@@ -165,13 +177,16 @@ def _plugin_record(lpwca: str, plugin_library: Path | None) -> dict[str, Any] | 
 def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     """Export, check, run and parity-check the vision graph; write the bundle atomically."""
     if options.precision not in PRECISIONS:
-        raise ConfigError(f"--precision {options.precision}: expected one of {', '.join(PRECISIONS)}")
+        raise ConfigError(f"expected one of {', '.join(PRECISIONS)}", field="precision", value=options.precision)
     require_export_stack("ccra-export build")
     output = Path(options.output)
     _check_output_dir(output, options.force)
     backend_kind, backend_reason = resolve_backend(options.backend)  # before any slow work
     if options.lm_precision and options.model in PRESETS:
-        raise ConfigError("--lm-precision needs a checkpoint directory: presets have no language model or tokenizer")
+        raise ConfigError(
+            "{lm_precision} needs a checkpoint directory: presets have no language model or tokenizer",
+            mentions=("lm_precision",),
+        )
     source = resolve_source(
         options.model,
         random_weights=options.random_weights,
@@ -191,23 +206,27 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
     if int8 and lpwca == "fused":
         if options.lpwca == "fused":
             raise ConfigError(
-                "--precision int8 with --lpwca fused: ONNX Runtime's calibrator opens its own session, which cannot "
-                "load the ccra::LPWCA custom op; use --lpwca portable (TensorRT runs the Q/DQ graph as it is)"
+                "{precision} int8 with {lpwca} fused: ONNX Runtime's calibrator opens its own session, which cannot "
+                "load the ccra::LPWCA custom op; use {lpwca} portable (TensorRT runs the Q/DQ graph as it is)",
+                mentions=("precision", "lpwca"),
             )
         lpwca, lpwca_reason = "portable", "auto: INT8 calibrates the portable graph"
     if lpwca != "none":
         steps.info(f"LPWCA: {lpwca} ({lpwca_reason})")
     if options.split_vision and source.config.ccra is None:
         raise ConfigError(
-            "--split-vision: this model is the plain LLaVA-1.5 variant; its vision graph has no text-conditioned "
-            "head to split off (the whole graph runs once per image already)"
+            "this model is the plain LLaVA-1.5 variant; its vision graph has no text-conditioned "
+            "head to split off (the whole graph runs once per image already)",
+            field="split_vision",
         )
     split = source.config.ccra is not None if options.split_vision is None else options.split_vision
     parts = graph_parts(ccra=source.config.ccra is not None, split=split, attention=source.model.provides_attention)
     plugin = _plugin_record(lpwca, options.plugin_library)
     if backend_kind == "trt" and plugin and not options.plugin_library:
         raise ConfigError(
-            "--lpwca fused with --backend trt needs --plugin-library (build it: ccra-export plugins build)"
+            "{lpwca} fused with {backend} trt needs {plugin_library}, the plugin library built for this machine",
+            mentions=("lpwca", "backend", "plugin_library"),
+            remedy=Remedy("plugins build"),
         )
     dynamic_axes = profile_axes(
         has_text=source.config.ccra is not None,
@@ -220,7 +239,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             atomic.scratch_directory(output, "fp32") as scratch,
         ):
             feeds, described, title = parity_inputs(source, options.parity, calibration)
-            _check_parity_fits_profile(feeds, dynamic_axes)
+            _check_parity_fits_profile(feeds, dynamic_axes, held_out=int8)
             part_feeds = split_feeds(source, parts, feeds)
             written = [
                 _write_graph(stage, Path(scratch), source, part, lpwca, calibration, options, part_feeds, steps)
@@ -272,20 +291,23 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             )
             atomic.write_json(stage / MANIFEST_NAME, manifest)
     except OSError as exc:
-        raise BundleError(f"--output {output}: cannot write the bundle ({exc.strerror or exc})") from None
+        raise BundleError(f"cannot write the bundle ({exc.strerror or exc})", field="output", value=output) from None
     return BuildResult(output, manifest, report)
 
 
-def _check_parity_fits_profile(feeds: dict[str, Any], dynamic_axes: dict[str, Any]) -> None:
+def _check_parity_fits_profile(feeds: dict[str, Any], dynamic_axes: dict[str, Any], held_out: bool = False) -> None:
     """The recorded reference must run on the bundle's own profile (an engine is built for it):
-    refuse parity inputs larger than the profile's maximum before anything is exported."""
-    shapes = {"batch": ("pixel_values", 0, "--parity-batch / --holdout", "--max-batch")}
-    shapes["text_len"] = ("text_mask", 1, "--parity-text-len", "--max-text-len")
-    for axis, (name, dim, flag, limit_flag) in shapes.items():
+    refuse parity inputs larger than the profile's maximum before anything is exported.
+    ``held_out``: INT8, whose parity batch is its held-out images."""
+    shapes = {"batch": ("pixel_values", 0, "holdout" if held_out else "parity_batch", "max_batch")}
+    shapes["text_len"] = ("text_mask", 1, "parity_text_len", "max_text_len")
+    for axis, (name, dim, given, limit) in shapes.items():
         if name in feeds and axis in dynamic_axes and feeds[name].shape[dim] > dynamic_axes[axis]["max"]:
             raise ConfigError(
-                f"{flag}: {feeds[name].shape[dim]} exceeds the profile's {limit_flag} {dynamic_axes[axis]['max']}; "
-                "the bundle's engine could not run its recorded reference: lower it or raise the maximum"
+                f"{feeds[name].shape[dim]} exceeds the profile's {{{limit}}} {dynamic_axes[axis]['max']}; "
+                "the bundle's engine could not run its recorded reference: lower it or raise the maximum",
+                field=given,
+                mentions=(limit,),
             )
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ccra_export.core import atomic
 from ccra_export.core.console import SILENT, Steps
-from ccra_export.core.errors import BackendUnavailableError, BundleError, ConfigError
+from ccra_export.core.errors import BackendUnavailableError, BundleError, ConfigError, Remedy
 from ccra_export.core.manifest import (
     ENGINE_PARITY_FILE,
     MANIFEST_NAME,
@@ -57,11 +57,17 @@ def add_engine(
     parts = part_records(manifest)
     names = [PARTS[part["name"]].engine_file for part in parts]  # vision.engine, or the tower's and the head's
     if manifest.get("engine") and not force:
-        raise BundleError(f"--bundle {bundle}: already holds {' and '.join(names)}; pass --force to rebuild")
+        raise BundleError(
+            f"already holds {' and '.join(names)}; pass {{force}} to rebuild",
+            field="bundle",
+            value=bundle,
+            mentions=("force",),
+        )
     if manifest.get("plugin") and plugin_library is None:
         raise ConfigError(
-            "--plugin-library: this bundle's graph has the fused ccra::LPWCA node; pass the plugin library "
-            "built for this machine (ccra-export plugins build)"
+            "this bundle's graph has the fused ccra::LPWCA node; pass the plugin library built for this machine",
+            field="plugin_library",
+            remedy=Remedy("plugins build"),
         )
     if plugin_library is not None:
         check_plugin_library(plugin_library)
@@ -78,7 +84,7 @@ def add_engine(
     try:
         scratch = Path(tempfile.mkdtemp(prefix=".engine-", dir=bundle))
     except OSError as exc:
-        raise BundleError(f"--bundle {bundle}: not writable ({exc.strerror or exc})") from None
+        raise BundleError(f"not writable ({exc.strerror or exc})", field="bundle", value=bundle) from None
     try:
         runners, records = [], []
         for part, name, profile in zip(parts, names, profiles, strict=True):
@@ -107,7 +113,7 @@ def add_engine(
         manifest["engine"] = record
         atomic.write_json(bundle / MANIFEST_NAME, manifest)
     except OSError as exc:
-        raise BundleError(f"--bundle {bundle}: cannot write the engine ({exc.strerror or exc})") from None
+        raise BundleError(f"cannot write the engine ({exc.strerror or exc})", field="bundle", value=bundle) from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     return report

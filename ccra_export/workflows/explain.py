@@ -139,7 +139,12 @@ def write_explanation(
     """The five files into ``out``, written in a staging directory and renamed when complete."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not force)):
-        raise BundleError(f"--out {out}: exists and is not an empty directory; pass --force to replace it")
+        raise BundleError(
+            "exists and is not an empty directory; pass {force} to replace it",
+            field="out",
+            value=out,
+            mentions=("force",),
+        )
     summary = {**record, **amap.summary(top_k)}
     try:
         out.resolve().parent.mkdir(parents=True, exist_ok=True)
@@ -150,7 +155,7 @@ def write_explanation(
             np.save(stage / "attention.npy", amap.weights.astype(np.float32))
             (stage / "attention.json").write_text(json.dumps(summary, indent=2) + "\n")
     except OSError as exc:
-        raise BundleError(f"--out {out}: cannot write ({exc.strerror or exc})") from None
+        raise BundleError(f"cannot write ({exc.strerror or exc})", field="out", value=out) from None
     return summary
 
 
@@ -176,9 +181,9 @@ def save_overlay(path: Path, image: Image.Image, amap: AttentionMap, top_k: int 
     """`run --attention-map FILE.png`: the overlay alone, written to a temporary sibling and renamed."""
     path = Path(path)
     if path.suffix.lower() != ".png":
-        raise BundleError(f"--attention-map {path}: expected a .png file name")
+        raise BundleError("expected a .png file name", field="attention_map", value=path)
     try:
         with atomic.temporary_sibling(path) as temporary:
             overlay(image, amap, top_k).save(temporary, format="PNG")
     except OSError as exc:
-        raise BundleError(f"--attention-map {path}: cannot write ({exc.strerror or exc})") from None
+        raise BundleError(f"cannot write ({exc.strerror or exc})", field="attention_map", value=path) from None

@@ -29,7 +29,7 @@ PROMPT_TOKENS = 24
 def resolve_device(device: str, vision_backend: str) -> tuple[str, str]:
     """``--lm-device`` -> ``cpu`` | ``cuda`` and why: auto follows the vision backend's device."""
     if device not in ("auto", *LM_DEVICES):
-        raise ConfigError(f"--lm-device {device}: expected auto, {', '.join(LM_DEVICES)}")
+        raise ConfigError(f"expected auto, {', '.join(LM_DEVICES)}", field="lm_device", value=device)
     if device != "auto":
         return device, f"--lm-device {device}"
     if vision_backend in ("trt", "ort-trt"):

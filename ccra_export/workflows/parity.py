@@ -158,7 +158,7 @@ def resolve_reference(
     on a Jetson, auto uses the outputs recorded at build.
     """
     if kind not in REFERENCE_CHOICES:
-        raise ConfigError(f"--reference {kind}: expected one of {', '.join(REFERENCE_CHOICES)}")
+        raise ConfigError(f"expected one of {', '.join(REFERENCE_CHOICES)}", field="reference", value=kind)
     why = ""
     if kind == "auto" and not manifest.get("reference"):
         kind, why = "pytorch", " (auto: the bundle records no PyTorch outputs)"
@@ -173,8 +173,10 @@ def resolve_reference(
             kind, why = "pytorch", " (auto: PyTorch and the bundle's source are here)"
     if kind == "recorded" and not manifest.get("reference"):
         raise BundleError(
-            "--reference recorded: this bundle has no recorded PyTorch outputs (built by an older ccra-export); "
-            "rebuild it, or check it where PyTorch is installed"
+            "this bundle has no recorded PyTorch outputs (built by an older ccra-export); "
+            "rebuild it, or check it where PyTorch is installed",
+            field="reference",
+            value="recorded",
         )
     if kind == "pytorch":
         return kind, f"reference: PyTorch, recomputed from the bundle's source{why}"
@@ -202,7 +204,7 @@ def check_parity(
         described = {**entry["inputs"], "recorded_samples": entry["samples"]}
         with steps.step(f"Parity vs recorded PyTorch outputs ({entry['samples']} samples)"):
             return run_parity(runner, precision, limits, feeds, expected, described, RECORDED_REFERENCE)
-    require_export_stack("parity against a fresh PyTorch run (--reference pytorch)")
+    require_export_stack("parity against a fresh PyTorch run (reference pytorch)")
     source = source_from_manifest(manifest, model_override, steps, ccra_module)
     if precision == "int8" and manifest["reference"]:
         # INT8 is judged on its held-out images: their inputs are recorded, PyTorch recomputes the outputs

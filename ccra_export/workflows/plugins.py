@@ -63,7 +63,7 @@ def build_native(
             "installed with `pip install -e .`"
         )
     if tensorrt_root is not None and not (Path(tensorrt_root) / "include" / "NvInferRuntime.h").is_file():
-        raise NativeBuildError(f"--tensorrt-root {tensorrt_root}: no include/NvInferRuntime.h there")
+        raise NativeBuildError("no include/NvInferRuntime.h there", field="tensorrt_root", value=tensorrt_root)
     configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
     if tensorrt_root is not None:
         configure.append(f"-DTensorRT_ROOT={Path(tensorrt_root).resolve()}")
@@ -86,11 +86,14 @@ def build_native(
     if require_plugin and not any(
         b.path.name == LIBRARIES["TensorRT plugin (loadLibrary / getCreators)"] for b in built
     ):
-        has_cuda = any(b.path.name == "libccra_lpwca_cuda_capi.so" for b in built)
-        reason = (
-            "TensorRT headers not found (pass --tensorrt-root DIR, the directory holding include/NvInferRuntime.h)"
-            if has_cuda
-            else "no CUDA compiler found (install the CUDA toolkit; JetPack ships it in /usr/local/cuda)"
+        if any(b.path.name == "libccra_lpwca_cuda_capi.so" for b in built):  # CUDA is there, TensorRT is not
+            raise NativeBuildError(
+                "the TensorRT plugin was not built: TensorRT headers not found (pass {tensorrt_root} DIR, the "
+                "directory holding include/NvInferRuntime.h)",
+                mentions=("tensorrt_root",),
+            )
+        raise NativeBuildError(
+            "the TensorRT plugin was not built: no CUDA compiler found (install the CUDA toolkit; JetPack ships it "
+            "in /usr/local/cuda)"
         )
-        raise NativeBuildError(f"the TensorRT plugin was not built: {reason}")
     return built

@@ -79,7 +79,10 @@ def prepare(options: Int8Options, source: Any, seed: int, steps: Steps = SILENT)
         )
         return Calibration(dataset, processor_for(source, options.pad_to_square), make_embedder(source, seed))
     if options.calib_data is None:
-        raise ConfigError("--precision int8 needs --calib-data DIR (a folder of .jpg/.png calibration images)")
+        raise ConfigError(
+            "{precision} int8 needs {calib_data} DIR (a folder of .jpg/.png calibration images)",
+            mentions=("precision", "calib_data"),
+        )
     with (
         steps.step(f"Reading calibration images from {options.calib_data}"),
         warnings.catch_warnings(record=True) as seen,

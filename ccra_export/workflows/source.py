@@ -26,8 +26,10 @@ def demo_checkpoint() -> Path:
     """The shipped demo checkpoint (package data), or one line saying this installation lacks it."""
     if not (DEMO_CHECKPOINT / "config.json").is_file():
         raise CheckpointError(
-            f"--model {DEMO}: the demo checkpoint is missing from this installation ({DEMO_CHECKPOINT}); "
-            "reinstall ccra-export, or rebuild it with python -m ccra_export.demo.train"
+            f"the demo checkpoint is missing from this installation ({DEMO_CHECKPOINT}); "
+            "reinstall ccra-export, or rebuild it with python -m ccra_export.demo.train",
+            field="model",
+            value=DEMO,
         )
     return DEMO_CHECKPOINT
 
@@ -63,7 +65,7 @@ def language_model_request(
     from ccra_export.model.checkpoint_check import LanguageModelRequest  # torch: the [export] extra
 
     device, why = resolve_device(lm_device, vision_backend)
-    why = f"--lm-device {why}" if lm_device == "auto" else why
+    why = f"lm_device {why if lm_device == 'auto' else device}"
     if device == "cpu":
         return LanguageModelRequest(lm_precision, cpu_attention=True, why=why)
     if "CUDAExecutionProvider" not in available_providers():
@@ -92,13 +94,15 @@ def resolve_source(
     from ccra_export.model.vision_model import build_model  # torch: the [export] extra
 
     if ccra_module is not None:
-        check_module_path(ccra_module, "--ccra-module")
+        check_module_path(ccra_module, field="ccra_module")
     if model == DEMO:
         if random_weights or plain:
-            flag = "--random-weights" if random_weights else "--plain"
+            given = "random_weights" if random_weights else "plain"
             raise ConfigError(
-                f"{flag}: --model {DEMO} is a trained CCRA checkpoint; {flag} applies to the random presets "
-                f"({', '.join(PRESETS)})"
+                f"{{model}} {DEMO} is a trained CCRA checkpoint; {{{given}}} applies to the random presets "
+                f"({', '.join(PRESETS)})",
+                field=given,
+                mentions=("model", given),
             )
         source = resolve_source(
             str(demo_checkpoint()),
@@ -116,13 +120,17 @@ def resolve_source(
             ccra_module = None
         if not random_weights:
             raise ConfigError(
-                f"--model {model}: a preset has no trained weights; "
-                "add --random-weights, or pass a checkpoint directory"
+                "a preset has no trained weights; add {random_weights}, or pass a checkpoint directory",
+                field="model",
+                value=model,
+                mentions=("random_weights",),
             )
         config = preset(model, plain=plain)
         if ccra_module is not None:
             if config.ccra is None:
-                raise ConfigError("--ccra-module: --plain builds LLaVA-1.5 without a CCRA module")
+                raise ConfigError(
+                    "{plain} builds LLaVA-1.5 without a CCRA module", field="ccra_module", mentions=("plain",)
+                )
             config = config.with_ccra(dataclasses.replace(config.ccra, module=ccra_module))
             steps.info(f"CCRA module: {ccra_module} (a plug-in; the reconstruction is {DEFAULT_CCRA_MODULE})")
         with steps.step(f"Building {config.name} ({config.variant}) with random weights, seed {seed}"):
@@ -133,20 +141,22 @@ def resolve_source(
     path = Path(model)
     if not path.exists():
         if os.sep in model or model.startswith("."):
-            raise CheckpointError(f"--model {model}: no such checkpoint directory")
+            raise CheckpointError("no such checkpoint directory", field="model", value=model)
         raise ConfigError(
-            f"--model: unknown preset {model!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory"
+            f"unknown preset {model!r}; expected one of {', '.join(PRESETS)} or a checkpoint directory", field="model"
         )
     if random_weights or plain:
-        flag = "--random-weights" if random_weights else "--plain"
-        raise ConfigError(f"{flag} applies to presets; --model {model} is a checkpoint directory")
+        given = "random_weights" if random_weights else "plain"
+        raise ConfigError(
+            f"{{{given}}} applies to presets; {{model}} {model} is a checkpoint directory", mentions=(given, "model")
+        )
     from ccra_export.model.checkpoint import load_checkpoint  # torch: the [export] extra
 
     with steps.step(f"Loading checkpoint {path}"):
         loaded = load_checkpoint(path, language_model, ccra_module)
     if loaded.config.ccra is None:
         if ccra_module is not None:
-            raise ConfigError(f"--ccra-module: {path} has no ccra.safetensors (the module's weights)")
+            raise ConfigError(f"{path} has no ccra.safetensors (the module's weights)", field="ccra_module")
         steps.info(
             f"{path}: no ccra.safetensors; building the plain LLaVA-1.5 variant (graph input: pixel_values only)"
         )
@@ -180,14 +190,21 @@ def source_from_manifest(
         ccra_module = None
     if module != ccra_module:
         if module is None:
-            raise ConfigError(f"--ccra-module {ccra_module}: this bundle was built with the reconstruction of CCRA")
+            raise ConfigError(
+                "this bundle was built with the reconstruction of CCRA", field="ccra_module", value=ccra_module
+            )
         raise ConfigError(
-            f"--ccra-module: this bundle's CCRA module is the plug-in {module}; pass --ccra-module {module} to "
-            "rebuild its PyTorch reference (a manifest never makes ccra-export import code)"
+            f"this bundle's CCRA module is the plug-in {module}; pass {{ccra_module}} {module} to rebuild its "
+            "PyTorch reference (a manifest never makes ccra-export import code)",
+            field="ccra_module",
+            mentions=("ccra_module",),
         )
     if record["kind"] == "preset":
         if model_override:
-            raise ConfigError("--model applies to bundles built from a checkpoint; this one was built from a preset")
+            raise ConfigError(
+                "{model} applies to bundles built from a checkpoint; this one was built from a preset",
+                mentions=("model",),
+            )
         return resolve_source(
             record["preset"],
             random_weights=True,
@@ -199,14 +216,17 @@ def source_from_manifest(
     path = reference_checkpoint(manifest, model_override)
     if path is None:  # the recorded path is provenance, not an instruction: the user names the checkpoint
         raise CheckpointError(
-            f"--reference pytorch: pass --model DIR, the checkpoint this bundle was built from (recorded as "
-            f"{record['path']}); a bundle's manifest never sends ccra-export outside the bundle"
+            "pass {model} DIR, the checkpoint this bundle was built from (recorded as "
+            f"{record['path']}); a bundle's manifest never sends ccra-export outside the bundle",
+            field="reference",
+            value="pytorch",
+            mentions=("model",),
         )
     if not Path(path).is_dir():
-        raise CheckpointError(f"--model {path}: no such checkpoint directory")
+        raise CheckpointError("no such checkpoint directory", field="model", value=path)
     source = resolve_source(path, random_weights=False, seed=0, plain=False, steps=steps, ccra_module=module)
     if source.record["weights_sha256"] != record["weights_sha256"]:
         raise CheckpointError(
-            f"--model {path}: weights differ from the ones this bundle was built from (sha256 mismatch)"
+            "weights differ from the ones this bundle was built from (sha256 mismatch)", field="model", value=path
         )
     return source

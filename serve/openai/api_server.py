@@ -30,11 +30,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.runtime.vlm_pipeline import Pipeline
-from ccra_export.serve.conversations import ConversationStore
-from ccra_export.serve.images import ImageLimits
-from ccra_export.serve.metrics import Metrics
-from ccra_export.serve.protocol import ApiError, ChatRequest, invalid_request
-from ccra_export.serve.worker import Job, Worker
+from ccra_export.serve.openai.conversations import ConversationStore
+from ccra_export.serve.openai.image_urls import ImageLimits
+from ccra_export.serve.openai.metrics import Metrics
+from ccra_export.serve.openai.protocol import ApiError, ChatRequest, invalid_request
+from ccra_export.serve.openai.serving_chat import Job, Worker
 
 
 @dataclass

@@ -10,16 +10,16 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from ccra_export.core.image_preprocess import ImageReadError, to_rgb
-from ccra_export.serve.protocol import ApiError
+from ccra_export.runtime.inputs import InputError
+from ccra_export.serve.images import ImageTooLargeError, decode_image
+from ccra_export.serve.openai.protocol import ApiError
 
 PARAM = "messages.content.image_url"
 
@@ -35,18 +35,11 @@ class ImageLimits:
 
 def _decode(data: bytes, limits: ImageLimits) -> Image.Image:
     try:
-        with Image.open(io.BytesIO(data)) as handle:
-            width, height = handle.size
-            if width * height > limits.max_pixels:
-                raise ApiError(413, f"image is {width}x{height} pixels; the limit is {limits.max_pixels}", param=PARAM)
-            handle.load()
-            return to_rgb(handle)  # 16-bit and 32-bit images scaled, not clipped to white
-    except ApiError:
-        raise
-    except ImageReadError as exc:
-        raise ApiError(400, f"image_url: {exc.problem}", param=PARAM) from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise ApiError(400, f"image_url: not a readable image ({type(exc).__name__})", param=PARAM) from None
+        return decode_image(data, limits.max_pixels)
+    except ImageTooLargeError as exc:
+        raise ApiError(413, f"image is {exc.message}", param=PARAM) from None
+    except InputError as exc:
+        raise ApiError(400, f"image_url: {exc.message}", param=PARAM) from None
 
 
 def _from_data_url(url: str, limits: ImageLimits) -> bytes:
@@ -63,7 +56,11 @@ def _from_data_url(url: str, limits: ImageLimits) -> bytes:
 
 def _fetch(url: str, limits: ImageLimits) -> bytes:
     if not limits.allow_urls:
-        raise ApiError(400, "image_url: http(s) URLs are not fetched by this server (--allow-image-urls)", param=PARAM)
+        raise ApiError(
+            400,
+            "image_url: http(s) URLs are not fetched by this server (it was started without allowing them)",
+            param=PARAM,
+        )
     try:
         with urllib.request.urlopen(url, timeout=limits.fetch_timeout_s) as response:
             data = response.read(limits.max_bytes + 1)
@@ -76,7 +73,11 @@ def _fetch(url: str, limits: ImageLimits) -> bytes:
 
 def _from_path(url: str, limits: ImageLimits) -> bytes:
     if limits.allow_dir is None:
-        raise ApiError(400, "image_url: local paths are not served (--allow-image-dir)", param=PARAM)
+        raise ApiError(
+            400,
+            "image_url: local paths are not served (the server was started without an image directory)",
+            param=PARAM,
+        )
     path = Path(url.removeprefix("file://")).resolve()
     root = limits.allow_dir.resolve()
     if not path.is_relative_to(root) or not path.is_file():

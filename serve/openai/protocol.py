@@ -11,6 +11,19 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ccra_export.core.errors import CCRAExportError
+
+#: the runtime's names for its inputs -> where they sit in a Chat Completions request
+_REQUEST_FIELDS = {
+    "answer": "messages",
+    "history": "messages",
+    "image": "messages[0].content",
+    "max_new_tokens": "max_tokens",
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "seed": "seed",
+}
+
 
 class ApiError(Exception):
     """A refusal the client sees as OpenAI's error JSON."""
@@ -31,6 +44,19 @@ class ApiError(Exception):
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+
+
+def refused(error: CCRAExportError, messages: int) -> ApiError:
+    """Input the runtime refused, as a 400 naming the request's field (``messages`` holds ``messages``
+    messages; the prompt is the last one's content), never a flag or the runtime's own name."""
+
+    def request_field(name: str) -> str:
+        return f"messages[{messages - 1}].content" if name == "prompt" else _REQUEST_FIELDS.get(name, "messages")
+
+    param = request_field(error.field) if error.field is not None else "messages"
+    # no value: it may be a server-side path
+    without_value = CCRAExportError(error.message, field=error.field, remedy=error.remedy, mentions=error.mentions)
+    return ApiError(400, without_value.render(request_field), param=param)
 
 
 def invalid_request(errors: list[dict[str, Any]]) -> ApiError:

@@ -21,9 +21,9 @@ from PIL import Image
 from ccra_export.core.errors import CCRAExportError
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
-from ccra_export.serve.conversations import ConversationStore, history_key
-from ccra_export.serve.images import ImageLimits, load_image_url
-from ccra_export.serve.protocol import ApiError, ChatRequest
+from ccra_export.serve.openai.conversations import ConversationStore, history_key
+from ccra_export.serve.openai.image_urls import ImageLimits, load_image_url
+from ccra_export.serve.openai.protocol import ApiError, ChatRequest, refused
 
 DEFAULT_MAX_TOKENS = 512
 LOG = logging.getLogger("ccra_export.serve")
@@ -116,7 +116,7 @@ class Worker:
         except ApiError as exc:
             job.emit("error", exc)
         except CCRAExportError as exc:  # input the runtime refused: one line, the client's fault
-            job.emit("error", ApiError(400, str(exc), param="messages"))
+            job.emit("error", refused(exc, len(job.request.messages)))
         except Exception as exc:
             import logging
 
@@ -179,7 +179,7 @@ class Worker:
             if reason != "stop":
                 self.metrics.cancelled.labels(reason).inc()
             if reason == "timeout":
-                raise ApiError(500, "the request ran past its time limit (--request-timeout)", code="timeout") from None
+                raise ApiError(500, "the request ran past the server's time limit", code="timeout") from None
             if reason == "cancelled":
                 raise
             prompt = context_before + conversation.last_prompt_tokens

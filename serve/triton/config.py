@@ -205,7 +205,7 @@ def vlm_config(text_type: str, *, instances: int = 1, parameters: dict[str, str]
     Triton strings, or UTF-8 in UINT8 vectors with ``text_type="uint8"``; sampling parameters are
     optional inputs (absent: greedy, the model's default length, streamed)."""
     if text_type not in TEXT_TYPES:
-        raise ConfigError(f"--text-type {text_type}: expected one of {', '.join(TEXT_TYPES)}")
+        raise ConfigError(f"expected one of {', '.join(TEXT_TYPES)}", field="text_type", value=text_type)
     pb2 = model_config_pb2()
     config = pb2.ModelConfig(name=VLM_MODEL, backend=PYTHON_BACKEND, max_batch_size=0)
     config.model_transaction_policy.decoupled = True

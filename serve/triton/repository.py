@@ -8,7 +8,7 @@
         1/model.plan            the engine, or 1/model.onnx, or 1/model.py + the ONNX graph
       ccra_vlm/
         config.pbtxt            python backend, decoupled (a split bundle: tower_model, head_model, tower_cache_mib)
-        1/model.py              subclasses ccra_export.serve.triton_vlm.VlmModel
+        1/model.py              subclasses ccra_export.serve.triton.vlm_model.VlmModel
         1/bundle/               the whole bundle (manifest, language model, tokenizer, graphs)
 
 A split bundle (``build --split-vision``) has ``ccra_vision_tower/`` (vision_tower.onnx or
@@ -32,14 +32,14 @@ from typing import Any
 
 from ccra_export import __version__
 from ccra_export.core.atomic import staged_directory
-from ccra_export.core.errors import BundleError, ConfigError
+from ccra_export.core.errors import BundleError, ConfigError, Remedy, no_language_model
 from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest import MANIFEST_NAME, bundle_path, read_manifest
 from ccra_export.core.platform import gpus
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.vision_graphs import is_split
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
-from ccra_export.serve.triton_config import (
+from ccra_export.serve.triton.config import (
     HEAD_MODEL,
     HEAD_MODEL_PARAMETER,
     PLATFORMS,
@@ -137,29 +137,35 @@ def choose_vision_backend(
 ) -> tuple[str, str]:
     """(tensorrt | onnxruntime | python, why auto chose it)."""
     if requested not in VISION_BACKENDS:
-        raise ConfigError(f"--vision-backend {requested}: expected one of {', '.join(VISION_BACKENDS)}")
+        raise ConfigError(f"expected one of {', '.join(VISION_BACKENDS)}", field="vision_backend", value=requested)
     engine = manifest.get("engine")
     if requested == "python":
         return "python", ""
     if requested == "tensorrt":
         if not engine:
             raise BundleError(
-                f"--vision-backend tensorrt: --bundle {bundle} holds no TensorRT engine; build one on the serving "
-                f"GPU with `ccra-export engine --bundle {bundle}`"
+                f"bundle {bundle} holds no TensorRT engine; build one on the serving GPU",
+                field="vision_backend",
+                value=requested,
+                remedy=Remedy("engine", (("bundle", bundle),)),
             )
         mismatch = engine_gpu_mismatch(engine, local_gpus)
         if mismatch and local_gpus:
             raise BundleError(
-                f"--vision-backend tensorrt: {mismatch}; rebuild it there with `ccra-export engine --bundle {bundle} "
-                "--force`, or use --vision-backend onnxruntime"
+                f"{mismatch}; serve the vision graph on onnxruntime, or rebuild the engine on the serving GPU",
+                field="vision_backend",
+                value=requested,
+                remedy=Remedy("engine", (("bundle", bundle), ("force", True))),
             )
         return "tensorrt", ""
     if requested == "onnxruntime":
         if fused(manifest):
             raise ConfigError(
-                "--vision-backend onnxruntime: the graph has the fused ccra::LPWCA node, whose ONNX Runtime kernel "
-                "ccra-export registers from Python; Triton's ONNX Runtime backend cannot run it: use "
-                "--vision-backend python, or tensorrt with the bundle's engine"
+                "the graph has the fused ccra::LPWCA node, whose ONNX Runtime kernel ccra-export registers from "
+                "Python; Triton's ONNX Runtime backend cannot run it: serve the vision graph on the python backend, "
+                "or on tensorrt with the bundle's engine",
+                field="vision_backend",
+                value=requested,
             )
         return "onnxruntime", ""
     if engine:
@@ -169,7 +175,7 @@ def choose_vision_backend(
                 "tensorrt",
                 f"auto: the bundle's TensorRT engine was built for this GPU ({engine['compute_capability']})",
             )
-        why = f"{mismatch} (--vision-backend tensorrt uses it anyway)"
+        why = f"{mismatch} (a tensorrt vision backend, asked for, uses it anyway)"
     else:
         why = "the bundle holds no TensorRT engine"
     if fused(manifest):
@@ -203,11 +209,15 @@ def check_paths(bundle: Path, repo: Path, force: bool) -> None:
     """Refuse a repository that would replace or sit inside the bundle, or replace files unasked."""
     root, out = bundle.resolve(), repo.resolve()
     if out == root or root.is_relative_to(out) or out.is_relative_to(root):
-        raise BundleError(f"--repo {repo}: overlaps --bundle {bundle}; write the repository somewhere else")
+        raise BundleError(
+            f"overlaps the bundle {bundle}; write the repository somewhere else", field="repo", value=repo
+        )
     if repo.exists() and not repo.is_dir():
-        raise BundleError(f"--repo {repo}: exists and is not a directory")
+        raise BundleError("exists and is not a directory", field="repo", value=repo)
     if repo.is_dir() and any(repo.iterdir()) and not force:
-        raise BundleError(f"--repo {repo}: already holds files; pass --force to replace it")
+        raise BundleError(
+            "already holds files; pass {force} to replace it", field="repo", value=repo, mentions=("force",)
+        )
 
 
 def plugin_for_engine(manifest: dict[str, Any], library: Path | None) -> Path | None:
@@ -217,13 +227,16 @@ def plugin_for_engine(manifest: dict[str, Any], library: Path | None) -> Path | 
         return None
     if library is None:
         raise ConfigError(
-            "--plugin-library: the engine runs the fused ccra::LPWCA node as a TensorRT plugin; pass the library "
-            "it was built with (libccra_lpwca_plugin.so, built for the serving machine's TensorRT)"
+            "the engine runs the fused ccra::LPWCA node as a TensorRT plugin; give the library it was built with "
+            "(libccra_lpwca_plugin.so, built for the serving machine's TensorRT)",
+            field="plugin_library",
         )
     library = check_plugin_library(library)
     recorded = (manifest.get("engine") or {}).get("plugin_sha256")
     if recorded and sha256_file(library) != recorded:
-        raise ConfigError(f"--plugin-library {library}: not the library the engine was built with (sha256 differs)")
+        raise ConfigError(
+            "not the library the engine was built with (sha256 differs)", field="plugin_library", value=library
+        )
     return library
 
 
@@ -261,7 +274,7 @@ def write_vision_model(
             copied |= place(bundle / external, model_dir / VERSION / Path(external).name)
         if kind == "python":
             parameters.update(graph=name, precision=manifest["precision"])
-            (model_dir / VERSION / "model.py").write_text(_shim(model_dir.name, "triton_vision", "VisionModel"))
+            (model_dir / VERSION / "model.py").write_text(_shim(model_dir.name, "triton.vision_model", "VisionModel"))
     platform = PLATFORMS.get(kind, PYTHON_BACKEND)
     config = vision_config(
         manifest, platform, policy, gpu=gpu, instances=instances, parameters=parameters, name=model_dir.name
@@ -275,14 +288,16 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
     bundle, repo = Path(bundle), Path(repo)
     model_config_pb2()  # tritonclient missing: one line before anything is read or written
     if options.device not in DEVICES:
-        raise ConfigError(f"--device {options.device}: expected one of {', '.join(DEVICES)}")
+        raise ConfigError(f"expected one of {', '.join(DEVICES)}", field="device", value=options.device)
     if options.text_type not in TEXT_TYPES:
-        raise ConfigError(f"--text-type {options.text_type}: expected one of {', '.join(TEXT_TYPES)}")
+        raise ConfigError(f"expected one of {', '.join(TEXT_TYPES)}", field="text_type", value=options.text_type)
     if options.tower_cache_mib < 0:
-        raise ConfigError(f"--tower-cache-mib {options.tower_cache_mib:g}: expected 0 (no cache) or more")
+        raise ConfigError(
+            "expected 0 (no cache) or more", field="tower_cache_mib", value=f"{options.tower_cache_mib:g}"
+        )
     manifest = read_manifest(bundle)
     if not manifest.get("language_model"):
-        raise BundleError(f"--bundle {bundle}: holds no language model; rebuild it with --lm-precision int4|int8|fp16")
+        raise no_language_model(bundle)
     check_paths(bundle, repo, force)
     local_gpus = gpus()
     kind, reason = choose_vision_backend(bundle, manifest, options.vision_backend, local_gpus)
@@ -316,7 +331,7 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
                 )
             vlm_dir = stage / VLM_MODEL
             copied |= mirror_bundle(bundle, vlm_dir / VERSION / BUNDLE_DIR, manifest)
-            (vlm_dir / VERSION / "model.py").write_text(_shim(VLM_MODEL, "triton_vlm", "VlmModel"))
+            (vlm_dir / VERSION / "model.py").write_text(_shim(VLM_MODEL, "triton.vlm_model", "VlmModel"))
             vlm_parameters = {"bundle": BUNDLE_DIR}
             if split:
                 vlm_parameters[TOWER_MODEL_PARAMETER] = TOWER_MODEL
@@ -331,7 +346,7 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
             cache_mib = options.tower_cache_mib if split else None
             (stage / "README.md").write_text(repo_readme(bundle, kind, reason, launch, options.text_type, cache_mib))
     except OSError as exc:  # permissions, a failed copy: one line, nothing half-written (staged)
-        raise BundleError(f"--repo {repo}: cannot write the repository ({exc.strerror or exc})") from None
+        raise BundleError(f"cannot write the repository ({exc.strerror or exc})", field="repo", value=repo) from None
     notes = []
     if kind == "tensorrt" and not local_gpus:
         notes.append(f"not checked against a GPU here: {engine_gpu_mismatch(manifest['engine'], local_gpus)}")

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from ccra_export.runtime.vision_backend import OrtBackend, available_providers, cuda_provider_options
-from ccra_export.serve.triton_config import VISION_MODEL
-from ccra_export.serve.triton_tensors import from_numpy, to_numpy
+from ccra_export.serve.triton.config import VISION_MODEL
+from ccra_export.serve.triton.tensors import from_numpy, to_numpy
 
 
 def instance_providers(args: dict[str, str], precision: str | None) -> list[Any]:

@@ -25,17 +25,15 @@ The repository's ``ccra_vlm/1/model.py`` subclasses ``VlmModel`` and sets ``pb``
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from ccra_export.core.errors import CCRAExportError
-from ccra_export.core.image_preprocess import ImageReadError, to_rgb
 from ccra_export.core.manifest import read_manifest
 from ccra_export.core.vision_graphs import is_split, part_records
 from ccra_export.runtime.inputs import InputError
@@ -44,7 +42,8 @@ from ccra_export.runtime.split_vision import SplitVision
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend
 from ccra_export.runtime.vlm_pipeline import Pipeline
-from ccra_export.serve.triton_config import (
+from ccra_export.serve.images import decode_image
+from ccra_export.serve.triton.config import (
     HEAD_MODEL,
     HEAD_MODEL_PARAMETER,
     SAMPLING_INPUTS,
@@ -54,8 +53,8 @@ from ccra_export.serve.triton_config import (
     VISION_MODEL,
     VISION_MODEL_PARAMETER,
 )
-from ccra_export.serve.triton_tensors import from_numpy, read_bytes, read_scalar, read_text, text_tensor, to_numpy
-from ccra_export.serve.triton_vision import parameter
+from ccra_export.serve.triton.tensors import from_numpy, read_bytes, read_scalar, read_text, text_tensor, to_numpy
+from ccra_export.serve.triton.vision_model import parameter
 
 LOG = logging.getLogger("ccra_export.serve.triton")
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -125,21 +124,11 @@ class BlsVision(VisionBackend):
         return {name: to_numpy(self.pb.get_output_tensor_by_name(response, name)) for name in self._outputs}
 
 
-def decode_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Encoded image bytes -> 8-bit RGB; the pixel count is checked from the header first."""
+def decode_request_image(data: bytes, max_pixels: int) -> Image.Image:
+    """The request's ``image`` tensor -> 8-bit RGB, through the shared bounded decoder."""
     if not data:
-        raise InputError("image: empty; send the encoded file (PNG, JPEG, ...) as a UINT8 vector")
-    try:
-        with Image.open(io.BytesIO(data)) as handle:
-            width, height = handle.size
-            if width * height > max_pixels:
-                raise InputError(f"image: {width}x{height} pixels; the limit is {max_pixels}")
-            handle.load()
-            return to_rgb(handle)
-    except ImageReadError as exc:
-        raise InputError(f"image: {exc.problem}") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        raise InputError(f"image: not a readable image ({type(exc).__name__})") from None
+        raise InputError("empty; send the encoded file (PNG, JPEG, ...) as a UINT8 vector", field="image")
+    return decode_image(data, max_pixels)
 
 
 class VlmModel:
@@ -198,7 +187,7 @@ class VlmModel:
         sender = request.get_response_sender()
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            image = decode_image(read_bytes(pb.get_input_tensor_by_name(request, "image")), self.max_pixels)
+            image = decode_request_image(read_bytes(pb.get_input_tensor_by_name(request, "image")), self.max_pixels)
             prompt = read_text(pb.get_input_tensor_by_name(request, "prompt"), self.text_type)
             sampling, stream = self.sampling(request)
 
