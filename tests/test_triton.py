@@ -218,7 +218,7 @@ def test_refusals_are_one_line(single_bundle, tmp_path):
     assert result.exit_code == 0, result.output
     assert not (repo / "keep.txt").exists() and (repo / "ccra_vlm" / "config.pbtxt").is_file()
     result = write(single_bundle, single_bundle / "repo")
-    assert result.exit_code == 2 and "overlaps --bundle" in result.output
+    assert result.exit_code == 2 and "--repo" in result.output and "overlaps the bundle" in result.output
     result = write(single_bundle, tmp_path / "r", "--vision-backend", "tvm")
     assert result.exit_code == 2 and "Invalid value for '--vision-backend'" in result.output
     help_text = CliRunner().invoke(main, ["triton", "--help"]).output
