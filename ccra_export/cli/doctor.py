@@ -26,7 +26,7 @@ def doctor(as_json: bool) -> None:
         return
     table = Table(title="ccra-export doctor", title_justify="left")
     for column in ("", "component", "status", "fix"):
-        table.add_column(column)
+        table.add_column(column, overflow="fold")  # a path is wrapped whole, never cut to an ellipsis
     for c in checks:
         table.add_row("[green]✓[/green]" if c.ok else "[red]✗[/red]", c.component, escape(c.detail), escape(c.fix))
     stdout.print(table)
