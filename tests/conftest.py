@@ -135,3 +135,34 @@ def demo_fp32_bundle(tmp_path_factory):
     from tests.bundles import build_demo
 
     return build_demo(tmp_path_factory.mktemp("demo") / "fp32", "fp32", "fp32")
+
+
+class Bundles:
+    """Each distinct ``ccra-export build`` argument list built once per test session, through the CLI
+    as users do, so test modules share bundles instead of each exporting its own. A test that
+    changes a bundle copies it first."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self._built = root, {}
+
+    def __call__(self, *args: str | Path) -> Path:
+        from click.testing import CliRunner
+
+        from ccra_export.cli import main
+
+        key = tuple(str(arg) for arg in args)
+        if key not in self._built:
+            out = self.root / f"bundle-{len(self._built)}"
+            result = CliRunner().invoke(main, ["build", *key, "--output", str(out)])
+            assert result.exit_code == 0, result.output
+            self._built[key] = out
+        return self._built[key]
+
+
+@pytest.fixture(scope="session")
+def bundles(tmp_path_factory) -> Bundles:
+    return Bundles(tmp_path_factory.mktemp("bundles"))
+
+
+#: a tiny random CCRA bundle without a language model (split vision, the default), FP32
+TINY_FP32 = ("--model", "tiny", "--random-weights", "--precision", "fp32", "--seed", "3")

@@ -20,6 +20,7 @@ from ccra_export.core.sample_inputs import random_inputs
 from ccra_export.engine import ort_trt
 from ccra_export.model.vision_model import build_model, reference_outputs
 from ccra_export.runtime.backends import tensorrt_status
+from tests.conftest import TINY_FP32
 from tests.torchless import run_cli
 
 
@@ -45,8 +46,8 @@ def built(tmp_path_factory, name: str, *flags: str):
 
 
 @pytest.fixture(scope="module")
-def bundle(tmp_path_factory):
-    return built(tmp_path_factory, "tiny-fp32", "--precision", "fp32", "--seed", "3")
+def bundle(bundles):
+    return bundles(*TINY_FP32)
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ class TestRecordedReference:
         result = run_cli("build", "--model", "tiny", "--random-weights", "-o", tmp_path / "b")
         assert result.returncode == 2 and "Traceback" not in result.stderr
         assert "ccra-export build needs PyTorch" in result.stderr
-        assert "pip install 'ccra-export[export]'" in result.stderr  # brackets survive rich's markup
+        assert 'pip install -e ".[export]" in the ccra-export checkout' in result.stderr  # brackets survive rich
         assert list(tmp_path.iterdir()) == []
 
     def test_recorded_check_fails_when_the_graph_disagrees(self, bundle, tmp_path):
@@ -186,4 +187,4 @@ def test_doctor_reports_the_export_stack(block_torch):
     assert result.returncode == 0, result.stderr
     row = next(c for c in json.loads(result.stdout) if c["component"] == "PyTorch export stack")
     assert row["ok"] is (not block_torch)
-    assert ("pip install 'ccra-export[export]'" in row["fix"]) is block_torch
+    assert ('pip install -e ".[export]"' in row["fix"]) is block_torch

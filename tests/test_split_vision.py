@@ -24,6 +24,7 @@ from ccra_export.runtime.split_vision import SplitVision
 from ccra_export.runtime.tower_cache import TowerCache, image_key
 from ccra_export.runtime.vision_backend import VisionBackend
 from ccra_export.runtime.vlm_pipeline import Pipeline
+from tests.conftest import TINY_FP32
 from tests.test_generation import PROMPT
 
 SECOND = "What colour is it?"
@@ -40,13 +41,13 @@ def preset_bundle(path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def split_fp32(tmp_path_factory):
-    return preset_bundle(tmp_path_factory.mktemp("split") / "fp32", "--precision", "fp32", "--split-vision")
+def split_fp32(bundles):
+    return bundles(*TINY_FP32)  # split is the default for CCRA
 
 
 @pytest.fixture(scope="module")
-def single_fp32(tmp_path_factory):
-    return preset_bundle(tmp_path_factory.mktemp("single") / "fp32", "--precision", "fp32", "--single-vision-graph")
+def single_fp32(bundles):
+    return bundles(*TINY_FP32, "--single-vision-graph")
 
 
 @pytest.fixture(scope="module")
