@@ -38,3 +38,34 @@ def test_doctor_piped_shows_every_path_whole():
     printed = "".join(line.split("│")[3].strip() for line in result.stdout.splitlines() if line.count("│") >= 4)
     for check in run_checks():
         assert check.detail.replace(" ", "") in printed.replace(" ", "")
+
+
+def test_off_a_terminal_lines_are_whole_and_a_progress_bar_leaves_no_blank_line():
+    import io
+
+    buffer = io.StringIO()
+    steps = Steps(Console(file=buffer, width=60, color_system=None, soft_wrap=True))
+    with steps.progress("Calibrating vision_tower.onnx", 3, "images") as advance:
+        advance(3)
+    steps.info("LPWCA: portable " + "word " * 30)
+    lines = buffer.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("✓ Calibrating vision_tower.onnx (")
+    assert lines[1].count("word") == 30  # one line, not wrapped at 60 columns
+
+
+def test_a_narrow_table_keeps_its_title_on_one_line():
+    from ccra_export.core.console import titled
+
+    table = titled("Language model vs transformers FP32 (cpu decoder on cpu)")
+    for column in ("check", "value"):
+        table.add_column(column)
+    table.add_row("top-1", "1.0")
+    console = Console(record=True, width=130, color_system=None)
+    console.print(table)
+    assert "Language model vs transformers FP32 (cpu decoder on cpu)" in console.export_text().splitlines()[0]
+
+
+def test_the_cli_consoles_soft_wrap_text():
+    from ccra_export.cli.output import stderr, stdout
+
+    assert stdout.soft_wrap and stderr.soft_wrap

@@ -41,7 +41,7 @@ class Steps:
         title = escape(title)  # paths and flags like [export] are text, not rich markup
         with self.console.status(f"{title}...", spinner="dots") as status:
             yield lambda text: status.update(f"{title}: {escape(text)}")
-        self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+        self._done(title, start)
 
     @contextlib.contextmanager
     def progress(self, title: str, total: int, unit: str) -> Iterator[Callable[[int], None]]:
@@ -59,27 +59,40 @@ class Steps:
         )
         start = time.perf_counter()
         title = escape(title)
-        with Progress(*columns, console=self.console, transient=True) as bar:
+        # off a terminal a bar is noise (and a transient one leaves a blank line): the done line says it
+        with Progress(*columns, console=self.console, transient=True, disable=not self.console.is_terminal) as bar:
             task = bar.add_task(title, total=total)
             yield lambda n: bar.advance(task, n)
-        self.console.print(f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]")
+        self._done(title, start)
 
     def info(self, line: str) -> None:
         """One line of plain text (escaped: paths and flags such as [export] are not markup)."""
         if self.console is not None:
-            self.console.print(escape(line), highlight=False)
+            self.console.print(escape(line), highlight=False, soft_wrap=True)
 
     def warn(self, line: str) -> None:
         """Like ``info``, after a yellow ``warning:`` label."""
         if self.console is not None:
-            self.console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False)
+            self.console.print(f"[yellow]warning:[/yellow] {escape(line)}", highlight=False, soft_wrap=True)
+
+    def _done(self, title: str, start: float) -> None:
+        """A finished step's line; soft-wrapped, so a pipe or a log gets it whole on one line."""
+        if self.console is not None:
+            self.console.print(
+                f"[green]✓[/green] {title} [dim]({time.perf_counter() - start:.1f} s)[/dim]", soft_wrap=True
+            )
 
 
 SILENT = Steps(None)
 
 
+def titled(title: str) -> Table:
+    """A table at least as wide as its title, so the title is never broken mid-phrase."""
+    return Table(title=escape(title), title_justify="left", min_width=len(title) + 2)
+
+
 def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Table:
-    table = Table(title=escape(f"{title} ({report.precision}, {report.backend})"), title_justify="left")
+    table = titled(f"{title} ({report.precision}, {report.backend})")
     for column in ("output", "shape", "max abs err", "max rel err", "abs err / scale", "cosine", "NaN/Inf", "result"):
         table.add_column(column, justify="left" if column in ("output", "shape", "result") else "right")
     rows = [(o.name, o) for o in report.outputs]  # a split bundle: end to end, then each graph alone
@@ -101,9 +114,9 @@ def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Tabl
 
 def layer_table(report: ParityReport) -> Table:
     """INT8 per-layer drift against the FP32 graph; the first layer under the threshold is marked."""
-    table = Table(title="INT8 drift per layer vs the FP32 graph", title_justify="left")
-    for column in ("tap", "cosine", "abs err / scale", ""):
-        table.add_column(column, justify="left" if column in ("tap", "") else "right")
+    table = titled("INT8 drift per layer vs the FP32 graph")
+    for column in ("tap", "cosine", "abs err / scale", "note"):
+        table.add_column(column, justify="left" if column in ("tap", "note") else "right")
     for row in report.layers or []:
         mark = "[red]first to drift below threshold[/red]" if row.label == report.first_drift else ""
         table.add_row(row.label, f"{row.cosine:.6f}", f"{row.scaled_max_abs_err:.3e}", mark)
@@ -114,7 +127,7 @@ def lm_table(figures: dict[str, Any]) -> Table:
     """The language model against Hugging Face (and, in `check`, against the build's own run)."""
     logits, steps = figures["first_token_logits"], figures["greedy_steps"]
     title = f"Language model vs transformers FP32 ({figures['device']} decoder on {figures['ran_on']})"
-    table = Table(title=escape(title), title_justify="left")
+    table = titled(title)
     for column in ("check", "value"):
         table.add_column(column, justify="left" if column == "check" else "right")
     table.add_row("first-token logits cosine", f"{logits['cosine']:.7f}")
