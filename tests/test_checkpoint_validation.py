@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from safetensors import safe_open
 
 from ccra_export.cli import main
-from ccra_export.core.errors import ConfigError
+from ccra_export.core.errors import CheckpointError, ConfigError
 from ccra_export.model.checkpoint_check import (
     LanguageModelRequest,
     read_safetensors_header,
@@ -144,6 +144,11 @@ def shard_index(weight_map: dict[str, str]) -> Callable[[Path], None]:
     return write("model.safetensors.index.json", json.dumps({"metadata": {}, "weight_map": weight_map}))
 
 
+def unreadable(reason: str) -> str:
+    """The line for a file safetensors refuses: our framing, then safetensors' own reason."""
+    return f"not a readable safetensors file (Error while deserializing header: {reason}"
+
+
 LM = ("--lm-precision", "fp32", "--lm-device", "cpu")
 CLASS_EMBED = "vision_tower.embeddings.class_embedding"
 
@@ -176,18 +181,36 @@ CASES = [
     ),
     ("duplicate-key", write(CONFIG, '{"model_type": "llava", "model_type": "llava"}'), (), CONFIG, "duplicate key"),
     ("config-not-json", write(CONFIG, "{not json"), (), CONFIG, "not valid JSON"),
-    # safetensors headers, read with bounds before safetensors maps the file
-    ("header-length-absurd", header_length(WEIGHTS, 2**63), (), WEIGHTS, "past the end of the"),
-    ("header-not-json", raw_header(WEIGHTS, b"\xff\xfe not json at all"), (), WEIGHTS, "header is not valid JSON"),
-    ("header-not-object", raw_header(WEIGHTS, b"[1, 2, 3]"), (), WEIGHTS, "header is not a JSON object"),
-    ("absurd-tensor", tensor_field(WEIGHTS, CLASS_EMBED, shape=[10**12, 10**12]), (), WEIGHTS, "but data_offsets span"),
-    ("offsets-past-end", tensor_field(WEIGHTS, CLASS_EMBED, data_offsets=[0, 2**62]), (), WEIGHTS, "but data_offsets"),
-    ("negative-dim", tensor_field(WEIGHTS, CLASS_EMBED, shape=[-64]), (), WEIGHTS, "is not a list of at most"),
-    ("unknown-dtype", tensor_field(WEIGHTS, CLASS_EMBED, dtype="F128"), (), WEIGHTS, "unknown dtype 'F128'"),
-    ("truncated", truncate(WEIGHTS, 100), (), WEIGHTS, "past the file's"),
+    # safetensors headers: refused by safetensors itself (safe_open), in one line naming the file
+    ("header-length-absurd", header_length(WEIGHTS, 2**63), (), WEIGHTS, unreadable("header too large")),
+    ("header-not-json", raw_header(WEIGHTS, b"\xff\xfe not json at all"), (), WEIGHTS, unreadable("invalid UTF-8")),
+    ("header-not-object", raw_header(WEIGHTS, b"[1, 2, 3]"), (), WEIGHTS, unreadable("invalid JSON in header")),
+    ("absurd-tensor", tensor_field(WEIGHTS, CLASS_EMBED, shape=[10**12, 10**12]), (), WEIGHTS, unreadable("overflow")),
+    (
+        "offsets-past-end",
+        tensor_field(WEIGHTS, CLASS_EMBED, data_offsets=[0, 2**62]),
+        (),
+        WEIGHTS,
+        unreadable(f"invalid offset for tensor `{CLASS_EMBED}`"),
+    ),
+    (
+        "negative-dim",
+        tensor_field(WEIGHTS, CLASS_EMBED, shape=[-64]),
+        (),
+        WEIGHTS,
+        unreadable("invalid JSON in header: invalid value: integer `-64`"),
+    ),
+    (
+        "unknown-dtype",
+        tensor_field(WEIGHTS, CLASS_EMBED, dtype="F128"),
+        (),
+        WEIGHTS,
+        unreadable("invalid JSON in header: unknown variant `F128`"),
+    ),
+    ("truncated", truncate(WEIGHTS, 100), (), WEIGHTS, unreadable("incomplete metadata, file not fully covered")),
     ("int-weights", tensor_field(WEIGHTS, CLASS_EMBED, dtype="I32"), (), WEIGHTS, "expected floating-point weights"),
-    ("ccra-header-absurd", header_length(CCRA, 2**40), (), CCRA, "past the end of the"),
-    ("ccra-garbage", write(CCRA, "garbage"), (), CCRA, "it must start with an 8-byte header length"),
+    ("ccra-header-absurd", header_length(CCRA, 2**40), (), CCRA, unreadable("header too large")),
+    ("ccra-garbage", write(CCRA, "garbage"), (), CCRA, unreadable("header too small")),
     (
         "shard-outside",
         shard_index({CLASS_EMBED: "../elsewhere.safetensors"}),
@@ -316,6 +339,31 @@ def test_header_reader_agrees_with_safetensors(ccra_checkpoint):
             assert header.metadata == handle.metadata()
             for key in handle.keys():
                 assert header.tensors[key].shape == tuple(handle.get_slice(key).get_shape())
+        # and with the header's JSON as the file holds it (the reader goes through safetensors)
+        raw, _ = read_raw(ccra_checkpoint / name)
+        assert header.metadata == raw.pop("__metadata__", {}) and header.metadata
+        assert {k: (e.dtype, list(e.shape)) for k, e in header.tensors.items()} == {
+            k: (v["dtype"], v["shape"]) for k, v in raw.items()
+        }
+
+
+@pytest.mark.parametrize("stray_first", [True, False], ids=["stray-first", "stray-last"])
+def test_duplicate_tensor_names_cannot_hide_bytes(checkpoint_copy, stray_first):
+    """A name listed twice, the copies on different bytes: whichever copy a JSON parser keeps, the
+    other one's bytes are left uncovered, which safetensors refuses; so readers that keep the
+    first or the last copy cannot be handed different tensors under one name."""
+    header, body = read_raw(checkpoint_copy / WEIGHTS)
+    real = header[CLASS_EMBED]
+    size = real["data_offsets"][1] - real["data_offsets"][0]
+    stray = {**real, "data_offsets": [len(body), len(body) + size]}  # its own bytes, appended
+    copies = [stray, real] if stray_first else [real, stray]
+    text = json.dumps(header).replace(
+        f'"{CLASS_EMBED}": {json.dumps(real)}', ", ".join(f'"{CLASS_EMBED}": {json.dumps(c)}' for c in copies)
+    )
+    assert text.count(CLASS_EMBED) == 2
+    write_raw(checkpoint_copy / WEIGHTS, text.encode(), body + b"\0" * size)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: not a readable safetensors file \("):
+        read_safetensors_header(checkpoint_copy / WEIGHTS)
 
 
 def test_gap_between_tensors_is_refused(checkpoint_copy):

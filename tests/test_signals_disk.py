@@ -264,6 +264,21 @@ def test_no_space_is_recognised_in_every_wrapper(tmp_path, monkeypatch):
         raise DecodeError("corrupt")  # with space left, a decode error stays what it is
 
 
+def test_no_space_is_read_from_errno_numbers_and_real_classes(tmp_path, monkeypatch):
+    """Only ENOSPC/EDQUOT's numbers count, as Python and Rust print them; a read-back failure is
+    the library's own class, not one that shares its name."""
+    rust_debug = f'IoError(Os {{ code: {errno.EDQUOT}, kind: QuotaExceeded, message: "Disk quota exceeded" }})'
+    assert atomic.says_no_space(Exception(f"Error while serializing: {rust_debug}"))  # older safetensors
+    assert not atomic.says_no_space(Exception(f"[Errno {errno.EACCES}] Permission denied: 'out'"))
+    assert not atomic.says_no_space(Exception(f"I/O error: Permission denied (os error {errno.EACCES})"))
+
+    monkeypatch.setattr(atomic, "nearly_full", lambda path: True)
+    lookalike = type("DecodeError", (Exception,), {})
+    with pytest.raises(lookalike), staged_directory(tmp_path / "out", replace=False):
+        raise lookalike("not protobuf's")
+    assert list(tmp_path.iterdir()) == []
+
+
 def _namespace_prefix() -> list[str] | None:
     """``unshare`` into a private mount namespace (root), or a user+mount namespace (others)."""
     if shutil.which("unshare") is None:

@@ -3,11 +3,12 @@
 Every helper removes what it staged on *any* exception, ``KeyboardInterrupt`` included (the CLI
 turns SIGTERM and SIGHUP into one, ``cli.output.terminate_like_interrupt``), so Ctrl-C, ``kill``,
 ``timeout`` and ``docker stop`` all leave nothing behind. A full disk ends as one
-``NoSpaceError``: errno ENOSPC/EDQUOT, a library's wrapper quoting it (safetensors'
-``SafetensorError``, a subprocess's last line) or, for writers that do not check their writes
-(ONNX's C++ shape inference leaves a short file that fails later as a protobuf ``DecodeError``),
-a failure to read a file back while the filesystem is found full *before* the staged files
-are removed.
+``NoSpaceError``, recognised by errno (ENOSPC, EDQUOT) on an ``OSError`` in the exception's chain
+or, where a library or a child process keeps only the text, by the errno number as Python and
+Rust print it (``says_no_space``). A writer that does not check its writes (ONNX's C++ shape
+inference) leaves a short file that fails later when read back (protobuf's ``DecodeError``, no
+errno at all): that failure counts as a full disk when the filesystem is found full *before* the
+staged files are removed.
 Publishing a staged directory is serialised between processes by a lock file beside it.
 """
 
@@ -16,8 +17,12 @@ from __future__ import annotations
 import errno
 import json
 import os
+import pickle
+import re
 import shutil
+import sys
 import tempfile
+import zipfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,34 +36,30 @@ except ImportError:  # pragma: no cover - not POSIX: publishing is not serialise
     fcntl = None  # type: ignore[assignment]
 
 NO_SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-# how libraries that wrap the OS error spell it: strerror, Rust's io::Error (safetensors), errno numbers
-_NO_SPACE_WORDS = (
-    "no space left on device",
-    "disk quota exceeded",
-    "storagefull",
-    "quotaexceeded",
-    f"os error {errno.ENOSPC}",
-    f"os error {errno.EDQUOT}",
-    f"errno {errno.ENOSPC}]",
-    f"errno {errno.EDQUOT}]",
-)
+# Where only the text of the OS error survives, its errno number as each source prints it (the
+# number, not strerror's words, which follow the locale):
+#   "[Errno 28]"      Python's OSError, as the last stderr line of a child process carries it
+#                     (onnxruntime-genai's model builder, which export/lm_export.py runs)
+#   "(os error 28)"   Rust's io::Error Display: safetensors' SafetensorError holds only this text
+#   "Os { code: 28,"  Rust's io::Error Debug, which older safetensors releases printed
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]|\(os error (\d+)\)|\bOs \{ code: (\d+),")
 #: below this much free space, a file that fails to read back (a short write) is a full disk
 NEARLY_FULL_BYTES = 32 << 20
-# how reading back a truncated file fails: protobuf (onnx.load), ONNX Runtime, ONNX's checker,
-# safetensors, JSON, numpy's .npz, pickle; named, so that core imports none of them
-_READ_BACK_ERRORS = frozenset(
-    {
-        "DecodeError",
-        "InvalidProtobuf",
-        "Fail",
-        "InvalidGraph",
-        "ValidationError",
-        "SafetensorError",
-        "JSONDecodeError",
-        "BadZipFile",
-        "UnpicklingError",
-        "EOFError",
-    }
+# What reading back a truncated file raises. The libraries' classes are looked up by their
+# defining module in sys.modules: core imports none of them, and one that raised is loaded.
+_READ_BACK_STDLIB: tuple[type[BaseException], ...] = (
+    json.JSONDecodeError,
+    zipfile.BadZipFile,  # numpy's .npz
+    pickle.UnpicklingError,
+    EOFError,
+)
+_READ_BACK_LIBRARIES = (
+    ("google.protobuf.message", "DecodeError"),  # onnx.load
+    ("onnx.onnx_cpp2py_export.checker", "ValidationError"),  # onnx.checker
+    ("onnxruntime.capi.onnxruntime_pybind11_state", "InvalidProtobuf"),
+    ("onnxruntime.capi.onnxruntime_pybind11_state", "InvalidGraph"),
+    ("onnxruntime.capi.onnxruntime_pybind11_state", "Fail"),
+    ("safetensors._safetensors_rust", "SafetensorError"),
 )
 _FULL_MARK = "_ccra_export_disk_full"
 
@@ -93,12 +94,14 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
 
 
 def says_no_space(exc: BaseException) -> bool:
-    """Whether ``exc`` (or its cause) is ENOSPC/EDQUOT, as an ``OSError`` or a library's message."""
+    """Whether ``exc`` or an exception in its chain is ENOSPC/EDQUOT: an ``OSError``'s errno, else
+    the errno number in the text of a wrapper that dropped the ``OSError`` (``_ERRNO_TEXT``)."""
     for current in _chain(exc):
         if isinstance(current, OSError) and current.errno in NO_SPACE_ERRNOS:
             return True
-        if any(word in str(current).lower() for word in _NO_SPACE_WORDS):
-            return True
+        for match in _ERRNO_TEXT.finditer(str(current)):
+            if int(next(n for n in match.groups() if n is not None)) in NO_SPACE_ERRNOS:
+                return True
     return False
 
 
@@ -124,10 +127,21 @@ def _remove(path: Path) -> None:
         raise
 
 
+def _read_back_errors() -> tuple[type[BaseException], ...]:
+    """The read-back failure classes: the standard library's, and those of the loaded libraries."""
+    found = list(_READ_BACK_STDLIB)
+    for module, name in _READ_BACK_LIBRARIES:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
 def _reads_back_short(exc: BaseException) -> bool:
     """Whether ``exc`` (or its cause) is a library failing to read a file back: what an unchecked
     write that ran out of space turns into later."""
-    return any(type(current).__name__ in _READ_BACK_ERRORS for current in _chain(exc))
+    errors = _read_back_errors()
+    return any(isinstance(current, errors) for current in _chain(exc))
 
 
 def _discard(path: Path, exc: BaseException) -> None:
