@@ -385,3 +385,141 @@ def test_a_client_asking_more_tokens_than_the_context_hears_of_max_tokens(server
     error = reply.json()["error"]
     assert reply.status_code == 400 and error["param"] == "max_tokens", error
     assert "exceed the context" in error["message"] and "--" not in error["message"]
+
+
+def _events(response: httpx.Response) -> list:
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+    lines = [line for line in response.text.split("\n\n") if line]
+    assert all(line.startswith("data: ") for line in lines) and lines[-1] == "data: [DONE]"
+    return [json.loads(line[len("data: ") :]) for line in lines[:-1]]
+
+
+def test_stream_chunks_have_openais_fields_and_usage_only_when_asked(server, photo):
+    """The wire, not the client's parse of it: a delta carries only what changed, every choice its
+    (null) finish_reason, and ``usage`` rides only the extra last chunk include_usage asks for."""
+    body = {"messages": [first_turn(photo)], "max_tokens": 3, "temperature": 0, "stream": True}
+    plain = _events(_post(server, body))
+    assert plain[0]["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+    assert all(set(c) == {"id", "object", "created", "model", "choices"} for c in plain)
+    assert {c["id"] for c in plain} == {plain[0]["id"]} and plain[0]["object"] == "chat.completion.chunk"
+    assert all(set(c["choices"][0]["delta"]) == {"content"} for c in plain[1:-1])
+    assert plain[-1]["choices"][0]["delta"] == {} and plain[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    with_usage = _events(_post(server, {**body, "stream_options": {"include_usage": True}}))
+    assert all("usage" not in c for c in with_usage[:-1])
+    assert with_usage[-1]["choices"] == [] and set(with_usage[-1]["usage"]) == {
+        "prompt_tokens",
+        "completion_tokens",
+        "total_tokens",
+    }
+    refused = _events(_post(server, {**body, "stop": [""]}))  # refused on the generation thread, after the 200
+    assert refused[-1] == {
+        "error": {
+            "message": "stop: up to 4 non-empty strings",
+            "type": "invalid_request_error",
+            "param": "stop",
+            "code": None,
+        }
+    }
+
+
+def test_response_models_write_openais_wire_fields():
+    """Which keys are left out and which are written as null is the protocol models' rule."""
+    from ccra_export.serve.openai.protocol import (
+        ApiError,
+        ChatCompletionResponse,
+        ChatCompletionResponseChoice,
+        ChatMessage,
+        HealthResponse,
+        UsageInfo,
+    )
+
+    usage = UsageInfo(prompt_tokens=3, completion_tokens=2, total_tokens=5)
+    reply = ChatCompletionResponse(
+        id="chatcmpl-1",
+        created=7,
+        model="m",
+        choices=[ChatCompletionResponseChoice(message=ChatMessage(content="hi"), finish_reason="stop")],
+        usage=usage,
+    )
+    assert json.loads(reply.model_dump_json()) == {
+        "id": "chatcmpl-1",
+        "object": "chat.completion",
+        "created": 7,
+        "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5},
+    }
+    assert json.loads(ApiError(429, "full", headers={"Retry-After": "1"}).response().model_dump_json()) == {
+        "error": {"message": "full", "type": "rate_limit_error", "param": None, "code": None}
+    }
+    assert HealthResponse(status="loading").model_dump_json() == '{"status":"loading"}'
+
+
+def test_every_route_but_health_depends_on_the_api_key():
+    """Auth is one FastAPI dependency on the router's routes: a route added later without it fails here."""
+    from ccra_export.serve.openai.api_server import require_api_key, router
+
+    keyed = {
+        route.path: any(d.call is require_api_key for d in route.dependant.dependencies) for route in router.routes
+    }
+    assert keyed == {"/health": False, "/metrics": True, "/v1/models": True, "/v1/chat/completions": True}
+
+
+def test_before_the_warm_up_health_and_chat_say_loading(pipeline, photo):
+    from fastapi.testclient import TestClient
+
+    app = create_app(pipeline, ServerSettings())  # no warm-up yet
+    try:
+        with TestClient(app) as client:
+            health = client.get("/health")
+            assert (health.status_code, health.json()) == (503, {"status": "loading"})
+            _error(client.post("/v1/chat/completions", json={"messages": [first_turn(photo)]}), 503, "still loading")
+    finally:
+        app.state.executor.shutdown(wait=False)
+
+
+def test_the_serving_logic_runs_without_http_or_a_model():
+    """OpenAIServingChat over a stand-in worker: the events become the response models, a failed
+    generation raises its ApiError, and a client that went away cancels the job."""
+    import asyncio
+
+    from ccra_export.serve.openai.metrics import Metrics
+    from ccra_export.serve.openai.protocol import ApiError, ChatRequest, UsageInfo
+    from ccra_export.serve.openai.serving_chat import Done, Failed, OpenAIServingChat, Text
+
+    usage = UsageInfo(prompt_tokens=4, completion_tokens=2, total_tokens=6)
+
+    class Scripted:
+        def __init__(self, *events):
+            self.events = events
+
+        def run(self, job):
+            for event in self.events:
+                job.emit(event)
+
+    async def never() -> bool:
+        return False
+
+    async def gone() -> bool:
+        return True
+
+    request = ChatRequest.model_validate({"messages": [{"role": "user", "content": "q"}], "model": "m"})
+
+    def serve(worker, disconnected=never):
+        async def go():
+            serving = OpenAIServingChat(worker, Metrics(), model_name="m", max_queue=2, request_timeout_s=5, ready=True)
+            try:
+                job = serving.submit(request)
+                return job, await serving.complete(job, disconnected)
+            finally:
+                serving.executor.shutdown(wait=True)
+
+        return asyncio.run(go())
+
+    job, reply = serve(Scripted(Text("a"), Text("b"), Done("stop", usage)))
+    assert reply.choices[0].message.content == "ab" and reply.usage == usage and reply.id == job.id
+    with pytest.raises(ApiError, match="bad") as failed:
+        serve(Scripted(Failed(ApiError(400, "bad", param="messages"))))
+    assert failed.value.param == "messages"
+    job, reply = serve(Scripted(), gone)  # no event: the poll finds the client gone
+    assert reply is None and job.cancel.is_set()

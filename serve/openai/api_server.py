@@ -1,4 +1,7 @@
-"""The HTTP side: OpenAI's Chat Completions on FastAPI, a bounded queue, auth, limits, metrics.
+"""The HTTP side: OpenAI's Chat Completions on FastAPI, split as vLLM splits its entrypoint. This
+module holds the router (module-level routes that find what they serve in ``request.app.state``),
+the API-key dependency, the error handlers, the body limit and ``create_app``, which assembles
+them; the serving logic is ``serving_chat``, the request and response models ``protocol``.
 
     POST /v1/chat/completions   text + image_url parts, multi-turn, stream (server-sent events)
     GET  /v1/models             the bundle as one model
@@ -11,20 +14,13 @@ serving after any bad request.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
-import json
-import time
-import uuid
-from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import ValidationError
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -33,8 +29,8 @@ from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.serve.openai.conversations import ConversationStore
 from ccra_export.serve.openai.image_urls import ImageLimits
 from ccra_export.serve.openai.metrics import Metrics
-from ccra_export.serve.openai.protocol import ApiError, ChatRequest, invalid_request
-from ccra_export.serve.openai.serving_chat import Job, Worker
+from ccra_export.serve.openai.protocol import ApiError, HealthResponse, OpenAIBaseModel, parse_chat_request
+from ccra_export.serve.openai.serving_chat import OpenAIServingChat, Worker
 
 
 @dataclass
@@ -83,204 +79,137 @@ class _TooLarge(Exception):
 
 
 async def _send_error(send: Send, error: ApiError) -> None:
-    body = json.dumps(error.body()).encode()
+    """An error answered below FastAPI (the body limit runs before any route)."""
+    body = error.response().model_dump_json().encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
 
 
-def error_response(error: ApiError, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status, headers=headers)
+def json_response(model: OpenAIBaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """``model`` as the response body, serialised by the model (its wire shape, protocol.py)."""
+    return Response(model.model_dump_json(), status_code=status, headers=headers, media_type="application/json")
+
+
+def error_response(error: ApiError) -> Response:
+    return json_response(error.response(), error.status, error.headers)
+
+
+# --- what the routes find in app.state (init_app_state puts it there) ---
+
+
+def serving_chat(request: Request) -> OpenAIServingChat:
+    return request.app.state.openai_serving_chat
+
+
+def server_settings(request: Request) -> ServerSettings:
+    return request.app.state.settings
+
+
+def server_metrics(request: Request) -> Metrics:
+    return request.app.state.metrics
+
+
+async def require_api_key(request: Request) -> None:
+    """Every route but /health (a load balancer probes it without a key) depends on this: with
+    ``--api-key``, a request must carry ``Authorization: Bearer KEY`` (compared in constant time)."""
+    expected = server_settings(request).api_key
+    if expected is None:
+        return
+    given = request.headers.get("authorization", "")
+    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), expected.encode())):
+        raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
+
+
+router = APIRouter()
+KEYED = [Depends(require_api_key)]
+
+
+@router.get("/health")
+async def health(request: Request) -> Response:
+    serving = serving_chat(request)
+    if not serving.ready:
+        return json_response(HealthResponse(status="loading"), 503)
+    return json_response(HealthResponse(status="ok", model=serving.model_name))
+
+
+@router.get("/metrics", dependencies=KEYED)
+async def prometheus(request: Request) -> Response:
+    return Response(server_metrics(request).render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models", dependencies=KEYED)
+async def show_available_models(request: Request) -> Response:
+    return json_response(serving_chat(request).models())
+
+
+@router.post("/v1/chat/completions", dependencies=KEYED)
+async def create_chat_completion(request: Request) -> Response:
+    body = parse_chat_request(await request.body())
+    serving = serving_chat(request)
+    job = serving.submit(body)
+    if body.stream:
+        return StreamingResponse(
+            serving.stream(job, request.is_disconnected),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
+        )
+    reply = await serving.complete(job, request.is_disconnected)
+    if reply is None:  # the client went away: nobody reads this (nginx's "client closed request")
+        return Response(status_code=499)
+    return json_response(reply)
+
+
+# --- errors: every refusal and crash leaves as OpenAI's error object, counted by its status ---
+
+
+async def _api_error(request: Request, exc: ApiError) -> Response:
+    server_metrics(request).requests.labels(str(exc.status)).inc()  # every refusal raised in a route
+    return error_response(exc)
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+    """Starlette's own refusals (an unknown route, a wrong method) in OpenAI's shape."""
+    return await _api_error(request, ApiError(exc.status_code, str(exc.detail)))
+
+
+async def _crash(request: Request, exc: Exception) -> Response:
+    """A bug: the client gets its type's name, never the traceback (the server log keeps it)."""
+    return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
+
+
+def register_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(Exception, _crash)
+
+
+def init_app_state(state: State, pipeline: Pipeline, settings: ServerSettings, *, ready: bool = False) -> None:
+    """What the routes serve: the settings, the metrics and the chat serving over ``pipeline``."""
+    metrics = Metrics(tower_cache=pipeline.tower_cache)
+    worker = Worker(pipeline, settings.images, ConversationStore(settings.held_conversations_bytes), metrics)
+    serving = OpenAIServingChat(
+        worker,
+        metrics,
+        model_name=settings.model_name,
+        max_queue=settings.max_queue,
+        request_timeout_s=settings.request_timeout_s,
+        ready=ready,
+    )
+    state.settings, state.metrics, state.openai_serving_chat = settings, metrics, serving
+    # what the CLI and the tests reach for: the warm-up to run, the generation thread to hold or stop
+    state.worker, state.executor, state.warm_up = worker, serving.executor, serving.warm_up
 
 
 def create_app(pipeline: Pipeline, settings: ServerSettings, *, ready: bool = False) -> FastAPI:
     """The app over a loaded pipeline. ``ready``: the warm-up already ran (else /health is 503 until
     ``app.state.warm_up()`` has run)."""
     app = FastAPI(title="ccra-export", docs_url=None, redoc_url=None, openapi_url=None)
-    metrics = Metrics(tower_cache=pipeline.tower_cache)
-    worker = Worker(pipeline, settings.images, ConversationStore(settings.held_conversations_bytes), metrics)
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccra-generate")  # one decoder, FIFO
-    state: dict[str, Any] = {"ready": ready, "in_flight": 0}
-    app.state.metrics, app.state.worker, app.state.executor = metrics, worker, executor
-
-    def warm_up() -> None:
-        worker.warm_up()
-        state["ready"] = True
-
-    app.state.warm_up = warm_up
+    init_app_state(app.state, pipeline, settings, ready=ready)
+    app.include_router(router)
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
-
-    @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
-        metrics.requests.labels(str(exc.status)).inc()  # every refusal raised in a route is counted here
-        return error_response(exc)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return await _api_error(request, ApiError(exc.status_code, str(exc.detail)))
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, exc: Exception) -> JSONResponse:
-        return await _api_error(request, ApiError(500, f"internal error ({type(exc).__name__})"))
-
-    def authorise(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), settings.api_key.encode())):
-            raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
-
-    @app.get("/health")
-    async def health() -> JSONResponse:
-        if not state["ready"]:
-            return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": settings.model_name})
-
-    @app.get("/metrics")
-    async def prometheus(request: Request) -> Response:
-        authorise(request)
-        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    @app.get("/v1/models")
-    async def models(request: Request) -> JSONResponse:
-        authorise(request)
-        entry = {"id": settings.model_name, "object": "model", "created": 0, "owned_by": "ccra-export"}
-        return JSONResponse({"object": "list", "data": [entry]})
-
-    @app.post("/v1/chat/completions")
-    async def chat(request: Request) -> Response:
-        authorise(request)
-        try:
-            payload = json.loads(await request.body() or b"null")
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ApiError(400, "the body is not JSON") from None
-        if not isinstance(payload, dict):
-            raise ApiError(400, "the body must be a JSON object with messages", param="messages")
-        try:
-            body = ChatRequest.model_validate(payload)
-        except ValidationError as exc:
-            raise invalid_request(exc.errors()) from None
-        if body.model not in (None, settings.model_name):
-            raise ApiError(
-                404, f"model {body.model!r} is not served here (GET /v1/models)", param="model", code="model_not_found"
-            )
-        if not state["ready"]:
-            raise ApiError(503, "the model is still loading (GET /health)")
-        if state["in_flight"] >= settings.max_queue:
-            metrics.requests.labels("429").inc()
-            return error_response(
-                ApiError(429, f"the queue is full ({settings.max_queue} requests); retry later"), {"Retry-After": "1"}
-            )
-        loop = asyncio.get_running_loop()
-        job = Job(body, loop, asyncio.Queue(), time.perf_counter() + settings.request_timeout_s)
-        state["in_flight"] += 1
-        metrics.queue_depth.set(state["in_flight"])
-        future = loop.run_in_executor(executor, worker.run, job)
-
-        def finished(_: Any) -> None:
-            state["in_flight"] -= 1
-            metrics.queue_depth.set(state["in_flight"])
-
-        future.add_done_callback(finished)
-        ident, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        if body.stream:
-            return StreamingResponse(
-                _stream(job, request, ident, created, settings.model_name, metrics, body),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache"},
-            )
-        return await _complete(job, request, ident, created, settings.model_name, metrics)
-
+    register_error_handlers(app)
     return app
-
-
-async def _next_event(job: Job, request: Request) -> tuple[Any, ...] | None:
-    """The job's next event; None (and the job cancelled) when the client went away."""
-    while True:
-        try:
-            return await asyncio.wait_for(job.events.get(), timeout=0.5)
-        except TimeoutError:
-            if await request.is_disconnected():
-                job.cancel.set()
-                return None
-
-
-async def _complete(job: Job, request: Request, ident: str, created: int, model: str, metrics: Metrics) -> Response:
-    pieces: list[str] = []
-    while True:
-        event = await _next_event(job, request)
-        if event is None:
-            metrics.requests.labels("499").inc()
-            return Response(status_code=499)
-        if event[0] == "text":
-            pieces.append(event[1])
-        elif event[0] == "error":
-            metrics.requests.labels(str(event[1].status)).inc()
-            return error_response(event[1])
-        else:
-            _, finish, usage = event
-            metrics.requests.labels("200").inc()
-            choice = {"index": 0, "message": {"role": "assistant", "content": "".join(pieces)}, "finish_reason": finish}
-            return JSONResponse(
-                {
-                    "id": ident,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [choice],
-                    "usage": usage,
-                }
-            )
-
-
-async def _stream(
-    job: Job, request: Request, ident: str, created: int, model: str, metrics: Metrics, body: ChatRequest
-) -> AsyncIterator[bytes]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, usage: dict | None = None) -> bytes:
-        data = {
-            "id": ident,
-            "object": "chat.completion.chunk",
-            "created": created,
-            "model": model,
-            "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
-        }
-        if usage is not None:
-            data["usage"] = usage
-        return f"data: {json.dumps(data)}\n\n".encode()
-
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        while True:
-            event = await _next_event(job, request)
-            if event is None:
-                metrics.requests.labels("499").inc()
-                return
-            if event[0] == "text":
-                yield chunk({"content": event[1]})
-            elif event[0] == "error":
-                metrics.requests.labels(str(event[1].status)).inc()
-                yield f"data: {json.dumps(event[1].body())}\n\n".encode()
-                yield b"data: [DONE]\n\n"
-                return
-            else:
-                _, finish, usage = event
-                metrics.requests.labels("200").inc()
-                wants_usage = body.stream_options is not None and body.stream_options.include_usage
-                yield chunk({}, finish)
-                if wants_usage:
-                    usage_chunk = {
-                        "id": ident,
-                        "object": "chat.completion.chunk",
-                        "created": created,
-                        "model": model,
-                        "choices": [],
-                        "usage": usage,
-                    }
-                    yield f"data: {json.dumps(usage_chunk)}\n\n".encode()
-                yield b"data: [DONE]\n\n"
-                return
-    finally:
-        job.cancel.set()  # a client that went away mid-stream stops the generation at its next token
 
 
 def load_pipeline(bundle: Path, backend: str = "auto", tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB) -> Pipeline:

@@ -1,15 +1,26 @@
-"""OpenAI Chat Completions, the part a vision-language model on one device serves.
+"""OpenAI Chat Completions, the part a vision-language model on one device serves: the request
+models, the response models, and the error object, as vLLM's ``protocol`` holds them.
 
 Requests are validated here (pydantic, as FastAPI does); every refusal becomes OpenAI's error
-object ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status.
+object ``{"error": {"message", "type", "param", "code"}}`` with its HTTP status. Responses are
+built as the models below and serialised from them, so the wire's shape is written down once.
 """
 
 from __future__ import annotations
 
+import json
 import math
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializerFunctionWrapHandler,
+    ValidationError,
+    field_validator,
+    model_serializer,
+)
 
 from ccra_export.core.errors import CCRAExportError
 
@@ -25,12 +36,50 @@ _REQUEST_FIELDS = {
 }
 
 
-class ApiError(Exception):
-    """A refusal the client sees as OpenAI's error JSON."""
+class OpenAIBaseModel(BaseModel):
+    """A response model: every field is written, null included (OpenAI's required-but-nullable
+    fields, a chunk's ``finish_reason`` and the error's ``param`` and ``code``, must be present),
+    except those in ``omitted_when_none``, which OpenAI leaves out rather than nulls (a delta's
+    unchanged keys, ``usage`` on every stream chunk but the usage chunk). A per-field rule because
+    ``exclude_none`` on a whole dump would drop both kinds."""
 
-    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None) -> None:
+    model_config = ConfigDict(extra="forbid")
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _wire(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        return {key: value for key, value in data.items() if value is not None or key not in self.omitted_when_none}
+
+
+class ErrorInfo(OpenAIBaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorResponse(OpenAIBaseModel):
+    """OpenAI's error body; also a stream's last event when the generation fails after the 200."""
+
+    error: ErrorInfo
+
+
+class ApiError(Exception):
+    """A refusal the client sees as OpenAI's error JSON (``headers``: e.g. a 429's Retry-After)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message, self.param, self.code = status, message, param, code
+        self.headers = headers
 
     @property
     def kind(self) -> str:
@@ -42,8 +91,11 @@ class ApiError(Exception):
             429: "rate_limit_error",
         }.get(self.status, "server_error")
 
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorInfo(message=self.message, type=self.kind, param=self.param, code=self.code))
+
     def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
+        return self.response().model_dump()
 
 
 def refused(error: CCRAExportError, messages: int) -> ApiError:
@@ -64,6 +116,23 @@ def invalid_request(errors: list[dict[str, Any]]) -> ApiError:
     first = errors[0] if errors else {}
     where = ".".join(str(part) for part in first.get("loc", ()))
     return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+
+def parse_chat_request(raw: bytes) -> ChatRequest:
+    """A request body -> a validated request, or the 400 that says which field is wrong. Parsed
+    here rather than by a FastAPI body parameter so that every refusal is OpenAI's error object
+    (FastAPI's own is a list of pydantic errors) and NaN, which Python clients write, is refused
+    by name."""
+    try:
+        payload = json.loads(raw or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ApiError(400, "the body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise ApiError(400, "the body must be a JSON object with messages", param="messages")
+    try:
+        return ChatRequest.model_validate(payload)
+    except ValidationError as exc:
+        raise invalid_request(exc.errors()) from None
 
 
 class ImageUrl(BaseModel):
@@ -137,3 +206,81 @@ class ChatRequest(BaseModel):
 
     def token_budget(self, default: int) -> int:
         return self.max_completion_tokens or self.max_tokens or default
+
+
+class UsageInfo(OpenAIBaseModel):
+    """Tokens as OpenAI counts them: the prompt is the whole conversation, image tokens included."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatCompletionResponseChoice(OpenAIBaseModel):
+    index: int = 0
+    message: ChatMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletionResponse(OpenAIBaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    usage: UsageInfo | None = None
+
+
+class DeltaMessage(OpenAIBaseModel):
+    """What a chunk adds: the first says the role, the others only their text, the last nothing."""
+
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"role", "content"})
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+
+class ChatCompletionResponseStreamChoice(OpenAIBaseModel):
+    index: int = 0
+    delta: DeltaMessage
+    finish_reason: str | None = None
+
+
+class ChatCompletionStreamResponse(OpenAIBaseModel):
+    """One server-sent event of a stream; ``usage`` only on the extra last chunk (empty
+    ``choices``) that ``stream_options.include_usage`` asks for, as OpenAI sends it."""
+
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"usage"})
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+class ModelCard(OpenAIBaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "ccra-export"
+
+
+class ModelList(OpenAIBaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class HealthResponse(OpenAIBaseModel):
+    """``/health``: not OpenAI's, for load balancers; the model's name once it is ready."""
+
+    omitted_when_none: ClassVar[frozenset[str]] = frozenset({"model"})
+
+    status: Literal["ok", "loading"]
+    model: str | None = None
