@@ -26,6 +26,18 @@ LIBRARIES = {
 }
 
 
+#: what CMake needs, relative to ROOT: a checkout and an sdist have them (MANIFEST.in), a wheel does not
+SOURCES = ("CMakeLists.txt", "trt_plugins/lpwca/CMakeLists.txt", "trt_plugins/lpwca/lpwca_cpu.cpp")
+
+
+def missing_sources(root: Path | None = None) -> list[str]:
+    """The native sources absent under ``root`` (default: where this package stands): a package
+    installed from a wheel has none, so ``plugins build`` refuses in one line instead of CMake's
+    error."""
+    base = ROOT if root is None else root
+    return [name for name in SOURCES if not (base / name).is_file()]
+
+
 class NativeBuildError(CCRAExportError):
     """CMake, the compiler or TensorRT's headers are missing or the build failed."""
 
@@ -55,13 +67,15 @@ def build_native(
     require_plugin: bool = True,
     steps: Steps = SILENT,
 ) -> list[BuiltLibrary]:
+    absent = missing_sources()
+    if absent:
+        raise NativeBuildError(
+            f"the native sources are not beside this installed ccra-export ({', '.join(absent)} missing in "
+            f"{ROOT}): build the plugin from a ccra-export checkout (installed with `pip install -e .`) or an "
+            "unpacked sdist"
+        )
     if shutil.which("cmake") is None:
         raise NativeBuildError("cmake not found: install CMake >= 3.18 (JetPack: apt install cmake)")
-    if not (ROOT / "CMakeLists.txt").is_file():
-        raise NativeBuildError(
-            f"no CMakeLists.txt at {ROOT}: plugins build needs the source tree; run it from a clone "
-            "installed with `pip install -e .`"
-        )
     if tensorrt_root is not None and not (Path(tensorrt_root) / "include" / "NvInferRuntime.h").is_file():
         raise NativeBuildError("no include/NvInferRuntime.h there", field="tensorrt_root", value=tensorrt_root)
     configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
