@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from ccra_export.core.errors import CheckpointError, ConfigError
+from ccra_export.core.extras import require
 
 LM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
@@ -129,12 +130,7 @@ def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu") 
         raise ConfigError(f"expected one of {', '.join(LM_DEVICES)}", field="lm_device", value=device)
     if precision not in LM_PRECISIONS:
         raise ConfigError(f"expected one of {', '.join(LM_PRECISIONS)}", field="lm_precision", value=precision)
-    import importlib.util
-
-    if importlib.util.find_spec("onnxruntime_genai") is None:
-        raise CheckpointError(
-            "needs onnxruntime-genai's model builder: pip install 'ccra-export[lm]'", field="lm_precision"
-        )
+    require("lm", "building the language model", field="lm_precision")
     command = [
         sys.executable,
         "-m",

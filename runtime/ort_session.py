@@ -23,14 +23,15 @@ from types import ModuleType
 import onnx
 
 from ccra_export.core.errors import MissingDependencyError
+from ccra_export.core.extras import install_command
 from ccra_export.runtime.lpwca_ort import NO_SPINNING, custom_ops_library, has_lpwca, rewrite_for_ort
 
 EXTERNAL_FOLDER_KEY = "session.model_external_initializers_file_folder_path"
 
 INSTALL_ORT = (
-    "pip install 'ccra-export[cpu]' (PyPI's onnxruntime), or 'ccra-export[gpu]' (onnxruntime-gpu, CUDA and "
-    "TensorRT providers, x86_64); on a Jetson, JetPack's or Jetson AI Lab's onnxruntime-gpu (docs/install.md: "
-    "Installing on a Jetson). Install one ONNX Runtime distribution, never two"
+    f"{install_command('cpu')} in the ccra-export checkout (PyPI's onnxruntime), or {install_command('gpu')} "
+    "(onnxruntime-gpu, CUDA and TensorRT providers, x86_64); on a Jetson, JetPack's or Jetson AI Lab's "
+    "onnxruntime-gpu (docs/install.md: Installing on a Jetson). Install one ONNX Runtime distribution, never two"
 )
 
 

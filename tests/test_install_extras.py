@@ -151,7 +151,7 @@ def test_commands_refuse_in_one_line_without_onnx_runtime(verb, ccra_bundle, pho
     result = run_without_ort(*args)
     assert result.returncode == 2
     line = one_line(result)
-    assert line.startswith("error: ONNX Runtime is not installed: pip install 'ccra-export[cpu]'")
+    assert line.startswith('error: ONNX Runtime is not installed: pip install -e ".[cpu]" in the ccra-export checkout')
     assert "[gpu]" in line and "Jetson" in line
 
 
@@ -168,7 +168,7 @@ def test_doctor_without_onnx_runtime_says_so_and_the_fix():
     assert result.returncode == 0, result.stderr
     checks = {c["component"]: c for c in json.loads(result.stdout)}
     assert checks["ONNX Runtime"]["ok"] is False and checks["ONNX Runtime"]["detail"] == "not installed"
-    assert "ccra-export[cpu]" in checks["ONNX Runtime"]["fix"]
+    assert 'pip install -e ".[cpu]"' in checks["ONNX Runtime"]["fix"]
 
 
 def test_doctor_names_the_installed_distribution():

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
@@ -11,7 +10,8 @@ from rich.markup import escape
 
 from ccra_export.cli import options as o
 from ccra_export.cli.output import reports_errors, stderr
-from ccra_export.core.errors import ConfigError, MissingDependencyError
+from ccra_export.core.errors import ConfigError
+from ccra_export.core.extras import require
 
 API_KEY_ENV = "CCRA_API_KEY"
 
@@ -101,9 +101,7 @@ def serve(
         {"type": "text", "text": "What is in the picture?"},
         {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,..."}}]}]}'
     """
-    missing = [m for m in ("fastapi", "uvicorn", "prometheus_client") if importlib.util.find_spec(m) is None]
-    if missing:
-        raise MissingDependencyError(f"ccra-export serve needs {', '.join(missing)}: pip install 'ccra-export[serve]'")
+    require("serve", "ccra-export serve")
     import uvicorn
 
     from ccra_export.serve.openai.api_server import ServerSettings, create_app, load_pipeline

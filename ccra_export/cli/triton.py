@@ -115,8 +115,10 @@ def triton(
     ccra_vlm calls the tower only for images missing from its tower cache (--tower-cache-mib).
     \b
     ccra-export triton --bundle out/vlm --repo out/triton
-    docker run --gpus all -v $PWD/out/triton:/models nvcr.io/nvidia/tritonserver:<yy.mm>-py3 \\
-      sh -c "pip install 'ccra-export[gpu]' && tritonserver --model-repository=/models"
+    docker run --gpus all --shm-size=1g -v $PWD/out/triton:/models ccra-triton tritonserver --model-repository=/models
+    \b
+    ccra-triton: NVIDIA's Triton image with ccra-export installed from a copy of its checkout
+    (COPY . /opt/ccra-export, pip install '/opt/ccra-export[gpu]'; docs/triton.md has the Dockerfile).
     """
     options = RepoOptions(
         vision_backend=vision_backend,
