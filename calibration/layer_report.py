@@ -8,25 +8,16 @@ final outputs are themselves parity-checked against PyTorch in the same report.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import onnx
 
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope, node_scope
-from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.core.parity import LayerDrift, compare_output, thresholds_for
 from ccra_export.runtime.vision_backend import OrtBackend
 
 _LAYER_SCOPE = re.compile(r"^vision_tower\.(?:vision_model\.)?encoder\.layers\.(\d+)$")
-
-
-@dataclass
-class LayerDrift:
-    label: str
-    tensor: str
-    cosine: float
-    scaled_max_abs_err: float
 
 
 def layer_taps(proto: onnx.ModelProto) -> list[tuple[str, str]]:

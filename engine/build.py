@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import onnx
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.hashing import sha256_file
+from ccra_export.core.manifest_schema import EngineBuild, EnginePartRecord, EngineRecord, EngineTarget
 from ccra_export.core.platform import gpus
 from ccra_export.core.vision_graphs import GraphPart
 from ccra_export.engine.plan import Profile, TrtVersion, engine_record, fp32_islands, precision_plan
@@ -24,7 +24,7 @@ def build_trt_engine(
     plugin_library: Path | None,
     trt_options: TrtOptions,
     steps: Steps = SILENT,
-) -> tuple[VisionBackend, dict[str, Any]]:
+) -> tuple[VisionBackend, EngineBuild]:
     """Build ``engine_path`` from the ONNX ``graph`` with TensorRT; the backend running it and its
     manifest record (TensorRT version, GPU, compute capability, plugin hash, typing, profile)."""
     import tensorrt as trt  # optional: only reached where tensorrt_status() said it is usable
@@ -61,23 +61,31 @@ def build_trt_engine(
     return trt_engine.TensorRTBackend(engine_path), record
 
 
-#: Fields every engine of one build shares (same TensorRT, GPU and plugin): kept once at the top.
-SHARED_ENGINE_FIELDS = ("tensorrt_version", "gpu", "compute_capability", "plugin_sha256")
-
-
-def join_engine_records(parts: tuple[GraphPart, ...], records: list[dict[str, Any]]) -> dict[str, Any]:
-    """The manifest's ``engine``: one engine's record, or a split bundle's two under ``parts``."""
-    if len(records) == 1:
-        return records[0]
-    shared = {k: records[0][k] for k in SHARED_ENGINE_FIELDS}
-    shared["plugin_sha256"] = next((r["plugin_sha256"] for r in records if r["plugin_sha256"]), None)
-    parts_records = [
-        {"part": part.name, **{k: v for k, v in record.items() if k not in SHARED_ENGINE_FIELDS}}
+def join_engine_records(parts: tuple[GraphPart, ...], records: list[EngineBuild]) -> EngineRecord:
+    """The manifest's ``engine``: what the build's engines share (TensorRT, GPU, plugin) once, and
+    each graph's own engine under ``parts``, in the graphs' order (one part for a single graph)."""
+    first = records[0]
+    target = EngineTarget(
+        tensorrt_version=first["tensorrt_version"],
+        gpu=first["gpu"],
+        compute_capability=first["compute_capability"],
+        plugin_sha256=next((r["plugin_sha256"] for r in records if r["plugin_sha256"]), None),
+    )
+    own = [
+        EnginePartRecord(
+            part=part.name,
+            file=record["file"],
+            strongly_typed=record["strongly_typed"],
+            builder_flags=record["builder_flags"],
+            profile=record["profile"],
+            workspace_mib=record["workspace_mib"],
+            optimization_level=record["optimization_level"],
+        )
         for part, record in zip(parts, records, strict=True)
     ]
-    return {**shared, "parts": parts_records}
+    return EngineRecord(**target, parts=own)
 
 
-def engine_files(engine: dict[str, Any]) -> list[str]:
+def engine_files(engine: EngineRecord) -> list[str]:
     """The engine files an ``engine`` record names."""
-    return [record["file"] for record in engine["parts"]] if "parts" in engine else [engine["file"]]
+    return [record["file"] for record in engine["parts"]]

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ccra_export.core.errors import BundleError, Remedy
+from ccra_export.core.manifest_schema import GraphPartRecord, Manifest
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.vision_graphs import part_records
 from ccra_export.engine.plan import Profile, optimization_profiles
@@ -70,10 +71,10 @@ def session_options(
 
 def bundle_session_options(
     bundle: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     plugin_library: Path | None = None,
     *,
-    part: dict[str, Any] | None = None,
+    part: GraphPartRecord | None = None,
     **settings: Any,
 ) -> dict[str, Any]:
     """``OrtBackend`` keyword arguments for a built bundle's graph (``part``: one graph of a split
@@ -95,7 +96,7 @@ def bundle_session_options(
 
 
 def bundle_backend(
-    bundle: Path, manifest: dict[str, Any], plugin_library: Path | None = None, tower_cache: TowerCache | None = None
+    bundle: Path, manifest: Manifest, plugin_library: Path | None = None, tower_cache: TowerCache | None = None
 ) -> tuple[VisionBackend, str]:
     """A built bundle's graph(s) on ONNX Runtime's TensorRT provider, and one line saying so."""
     runners = [

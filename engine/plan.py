@@ -11,6 +11,7 @@ The thin layer that calls TensorRT (build.py) only translates these into API cal
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +21,7 @@ from ccra_export.core import lpwca_schema
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
 from ccra_export.core.lpwca_schema import is_lpwca
+from ccra_export.core.manifest_schema import AxisRange, EngineBuild, GraphPartRecord, Manifest, TensorSpec
 
 TYPING_CHOICES = ("auto", "strong", "weak")
 
@@ -146,7 +148,7 @@ def profile_axes(
     opt_batch: int | None = None,
     max_text_len: int | None = None,
     opt_text_len: int | None = None,
-) -> dict[str, dict[str, int]]:
+) -> dict[str, AxisRange]:
     """min/opt/max of the graph's symbolic axes from the build flags (recorded in the manifest).
 
     max defaults to batch 8 and 512 instruction tokens; opt to batch 1 (one camera frame) and 64
@@ -160,7 +162,7 @@ def profile_axes(
         opt = min(64, max_text_len) if opt_text_len is None else opt_text_len
         text_len = {"min": 1, "opt": opt, "max": max_text_len}
         axes["text_len"] = _checked(text_len, "opt_text_len", "max_text_len")
-    return axes
+    return {name: AxisRange(min=b["min"], opt=b["opt"], max=b["max"]) for name, b in axes.items()}
 
 
 def _checked(bounds: dict[str, int], *inputs: str, where: str = "") -> dict[str, int]:
@@ -173,8 +175,8 @@ def _checked(bounds: dict[str, int], *inputs: str, where: str = "") -> dict[str,
 
 
 def optimization_profiles(
-    graph_inputs: list[dict[str, Any]],
-    dynamic_axes: dict[str, dict[str, int]],
+    graph_inputs: list[TensorSpec],
+    dynamic_axes: Mapping[str, AxisRange],
     overrides: dict[str, dict[str, int]] | None = None,
 ) -> Profile:
     """Resolve every symbolic dimension of every input to its (min, opt, max): the manifest's axes,
@@ -184,7 +186,10 @@ def optimization_profiles(
         if name not in dynamic_axes:
             raise ConfigError(f"profile: this graph has no symbolic axis {name!r} (it has {sorted(dynamic_axes)})")
     axes = {
-        name: _checked({**bounds, **overrides.get(name, {})}, where=f"profile for {name!r}")
+        name: _checked(
+            {"min": bounds["min"], "opt": bounds["opt"], "max": bounds["max"], **overrides.get(name, {})},
+            where=f"profile for {name!r}",
+        )
         for name, bounds in dynamic_axes.items()
     }
     shapes = {}
@@ -212,23 +217,25 @@ def engine_record(
     plan: PrecisionPlan,
     profile: Profile,
     settings: dict[str, Any],
-) -> dict[str, Any]:
-    return {
-        "tensorrt_version": trt_version,
-        "gpu": gpu_name,
-        "compute_capability": compute_capability,
-        "plugin_sha256": plugin_sha256,
-        "strongly_typed": plan.strongly_typed,
-        "builder_flags": list(plan.builder_flags),
-        "profile": {name: [list(s) for s in triple] for name, triple in profile.shapes.items()},
-        **settings,
-    }
+) -> EngineBuild:
+    """What one engine was built for and with (``settings``: its file, workspace and optimization
+    level); ``engine.build.join_engine_records`` puts a build's engines into the manifest."""
+    return EngineBuild(
+        tensorrt_version=trt_version,
+        gpu=gpu_name,
+        compute_capability=compute_capability,
+        plugin_sha256=plugin_sha256,
+        strongly_typed=plan.strongly_typed,
+        builder_flags=list(plan.builder_flags),
+        profile={name: [list(s) for s in triple] for name, triple in profile.shapes.items()},
+        **settings,  # type: ignore[typeddict-item]  # file, workspace, level: checked by the schema on write
+    )
 
 
 def bundle_profile(
-    manifest: dict[str, Any], overrides: dict[str, dict[str, int]] | None = None, part: dict[str, Any] | None = None
+    manifest: Manifest, overrides: dict[str, dict[str, int]] | None = None, part: GraphPartRecord | None = None
 ) -> Profile:
-    """The optimization profile of a bundle's graph (``part``: one graph of a split bundle): its
-    manifest's symbolic axes, flags on top."""
+    """The optimization profile of a bundle's graph (``part``: one of its ``graph.parts``; without
+    it, the vision stage's inputs as a whole): its manifest's symbolic axes, flags on top."""
     inputs = (part or manifest["graph"])["inputs"]
     return optimization_profiles(inputs, manifest["dynamic_axes"], overrides)

@@ -18,6 +18,7 @@ import numpy as np
 import onnx
 
 from ccra_export.core import lpwca_schema
+from ccra_export.core.parity import KeptFP32
 from ccra_export.runtime.vision_backend import OrtBackend
 
 FP16_MAX = 65504.0
@@ -31,8 +32,12 @@ class OverRange:
     max_abs: float
     nodes: tuple[str, ...]  # its producer and consumers, kept FP32
 
-    def to_dict(self) -> dict:
-        return {"tensor": self.tensor, "max_abs": self.max_abs, "nodes": list(self.nodes)}
+    def to_dict(self, graph: str | None = None) -> KeptFP32:
+        """parity.json's row (``fp16_kept_fp32``); ``graph``: the file it is in, for a split bundle."""
+        row = KeptFP32(tensor=self.tensor, max_abs=self.max_abs, nodes=list(self.nodes))
+        if graph is not None:
+            row["graph"] = graph
+        return row
 
 
 def float_tensors(proto: onnx.ModelProto) -> list[str]:

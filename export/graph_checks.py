@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import onnx
 
 from ccra_export.core import lpwca_schema
 from ccra_export.core.errors import CCRAExportError
 from ccra_export.core.manifest import tensor_spec
+from ccra_export.core.manifest_schema import GraphInterface, TensorSpec
 
 
 class GraphCheckError(CCRAExportError):
@@ -36,18 +36,18 @@ def _dims(value: onnx.ValueInfoProto) -> list[int | str]:
     return [d.dim_param if d.HasField("dim_param") else int(d.dim_value) for d in dims]
 
 
-def graph_interface(proto: onnx.ModelProto) -> dict[str, Any]:
+def graph_interface(proto: onnx.ModelProto) -> GraphInterface:
     """Inputs, outputs (name, dtype, shape with symbolic axes), opsets and IR version."""
 
-    def spec(value: onnx.ValueInfoProto) -> dict[str, Any]:
+    def spec(value: onnx.ValueInfoProto) -> TensorSpec:
         elem = value.type.tensor_type.elem_type
         dtype = onnx.helper.tensor_dtype_to_np_dtype(elem).name
         return tensor_spec(value.name, dtype, _dims(value))
 
     initializers = {t.name for t in proto.graph.initializer}
-    return {
-        "inputs": [spec(v) for v in proto.graph.input if v.name not in initializers],
-        "outputs": [spec(v) for v in proto.graph.output],
-        "opset": {op.domain or "ai.onnx": op.version for op in proto.opset_import},
-        "ir_version": proto.ir_version,
-    }
+    return GraphInterface(
+        inputs=[spec(v) for v in proto.graph.input if v.name not in initializers],
+        outputs=[spec(v) for v in proto.graph.output],
+        opset={op.domain or "ai.onnx": op.version for op in proto.opset_import},
+        ir_version=proto.ir_version,
+    )

@@ -8,11 +8,12 @@ asking for it fails with one line that says so, never a traceback. No torch here
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from pathlib import Path
 from typing import Literal
 
 from ccra_export.core.errors import BackendUnavailableError, BundleError, Remedy
+from ccra_export.core.extras import available, install_hint
+from ccra_export.core.manifest_schema import Manifest
 from ccra_export.core.vision_graphs import engine_records, part_records
 from ccra_export.runtime.split_vision import SplitVision
 from ccra_export.runtime.tower_cache import TowerCache
@@ -35,8 +36,8 @@ def tensorrt_status() -> tuple[bool, str]:
         return False, f"TensorRT {version} is installed but cannot create a builder ({exc})"
     if builder is None:
         return False, f"TensorRT {version} is installed but found no usable GPU"
-    if importlib.util.find_spec("polygraphy") is None:  # engines run through Polygraphy's TrtRunner
-        return False, f"TensorRT {version} is installed but Polygraphy is not (pip install 'ccra-export[tensorrt]')"
+    if not available("tensorrt"):  # engines run through Polygraphy's TrtRunner
+        return False, f"TensorRT {version} is installed but Polygraphy is not ({install_hint('tensorrt')})"
     return True, f"TensorRT {version}"
 
 
@@ -73,7 +74,7 @@ def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> t
 
 
 def bundle_backend(
-    bundle: str | Path, manifest: dict, backend: str = "auto", *, tower_cache: TowerCache | None = None
+    bundle: str | Path, manifest: Manifest, backend: str = "auto", *, tower_cache: TowerCache | None = None
 ) -> tuple[VisionBackend, str]:
     """What runs a built bundle's vision graph: its TensorRT engine when it has one and TensorRT is
     usable (after the engine compatibility check), else ONNX Runtime on its ONNX graph. A split

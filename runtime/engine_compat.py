@@ -6,13 +6,12 @@ the runtime checks that record on load. TensorRT-free, so CI tests it.
 
 from __future__ import annotations
 
-from typing import Any
-
 from ccra_export.core.errors import BundleError, Remedy
+from ccra_export.core.manifest_schema import EngineBuild
 
 
 def check_engine(
-    record: dict[str, Any],
+    record: EngineBuild,
     trt_version: str,
     compute_capability: str,
     plugin_sha256: str | None,

@@ -10,11 +10,16 @@ Thread-safe: the server's workers share one cache.
 from __future__ import annotations
 
 import hashlib
+import math
 import threading
 from collections import OrderedDict
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from ccra_export.core.errors import ConfigError
+from ccra_export.core.manifest_schema import Manifest
+from ccra_export.core.vision_graphs import is_split, part_records
 
 MIB = 1 << 20
 #: ``--tower-cache-mib`` default: a few llava-1.5-7b images (27-54 MB each) within a Jetson's shared memory.
@@ -34,12 +39,11 @@ class CacheStats:
         return asdict(self)
 
 
-def tower_bytes_per_image(manifest: dict) -> int:
-    """Bytes one image's tower output takes in the cache (0 for a single-graph bundle)."""
-    parts = manifest["graph"].get("parts")
-    if not parts:
+def tower_bytes_per_image(manifest: Manifest) -> int:
+    """Bytes one image's tower output takes in the cache (0 for a single-graph bundle: no tower)."""
+    if not is_split(manifest):
         return 0
-    spec = parts[0]["outputs"][0]
+    spec = part_records(manifest)[0]["outputs"][0]
     values = int(np.prod([d for d in spec["shape"] if isinstance(d, int)]))
     return values * np.dtype(spec["dtype"]).itemsize
 
@@ -66,6 +70,10 @@ class TowerCache:
 
     @classmethod
     def from_mib(cls, mib: float) -> TowerCache:
+        if not isinstance(mib, int | float) or not math.isfinite(mib) or mib < 0:
+            raise ConfigError(
+                "expected a finite number of MiB, 0 (no cache) or more", field="tower_cache_mib", value=mib
+            )
         return cls(int(mib * MIB))
 
     def get(self, key: str) -> np.ndarray | None:

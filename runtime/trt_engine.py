@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import tensorrt as trt
 
+from ccra_export.core.manifest_schema import EngineBuild
 from ccra_export.core.platform import gpus
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.runtime.engine_compat import check_engine
@@ -54,7 +55,7 @@ class TensorRTBackend(VisionBackend):
         return {k: np.asarray(v) for k, v in self._runner.infer(feeds).items()}
 
 
-def load_bundle_engine(bundle: Path, engine: dict) -> TensorRTBackend:
+def load_bundle_engine(bundle: Path, engine: EngineBuild) -> TensorRTBackend:
     """The bundle's engine, after refusing one this TensorRT or GPU cannot run (one line)."""
     check_engine(engine, trt.__version__, (gpus() or [("", "unknown")])[0][1], None, str(bundle))
     return TensorRTBackend(Path(bundle) / engine["file"])

@@ -261,8 +261,9 @@ class TestCli:
         record = manifest["calibration"]
         assert record["method"] == "entropy" and len(record["images_used"]) == 6
         assert not set(record["images_used"]) & {h["file"] for h in record["held_out"]}
-        assert "tensorrt_cache" not in record and record["ort_cache"] == "vision_tower.calibration.json"
-        assert record["graphs"]["ccra_head"]["ort_cache"] == "ccra_head.calibration.json"  # the head calibrated too
+        tower, head = record["parts"]  # format 3: each graph's counts and cache, in the graphs' order
+        assert "tensorrt_cache" not in record and tower["ort_cache"] == "vision_tower.calibration.json"
+        assert head["ort_cache"] == "ccra_head.calibration.json"  # the head calibrated too
         mode = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir() if p.is_file()}
         assert mode["vision_tower.calibration.json"] == mode["vision_tower.onnx"], mode  # ORT writes 0600 (mkstemp)
         assert mode["ccra_head.calibration.json"] == mode["ccra_head.onnx"], mode

@@ -147,9 +147,9 @@ class TestBundle:
         )  # fmt: skip
         assert result.exit_code == 0, result.output
         manifest = read_manifest(out)
-        calibration = manifest["calibration"]
-        assert calibration["ort_cache"] == "vision_tower.calibration.json"
-        assert calibration["graphs"]["ccra_head"]["ort_cache"] == "ccra_head.calibration.json"
+        tower, head = manifest["calibration"]["parts"]  # format 3: one record per graph, in order
+        assert tower["part"] == "vision_tower" and tower["ort_cache"] == "vision_tower.calibration.json"
+        assert head["part"] == "ccra_head" and head["ort_cache"] == "ccra_head.calibration.json"
         for name in ("vision_tower.onnx", "ccra_head.onnx"):
             assert any(n.op_type == "QuantizeLinear" for n in onnx.load(str(out / name)).graph.node), name
         layers = json.loads((out / "parity.json").read_text())["layers"]["rows"]
@@ -374,19 +374,24 @@ class TestReviewFixes:
         from ccra_export.core.manifest_schema import validate_manifest
 
         split = json.loads((split_fp32 / "manifest.json").read_text())
-        split["engine"] = {"file": "reference.npz", "tensorrt_version": "10.3", "compute_capability": "8.7"}
-        with pytest.raises(ValueError, match=r"engine: built for one graph, but the bundle's graphs are"):
-            validate_manifest(split)
-        split["engine"] = {
-            "parts": [
-                {"part": "vision_tower", "file": "reference.npz"},
-                {"part": "vision_tower", "file": "reference.npz"},
-            ],
-            "tensorrt_version": "10.3",
-            "compute_capability": "8.7",
-        }
+        target = {"tensorrt_version": "10.3", "gpu": "Orin", "compute_capability": "8.7", "plugin_sha256": None}
+        settings = {"strongly_typed": True, "builder_flags": [], "profile": {}, "workspace_mib": 2048}
+
+        def engine(*parts: str) -> dict:
+            own = [{"part": p, "file": "reference.npz", **settings, "optimization_level": 3} for p in parts]
+            return {**target, "parts": own}
+
+        split["engine"] = {"file": "reference.npz", **target}  # format 2's one engine, in a format 3 manifest
         with pytest.raises(ValueError, match="engine"):
             validate_manifest(split)
+        split["engine"] = engine("vision")
+        with pytest.raises(ValueError, match=r"engine: built for one graph, but the bundle's graphs are"):
+            validate_manifest(split)
+        split["engine"] = engine("vision_tower", "vision_tower")
+        with pytest.raises(ValueError, match="engine"):
+            validate_manifest(split)
+        split["engine"] = engine("vision_tower", "ccra_head")
+        validate_manifest(split)  # the control: an engine per graph, in order
         plain = json.loads((split_fp32 / "manifest.json").read_text())
         plain["variant"] = "plain"
         with pytest.raises(ValueError, match="only a CCRA bundle splits"):

@@ -97,7 +97,7 @@ def test_default_repository_configs_parse_as_model_config(single_bundle, tmp_pat
     assert [type_name(i) for i in vision.input] == ["TYPE_FP32", "TYPE_FP32", "TYPE_INT64"]
     assert vision.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_CPU  # the LM was built for the CPU
     graph = repo / "ccra_vision" / "1" / "model.onnx"
-    assert graph.read_bytes() == (single_bundle / manifest["graph"]["file"]).read_bytes()
+    assert graph.read_bytes() == (single_bundle / manifest["graph"]["parts"][0]["file"]).read_bytes()
 
     vlm = parse(repo / "ccra_vlm" / "config.pbtxt")
     assert vlm.backend == "python" and vlm.max_batch_size == 0 and vlm.model_transaction_policy.decoupled
@@ -120,12 +120,11 @@ def fake_engine_manifest(manifest: dict, sha: str | None) -> dict:
         for spec in manifest["graph"]["inputs"]
     }
     engine = {
-        "file": "vision.engine",
         "tensorrt_version": "10.13.0",
         "gpu": "NVIDIA H100",
         "compute_capability": "9.0",
         "plugin_sha256": sha,
-        "profile": profile,
+        "parts": [{"part": "vision", "file": "vision.engine", "profile": profile}],  # format 3: one part
     }
     return {**manifest, "engine": engine, "plugin": {"node": "ccra::LPWCA"}, "export": {**manifest["export"]}}
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,7 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from ccra_export.core.parity import ParityReport
+from ccra_export.core.parity import LanguageModelReport, ParityReport
 
 
 class Steps:
@@ -123,7 +122,7 @@ def layer_table(report: ParityReport) -> Table:
     return table
 
 
-def lm_table(figures: dict[str, Any]) -> Table:
+def lm_table(figures: LanguageModelReport) -> Table:
     """The language model against Hugging Face (and, in `check`, against the build's own run)."""
     logits, steps = figures["first_token_logits"], figures["greedy_steps"]
     title = f"Language model vs transformers FP32 ({figures['device']} decoder on {figures['ran_on']})"

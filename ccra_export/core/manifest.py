@@ -2,6 +2,9 @@
 
 A bundle directory holds the graph files, ``manifest.json`` and ``parity.json``. Loading a bundle
 checks the manifest before anything runs, so a stale or foreign bundle fails with one line.
+Writers and readers share one model (``manifest_schema.Manifest``): ``new_manifest`` builds it,
+``write_manifest`` validates it as ``read_manifest`` will before writing; ``read_manifest``
+reads format 3 and format 2 (reshaped in memory by ``manifest_schema.migrate_v2``).
 """
 
 from __future__ import annotations
@@ -10,45 +13,130 @@ import json
 import platform
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ccra_export import __version__
+from ccra_export.core import atomic
 from ccra_export.core.errors import BundleError
 from ccra_export.core.hashing import sha256_file
-from ccra_export.core.manifest_schema import Manifest, relative_bundle_path, validate_manifest
+from ccra_export.core.manifest_schema import (
+    FORMAT,
+    FORMAT_VERSION,
+    READABLE_VERSIONS,
+    AxisRange,
+    BackendRecord,
+    CalibrationRecord,
+    EngineRecord,
+    ExportRecord,
+    FileEntry,
+    GraphRecord,
+    ImageProcessorRecord,
+    LanguageModelRecord,
+    Manifest,
+    ModelRecord,
+    ParityRecord,
+    PluginRecord,
+    ReferenceRecord,
+    SourceRecord,
+    TensorSpec,
+    migrate_v2,
+    relative_bundle_path,
+    validate_manifest,
+    validate_record,
+)
 
 MANIFEST_NAME = "manifest.json"
 PARITY_NAME = "parity.json"
-GRAPH_FILE = "vision.onnx"
-ENGINE_FILE = "vision.engine"
 ENGINE_PARITY_FILE = "parity_engine.json"
-FORMAT = "ccra-export-bundle"
-FORMAT_VERSION = 2  # 2: files carry sizes; the manifest has a schema (manifest_schema.py)
 MAX_MANIFEST_BYTES = 16 * 2**20
+_Record = TypeVar("_Record")
 
 
-def tensor_spec(name: str, dtype: str, shape: list[int | str]) -> dict[str, Any]:
+def tensor_spec(name: str, dtype: str, shape: list[int | str]) -> TensorSpec:
     """One graph input/output: symbolic dimensions are strings (``batch``, ``text_len``)."""
     return {"name": name, "dtype": dtype, "shape": list(shape)}
 
 
-def new_manifest(**fields: Any) -> dict[str, Any]:
-    return {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "tool_version": __version__,
-        "created_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "host": {"machine": platform.machine(), "python": platform.python_version()},
-        **fields,
-    }
+def new_manifest(
+    *,
+    model: ModelRecord,
+    variant: str,
+    source: SourceRecord,
+    precision: str,
+    export: ExportRecord,
+    graph: GraphRecord,
+    dynamic_axes: dict[str, AxisRange],
+    files: dict[str, FileEntry],
+    backend: BackendRecord,
+    parity: ParityRecord,
+    reference: ReferenceRecord | None,
+    engine: EngineRecord | None,
+    plugin: PluginRecord | None,
+    calibration: CalibrationRecord | None,
+    language_model: LanguageModelRecord | None,
+    image_processor: ImageProcessorRecord,
+    ccra_parameters: int,
+) -> Manifest:
+    """A new bundle's manifest in the current format, with this tool's version and host."""
+    return Manifest(
+        format=FORMAT,
+        format_version=FORMAT_VERSION,
+        tool_version=__version__,
+        created_utc=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        host={"machine": platform.machine(), "python": platform.python_version()},
+        model=model,
+        variant=variant,  # type: ignore[typeddict-item]  # the schema checks the literal on write
+        ccra_parameters=ccra_parameters,
+        source=source,
+        precision=precision,  # type: ignore[typeddict-item]
+        export=export,
+        graph=graph,
+        dynamic_axes=dynamic_axes,
+        files=files,
+        backend=backend,
+        parity=parity,
+        reference=reference,
+        engine=engine,
+        plugin=plugin,
+        calibration=calibration,
+        language_model=language_model,
+        image_processor=image_processor,
+    )
 
 
-def file_entries(bundle: Path, names: list[str]) -> dict[str, dict[str, Any]]:
+def write_manifest(bundle: str | Path, manifest: Manifest) -> None:
+    """Write ``bundle/manifest.json`` after checking it exactly as ``read_manifest`` will (schema,
+    every file listed, sizes): a writer that builds a bad record fails here, at build time, in
+    one line, instead of in a user's reader."""
+    path = Path(bundle) / MANIFEST_NAME
+    try:
+        as_read = json.loads(json.dumps(manifest, allow_nan=False))  # what a reader will parse
+        validate_manifest(as_read)
+    except ValueError as exc:
+        raise BundleError(
+            f"{path}: the manifest this ccra-export {__version__} was about to write is invalid ({exc}); "
+            "nothing was written: please report this bug"
+        ) from None
+    check_sizes(bundle, manifest)
+    atomic.write_json(path, manifest)
+
+
+def manifest_record(kind: type[_Record], data: Any, key: str) -> _Record:
+    """``data`` (a dict built elsewhere: a config's ``to_dict``, a dataclass's fields) as the record
+    ``kind`` the schema types at ``key``, as a reader will parse it: a writer's records are typed
+    by the schema its reader uses, and a bad one fails the build in one line."""
+    try:
+        return validate_record(kind, data, key)
+    except ValueError as exc:
+        raise BundleError(f"{MANIFEST_NAME}: this ccra-export {__version__} built an invalid record ({exc})") from None
+
+
+def file_entries(bundle: Path, names: list[str]) -> dict[str, FileEntry]:
     """``{file name: {sha256, bytes}}`` for files inside the bundle directory."""
     return {name: file_entry(bundle / name) for name in names}
 
 
-def file_entry(path: Path) -> dict[str, Any]:
+def file_entry(path: Path) -> FileEntry:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
@@ -67,9 +155,10 @@ def bundle_path(bundle: str | Path, name: str, where: str) -> Path:
 
 
 def read_manifest(bundle: str | Path) -> Manifest:
-    """Load ``manifest.json``, validate it against the schema and check the files it lists are
-    inside the bundle and of the recorded size (hashes are ``verify_files``: seconds per GB).
-    Every failure is one line naming the bundle, the key or the file."""
+    """Load ``manifest.json`` (format 3, or format 2 reshaped into it), validate it against the
+    schema and check the files it lists are inside the bundle and of the recorded size (hashes are
+    ``verify_files``: seconds per GB). Every failure is one line naming the bundle, the key as the
+    file writes it, or the file."""
     bundle = Path(bundle)
     path = bundle / MANIFEST_NAME
     if not bundle.is_dir():
@@ -88,13 +177,17 @@ def read_manifest(bundle: str | Path) -> Manifest:
         raise BundleError(f"{path}: unreadable manifest ({exc})") from None
     if not isinstance(data, dict) or data.get("format") != FORMAT:
         raise BundleError(f"{path}: not a ccra-export manifest (format field is not {FORMAT!r})")
-    if data.get("format_version") != FORMAT_VERSION:
+    version = data.get("format_version")
+    moved: dict[str, str] = {}
+    if version not in READABLE_VERSIONS:
         raise BundleError(
-            f"{path}: bundle format version {data.get('format_version')!r} was written by ccra-export "
-            f"{data.get('tool_version')}; this is {__version__} (format {FORMAT_VERSION}): rebuild the bundle"
+            f"{path}: bundle format version {version!r} was written by ccra-export {data.get('tool_version')}; "
+            f"this is {__version__} (reads formats {', '.join(map(str, READABLE_VERSIONS))}): rebuild the bundle"
         )
+    if version == 2:
+        data, moved = migrate_v2(data)
     try:
-        manifest = validate_manifest(data)
+        manifest = validate_manifest(data, moved)
     except ValueError as exc:
         raise BundleError(f"{path}: {exc}") from None
     check_sizes(bundle, manifest)

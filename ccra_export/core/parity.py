@@ -1,7 +1,9 @@
 """Accuracy parity of a built artifact against the PyTorch reference, as numbers with thresholds.
 
 numpy only: the runtime (no torch) reports parity through the same code. Thresholds are the
-defaults of shared/DESIGN.md, overridable per build.
+defaults of shared/DESIGN.md, overridable per build. ``ParityReport`` is typed whole, including
+what the build attaches to it (per-graph rows, INT8 layer drift, FP16 checks, the language model),
+and ``to_dict`` is ``parity.json``.
 """
 
 from __future__ import annotations
@@ -13,8 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from typing_extensions import NotRequired, TypedDict
 
 from ccra_export.core.errors import ConfigError
+from ccra_export.core.manifest_schema import LanguageModelParity, LogitsFigures, ParityInputs
 
 PYTORCH_REFERENCE = "PyTorch fp32 (ccra_export.model.vision_model)"
 RECORDED_REFERENCE = "PyTorch fp32 outputs recorded at build time (reference.npz)"
@@ -124,20 +128,77 @@ def compare_output(name: str, actual: np.ndarray, reference: np.ndarray, thresho
 
 
 @dataclass
+class LayerDrift:
+    """INT8: one tap (an encoder layer's output, the CCRA module, the visual tokens) against the
+    FP32 graph on the same inputs (``calibration.layer_report``)."""
+
+    label: str
+    tensor: str
+    cosine: float
+    scaled_max_abs_err: float
+
+
+class KeptFP32(TypedDict):
+    """FP16: a tensor over FP16's safe range on the parity inputs, kept FP32 with its nodes."""
+
+    tensor: str
+    max_abs: float
+    nodes: list[str]
+    graph: NotRequired[str]  # a split bundle: the graph file it is in
+
+
+class EmulatedOutput(TypedDict):
+    cosine: float
+    nonfinite: int
+    passed: bool
+
+
+class EmulatedFP16(TypedDict):
+    """FP16 arithmetic emulated by PyTorch in half on the CPU, per output: with the graph's FP32
+    islands (gates the build) and with none (what weak typing risks; reported)."""
+
+    method: str
+    fp32_modules: list[str]
+    graph_islands: dict[str, EmulatedOutput]
+    no_islands: dict[str, EmulatedOutput]
+
+
+class LanguageModelFigures(TypedDict):
+    """The decoder on the recorded prompt against Hugging Face's logits and greedy tokens."""
+
+    first_token_logits: LogitsFigures
+    greedy_steps: int
+    tokens_agreeing: int
+    identical_prefix: int
+    tokens: list[int]
+    reference_tokens: list[int]
+
+
+class LanguageModelReport(LanguageModelFigures):
+    """``--lm-precision``: the figures, what they were measured against and where they ran; `check`
+    adds the build's own figures (``built``) to compare with."""
+
+    reference: str
+    device: str
+    ran_on: str
+    built: NotRequired[LanguageModelParity]
+
+
+@dataclass
 class ParityReport:
     """Parity of every graph output for one set of inputs."""
 
     precision: str
     backend: str
     outputs: list[OutputParity]
-    inputs: dict[str, Any] = field(default_factory=dict)
-    layers: list[Any] | None = None  # INT8: per-layer drift rows (calibration.layer_report.LayerDrift)
-    first_drift: str | None = None
-    language_model: dict[str, Any] | None = None  # --lm-precision: decoder vs transformers
+    inputs: ParityInputs = field(default_factory=lambda: ParityInputs())
+    layers: list[LayerDrift] | None = None  # INT8: per-layer drift against the FP32 graph(s)
+    first_drift: str | None = None  # INT8: the first layer below the threshold
+    language_model: LanguageModelReport | None = None  # --lm-precision: decoder vs transformers
     extra_failures: list[str] = field(default_factory=list)
     reference: str = PYTORCH_REFERENCE
-    fp16_kept_fp32: list[dict[str, Any]] | None = None  # FP16: tensors over FP16's safe range, kept FP32
-    emulated_fp16: dict[str, Any] | None = None  # FP16: the reference computed in half on the CPU
+    fp16_kept_fp32: list[KeptFP32] | None = None  # FP16: tensors over FP16's safe range, kept FP32
+    emulated_fp16: EmulatedFP16 | None = None  # FP16: the reference computed in half on the CPU
     #: split bundles: each graph on its own, against PyTorch's same stage on the same inputs
     graphs: dict[str, list[OutputParity]] | None = None
 
@@ -208,8 +269,8 @@ def compare_outputs(
     precision: str,
     backend: str,
     thresholds: Thresholds,
-    inputs: dict[str, Any] | None = None,
+    inputs: ParityInputs | None = None,
     reference_name: str = PYTORCH_REFERENCE,
 ) -> ParityReport:
     outputs = [compare_output(name, actual[name], reference[name], thresholds) for name in reference]
-    return ParityReport(precision, backend, outputs, inputs or {}, reference=reference_name)
+    return ParityReport(precision, backend, outputs, inputs or ParityInputs(), reference=reference_name)

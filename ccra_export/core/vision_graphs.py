@@ -6,13 +6,18 @@ two graphs: ``vision_tower.onnx`` (pixels -> the stacked hidden states CCRA read
 image and its output is cached; ``ccra_head.onnx`` (those states + the instruction -> visual
 tokens) runs once per question. Both together compute exactly what the single graph computes.
 
-Torch-free: the export, the runtime and the manifest all name the parts from here.
+Torch-free: the export, the runtime and the manifest all name the parts from here. In the manifest
+(format 3) every bundle's graphs are a list, ``graph.parts``: a single graph is the one part
+``vision``. Readers take the parts from ``part_records`` and ``engine_records`` and never branch on
+the layout; ``is_split`` is for what only a split bundle has (the tower-output cache).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import cast
+
+from ccra_export.core.manifest_schema import EngineBuild, GraphPartRecord, Manifest, PartName
 
 PIXEL_VALUES = "pixel_values"
 TEXT_EMBEDS = "text_embeds"
@@ -26,7 +31,7 @@ LPWCA_ATTENTION = "lpwca_attention"
 class GraphPart:
     """One exported graph of a bundle: its name, files and I/O names."""
 
-    name: str
+    name: PartName
     file: str
     engine_file: str
     inputs: tuple[str, ...]
@@ -59,7 +64,7 @@ def graph_parts(*, ccra: bool, split: bool, attention: bool = True) -> tuple[Gra
     return tuple(replace(p, outputs=(VISUAL_TOKENS,)) if p.name != TOWER.name else p for p in parts)
 
 
-def parts_from_manifest(manifest: dict[str, Any]) -> tuple[GraphPart, ...]:
+def parts_from_manifest(manifest: Manifest) -> tuple[GraphPart, ...]:
     """The bundle's graphs as ``GraphPart``s, with the I/O names its manifest records."""
     return tuple(
         replace(
@@ -72,25 +77,25 @@ def parts_from_manifest(manifest: dict[str, Any]) -> tuple[GraphPart, ...]:
     )
 
 
-def is_split(manifest: dict[str, Any]) -> bool:
-    return "parts" in manifest["graph"]
+def is_split(manifest: Manifest) -> bool:
+    """The bundle runs CLIP's tower and CCRA's head as two graphs (``SplitVision``)."""
+    return len(manifest["graph"]["parts"]) > 1
 
 
-def part_records(manifest: dict[str, Any]) -> list[dict[str, Any]]:
+def part_records(manifest: Manifest) -> list[GraphPartRecord]:
     """The manifest's record of each graph (``name``, ``file``, ``external_data``, ``inputs``,
     ``outputs``), in execution order: one for a single-graph bundle, tower then head when split."""
-    graph = manifest["graph"]
-    if "parts" in graph:
-        return list(graph["parts"])
-    return [{"name": "vision", **graph}]
+    return list(manifest["graph"]["parts"])
 
 
-def engine_records(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``{part name: engine record}`` for the bundle's TensorRT engines (empty without one)."""
-    engine = manifest.get("engine")
+def engine_records(manifest: Manifest) -> dict[str, EngineBuild]:
+    """``{part name: engine record}`` for the bundle's TensorRT engines (empty without one): each
+    part's own settings with what the build's engines share (TensorRT version, GPU, plugin)."""
+    engine = manifest["engine"]
     if not engine:
         return {}
-    if "parts" in engine:
-        shared = {k: v for k, v in engine.items() if k != "parts"}
-        return {record["part"]: {**shared, **record} for record in engine["parts"]}
-    return {"vision": engine}
+    shared = {key: value for key, value in engine.items() if key != "parts"}
+    return {
+        record["part"]: cast(EngineBuild, {**shared, **{k: v for k, v in record.items() if k != "part"}})
+        for record in engine["parts"]
+    }

@@ -8,10 +8,10 @@ TensorRT execution provider, builds its engines as it opens, so it comes from th
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ccra_export.core.errors import BackendUnavailableError
 from ccra_export.core.manifest import read_manifest, verify_files
+from ccra_export.core.manifest_schema import Manifest
 from ccra_export.engine import ort_trt
 from ccra_export.runtime.backends import bundle_backend, resolve_backend
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
@@ -21,7 +21,7 @@ from ccra_export.runtime.vlm_pipeline import Pipeline
 
 def open_bundle_backend(
     bundle: str | Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     backend: str = "auto",
     plugin_library: Path | None = None,
     tower_cache: TowerCache | None = None,

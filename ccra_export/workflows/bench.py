@@ -31,9 +31,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ccra_export.core.manifest_schema import Manifest
 
 PROMPT = "Describe the image in detail."
 SECOND_PROMPT = "What colour is the largest object?"  # a split bundle's question 2 about the same image
@@ -246,17 +249,17 @@ def _hf(checkpoint: str, bundle: str, image: str | None, tokens: int, repeats: i
     )
 
 
-def _reference_checkpoint(manifest: dict[str, Any], model: str | None) -> str | None:
+def _reference_checkpoint(manifest: Manifest, model: str | None) -> str | None:
     from ccra_export.workflows.source import reference_checkpoint
 
     return reference_checkpoint(manifest, model)
 
 
-def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | None:
+def pytorch_side_skipped(manifest: Manifest, model: str | None) -> str | None:
     """Why the PyTorch side cannot run here (None when it can): checked before anything is timed,
     with the fix in the same line. A ``--model`` that cannot be the source is refused instead."""
     from ccra_export.core.errors import CheckpointError, ConfigError
-    from ccra_export.core.extras import export_stack_available
+    from ccra_export.core.extras import available, install_hint
     from ccra_export.workflows.source import recorded_module
 
     source = manifest["source"]
@@ -264,8 +267,8 @@ def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | N
         raise ConfigError(
             "{model} applies to bundles built from a checkpoint; this one was built from a preset", mentions=("model",)
         )
-    if not export_stack_available():  # first: on a Jetson, the checkpoint would not help
-        return f"{NO_TORCH}; timed the bundle alone (pip install 'ccra-export[export]' to compare)"
+    if not available("export"):  # first: on a Jetson, the checkpoint would not help
+        return f"{NO_TORCH}; timed the bundle alone (to compare: {install_hint('export')})"
     if (module := recorded_module(manifest)) is not None:
         return (
             f"the bundle's CCRA module is the plug-in {module}, which bench does not import on a manifest's word; "
@@ -283,7 +286,7 @@ def pytorch_side_skipped(manifest: dict[str, Any], model: str | None) -> str | N
     return None
 
 
-def check_batch(manifest: dict[str, Any], batch: int) -> None:
+def check_batch(manifest: Manifest, batch: int) -> None:
     """Refuse a batch beyond what the bundle was built for: its profile's maximum, and its engine's."""
     from ccra_export.core.errors import BundleError
     from ccra_export.core.vision_graphs import engine_records

@@ -22,8 +22,39 @@ from ccra_export.core.errors import BundleError, ConfigError, Remedy
 from ccra_export.core.extras import require_export_stack
 from ccra_export.core.graph_scopes import nodes_in_scope
 from ccra_export.core.hashing import sha256_file
-from ccra_export.core.manifest import MANIFEST_NAME, PARITY_NAME, file_entries, new_manifest
-from ccra_export.core.parity import ParityReport
+from ccra_export.core.manifest import (
+    MANIFEST_NAME,
+    PARITY_NAME,
+    file_entries,
+    manifest_record,
+    new_manifest,
+    write_manifest,
+)
+from ccra_export.core.manifest_schema import (
+    AxisRange,
+    BackendRecord,
+    CalibrationPartRecord,
+    CalibrationRecord,
+    CalibrationSettings,
+    EngineBuild,
+    EngineRecord,
+    ExportRecord,
+    GraphInterface,
+    GraphPartRecord,
+    GraphRecord,
+    LanguageModelParity,
+    LanguageModelRecord,
+    LibraryRecord,
+    Manifest,
+    ModelRecord,
+    ParityRecord,
+    PluginRecord,
+    QuantizedGraph,
+    ReferenceRecord,
+    SourceRecord,
+    ThresholdsRecord,
+)
+from ccra_export.core.parity import KeptFP32, ParityReport
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.reference_record import REFERENCE_FILE, record_reference
 from ccra_export.core.vision_graphs import TOWER, TOWER_FEATURES, GraphPart, graph_parts
@@ -86,7 +117,7 @@ class BuildOptions:
 @dataclass
 class BuildResult:
     bundle: Path
-    manifest: dict[str, Any]
+    manifest: Manifest
     report: ParityReport
 
 
@@ -155,23 +186,23 @@ def _declares_lpwca(source: Source) -> bool:
     return source.model.ccra is None or declares_lpwca_contract(source.model.ccra)
 
 
-def _plugin_record(lpwca: str, plugin_library: Path | None) -> dict[str, Any] | None:
+def _plugin_record(lpwca: str, plugin_library: Path | None) -> PluginRecord | None:
     """What the TensorRT parser needs to find for a fused graph, and the libraries' hashes."""
     if lpwca != "fused":
         return None
     cpu = library_path()
-    record: dict[str, Any] = {
-        "node": f"{lpwca_schema.DOMAIN}::{lpwca_schema.OP_TYPE}",
-        "plugin_name": lpwca_schema.OP_TYPE,
-        "plugin_version": lpwca_schema.PLUGIN_VERSION,
-        "plugin_namespace": lpwca_schema.PLUGIN_NAMESPACE,
-        "cpu_kernel_library": {"file": cpu.name, "sha256": sha256_file(cpu)},
-        "tensorrt_plugin_library": None,
-    }
+    trt_library = None
     if plugin_library is not None:
         check_plugin_library(plugin_library)
-        record["tensorrt_plugin_library"] = {"file": Path(plugin_library).name, "sha256": sha256_file(plugin_library)}
-    return record
+        trt_library = LibraryRecord(file=Path(plugin_library).name, sha256=sha256_file(plugin_library))
+    return PluginRecord(
+        node=f"{lpwca_schema.DOMAIN}::{lpwca_schema.OP_TYPE}",
+        plugin_name=lpwca_schema.OP_TYPE,
+        plugin_version=lpwca_schema.PLUGIN_VERSION,
+        plugin_namespace=lpwca_schema.PLUGIN_NAMESPACE,
+        cpu_kernel_library=LibraryRecord(file=cpu.name, sha256=sha256_file(cpu)),
+        tensorrt_plugin_library=trt_library,
+    )
 
 
 def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
@@ -275,27 +306,45 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 *(name for w in written for name in w.files),
                 REFERENCE_FILE,
                 *(engine_files(engine) if engine else []),
-                *(lm_record or {}).get("files", []),
+                *(lm_record["files"] if lm_record else []),
             ]
+            config = source.config
             manifest = new_manifest(
-                **_manifest_fields(source, options, lpwca, written, interfaces, dynamic_axes),
+                model=manifest_record(ModelRecord, config.to_dict(), "model"),
+                variant=config.variant,
+                ccra_parameters=sum(p.numel() for p in source.model.ccra.parameters()) if config.ccra else 0,
+                source=manifest_record(SourceRecord, source.record, "source"),  # type: ignore[arg-type]
+                precision=options.precision,
+                export=_export_record(source, options, lpwca, interfaces),
+                graph=_graph_record(written, interfaces),
+                dynamic_axes=dynamic_axes,
                 files=file_entries(stage, files),
-                backend={"name": backend.name, "description": backend.description},
-                parity={"file": PARITY_NAME, "passed": report.passed, "thresholds": dataclasses.asdict(limits)},
-                reference={"file": REFERENCE_FILE, "samples": recorded, "inputs": described},
+                backend=BackendRecord(name=backend.name, description=backend.description),
+                parity=ParityRecord(
+                    file=PARITY_NAME,
+                    passed=report.passed,
+                    thresholds=ThresholdsRecord(
+                        min_cosine=limits.min_cosine,
+                        max_scaled_abs_err=limits.max_scaled_abs_err,
+                        allow_nonfinite=limits.allow_nonfinite,
+                    ),
+                ),
+                reference=ReferenceRecord(file=REFERENCE_FILE, samples=recorded, inputs=described),
                 engine=engine,
                 plugin=plugin,
                 calibration=_calibration_record(written),
                 language_model=lm_record,
-                image_processor=dataclasses.asdict(processor),
+                image_processor=quantization.processor_record(processor),
             )
-            atomic.write_json(stage / MANIFEST_NAME, manifest)
+            write_manifest(stage, manifest)
     except OSError as exc:
         raise BundleError(f"cannot write the bundle ({exc.strerror or exc})", field="output", value=output) from None
     return BuildResult(output, manifest, report)
 
 
-def _check_parity_fits_profile(feeds: dict[str, Any], dynamic_axes: dict[str, Any], held_out: bool = False) -> None:
+def _check_parity_fits_profile(
+    feeds: dict[str, Any], dynamic_axes: dict[str, AxisRange], held_out: bool = False
+) -> None:
     """The recorded reference must run on the bundle's own profile (an engine is built for it):
     refuse parity inputs larger than the profile's maximum before anything is exported.
     ``held_out``: INT8, whose parity batch is its held-out images."""
@@ -316,13 +365,13 @@ class _WrittenGraph:
     part: GraphPart
     graph_files: list[str]  # the graph, then its external data
     files: list[str]  # everything written (graph files and INT8 caches)
-    calibration: dict[str, Any] | None = None
+    calibration: tuple[CalibrationSettings, QuantizedGraph] | None = None  # INT8: shared, then this graph's
     fp32_graph: Path | None = None  # INT8: the FP32 graph it was quantized from (scratch)
-    fp16_kept_fp32: list[dict[str, Any]] | None = None  # FP16: over-range tensors kept FP32
+    fp16_kept_fp32: list[KeptFP32] | None = None  # FP16: over-range tensors kept FP32
     fp32_modules: list[str] = field(default_factory=list)  # FP16: model stages holding FP32 nodes
 
 
-def _joined(lists: list[list[dict[str, Any]] | None]) -> list[dict[str, Any]] | None:
+def _joined(lists: list[list[KeptFP32] | None]) -> list[KeptFP32] | None:
     if all(item is None for item in lists):
         return None
     return [row for rows in lists for row in rows or []]
@@ -351,14 +400,14 @@ def _write_graph(
         f"{', LPWCA fused' if fused else ''})"
     ):
         proto = export_model_proto(source.model, opset=options.opset, lpwca="fused" if fused else "portable", part=part)
-    kept: list[dict[str, Any]] | None = None
+    kept: list[KeptFP32] | None = None
     fp32_modules: list[str] = []
     fp32_graph = scratch / part.file
     if options.precision == "fp16":
         with steps.step(f"FP32 activation ranges of {part.file} on the parity inputs (what FP16 cannot hold)"):
             save_model(proto, fp32_graph, options.external_data)
             over = over_range(proto, activation_ranges(fp32_graph, feeds))
-        kept = [{**o.to_dict(), "graph": part.file} if what else o.to_dict() for o in over]
+        kept = [o.to_dict(graph=part.file if what else None) for o in over]
         keep_nodes = [node for o in over for node in o.nodes]
         present = {scope for scope in STAGE_SCOPES if nodes_in_scope(proto, scope)}
         fp32_modules = [
@@ -378,23 +427,19 @@ def _write_graph(
     del proto
     transform = quantization.part_inputs(part, scratch / TOWER.file)
     cache = quantization.ORT_CACHE if part.name == "vision" else f"{part.name}.{quantization.ORT_CACHE}"
-    graph_files, record = quantization.quantize(
+    graph_files, settings, quantized = quantization.quantize(
         fp32_graph, stage, part.file, calibration, options.int8, steps, transform=transform, ort_cache=cache
     )
-    return _WrittenGraph(part, graph_files, [*graph_files, cache], record, fp32_graph)
+    return _WrittenGraph(part, graph_files, [*graph_files, cache], (settings, quantized), fp32_graph)
 
 
-def _calibration_record(written: list[_WrittenGraph]) -> dict[str, Any] | None:
-    """INT8: the calibration record; a split bundle's head adds its own counts and range cache."""
+def _calibration_record(written: list[_WrittenGraph]) -> CalibrationRecord | None:
+    """INT8: what the graphs were calibrated with (the first graph's record), and each graph's own
+    counts and range cache under ``parts``, in the graphs' order."""
     if written[0].calibration is None:
         return None
-    record = dict(written[0].calibration)
-    for w in written[1:]:
-        keys = ("quantized_nodes", "excluded_nodes", "ort_cache")
-        record.setdefault("graphs", {})[w.part.name] = {k: w.calibration[k] for k in keys}
-    if len(written) > 1:
-        record["graph"] = written[0].part.name
-    return record
+    parts = [CalibrationPartRecord(part=w.part.name, **w.calibration[1]) for w in written if w.calibration is not None]
+    return CalibrationRecord(**written[0].calibration[0], parts=parts)
 
 
 def _open_backend(
@@ -402,16 +447,17 @@ def _open_backend(
     parts: tuple[GraphPart, ...],
     kind: str,
     reason: str,
-    interfaces: list[dict[str, Any]],
-    dynamic_axes: dict[str, Any],
-    plugin: dict[str, Any] | None,
+    interfaces: list[GraphInterface],
+    dynamic_axes: dict[str, AxisRange],
+    plugin: PluginRecord | None,
     options: BuildOptions,
     steps: Steps,
-) -> tuple[Any, dict[str, Any] | None]:
+) -> tuple[Any, EngineRecord | None]:
     """The backend that runs the bundle's graph(s) for parity, and the engine record when TensorRT
     built them (one engine per graph; a split bundle's record lists both)."""
     library = options.plugin_library if plugin else None  # build_bundle checked it is given for TensorRT
-    runners, records = [], []
+    runners: list[Any] = []
+    records: list[EngineBuild] = []
     for part, interface in zip(parts, interfaces, strict=True):
         profile = optimization_profiles(interface["inputs"], dynamic_axes)
         part_library = library if part.name != TOWER.name else None  # the tower has no LPWCA node
@@ -457,71 +503,60 @@ def _add_language_model(
     options: BuildOptions,
     backend_kind: str,
     steps: Steps,
-) -> dict[str, Any] | None:
+) -> LanguageModelRecord | None:
     """``--lm-precision``: the decoder and embedding model into the bundle, their parity into the report."""
     if not options.lm_precision:
         return None
     device, why = language_model.resolve_device(options.lm_device, backend_kind)
     steps.info(f"language model device: {device} ({why})")
-    record = language_model.export_into(
+    exported = language_model.export_into(
         Path(source.record["path"]), stage, scratch, options.lm_precision, device, steps
     )
-    report.language_model = language_model.parity(Path(record.pop("hf_dir")), stage / "lm", device, steps)
-    report.extra_failures += lm_parity.failures(options.lm_precision, report.language_model)
-    record["files"] = sorted({*record["files"], lm_parity.LM_REFERENCE_FILE})
-    record["parity"] = {k: report.language_model[k] for k in ("ran_on", "first_token_logits", "tokens")}
-    return record
+    figures = language_model.parity(exported.hf_dir, stage / "lm", device, steps)
+    report.language_model = figures
+    report.extra_failures += lm_parity.failures(options.lm_precision, figures)
+    return LanguageModelRecord(  # precision and device: the flags' choices, checked by the schema on write
+        precision=exported.precision,  # type: ignore[typeddict-item]
+        device=exported.device,  # type: ignore[typeddict-item]
+        image_token_id=exported.image_token_id,
+        template=exported.template,
+        files=sorted({*exported.files, lm_parity.LM_REFERENCE_FILE}),
+        parity=LanguageModelParity(
+            ran_on=figures["ran_on"],  # type: ignore[typeddict-item]  # "cpu" or "cuda": runnable_device
+            first_token_logits=figures["first_token_logits"],
+            tokens=figures["tokens"],
+        ),
+    )
 
 
-def _manifest_fields(
-    source: Source,
-    options: BuildOptions,
-    lpwca: str,
-    written: list[_WrittenGraph],
-    interfaces: list[dict[str, Any]],
-    dynamic_axes: dict[str, Any],
-) -> dict[str, Any]:
+def _graph_record(written: list[_WrittenGraph], interfaces: list[GraphInterface]) -> GraphRecord:
+    """The manifest's ``graph``: the vision stage as a whole (the first graph's inputs and the later
+    graphs' own, besides the tower's features; the last graph's outputs) and each graph's record."""
+    inputs = [*interfaces[0]["inputs"]]
+    inputs += [spec for interface in interfaces[1:] for spec in interface["inputs"] if spec["name"] != TOWER_FEATURES]
+    parts = [
+        GraphPartRecord(
+            name=w.part.name,
+            file=w.part.file,
+            external_data=w.graph_files[1:],
+            inputs=interface["inputs"],
+            outputs=interface["outputs"],
+        )
+        for w, interface in zip(written, interfaces, strict=True)
+    ]
+    return GraphRecord(inputs=inputs, outputs=interfaces[-1]["outputs"], parts=parts)
+
+
+def _export_record(source: Source, options: BuildOptions, lpwca: str, interfaces: list[GraphInterface]) -> ExportRecord:
     import torch
 
     config = source.config
-    if len(written) == 1:
-        graph = {
-            "file": written[0].part.file,
-            "external_data": written[0].graph_files[1:],
-            "inputs": interfaces[0]["inputs"],
-            "outputs": interfaces[0]["outputs"],
-        }
-    else:  # the vision stage as a whole: the tower's pixels and the head's text in, the head's outputs out
-        tower, head = interfaces
-        graph = {
-            "inputs": [*tower["inputs"], *(i for i in head["inputs"] if i["name"] != TOWER_FEATURES)],
-            "outputs": head["outputs"],
-            "parts": [
-                {
-                    "name": w.part.name,
-                    "file": w.part.file,
-                    "external_data": w.graph_files[1:],
-                    "inputs": interface["inputs"],
-                    "outputs": interface["outputs"],
-                }
-                for w, interface in zip(written, interfaces, strict=True)
-            ],
-        }
-    return {
-        "model": config.to_dict(),
-        "variant": config.variant,
-        "ccra_parameters": sum(p.numel() for p in source.model.ccra.parameters()) if config.ccra else 0,
-        "source": source.record,
-        "precision": options.precision,
-        "export": {
-            "exporter": f"torch.onnx (dynamo) torch {torch.__version__}",
-            "opset": interfaces[0]["opset"],
-            "ir_version": interfaces[0]["ir_version"],
-            "ccra_fp32_in_fp16": not options.ccra_fp16 if options.precision == "fp16" else None,
-            "lpwca": lpwca,
-            "split_vision": len(written) > 1,
-            "ccra_module": config.ccra.module_path if config.ccra else None,
-        },
-        "graph": graph,
-        "dynamic_axes": dynamic_axes,
-    }
+    return ExportRecord(
+        exporter=f"torch.onnx (dynamo) torch {torch.__version__}",
+        opset=interfaces[0]["opset"],
+        ir_version=interfaces[0]["ir_version"],
+        ccra_fp32_in_fp16=not options.ccra_fp16 if options.precision == "fp16" else None,
+        lpwca=lpwca,  # type: ignore[typeddict-item]  # resolve_lpwca: portable, fused or none
+        split_vision=len(interfaces) > 1,
+        ccra_module=config.ccra.module_path if config.ccra else None,
+    )

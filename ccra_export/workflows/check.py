@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.manifest import read_manifest, verify_files
-from ccra_export.core.parity import ParityReport
+from ccra_export.core.manifest_schema import LanguageModelRecord
+from ccra_export.core.parity import LanguageModelReport, ParityReport
 from ccra_export.runtime import lm_parity
 from ccra_export.runtime.language_model import LanguageModel
 from ccra_export.runtime.vlm_pipeline import LM_DIR
@@ -50,7 +50,7 @@ def check_bundle(
     return report
 
 
-def _check_language_model(bundle: Path, record: dict[str, Any], report: ParityReport, steps: Steps) -> None:
+def _check_language_model(bundle: Path, record: LanguageModelRecord, report: ParityReport, steps: Steps) -> None:
     """Rerun the decoder on the prompt the build recorded; compare with Hugging Face's answer and
     with the build's own figures (torch-free: this runs on a Jetson too)."""
     ran_on = lm_parity.runnable_device(record["device"])
@@ -58,6 +58,12 @@ def _check_language_model(bundle: Path, record: dict[str, Any], report: ParityRe
     with steps.step(title):
         lm = LanguageModel(bundle / LM_DIR, ran_on)
         measured = lm_parity.figures(lm, bundle / lm_parity.LM_REFERENCE_FILE)
-    report.language_model = {"reference": "recorded at build time", "device": record["device"], "ran_on": ran_on}
-    report.language_model.update(measured, built=record["parity"])
-    report.extra_failures += lm_parity.failures(record["precision"], report.language_model, record["parity"])
+    figures: LanguageModelReport = {
+        "reference": "recorded at build time",
+        "device": record["device"],
+        "ran_on": ran_on,
+        **measured,
+        "built": record["parity"],
+    }
+    report.language_model = figures
+    report.extra_failures += lm_parity.failures(record["precision"], figures, record["parity"])

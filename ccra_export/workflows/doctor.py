@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ccra_export.core.errors import MissingDependencyError
-from ccra_export.core.extras import EXPORT_MODULES, missing_modules
+from ccra_export.core.extras import install_command, install_hint, missing
 from ccra_export.core.platform import TEGRA_RELEASE, detect_jetson, gpus, run_quiet
 from ccra_export.runtime.backends import tensorrt_status
 from ccra_export.runtime.lpwca_cpu import library_path
@@ -49,7 +49,8 @@ def _ort_checks() -> list[Check]:
             ""
             if len(dists) <= 1
             else f"keep one: pip uninstall -y {' '.join(dists)}, then install the one you need "
-            "(pip install 'ccra-export[cpu]' or '[gpu]'; on a Jetson, Jetson AI Lab's onnxruntime-gpu)",
+            f"({install_command('cpu')} or {install_command('gpu')} in the ccra-export checkout; on a Jetson, "
+            "Jetson AI Lab's onnxruntime-gpu)",
         )
     )
     for provider, use in (("CUDAExecutionProvider", "CUDA"), ("TensorrtExecutionProvider", "--backend ort-trt")):
@@ -86,13 +87,13 @@ def _lm_device_check() -> Check:
 
 
 def _export_stack_check() -> Check:
-    missing = missing_modules(EXPORT_MODULES)
-    if missing:
+    absent = missing("export")
+    if absent:
         return Check(
             "PyTorch export stack",
             False,
-            f"{', '.join(missing)} not installed: this machine can run, check (recorded reference) and build engines",
-            "only `build` needs it: pip install 'ccra-export[export]' (Jetson: JetPack's PyTorch first)",
+            f"{', '.join(absent)} not installed: this machine can run, check (recorded reference) and build engines",
+            f"only `build` needs it: {install_hint('export')}",
         )
     return Check("PyTorch export stack", True, f"torch {importlib.metadata.version('torch')}: `build` works here")
 

@@ -16,13 +16,8 @@ from pathlib import Path
 from ccra_export.core import atomic
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import BackendUnavailableError, BundleError, ConfigError, Remedy
-from ccra_export.core.manifest import (
-    ENGINE_PARITY_FILE,
-    MANIFEST_NAME,
-    file_entry,
-    read_manifest,
-    verify_files,
-)
+from ccra_export.core.manifest import ENGINE_PARITY_FILE, file_entry, read_manifest, verify_files, write_manifest
+from ccra_export.core.manifest_schema import EngineBuild, EngineParity
 from ccra_export.core.parity import ParityReport
 from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.vision_graphs import PARTS, TOWER, part_records
@@ -30,6 +25,7 @@ from ccra_export.engine.build import build_trt_engine, join_engine_records
 from ccra_export.engine.plan import bundle_profile
 from ccra_export.engine.settings import TrtOptions
 from ccra_export.runtime.backends import join_parts, tensorrt_status
+from ccra_export.runtime.vision_backend import VisionBackend
 from ccra_export.workflows.parity import check_parity, resolve_reference
 
 
@@ -86,7 +82,8 @@ def add_engine(
     except OSError as exc:
         raise BundleError(f"not writable ({exc.strerror or exc})", field="bundle", value=bundle) from None
     try:
-        runners, records = [], []
+        runners: list[VisionBackend] = []
+        records: list[EngineBuild] = []
         for part, name, profile in zip(parts, names, profiles, strict=True):
             library = plugin_library if part["name"] != TOWER.name else None  # the tower has no LPWCA node
             runner, record = build_trt_engine(
@@ -106,12 +103,12 @@ def add_engine(
         )
         atomic.write_json(bundle / ENGINE_PARITY_FILE, report.to_dict())
         record = join_engine_records(tuple(PARTS[part["name"]] for part in parts), records)
-        record["parity"] = {"file": ENGINE_PARITY_FILE, "passed": report.passed, "reference": report.reference}
+        record["parity"] = EngineParity(file=ENGINE_PARITY_FILE, passed=report.passed, reference=report.reference)
         for name in names:
             (scratch / name).replace(bundle / name)
             manifest["files"][name] = file_entry(bundle / name)
         manifest["engine"] = record
-        atomic.write_json(bundle / MANIFEST_NAME, manifest)
+        write_manifest(bundle, manifest)  # a format 2 bundle is written back in format 3
     except OSError as exc:
         raise BundleError(f"cannot write the engine ({exc.strerror or exc})", field="bundle", value=bundle) from None
     finally:

@@ -9,14 +9,15 @@ token; FP16/INT8/INT4 are reported (quantization legitimately changes tokens).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnx
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
+from ccra_export.core.parity import LanguageModelReport
 from ccra_export.export.lm_export import LM_DEVICES, build_decoder, build_embedding_model, language_model_dir
 from ccra_export.runtime import lm_parity
 from ccra_export.runtime.language_model import LanguageModel
@@ -46,10 +47,23 @@ def _decoder_input_dtype(decoder_dir: Path) -> np.dtype:
     return np.dtype(np.float16) if elem == onnx.TensorProto.FLOAT16 else np.dtype(np.float32)
 
 
+@dataclass(frozen=True)
+class ExportedLanguageModel:
+    """What ``export_into`` wrote (the manifest's ``language_model`` without its parity) and the
+    Hugging Face language model it extracted (scratch), which parity compares with."""
+
+    precision: str
+    device: str
+    image_token_id: int
+    template: str
+    files: list[str]
+    hf_dir: Path
+
+
 def export_into(
     checkpoint: Path, stage: Path, scratch: Path, precision: str, device: str = "cpu", steps: Steps = SILENT
-) -> dict[str, Any]:
-    """Write ``stage/lm`` (decoder + embedding model + tokenizer); returns the manifest record."""
+) -> ExportedLanguageModel:
+    """Write ``stage/lm`` (decoder + embedding model + tokenizer)."""
     from transformers import LlavaConfig
 
     with steps.step("Extracting the language model from the LLaVA checkpoint"):
@@ -60,17 +74,10 @@ def export_into(
     # model/checkpoint_check.py found the tokenizer's <image> equal to config.json's before any export
     image_id = LlavaConfig.from_dict(json.loads((checkpoint / "config.json").read_text())).image_token_index
     files = sorted(str(p.relative_to(stage)) for p in (stage / "lm").rglob("*") if p.is_file())
-    return {
-        "precision": precision,
-        "device": device,
-        "image_token_id": image_id,
-        "template": "llava-1.5 (vicuna_v1)",
-        "files": files,
-        "hf_dir": str(hf_dir),
-    }
+    return ExportedLanguageModel(precision, device, image_id, "llava-1.5 (vicuna_v1)", files, hf_dir)
 
 
-def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILENT) -> dict[str, Any]:
+def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILENT) -> LanguageModelReport:
     """Our decoder against transformers. It runs on ``device`` where this machine has its provider,
     else on the CPU provider (a CUDA decoder built on a CPU workstation is checked there). The
     prompt and Hugging Face's answer go into ``lm/reference.npz`` so `check` can rerun it."""
@@ -97,4 +104,10 @@ def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILEN
         lm_parity.save_reference(lm_dir.parent / lm_parity.LM_REFERENCE_FILE, ids.numpy(), want_logits, want)
         ran_on = lm_parity.runnable_device(device)
         measured = lm_parity.figures(LanguageModel(lm_dir, ran_on), lm_dir.parent / lm_parity.LM_REFERENCE_FILE)
-    return {"reference": "transformers LlamaForCausalLM, FP32", "device": device, "ran_on": ran_on, **measured}
+    report: LanguageModelReport = {
+        "reference": "transformers LlamaForCausalLM, FP32",
+        "device": device,
+        "ran_on": ran_on,
+        **measured,
+    }
+    return report

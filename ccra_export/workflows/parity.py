@@ -15,9 +15,13 @@ import numpy as np
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import BundleError, ConfigError
 from ccra_export.core.extras import export_stack_available, require_export_stack
+from ccra_export.core.manifest_schema import Manifest, ParityInputs, ThresholdsRecord
 from ccra_export.core.parity import (
     PYTORCH_REFERENCE,
     RECORDED_REFERENCE,
+    EmulatedFP16,
+    EmulatedOutput,
+    OutputParity,
     ParityReport,
     Thresholds,
     compare_output,
@@ -26,7 +30,7 @@ from ccra_export.core.parity import (
 )
 from ccra_export.core.reference_record import REFERENCE_FILE, load_reference
 from ccra_export.core.sample_inputs import random_inputs
-from ccra_export.core.vision_graphs import HEAD, TOWER, TOWER_FEATURES, GraphPart, is_split, parts_from_manifest
+from ccra_export.core.vision_graphs import HEAD, TOWER, TOWER_FEATURES, GraphPart, parts_from_manifest
 from ccra_export.workflows import quantization
 from ccra_export.workflows.source import Source, recorded_module, reference_checkpoint, source_from_manifest
 
@@ -42,14 +46,14 @@ class ParityOptions:
     max_scaled_abs_err: float | None = None
 
 
-def thresholds(precision: str, options: ParityOptions, stored: dict[str, Any] | None = None) -> Thresholds:
+def thresholds(precision: str, options: ParityOptions, stored: ThresholdsRecord | None = None) -> Thresholds:
     base = thresholds_for(precision)
     if stored:  # the manifest's schema typed these; Thresholds refuses non-finite values
         base = Thresholds(stored["min_cosine"], stored["max_scaled_abs_err"], stored["allow_nonfinite"])
     return base.with_overrides(min_cosine=options.min_cosine, max_scaled_abs_err=options.max_scaled_abs_err)
 
 
-def random_parity_feeds(source: Source, options: ParityOptions) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def random_parity_feeds(source: Source, options: ParityOptions) -> tuple[dict[str, np.ndarray], ParityInputs]:
     """Seeded random graph inputs for parity, and their description for parity.json."""
     feeds = random_inputs(
         source.config,
@@ -58,19 +62,19 @@ def random_parity_feeds(source: Source, options: ParityOptions) -> tuple[dict[st
         seed=options.seed,
         token_embeddings=source.token_embeddings,
     )
-    described = {
-        "kind": "random",
-        "seed": options.seed,
-        "batch": options.batch,
-        "text_len": options.text_len if source.config.ccra is not None else None,
-        "text_embeds": "token embedding table rows" if source.token_embeddings is not None else "N(0, 1)",
-    }
+    described = ParityInputs(
+        kind="random",
+        seed=options.seed,
+        batch=options.batch,
+        text_len=options.text_len if source.config.ccra is not None else None,
+        text_embeds="token embedding table rows" if source.token_embeddings is not None else "N(0, 1)",
+    )
     return feeds, described
 
 
 def parity_inputs(
     source: Source, parity: ParityOptions, calibration: Any = None
-) -> tuple[dict[str, np.ndarray], dict[str, Any], str]:
+) -> tuple[dict[str, np.ndarray], ParityInputs, str]:
     """(feeds, description, step title) of a parity run: INT8 is judged on its held-out images,
     every other precision on seeded random inputs (a fresh seed when ``parity.seed`` is None)."""
     if calibration is not None:
@@ -111,13 +115,13 @@ def graph_parity(
     parts: tuple[GraphPart, ...],
     part_feeds: dict[str, dict[str, np.ndarray]],
     limits: Thresholds,
-) -> dict[str, list[Any]] | None:
+) -> dict[str, list[OutputParity]] | None:
     """A split bundle: the tower and the head each against PyTorch's same stage on the same inputs
     (the head on PyTorch's tower output), so a drift is pinned on the graph that causes it."""
     if len(parts) == 1:
         return None
     runners = {TOWER.name: runner.tower, HEAD.name: runner.head}
-    results = {}
+    results: dict[str, list[OutputParity]] = {}
     for part in parts:
         feeds = part_feeds[part.name]
         actual = runners[part.name].run(feeds)
@@ -132,7 +136,7 @@ def run_parity(
     thresholds: Thresholds,
     feeds: dict[str, np.ndarray],
     reference: dict[str, np.ndarray],
-    described: dict[str, Any],
+    described: ParityInputs,
     reference_name: str = PYTORCH_REFERENCE,
 ) -> ParityReport:
     """The artifact on ``feeds`` against the reference outputs for the same inputs."""
@@ -148,7 +152,7 @@ def run_parity(
 
 
 def resolve_reference(
-    kind: str, manifest: dict[str, Any], model_override: str | None = None, ccra_module: str | None = None
+    kind: str, manifest: Manifest, model_override: str | None = None, ccra_module: str | None = None
 ) -> tuple[str, str]:
     """``--reference`` -> ``pytorch`` | ``recorded``, and one line saying which and why.
 
@@ -185,7 +189,7 @@ def resolve_reference(
 
 def check_parity(
     bundle: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     runner: Any,
     reference: str,
     *,
@@ -200,8 +204,9 @@ def check_parity(
     limits = thresholds(precision, parity, manifest["parity"]["thresholds"])
     if reference == "recorded":
         entry = manifest["reference"]
+        assert entry is not None  # resolve_reference refuses "recorded" for a bundle without one
         feeds, expected = load_reference(Path(bundle) / entry["file"])
-        described = {**entry["inputs"], "recorded_samples": entry["samples"]}
+        described: ParityInputs = {**entry["inputs"], "recorded_samples": entry["samples"]}
         with steps.step(f"Parity vs recorded PyTorch outputs ({entry['samples']} samples)"):
             return run_parity(runner, precision, limits, feeds, expected, described, RECORDED_REFERENCE)
     require_export_stack("parity against a fresh PyTorch run (reference pytorch)")
@@ -216,9 +221,8 @@ def check_parity(
         feeds, described, title = parity_inputs(source, parity)
     with steps.step(title):
         report = run_parity(runner, precision, limits, feeds, pytorch_outputs(source, feeds), described)
-        if is_split(manifest):  # each graph against PyTorch's same stage too, as at build
-            parts = parts_from_manifest(manifest)
-            report.graphs = graph_parity(source, runner, parts, split_feeds(source, parts, feeds), limits)
+        parts = parts_from_manifest(manifest)  # a split bundle: each graph against PyTorch's same stage too
+        report.graphs = graph_parity(source, runner, parts, split_feeds(source, parts, feeds), limits)
         return report
 
 
@@ -229,24 +233,27 @@ def emulated_fp16(
     limits: Thresholds,
     *,
     fp32_modules: list[str],
-) -> tuple[dict[str, Any], list[str]]:
+) -> tuple[EmulatedFP16, list[str]]:
     """FP16 arithmetic emulated with PyTorch's CPU half kernels, against the FP32 reference: with the
     graph's FP32 islands (``fp32_modules``: what a strongly typed engine computes; it gates the
     build) and with none (what weak typing risks; reported). Returns parity.json's rows and the
     failures."""
     from ccra_export.model.fp16_emulation import half_precision_outputs  # torch: the [export] extra
 
-    rows: dict[str, Any] = {
-        "method": "PyTorch reference in float16 on the CPU (half arithmetic, as a GPU)",
-        "fp32_modules": fp32_modules,
-    }
+    rows: dict[str, dict[str, EmulatedOutput]] = {}
     failures: list[str] = []
     for label, modules in (("graph_islands", fp32_modules), ("no_islands", [])):
         outputs = half_precision_outputs(source.model, feeds, fp32_modules=modules)
         results = [compare_output(name, outputs[name], reference[name], limits) for name in reference]
-        rows[label] = {r.name: {"cosine": r.cosine, "nonfinite": r.nonfinite, "passed": r.passed} for r in results}
+        rows[label] = {r.name: EmulatedOutput(cosine=r.cosine, nonfinite=r.nonfinite, passed=r.passed) for r in results}
         if label == "graph_islands":
             failures += [
                 f"emulated FP16 arithmetic, {r.name}: {', '.join(r.failures)}" for r in results if not r.passed
             ]
-    return rows, failures
+    emulated = EmulatedFP16(
+        method="PyTorch reference in float16 on the CPU (half arithmetic, as a GPU)",
+        fp32_modules=fp32_modules,
+        graph_islands=rows["graph_islands"],
+        no_islands=rows["no_islands"],
+    )
+    return emulated, failures

@@ -21,6 +21,15 @@ from ccra_export.calibration.text import TextEmbedder
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.image_preprocess import ImageProcessorConfig
+from ccra_export.core.manifest import manifest_record
+from ccra_export.core.manifest_schema import (
+    CalibrationSettings,
+    HeldOutImage,
+    ImageProcessorRecord,
+    ParityInputs,
+    QuantizedGraph,
+    SkippedImage,
+)
 from ccra_export.core.shapes import questions, random_scene, render
 from ccra_export.core.vision_graphs import HEAD, PIXEL_VALUES, TOWER, TOWER_FEATURES, GraphPart
 from ccra_export.demo import DEMO
@@ -146,11 +155,12 @@ def quantize(
     *,
     transform: Transform | None = None,
     ort_cache: str = ORT_CACHE,
-) -> tuple[list[str], dict[str, Any]]:
+) -> tuple[list[str], CalibrationSettings, QuantizedGraph]:
     """Write the Q/DQ graph and ONNX Runtime's calibration cache (``ort_cache``) into ``stage``;
     ``transform`` maps the images' inputs to this graph's (``part_inputs``).
 
-    Returns the graph files and the manifest record."""
+    Returns the graph files and the manifest's calibration record: what every graph was calibrated
+    with, and this graph's own counts and cache."""
     images = calibration.dataset.calibration
     title = f"Calibrating {graph_file} ({options.method}, {len(images)} images) and inserting Q/DQ"
     with steps.progress(title, total=len(images), unit="images") as advance:
@@ -165,26 +175,35 @@ def quantize(
         )
     graph_files = sorted(p.name for p in stage.iterdir() if p.name == graph_file or p.name.startswith(f"{graph_file}."))
     graph_files.sort(key=lambda name: name != graph_file)  # the graph first, its external data after
-    record = {
-        **asdict(summary),
-        "quantized_op_types": list(QUANTIZED_OP_TYPES),
-        "format": "QDQ, symmetric int8 activations and per-channel weights",
-        "calibration_dir": str(Path(options.calib_data).resolve())
+    settings = CalibrationSettings(
+        method=summary.method,
+        quantize_ccra=summary.quantize_ccra,
+        per_channel=summary.per_channel,
+        quantized_op_types=list(QUANTIZED_OP_TYPES),
+        format="QDQ, symmetric int8 activations and per-channel weights",
+        calibration_dir=str(Path(options.calib_data).resolve())
         if options.calib_data
         else f"generated: shapes task, seed {DEMO_CALIBRATION_SEED}",
-        "images_used": [item.path.name for item in images],
-        "held_out": [{"file": item.path.name, "prompt": item.prompt} for item in calibration.dataset.held_out],
-        "skipped": [{"file": p.name, "reason": r} for p, r in calibration.dataset.skipped],
-        "prompts": str(options.prompts) if options.prompts else "default instructions",
-        "batch_size": reader.batch_size,
-        "processor": asdict(calibration.processor),
-        "text_embeddings": calibration.embedder.source if calibration.embedder else None,
-        "ort_cache": ort_cache,
-    }
-    return graph_files, record
+        images_used=[item.path.name for item in images],
+        held_out=[HeldOutImage(file=item.path.name, prompt=item.prompt) for item in calibration.dataset.held_out],
+        skipped=[SkippedImage(file=p.name, reason=r) for p, r in calibration.dataset.skipped],
+        prompts=str(options.prompts) if options.prompts else "default instructions",
+        batch_size=reader.batch_size,
+        processor=processor_record(calibration.processor, "calibration.processor"),
+        text_embeddings=calibration.embedder.source if calibration.embedder else None,
+    )
+    graph = QuantizedGraph(
+        quantized_nodes=summary.quantized_nodes, excluded_nodes=summary.excluded_nodes, ort_cache=ort_cache
+    )
+    return graph_files, settings, graph
 
 
-def held_out_feeds(calibration: Calibration) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+def processor_record(processor: ImageProcessorConfig, key: str = "image_processor") -> ImageProcessorRecord:
+    """The image processor as the manifest records it (``image_processor``, ``calibration.processor``)."""
+    return manifest_record(ImageProcessorRecord, asdict(processor), key)
+
+
+def held_out_feeds(calibration: Calibration) -> tuple[dict[str, np.ndarray], ParityInputs]:
     items = calibration.dataset.held_out
-    described = {"kind": "held-out images", "images": [i.path.name for i in items], "batch": len(items)}
+    described = ParityInputs(kind="held-out images", images=[i.path.name for i in items], batch=len(items))
     return make_feeds(items, calibration.processor, calibration.embedder), described

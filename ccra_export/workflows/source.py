@@ -13,6 +13,7 @@ import numpy as np
 from ccra_export.core.config import DEFAULT_CCRA_MODULE, PRESETS, ModelConfig, check_module_path, preset
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import CheckpointError, ConfigError
+from ccra_export.core.manifest_schema import Manifest
 from ccra_export.demo import CHECKPOINT as DEMO_CHECKPOINT
 from ccra_export.demo import DEMO
 from ccra_export.runtime.vision_backend import available_providers
@@ -34,7 +35,7 @@ def demo_checkpoint() -> Path:
     return DEMO_CHECKPOINT
 
 
-def reference_checkpoint(manifest: dict[str, Any], model: str | None) -> str | None:
+def reference_checkpoint(manifest: Manifest, model: str | None) -> str | None:
     """The checkpoint ``--model`` names for a bundle's PyTorch reference: ``demo`` is the shipped
     one, and a bundle built from the demo finds it without ``--model`` (it is this installation's
     own package data, not a path the manifest chose; its hash is still checked)."""
@@ -171,14 +172,14 @@ def _module_record(config: ModelConfig) -> dict[str, Any]:
     return {"ccra_module": config.ccra.module} if config.ccra is not None and config.ccra.is_plugin else {}
 
 
-def recorded_module(manifest: dict[str, Any]) -> str | None:
+def recorded_module(manifest: Manifest) -> str | None:
     """The plug-in CCRA module a bundle was built with (None: the reconstruction, or plain)."""
     module = manifest["source"].get("ccra_module")
     return module if isinstance(module, str) else None
 
 
 def source_from_manifest(
-    manifest: dict[str, Any], model_override: str | None, steps: Steps = SILENT, ccra_module: str | None = None
+    manifest: Manifest, model_override: str | None, steps: Steps = SILENT, ccra_module: str | None = None
 ) -> Source:
     """Rebuild the PyTorch reference a bundle was built from, refusing a changed checkpoint.
 

@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
-from ccra_export.core.errors import BundleError, ConfigError, MissingDependencyError
+from ccra_export.core.errors import BundleError, ConfigError
+from ccra_export.core.extras import missing_error, require
+from ccra_export.core.manifest_schema import GraphPartRecord, GraphRecord, Manifest
 from ccra_export.core.vision_graphs import HEAD, TOWER, WHOLE_CCRA, engine_records, part_records
 
 VISION_MODEL = "ccra_vision"
@@ -62,12 +64,11 @@ BATCH_AXIS = "batch"
 
 def model_config_pb2() -> ModuleType:
     """Triton's ModelConfig protobuf module, from tritonclient (the ``[triton]`` extra)."""
+    require("triton", "ccra-export triton")
     try:
         from tritonclient.grpc import model_config_pb2 as pb2
-    except ImportError:
-        raise MissingDependencyError(
-            "ccra-export triton needs tritonclient (Triton's ModelConfig schema): pip install 'ccra-export[triton]'"
-        ) from None
+    except ImportError as exc:  # installed, but broken (a mismatched grpcio or protobuf)
+        raise missing_error("triton", "ccra-export triton", f"tritonclient.grpc does not import: {exc}") from None
     return pb2
 
 
@@ -97,25 +98,28 @@ class Batching:
     max_queue_delay_us: int
 
 
-def part_manifest(manifest: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+def part_manifest(manifest: Manifest, part: GraphPartRecord) -> Manifest:
     """The manifest as if ``part`` (a ``part_records`` entry) were the bundle's only graph, with
-    that part's engine record: what configures the part's model. For a single-graph bundle it is
+    that part's engine alone: what configures the part's model. For a single-graph bundle it is
     the manifest itself."""
-    graph = {key: part[key] for key in ("file", "external_data", "inputs", "outputs")}
-    return {**manifest, "graph": graph, "engine": engine_records(manifest).get(part["name"])}
+    graph = GraphRecord(inputs=part["inputs"], outputs=part["outputs"], parts=[part])
+    engine = manifest["engine"]
+    if engine:
+        engine = {**engine, "parts": [record for record in engine["parts"] if record["part"] == part["name"]]}
+    return {**manifest, "graph": graph, "engine": engine}
 
 
-def part_manifests(manifest: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+def part_manifests(manifest: Manifest) -> list[tuple[str, Manifest]]:
     """(Triton model name, ``part_manifest``) for each graph of the bundle, in execution order."""
     return [(PART_MODELS[part["name"]], part_manifest(manifest, part)) for part in part_records(manifest)]
 
 
-def batch_range(manifest: dict[str, Any]) -> tuple[int, int, int]:
+def batch_range(manifest: Manifest) -> tuple[int, int, int]:
     """(min, opt, max) of the batch axis: the engine's profile when the bundle has one (its build
     may have overridden the manifest's axes), else the manifest's ``dynamic_axes``."""
-    engine = manifest.get("engine") or {}
     first = manifest["graph"]["inputs"][0]
-    profile = (engine.get("profile") or {}).get(first["name"])
+    engines = engine_records(manifest).values()
+    profile = next((e["profile"][first["name"]] for e in engines if first["name"] in e["profile"]), None)
     if profile and first["shape"] and first["shape"][0] == BATCH_AXIS:
         low, opt, high = (int(shape[0]) for shape in profile)
         return low, opt, high
@@ -125,16 +129,16 @@ def batch_range(manifest: dict[str, Any]) -> tuple[int, int, int]:
     return axis["min"], axis["opt"], axis["max"]
 
 
-def batching(manifest: dict[str, Any], max_queue_delay_us: int, *, use_engine: bool) -> Batching:
+def batching(manifest: Manifest, max_queue_delay_us: int, *, use_engine: bool) -> Batching:
     """The dynamic-batching policy of ccra_vision for this bundle (of one graph's model, given its
     ``part_manifest``)."""
-    view = manifest if use_engine else {**manifest, "engine": None}
+    view: Manifest = manifest if use_engine else {**manifest, "engine": None}
     _, opt, high = batch_range(view)
     preferred = tuple(sorted({opt, high} - {1}))
     return Batching(high, preferred, max_queue_delay_us)
 
 
-def batched_graph(manifest: dict[str, Any]) -> bool:
+def batched_graph(manifest: Manifest) -> bool:
     """Every vision input and output has the symbolic batch axis first (Triton's batch dimension)."""
     graph = manifest["graph"]
     return all(spec["shape"] and spec["shape"][0] == BATCH_AXIS for spec in [*graph["inputs"], *graph["outputs"]])
@@ -155,9 +159,13 @@ def triton_dims(shape: list[int | str], batched: bool) -> list[int]:
     return [d if isinstance(d, int) else -1 for d in dims]
 
 
-def _add_tensors(config: Any, pb2: ModuleType, manifest: dict[str, Any], batched: bool) -> None:
-    for kind, target in (("inputs", config.input), ("outputs", config.output)):
-        for spec in manifest["graph"][kind]:
+def _add_tensors(config: Any, pb2: ModuleType, manifest: Manifest, batched: bool) -> None:
+    graph = manifest["graph"]
+    for kind, target, specs in (
+        ("inputs", config.input, graph["inputs"]),
+        ("outputs", config.output, graph["outputs"]),
+    ):
+        for spec in specs:
             target.add(
                 name=spec["name"],
                 data_type=pb2.DataType.Value(triton_type(spec["dtype"], f"graph.{kind} {spec['name']}")),
@@ -166,7 +174,7 @@ def _add_tensors(config: Any, pb2: ModuleType, manifest: dict[str, Any], batched
 
 
 def vision_config(
-    manifest: dict[str, Any],
+    manifest: Manifest,
     platform: str,
     policy: Batching,
     *,

@@ -24,20 +24,22 @@ copied otherwise. It is written to a staging directory and renamed into place wh
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from ccra_export import __version__
 from ccra_export.core.atomic import staged_directory
 from ccra_export.core.errors import BundleError, ConfigError, Remedy, no_language_model
+from ccra_export.core.genai_config import GENAI_CONFIG, read_genai_config
 from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest import MANIFEST_NAME, bundle_path, read_manifest
+from ccra_export.core.manifest_schema import EngineTarget, Manifest
 from ccra_export.core.platform import gpus
 from ccra_export.core.plugin_library import check_plugin_library
-from ccra_export.core.vision_graphs import is_split
+from ccra_export.core.vision_graphs import engine_records, is_split, part_records
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.serve.triton.config import (
     HEAD_MODEL,
@@ -78,7 +80,8 @@ try:
 except ImportError as exc:
     raise ImportError(
         "{model}: the Python that runs Triton's Python backend cannot import ccra_export "
-        f"({{exc}}); pip install 'ccra-export[gpu]' (or [cpu]) there, or put the environment that has it first on PATH"
+        f"({{exc}}); install it there from a copy of the ccra-export checkout (pip install '/opt/ccra-export[gpu]', "
+        "or [cpu]), or put the environment that has it first on PATH"
     ) from exc
 
 
@@ -116,7 +119,7 @@ class RepoResult:
     notes: list[str] = field(default_factory=list)
 
 
-def engine_gpu_mismatch(engine: dict[str, Any], local: list[tuple[str, str]]) -> str | None:
+def engine_gpu_mismatch(engine: EngineTarget, local: list[tuple[str, str]]) -> str | None:
     """Why the engine cannot run on this machine's GPUs, or None when one of them matches."""
     built = f"{engine.get('gpu') or 'a GPU'} (compute capability {engine['compute_capability']})"
     if not local:
@@ -127,13 +130,13 @@ def engine_gpu_mismatch(engine: dict[str, Any], local: list[tuple[str, str]]) ->
     return f"the engine was built for {built}; this machine has {here}"
 
 
-def fused(manifest: dict[str, Any]) -> bool:
+def fused(manifest: Manifest) -> bool:
     """The graph has the fused ccra::LPWCA node (a TensorRT plugin; ONNX Runtime runs it from Python)."""
     return bool(manifest.get("plugin")) or manifest.get("export", {}).get("lpwca") == "fused"
 
 
 def choose_vision_backend(
-    bundle: Path, manifest: dict[str, Any], requested: str, local_gpus: list[tuple[str, str]]
+    bundle: Path, manifest: Manifest, requested: str, local_gpus: list[tuple[str, str]]
 ) -> tuple[str, str]:
     """(tensorrt | onnxruntime | python, why auto chose it)."""
     if requested not in VISION_BACKENDS:
@@ -194,7 +197,7 @@ def place(source: Path, target: Path) -> bool:
         return True
 
 
-def mirror_bundle(bundle: Path, target: Path, manifest: dict[str, Any]) -> bool:
+def mirror_bundle(bundle: Path, target: Path, manifest: Manifest) -> bool:
     """The manifest and the files it lists under ``target``; True if any was copied.
 
     Only what the manifest lists, each resolved inside the bundle (``bundle_path``): a stray file or
@@ -220,7 +223,7 @@ def check_paths(bundle: Path, repo: Path, force: bool) -> None:
         )
 
 
-def plugin_for_engine(manifest: dict[str, Any], library: Path | None) -> Path | None:
+def plugin_for_engine(manifest: Manifest, library: Path | None) -> Path | None:
     """The LPWCA plugin library the engine needs (None for an unfused graph), checked against the
     hash the engine build recorded."""
     if not fused(manifest):
@@ -240,7 +243,7 @@ def plugin_for_engine(manifest: dict[str, Any], library: Path | None) -> Path | 
     return library
 
 
-def holds_lpwca(manifest: dict[str, Any], model: str) -> bool:
+def holds_lpwca(manifest: Manifest, model: str) -> bool:
     """The model's graph has the fused ccra::LPWCA node: the single graph or CCRA's head, never
     the CLIP tower."""
     return fused(manifest) and model != TOWER_MODEL
@@ -249,7 +252,7 @@ def holds_lpwca(manifest: dict[str, Any], model: str) -> bool:
 def write_vision_model(
     bundle: Path,
     model_dir: Path,
-    manifest: dict[str, Any],
+    manifest: Manifest,
     kind: str,
     policy: Batching,
     plugin: Path | None,
@@ -261,9 +264,9 @@ def write_vision_model(
     folder); True when a file was copied."""
     copied = False
     parameters = {"tool_version": __version__}
-    graph = manifest["graph"]
+    (graph,) = part_records(manifest)
     if kind == "tensorrt":
-        copied |= place(bundle / manifest["engine"]["file"], model_dir / VERSION / "model.plan")
+        copied |= place(bundle / engine_records(manifest)[graph["name"]]["file"], model_dir / VERSION / "model.plan")
         if plugin is not None:
             copied |= place(plugin, model_dir / plugin.name)
             parameters["lpwca_plugin_library"] = plugin.name
@@ -283,6 +286,40 @@ def write_vision_model(
     return copied
 
 
+#: the protobuf types of the config fields the options fill (ModelInstanceGroup.count is int32,
+#: DynamicBatching.max_queue_delay_microseconds uint64): past them the config cannot be written
+INT32_MAX = 2**31 - 1
+UINT64_MAX = 2**64 - 1
+
+
+def check_options(options: RepoOptions) -> None:
+    """Every number within what the config's fields hold, finite and in range, before anything is read."""
+    cache = options.tower_cache_mib
+    if not isinstance(cache, int | float) or not math.isfinite(cache) or cache < 0:
+        raise ConfigError("expected a finite number, 0 (no cache) or more", field="tower_cache_mib", value=f"{cache}")
+    ranges = {
+        "vision_instances": (1, INT32_MAX),
+        "vlm_instances": (1, INT32_MAX),
+        "max_queue_delay_us": (0, UINT64_MAX),
+        "max_new_tokens": (1, INT32_MAX),
+    }
+    for name, (low, high) in ranges.items():
+        value = getattr(options, name)
+        if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+            raise ConfigError(f"expected a whole number from {low} to {high}", field=name, value=value)
+
+
+def check_max_new_tokens(bundle: Path, max_new_tokens: int) -> None:
+    """The default answer length must leave the prompt room in the language model's context."""
+    context = read_genai_config(bundle / "lm" / "decoder" / GENAI_CONFIG)["context_length"]  # vlm_pipeline.LM_DIR
+    if max_new_tokens >= context:
+        raise ConfigError(
+            f"leaves no room for a prompt in the language model's context of {context} tokens; expected fewer",
+            field="max_new_tokens",
+            value=max_new_tokens,
+        )
+
+
 def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions, *, force: bool = False) -> RepoResult:
     """Write the model repository for ``bundle`` at ``repo`` (see the module docstring)."""
     bundle, repo = Path(bundle), Path(repo)
@@ -291,13 +328,11 @@ def write_repository(bundle: str | Path, repo: str | Path, options: RepoOptions,
         raise ConfigError(f"expected one of {', '.join(DEVICES)}", field="device", value=options.device)
     if options.text_type not in TEXT_TYPES:
         raise ConfigError(f"expected one of {', '.join(TEXT_TYPES)}", field="text_type", value=options.text_type)
-    if options.tower_cache_mib < 0:
-        raise ConfigError(
-            "expected 0 (no cache) or more", field="tower_cache_mib", value=f"{options.tower_cache_mib:g}"
-        )
+    check_options(options)
     manifest = read_manifest(bundle)
     if not manifest.get("language_model"):
         raise no_language_model(bundle)
+    check_max_new_tokens(bundle, options.max_new_tokens)
     check_paths(bundle, repo, force)
     local_gpus = gpus()
     kind, reason = choose_vision_backend(bundle, manifest, options.vision_backend, local_gpus)
@@ -412,7 +447,8 @@ def repo_readme(
         "`text` (one response per piece of text; `stream` false: one response).",
         "",
         "Serve it with this folder mounted at /models, ccra-export installed in the Python that runs Triton's "
-        "Python backend (`pip install 'ccra-export[gpu]'` in NVIDIA's Triton container):",
+        "Python backend (in NVIDIA's Triton container, from a copy of the ccra-export checkout: "
+        "`pip install '/opt/ccra-export[gpu]'`; ccra-export's docs/triton.md has the Dockerfile):",
         "",
         "```",
         launch,
