@@ -49,3 +49,29 @@ def test_report_passes_only_when_every_output_passes():
     report = compare_outputs(bad, ref, precision="fp16", backend="x", thresholds=DEFAULT_THRESHOLDS["fp16"])
     assert not report.passed and report.failure_summary().startswith("b: cosine -1.0000000")
     assert report.to_dict()["outputs"][0]["passed"] is True
+
+
+def test_one_broken_visual_token_fails_though_the_whole_output_passes():
+    """A TensorRT-Edge-LLM user saw mean cosine 0.995 with one visual token at 0.28: the global cosine
+    hides it; the worst-token figures do not."""
+    rng = np.random.default_rng(0)
+    reference = rng.standard_normal((2, 576, 64)).astype(np.float32)
+    actual = reference + rng.standard_normal(reference.shape).astype(np.float32) * 0.002
+    actual[1, 100] = rng.standard_normal(64)  # one token of the second image replaced
+    result = compare_output("visual_tokens", actual, reference, DEFAULT_THRESHOLDS["fp16"])
+    assert result.cosine > DEFAULT_THRESHOLDS["fp16"].min_cosine  # the global check alone passes
+    a, b = actual[1, 100].astype(np.float64), reference[1, 100].astype(np.float64)
+    assert math.isclose(result.worst_token_cosine, a @ b / np.linalg.norm(a) / np.linalg.norm(b), rel_tol=1e-9)
+    assert math.isclose(result.worst_token_rel_err, np.linalg.norm(a - b) / np.linalg.norm(b), rel_tol=1e-9)
+    assert not result.passed and any("worst visual token cosine" in f for f in result.failures)
+    clean = compare_output("visual_tokens", reference + 1e-4, reference, DEFAULT_THRESHOLDS["fp16"])
+    assert clean.passed and clean.worst_token_cosine > 0.999
+
+
+def test_token_checks_apply_to_visual_tokens_only_and_count_nan_as_worst():
+    reference = np.ones((1, 4, 8), np.float32)
+    broken = reference.copy()
+    broken[0, 2, 0] = np.nan
+    loose = Thresholds(min_cosine=-1.0, allow_nonfinite=True, min_token_cosine=0.5)
+    assert compare_output("ccra_head: visual_tokens", broken, reference, loose).worst_token_cosine == -1.0
+    assert compare_output("lpwca_attention", broken, reference, loose).worst_token_cosine is None

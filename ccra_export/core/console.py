@@ -92,7 +92,8 @@ def titled(title: str) -> Table:
 
 def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Table:
     table = titled(f"{title} ({report.precision}, {report.backend})")
-    for column in ("output", "shape", "max abs err", "max rel err", "abs err / scale", "cosine", "NaN/Inf", "result"):
+    columns = ("output", "shape", "max abs err", "max rel err", "abs err / scale", "cosine", "worst token", "NaN/Inf")
+    for column in (*columns, "result"):
         table.add_column(column, justify="left" if column in ("output", "shape", "result") else "right")
     rows = [(o.name, o) for o in report.outputs]  # a split bundle: end to end, then each graph alone
     rows += [(f"{graph}: {o.name}", o) for graph, outputs in (report.graphs or {}).items() for o in outputs]
@@ -105,6 +106,7 @@ def parity_table(report: ParityReport, title: str = "Parity vs PyTorch") -> Tabl
             f"{o.max_rel_err:.3e}",
             f"{o.scaled_max_abs_err:.3e}",
             f"{o.cosine:.7f}",
+            "" if o.worst_token_cosine is None else f"{o.worst_token_cosine:.5f}",
             str(o.nonfinite),
             result,
         )

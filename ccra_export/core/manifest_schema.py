@@ -117,6 +117,8 @@ class ThresholdsRecord(TypedDict):
     min_cosine: Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)]
     max_scaled_abs_err: Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None
     allow_nonfinite: bool
+    min_token_cosine: NotRequired[Annotated[float, Field(ge=-1.0, le=1.0, allow_inf_nan=False)] | None]
+    max_token_rel_err: NotRequired[Annotated[float, Field(ge=0.0, allow_inf_nan=False)] | None]
 
 
 @with_config(_OPEN)

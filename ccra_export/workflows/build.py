@@ -327,6 +327,8 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                         min_cosine=limits.min_cosine,
                         max_scaled_abs_err=limits.max_scaled_abs_err,
                         allow_nonfinite=limits.allow_nonfinite,
+                        min_token_cosine=limits.min_token_cosine,
+                        max_token_rel_err=limits.max_token_rel_err,
                     ),
                 ),
                 reference=ReferenceRecord(file=REFERENCE_FILE, samples=recorded, inputs=described),

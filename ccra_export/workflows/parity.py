@@ -49,7 +49,14 @@ class ParityOptions:
 def thresholds(precision: str, options: ParityOptions, stored: ThresholdsRecord | None = None) -> Thresholds:
     base = thresholds_for(precision)
     if stored:  # the manifest's schema typed these; Thresholds refuses non-finite values
-        base = Thresholds(stored["min_cosine"], stored["max_scaled_abs_err"], stored["allow_nonfinite"])
+        base = Thresholds(
+            stored["min_cosine"],
+            stored["max_scaled_abs_err"],
+            stored["allow_nonfinite"],
+            # a bundle written before the per-token checks records none: today's defaults apply
+            stored.get("min_token_cosine", base.min_token_cosine),
+            stored.get("max_token_rel_err", base.max_token_rel_err),
+        )
     return base.with_overrides(min_cosine=options.min_cosine, max_scaled_abs_err=options.max_scaled_abs_err)
 
 
