@@ -10,11 +10,18 @@ own ``USER: ... ASSISTANT:`` tokens. A second image is refused: LLaVA-1.5 was tr
 image at the start of a conversation, and its answers about a second one are not defined; start
 a new conversation for a new image. ``token_ids`` is the whole conversation as one sequence (the
 image as a single ``<image>`` token), for checking a turn against a model given all of it.
+
+Every turn is tokenised and its length checked against the context before any embedding or
+vision work (a megabyte of prompt is refused in milliseconds, not after the vision graph ran on
+it); ``conversation_tokens`` counts a whole history the same way without running anything. A
+conversation is one sequence: ``ask`` and ``replay`` hold its lock, so two threads sharing one
+take turns instead of interleaving their tokens in one KV cache.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -40,10 +47,60 @@ class ChatModel(Protocol):
 
     lm: LanguageModel
     tokenizer: Any
+    control_tokens: frozenset[str]
+    visual_token_count: int
 
-    def prepare(self, image: Image.Image, prompt: str) -> Prepared: ...
+    def prepare(self, image: Image.Image, prompt: str, ids: list[int] | None = None) -> Prepared: ...
 
     def encode_text(self, text: str) -> list[int]: ...
+
+    def prompt_ids(self, prompt: str) -> list[int]: ...
+
+    def check_text_length(self, length: int, field: str) -> None: ...
+
+
+#: a history's answer -> the token ids the model generated for it, when the caller kept them
+AnswerIds = Callable[[str], "Sequence[int] | None"]
+
+
+def _answer_ids(pipeline: ChatModel, answer: str, known: AnswerIds | None) -> list[int]:
+    """The answer's tokens: the ids the model generated for exactly this text when ``known``
+    has them (re-tokenising text that holds U+FFFD, or any text the model split unusually,
+    gives other tokens), else its tokenisation."""
+    answer = answer.strip()
+    ids = known(answer) if known is not None else None
+    if ids is not None:
+        return list(ids)
+    pipeline.check_text_length(len(answer), "history")
+    return pipeline.encode_text(answer)
+
+
+def follow_up_ids(pipeline: ChatModel, prompt: str) -> list[int]:
+    """A later turn's own tokens, after the previous answer and its ``</s>``."""
+    check_prompt(prompt, pipeline.control_tokens)
+    pipeline.check_text_length(len(prompt), "prompt")
+    return pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))
+
+
+def conversation_tokens(
+    pipeline: ChatModel, turns: Sequence[tuple[str, str]], question: str, known: AnswerIds | None = None
+) -> int:
+    """Prompt tokens a conversation of ``turns`` [(question, answer), ...] then ``question`` feeds
+    the decoder, exactly as ``replay`` then ``ask`` would (the image's visual tokens included),
+    counted by the tokenizer alone: no embedding, no vision. The characters are bounded first, so
+    a text no context could hold is refused before it is tokenised."""
+    texts = [text for turn in turns for text in turn] + [question]
+    pipeline.check_text_length(sum(len(text) for text in texts), "history" if turns else "prompt")
+    total = 0
+    for index, (asked, answer) in enumerate([*turns, (question, None)]):
+        if index == 0:
+            total += len(pipeline.prompt_ids(asked)) - 1 + pipeline.visual_token_count
+        else:
+            total += 1 + len(follow_up_ids(pipeline, asked))  # </s> closing the previous answer
+        if answer is not None:
+            check_text(answer, pipeline.control_tokens, "answer")
+            total += len(_answer_ids(pipeline, answer, known))
+    return total
 
 
 @dataclass
@@ -77,21 +134,44 @@ class Conversation:
         self._pending: list[int] = []  # chosen but not yet fed to the decoder (end of the last answer)
         eos = pipeline.tokenizer.token_to_id(EOS_TOKEN)
         self._eos = eos if eos is not None else min(pipeline.lm.eos_ids, default=0)
+        self._lock = threading.Lock()  # one sequence: a second thread waits for the turn in progress
+
+    @property
+    def eos_id(self) -> int:
+        """The token that closes an answer before the next turn (``</s>``)."""
+        return self._eos
 
     @property
     def tokens_used(self) -> int:
         """Context the conversation occupies: cached tokens plus the answer's last, unfed token."""
         return self.cache.length + len(self._pending)
 
-    def _turn(self, prompt: str, image: Image.Image | str | Path | None) -> _Turn:
-        """This turn's prompt tokens as the decoder will be fed them: the first turn with the image
-        spliced in, a later one after the end of the previous answer and ``</s>``."""
+    def _turn_ids(self, prompt: str, image: Image.Image | str | Path | None) -> tuple[list[int], int]:
+        """This turn's prompt tokens (the first turn's with ``<image>`` once) and how many the
+        decoder will be fed (the image's visual tokens in place of ``<image>``): tokenised only."""
         pipeline = self.pipeline
         if self.turns == 0:
             if image is None:
                 raise InputError("the first turn of a conversation needs the image", field="image")
+            ids = pipeline.prompt_ids(prompt)
+            return ids, len(ids) - 1 + pipeline.visual_token_count
+        if image is not None:
+            raise InputError(
+                "a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
+                "start a new conversation for a new image",
+                field="image",
+            )
+        closing = self._pending if self._pending[-1:] == [self._eos] else [*self._pending, self._eos]
+        ids = [*closing, *follow_up_ids(pipeline, prompt)]
+        return ids, len(ids)
+
+    def _turn(self, prompt: str, image: Image.Image | str | Path | None, ids: list[int]) -> _Turn:
+        """This turn's prompt as the decoder will be fed it: the first turn with the image
+        spliced in, a later one after the end of the previous answer and ``</s>``."""
+        pipeline = self.pipeline
+        if self.turns == 0:
             picture = image if isinstance(image, Image.Image) else load_image(image)
-            prepared = pipeline.prepare(picture, prompt)
+            prepared = pipeline.prepare(picture, prompt, ids)
             return _Turn(
                 prepared.inputs_embeds,
                 prepared.input_ids,
@@ -99,35 +179,40 @@ class Conversation:
                 prepared.attention,
                 getattr(prepared, "vision_s", 0.0),
             )
-        if image is not None:
-            raise InputError(
-                "a conversation has one image, given in its first turn (LLaVA-1.5 was trained so); "
-                "start a new conversation for a new image",
-                field="image",
-            )
-        check_prompt(prompt, pipeline.control_tokens)
-        closing = self._pending if self._pending[-1:] == [self._eos] else [*self._pending, self._eos]
-        ids = [*closing, *pipeline.encode_text(FOLLOW_UP.format(prompt=prompt.strip()))]
         return _Turn(pipeline.lm.embed(ids), ids, 0, None)
 
     def _record(self, fed_ids: list[int], new_tokens: list[int]) -> None:
         self.token_ids += [*fed_ids[len(self._pending) :], *new_tokens]  # pending tokens are recorded already
         self.turns += 1
 
-    def replay(self, prompt: str, answer: str, image: Image.Image | str | Path | None = None) -> None:
+    def replay(
+        self,
+        prompt: str,
+        answer: str,
+        image: Image.Image | str | Path | None = None,
+        answer_ids: Sequence[int] | None = None,
+    ) -> None:
         """Feed a turn whose answer is already known (a client's history): its question and the
-        given answer go into the cache without sampling, so the next ``ask`` continues after it."""
-        turn = self._turn(prompt, image)
-        check_text(answer, self.pipeline.control_tokens, "answer")
-        answer_ids = self.pipeline.encode_text(answer.strip())
-        embeds = turn.embeds
-        if answer_ids:
-            embeds = np.concatenate([embeds, self.pipeline.lm.embed(answer_ids)], axis=1)
-        if self.cache.length + embeds.shape[1] + 1 > self.cache.capacity:
-            raise InputError(f"the conversation exceeds the context of {self.cache.capacity} tokens", field="history")
-        self.cache.step(embeds)
-        self._record(turn.ids, answer_ids)
-        self._pending = []
+        given answer go into the cache without sampling, so the next ``ask`` continues after it.
+        ``answer_ids``: the tokens the model generated for ``answer`` (a server keeps them), fed
+        as they are, so the cache is the one the conversation had when it was asked; else the
+        answer is tokenised. The length is checked before any embedding or vision work."""
+        with self._lock:
+            ids, fed = self._turn_ids(prompt, image)
+            check_text(answer, self.pipeline.control_tokens, "answer")
+            known = list(answer_ids) if answer_ids is not None else None
+            answer_tokens = _answer_ids(self.pipeline, answer, None if known is None else lambda _: known)
+            if self.cache.length + fed + len(answer_tokens) + 1 > self.cache.capacity:
+                raise InputError(
+                    f"the conversation exceeds the context of {self.cache.capacity} tokens", field="history"
+                )
+            turn = self._turn(prompt, image, ids)
+            embeds = turn.embeds
+            if answer_tokens:
+                embeds = np.concatenate([embeds, self.pipeline.lm.embed(answer_tokens)], axis=1)
+            self.cache.step(embeds)
+            self._record(turn.ids, answer_tokens)
+            self._pending = []
 
     def ask(
         self,
@@ -136,18 +221,29 @@ class Conversation:
         sampling: Sampling | None = None,
         on_text: Callable[[str], None] | None = None,
     ) -> Reply:
+        with self._lock:
+            return self._ask(prompt, image, sampling, on_text)
+
+    def _ask(
+        self,
+        prompt: str,
+        image: Image.Image | str | Path | None,
+        sampling: Sampling | None,
+        on_text: Callable[[str], None] | None,
+    ) -> Reply:
         pipeline = self.pipeline
         sampling = sampling or Sampling(stop_ids=pipeline.lm.eos_ids)
-        turn = self._turn(prompt, image)
-        embeds, ids, visual, attention = turn.embeds, turn.ids, turn.visual_tokens, turn.attention
-        needed = self.cache.length + embeds.shape[1] + sampling.max_new_tokens
-        if needed > self.cache.capacity:
+        ids, fed = self._turn_ids(prompt, image)
+        needed = self.cache.length + fed + sampling.max_new_tokens
+        if needed > self.cache.capacity:  # refused from the token count, before any embedding or vision
             raise InputError(
-                f"the conversation holds {self.cache.length} tokens; this turn's {embeds.shape[1]} prompt "
+                f"the conversation holds {self.cache.length} tokens; this turn's {fed} prompt "
                 f"tokens + {sampling.max_new_tokens} new tokens exceed the context of {self.cache.capacity}: "
                 "start a new conversation or ask for fewer new tokens",
-                field=overflowing(self.cache.length + embeds.shape[1], self.cache.capacity),
+                field=overflowing(self.cache.length + fed, self.cache.capacity),
             )
+        turn = self._turn(prompt, image, ids)
+        embeds, ids, visual, attention = turn.embeds, turn.ids, turn.visual_tokens, turn.attention
         self.last_prompt_tokens = int(embeds.shape[1])  # known even if the caller stops the decode early
         stream = TextStream(pipeline.tokenizer)
 

@@ -18,8 +18,17 @@ from PIL import Image
 
 from ccra_export.core.chat_template import TEMPLATE
 from ccra_export.core.errors import BundleError, no_language_model
-from ccra_export.core.image_preprocess import ImageProcessorConfig, crop_geometry, preprocess
+from ccra_export.core.image_preprocess import (
+    ImageProcessorConfig,
+    ImageReadError,
+    ImageTooLargeError,
+    check_pixels,
+    crop_geometry,
+    pixel_limit,
+    preprocess,
+)
 from ccra_export.core.manifest import read_manifest, verify_files
+from ccra_export.core.manifest_schema import Manifest
 from ccra_export.runtime.attention import AttentionMap
 from ccra_export.runtime.backends import bundle_backend
 from ccra_export.runtime.conversation import Conversation
@@ -37,6 +46,9 @@ from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend, unloadable
 
 LM_DIR = "lm"
+#: slack on the characters-per-token bound: a normaliser may fold characters together (NFC composes
+#: a letter and its accent), so the tokenizer is trusted only past this many times the bound
+TEXT_BOUND_SLACK = 4
 
 __all__ = ["IMAGE_TOKEN", "TEMPLATE", "Conversation", "InputError", "Pipeline", "Prepared", "load_image"]
 
@@ -62,7 +74,21 @@ def no_attention_map(bundle: Path) -> InputError:
     )
 
 
-def processor_from_manifest(manifest: dict[str, Any]) -> ImageProcessorConfig:
+def outputs_attention_map(manifest: Manifest) -> bool:
+    """The vision graph outputs CCRA's LPWCA map (a plain bundle, or a plug-in module, may not)."""
+    return any(output["name"] == "lpwca_attention" for output in manifest["graph"]["outputs"])
+
+
+def visual_token_count(manifest: Manifest) -> int:
+    """Visual tokens per image: the vision graph's ``visual_tokens`` output length, else one per patch."""
+    for output in manifest["graph"]["outputs"]:
+        if output["name"] == "visual_tokens" and len(output["shape"]) == 3 and isinstance(output["shape"][1], int):
+            return int(output["shape"][1])
+    vision = manifest["model"]["vision"]
+    return (int(vision["image_size"]) // int(vision["patch_size"])) ** 2
+
+
+def processor_from_manifest(manifest: Manifest) -> ImageProcessorConfig:
     """The checkpoint's image processor as recorded at build time (CLIP defaults for presets)."""
     record = manifest.get("image_processor")
     if not record:
@@ -73,15 +99,22 @@ def processor_from_manifest(manifest: dict[str, Any]) -> ImageProcessorConfig:
 
 
 class Pipeline:
-    def __init__(self, bundle: Path, manifest: dict[str, Any], vision: Any, lm: LanguageModel, tokenizer: Any) -> None:
+    def __init__(self, bundle: Path, manifest: Manifest, vision: Any, lm: LanguageModel, tokenizer: Any) -> None:
         self.bundle, self.manifest, self.vision, self.lm, self.tokenizer = bundle, manifest, vision, lm, tokenizer
         record = manifest["language_model"]
         self.image_token_id = int(record["image_token_id"])
         self.ccra = manifest["variant"] == "ccra"
         #: the vision graph outputs CCRA's attention map (a plug-in CCRA module may not give one)
-        self.has_attention = any(o["name"] == "lpwca_attention" for o in manifest["graph"]["outputs"])
+        self.has_attention = outputs_attention_map(manifest)
         self.processor = processor_from_manifest(manifest)
         self.control_tokens = control_tokens(tokenizer)
+        #: pixels preprocessing may hold at once (the padded square included); a server sets its own
+        self.max_pixels = pixel_limit()
+        #: the visual tokens that replace <image> in the decoder's input
+        self.visual_token_count = visual_token_count(manifest)
+        longest = max((len(token) for token in tokenizer.get_vocab(with_added_tokens=True)), default=1)
+        #: characters beyond which no text fits the context, whatever its tokens: checked before tokenising
+        self.max_text_chars = lm.context_length * max(longest, 1) * TEXT_BOUND_SLACK
 
     @classmethod
     def from_bundle(
@@ -131,20 +164,51 @@ class Pipeline:
         """Token ids of ``text`` inside a conversation (no beginning-of-sequence token)."""
         return self.tokenizer.encode(text, add_special_tokens=False).ids
 
+    def check_text_length(self, length: int, field: str) -> None:
+        """Refuse ``length`` characters of text that no tokenisation fits in the context (no token
+        spells more than the vocabulary's longest entry): a bound checked before tokenising, so a
+        megabyte of text costs a comparison, not a tokenizer run."""
+        if length > self.max_text_chars:
+            raise InputError(
+                f"{length} characters of text cannot fit the context of {self.lm.context_length} tokens",
+                field=field,
+            )
+
+    def check_image(self, image: Image.Image, source: str | Path | None = None) -> None:
+        """Refuse, before any pixel is touched, a picture whose preprocessing would hold over
+        ``max_pixels`` (the square LLaVA-1.5 pads it to included); ``source`` names it."""
+        try:
+            check_pixels(image.size, self.processor, self.max_pixels)
+        except ImageTooLargeError as exc:
+            raise InputError(exc.problem, field="image", value=source) from None
+
+    def prompt_ids(self, prompt: str) -> list[int]:
+        """The first turn's tokens (LLaVA-1.5's template, ``<image>`` once), tokenised only."""
+        check_prompt(prompt, self.control_tokens)
+        self.check_text_length(len(prompt), "prompt")
+        ids = self.tokenizer.encode(TEMPLATE.format(prompt=prompt.strip())).ids
+        if ids.count(self.image_token_id) != 1:
+            raise BundleError(f"tokenizer: {IMAGE_TOKEN} must encode to token {self.image_token_id} exactly once")
+        return ids
+
     def _vision(self, image: Image.Image, prompt: str) -> dict[str, np.ndarray]:
         """The vision graph on one image (and, with CCRA, the instruction's token embeddings)."""
-        feeds = {"pixel_values": preprocess(image, self.processor)[None]}
+        try:
+            pixels = preprocess(image, self.processor, self.max_pixels)
+        except ImageReadError as exc:  # ImageTooLargeError: the picture or its padded square over max_pixels
+            raise InputError(exc.problem, field="image") from None
+        feeds = {"pixel_values": pixels[None]}
         if self.ccra:  # CCRA's text input: the instruction's own token embeddings
             instruction = self.encode_text(prompt.strip()) or [0]
             feeds["text_embeds"] = self.lm.embed(instruction).astype(np.float32)
             feeds["text_mask"] = np.ones((1, len(instruction)), np.int64)
         return self.vision.run(feeds)
 
-    def prepare(self, image: Image.Image, prompt: str) -> Prepared:
-        check_prompt(prompt, self.control_tokens)
-        ids = self.tokenizer.encode(TEMPLATE.format(prompt=prompt.strip())).ids
-        if ids.count(self.image_token_id) != 1:
-            raise BundleError(f"tokenizer: {IMAGE_TOKEN} must encode to token {self.image_token_id} exactly once")
+    def prepare(self, image: Image.Image, prompt: str, ids: list[int] | None = None) -> Prepared:
+        """The first turn's decoder input: ``ids`` (``prompt_ids(prompt)``, tokenised here when not
+        given) with the image's visual tokens in place of ``<image>``."""
+        if ids is None:
+            ids = self.prompt_ids(prompt)
         start = time.perf_counter()
         outputs = self._vision(image, prompt)
         vision_s = time.perf_counter() - start
@@ -158,6 +222,7 @@ class Pipeline:
         """CCRA's LPWCA map for ``prompt`` about ``image``, with the geometry that puts each patch on
         the photo (the vision graph only; no text is generated)."""
         check_prompt(prompt, self.control_tokens)
+        self.check_text_length(len(prompt), "prompt")
         picture = image if isinstance(image, Image.Image) else load_image(image)
         if not self.has_attention:
             raise no_attention_map(self.bundle)
@@ -187,14 +252,15 @@ class Pipeline:
     ) -> tuple[str, Generation, Prepared]:
         sampling = sampling or Sampling(stop_ids=self.lm.eos_ids)
         picture = image if isinstance(image, Image.Image) else load_image(image)
-        prepared = self.prepare(picture, prompt)
-        length = prepared.inputs_embeds.shape[1]
-        if length + sampling.max_new_tokens > self.lm.context_length:
+        ids = self.prompt_ids(prompt)
+        length = len(ids) - 1 + self.visual_token_count
+        if length + sampling.max_new_tokens > self.lm.context_length:  # from the token count: no vision yet
             raise InputError(
-                f"{length} prompt tokens (with {prepared.visual_tokens.shape[1]} image tokens) + "
+                f"{length} prompt tokens (with {self.visual_token_count} image tokens) + "
                 f"{sampling.max_new_tokens} new tokens exceed the context of {self.lm.context_length}",
                 field=overflowing(length, self.lm.context_length),
             )
+        prepared = self.prepare(picture, prompt, ids)
         text_stream = TextStream(self.tokenizer)
 
         def stream(token: int) -> None:

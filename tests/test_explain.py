@@ -15,6 +15,7 @@ from ccra_export.core.image_preprocess import CLIP_MEAN, CLIP_STD, ImageProcesso
 from ccra_export.runtime.attention import AttentionMap
 from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.workflows.explain import heat_image, overlay
+from tests.conftest import TINY_FP32
 from tests.test_generation import PROMPT
 
 SIZE, PATCH = 56, 14  # the tiny preset: a 4x4 grid
@@ -198,3 +199,31 @@ def test_share_in_box_counts_the_box_area_of_each_patch():
     assert amap.share_in_box((100, 100, 150, 200)) == pytest.approx(0.5)
     assert amap.share_in_box((300, 300, 400, 400)) == 0.0
     assert amap.box_share((100, 100, 200, 200)) == pytest.approx(1 / 16)
+
+
+def test_explain_names_what_a_vision_only_bundle_lacks(bundles, cat, tmp_path):
+    """The map is the vision graph's, but it is conditioned on the question's token embeddings: a
+    bundle built without a language model has no tokenizer or embeddings, and says so (a plain one
+    has no map at all, and says that first)."""
+    cat.save(tmp_path / "cat.png")
+    for args, expected in (
+        (TINY_FP32, "holds no tokenizer or token embeddings"),
+        (("--model", "tiny", "--random-weights", "--precision", "fp32", "--plain"), "outputs no attention map"),
+    ):
+        bundle, out = bundles(*args), tmp_path / "explained"
+        result = CliRunner().invoke(
+            main,
+            [
+                "explain",
+                "--bundle",
+                str(bundle),
+                "--image",
+                str(tmp_path / "cat.png"),
+                "--prompt",
+                PROMPT,
+                "--out",
+                str(out),
+            ],
+        )
+        assert result.exit_code == 2 and expected in result.stderr, result.output
+        assert len(result.stderr.strip().splitlines()) == 1 and not out.exists()

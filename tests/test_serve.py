@@ -493,6 +493,9 @@ def test_the_serving_logic_runs_without_http_or_a_model():
         def __init__(self, *events):
             self.events = events
 
+        def prepare(self, job):  # the preparation thread's step: nothing to check here
+            return True
+
         def run(self, job):
             for event in self.events:
                 job.emit(event)

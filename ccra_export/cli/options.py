@@ -172,7 +172,7 @@ def tower_cache_mib(holder: str = "", skips: str = "runs only CCRA's head") -> O
         "--tower-cache-mib",
         default=DEFAULT_TOWER_CACHE_MIB,
         show_default=True,
-        type=click.FloatRange(0.0, 1 << 20),
+        type=FiniteFloat(0.0, 1 << 20),
         help=f"Split bundles (build --split-vision): memory {holder}for cached vision-tower outputs, keyed by the "
         f"image's content, so a second question about an image {skips}. One llava-1.5-7b image takes 27 MiB "
         "(FP16) to 54 MiB (FP32); 0 disables the cache.",

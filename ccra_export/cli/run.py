@@ -109,10 +109,16 @@ def run(
         require_matplotlib("--attention-map")
         if attention_map.suffix.lower() != ".png":
             raise InputError(f"--attention-map {attention_map}: expected a .png file name")
+        target = attention_map.resolve()
+        if target == image.resolve():
+            raise InputError(f"--attention-map {attention_map}: is the --image; it would be overwritten")
+        if target.is_relative_to(bundle.resolve()):
+            raise InputError(f"--attention-map {attention_map}: is inside the --bundle; write it somewhere else")
     if independent and not interactive:
         raise InputError("--independent: applies to --interactive (one --prompt is one question already)")
     picture = load_image(image)  # a bad image fails before the models load
     pipeline = open_pipeline(bundle, backend, verify, plugin_library, tower_cache_mib)
+    pipeline.check_image(picture, image)  # the square it is padded to, before the vision graph runs
     if attention_map is not None and not pipeline.has_attention:
         raise no_attention_map(bundle)
     conversation = pipeline.chat()

@@ -41,7 +41,18 @@ API_KEY_ENV = "CCRA_API_KEY"
         default=40_000_000,
         show_default=True,
         type=click.IntRange(1),
-        help="Largest image accepted (width x height, checked before decoding).",
+        help="Largest image accepted: the pixels preprocessing holds (width x height, or the square LLaVA-1.5's "
+        "pad-to-square makes of it: 30000x1 counts as 30000x30000), checked from the header before decoding.",
+    ),
+    o.opt(
+        "max_connections",
+        "--max-connections",
+        default=1024,
+        show_default=True,
+        type=click.IntRange(1, 1 << 20),
+        help="Open connections at once (lowered to fit the file-descriptor limit); past it, the connection that has "
+        "waited longest for a request is closed. A request's headers must arrive within 10 s, each piece of its "
+        "body within 30 s.",
     ),
     o.opt(
         "allow_image_dir",
@@ -85,6 +96,7 @@ def serve(
     api_key: str | None,
     max_queue: int,
     max_image_pixels: int,
+    max_connections: int,
     allow_image_dir: Path | None,
     allow_image_urls: bool,
     request_timeout: float,
@@ -106,6 +118,7 @@ def serve(
 
     from ccra_export.serve.openai.api_server import ServerSettings, create_app, load_pipeline
     from ccra_export.serve.openai.image_urls import ImageLimits
+    from ccra_export.serve.openai.transport import ConnectionLimits, uvicorn_config
 
     if api_key == "env":
         api_key = os.environ.get(API_KEY_ENV)
@@ -118,10 +131,11 @@ def serve(
         request_timeout_s=request_timeout,
         held_conversations_bytes=held_mib << 20,
         images=ImageLimits(max_pixels=max_image_pixels, allow_urls=allow_image_urls, allow_dir=allow_image_dir),
+        connections=ConnectionLimits(max_connections=max_connections),
     )
     with stderr.status("Loading the bundle and warming up"):
         app = create_app(load_pipeline(bundle, backend, tower_cache_mib), settings)
         app.state.warm_up()
     auth = "API key required" if api_key else "no API key"
     stderr.print(escape(f"serving {bundle} as {model_name!r} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops"))
-    uvicorn.run(app, host=host, port=port, log_level="warning")
+    uvicorn.Server(uvicorn_config(app, host, port, settings.connections)).run()

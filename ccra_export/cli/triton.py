@@ -10,7 +10,14 @@ from rich.markup import escape
 from ccra_export.cli import options as o
 from ccra_export.cli.output import reports_errors, stderr, stdout
 from ccra_export.serve.triton.config import TEXT_TYPES, VLM_MODEL
-from ccra_export.serve.triton.repository import DEVICES, VISION_BACKENDS, RepoOptions, write_repository
+from ccra_export.serve.triton.repository import (
+    DEVICES,
+    INT32_MAX,
+    UINT64_MAX,
+    VISION_BACKENDS,
+    RepoOptions,
+    write_repository,
+)
 
 
 @click.command()
@@ -59,7 +66,7 @@ from ccra_export.serve.triton.repository import DEVICES, VISION_BACKENDS, RepoOp
         "--max-queue-delay-us",
         default=2000,
         show_default=True,
-        type=click.IntRange(0),
+        type=click.IntRange(0, UINT64_MAX),
         help="Microseconds each vision model's dynamic batcher waits for more requests to batch with the first.",
     ),
     o.opt(
@@ -67,7 +74,7 @@ from ccra_export.serve.triton.repository import DEVICES, VISION_BACKENDS, RepoOp
         "--vision-instances",
         default=1,
         show_default=True,
-        type=click.IntRange(1),
+        type=click.IntRange(1, INT32_MAX),
         help="Instances of each vision model (per GPU for a GPU instance group).",
     ),
     o.opt(
@@ -75,7 +82,7 @@ from ccra_export.serve.triton.repository import DEVICES, VISION_BACKENDS, RepoOp
         "--vlm-instances",
         default=1,
         show_default=True,
-        type=click.IntRange(1),
+        type=click.IntRange(1, INT32_MAX),
         help="ccra_vlm instances: each generates one answer at a time and holds its own language model in memory.",
     ),
     o.opt(
@@ -83,7 +90,7 @@ from ccra_export.serve.triton.repository import DEVICES, VISION_BACKENDS, RepoOp
         "--max-new-tokens",
         default=256,
         show_default=True,
-        type=click.IntRange(1),
+        type=click.IntRange(1, INT32_MAX),
         help="Tokens ccra_vlm generates when a request does not send max_new_tokens.",
     ),
     o.tower_cache_mib("each ccra_vlm instance keeps ", "calls only ccra_head"),

@@ -10,9 +10,13 @@ pads the image to a square filled with the mean colour (``expand2square``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import stat
 import struct
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -158,27 +162,101 @@ class ImageReadError(CCRAExportError):
         self.problem = problem
 
 
+class ImageTooLargeError(ImageReadError):
+    """More pixels than preprocessing may hold at once: the picture itself, or the square that
+    LLaVA's pad-to-square makes of it (``working_pixels``), over the limit."""
+
+    def __init__(self, source: str | Path, size: tuple[int, int], pixels: int, limit: int) -> None:
+        width, height = size
+        padded = max(width, height)
+        square = f", a {padded}x{padded} square once padded ({pixels} pixels)" if pixels > width * height else ""
+        super().__init__(source, f"{width}x{height} pixels{square}; the limit is {limit}")
+        self.width, self.height, self.pixels, self.limit = width, height, pixels, limit
+
+
+#: the formats people send photos in: Pillow is asked to open these only (EPS, for one, would run
+#: Ghostscript where it is installed; PSD, ICNS, FITS... are no one's camera output)
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+#: Pillow's own decompression-bomb bound (``Image.MAX_IMAGE_PIXELS``) when it has none set
+_PILLOW_DEFAULT_PIXELS = 89_478_485
+#: pixels converted at once from 16/32-bit or float to 8 bits (float64 strips of 64 MB at most)
+_STRIP_PIXELS = 8 << 20
+
 # errors Pillow raises on a malformed file, beyond OSError (truncated data, bad headers)
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, struct.error, IndexError, TypeError)
 
 
-def open_rgb(path: str | Path) -> Image.Image:
+def pixel_limit() -> int:
+    """The pixels preprocessing may hold at once where the caller sets no limit (`run`, `explain`):
+    Pillow's decompression-bomb bound, above which it warns (and at twice which it refuses)."""
+    return int(Image.MAX_IMAGE_PIXELS or _PILLOW_DEFAULT_PIXELS)
+
+
+def working_pixels(size: tuple[int, int], config: ImageProcessorConfig | None) -> int:
+    """The largest picture ``preprocess`` holds for an image of ``size``: the image itself, the
+    square LLaVA pads it to, and the resize of that to the processor's shortest edge (a 30000x1
+    image padded is a 900-megapixel canvas; unpadded, its resize is 336 x 10 million). This is
+    what a pixel limit must bound, and it is known from the file's header, before decoding."""
+    width, height = size
+    pixels = width * height
+    if config is None or width <= 0 or height <= 0:
+        return pixels
+    if config.pad_to_square:
+        width = height = max(width, height)
+    short, long = min(width, height), max(width, height)
+    resized = config.shortest_edge * int(config.shortest_edge * long / short)
+    return max(pixels, width * height, resized)
+
+
+def check_pixels(
+    size: tuple[int, int], config: ImageProcessorConfig | None, limit: int, source: str | Path = "image"
+) -> None:
+    """Refuse (``ImageTooLargeError``) an image whose preprocessing would hold over ``limit`` pixels."""
+    pixels = working_pixels(size, config)
+    if pixels > limit:
+        raise ImageTooLargeError(source, size, pixels, limit)
+
+
+@contextlib.contextmanager
+def _bombs_refused() -> Iterator[None]:
+    """Pillow's DecompressionBombWarning (over its bound, under twice it) as an exception to
+    refuse in one line, not a warning printed raw on stderr."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        yield
+
+
+def open_rgb(
+    path: str | Path, config: ImageProcessorConfig | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """The one loader for user images: decode fully (a truncated file fails here, not later) and
-    convert to 8-bit RGB (``to_rgb``). Every failure is one ``ImageReadError`` naming the file,
-    Pillow's ``DecompressionBombError`` (not an OSError) included."""
+    convert to 8-bit RGB (``to_rgb``). Only regular files (a FIFO would block forever) in the
+    formats of ``IMAGE_FORMATS``; with ``config``, an image whose preprocessing would hold over
+    ``max_pixels`` (default ``pixel_limit()``) is refused from its header, before decoding. Every
+    failure is one ``ImageReadError`` naming the file, Pillow's ``DecompressionBombError`` (not
+    an OSError) and its warning included."""
     try:
-        with Image.open(path) as handle:
+        mode = Path(path).stat().st_mode
+        if stat.S_ISDIR(mode):
+            raise ImageReadError(path, "a directory, not an image file")
+        if not stat.S_ISREG(mode):
+            raise ImageReadError(path, "not a regular file (a pipe, socket or device is not read)")
+        with _bombs_refused(), Image.open(path, formats=IMAGE_FORMATS) as handle:
+            check_pixels(handle.size, config, max_pixels or pixel_limit(), path)
             handle.load()
             return to_rgb(handle, path)
     except FileNotFoundError:
         raise ImageReadError(path, "no such file") from None
     except IsADirectoryError:
         raise ImageReadError(path, "a directory, not an image file") from None
-    except Image.DecompressionBombError as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise ImageReadError(path, f"too large to decode safely ({_first_line(exc)})") from None
     except ImageReadError:
         raise
-    except (UnidentifiedImageError, *_DECODE_ERRORS) as exc:
+    except UnidentifiedImageError as exc:
+        formats = ", ".join(IMAGE_FORMATS)
+        raise ImageReadError(path, f"not a readable image ({formats}): {_first_line(exc)}") from None
+    except DECODE_ERRORS as exc:
         raise ImageReadError(path, f"not a readable image ({_first_line(exc)})") from None
 
 
@@ -210,21 +288,26 @@ def to_rgb(image: Image.Image, source: str | Path = "image") -> Image.Image:
     if image.mode == "RGB":
         return image
     if image.mode.startswith("I;16") or image.mode == "I":
-        gray = np.asarray(image).astype(np.float64) * (255.0 / _integer_range(image))
+        scale = 255.0 / _integer_range(image)
     elif image.mode == "F":
-        pixels = np.asarray(image).astype(np.float64)
-        finite = bool(np.isfinite(pixels).all())
-        low, high = (float(pixels.min(initial=0.0)), float(pixels.max(initial=0.0))) if finite else (0.0, 0.0)
+        samples = np.asarray(image)
+        finite = bool(np.isfinite(samples).all())
+        low, high = (float(samples.min(initial=0.0)), float(samples.max(initial=0.0))) if finite else (0.0, 0.0)
         if not finite or low < -1e-6 or high > 1 + 1e-6:
             values = f"values from {low:g} to {high:g}" if finite else "NaN or infinite values"
             raise ImageReadError(source, f"a floating-point image with {values}; expected 0..1")
-        gray = pixels * 255.0
+        scale = 255.0
     else:
         try:
             return image.convert("RGB")
         except ValueError as exc:
             raise ImageReadError(source, f"pixel mode {image.mode} cannot be shown as RGB ({exc})") from None
-    eight = np.clip(np.rint(gray), 0, 255).astype(np.uint8)
+    samples = np.asarray(image)
+    eight = np.empty(samples.shape, np.uint8)
+    rows = max(1, _STRIP_PIXELS // max(1, image.width))  # float64 strips: bounded, whatever the image's size
+    for top in range(0, samples.shape[0], rows):
+        strip = samples[top : top + rows].astype(np.float64) * scale
+        eight[top : top + rows] = np.clip(np.rint(strip), 0, 255)
     return Image.fromarray(eight, "L").convert("RGB")
 
 
@@ -239,8 +322,12 @@ def expand_to_square(image: Image.Image, background: tuple[int, int, int]) -> Im
     return canvas
 
 
-def preprocess(image: Image.Image, config: ImageProcessorConfig) -> np.ndarray:
-    """One PIL image -> float32 [3, crop_height, crop_width], as CLIPImageProcessor computes it."""
+def preprocess(image: Image.Image, config: ImageProcessorConfig, max_pixels: int | None = None) -> np.ndarray:
+    """One PIL image -> float32 [3, crop_height, crop_width], as CLIPImageProcessor computes it.
+
+    Refused (``ImageTooLargeError``) before any pixel is touched when the picture, its padded
+    square or its resize would hold over ``max_pixels`` (default ``pixel_limit()``)."""
+    check_pixels(image.size, config, max_pixels or pixel_limit())
     image = to_rgb(image)
     if config.pad_to_square:
         image = expand_to_square(image, tuple(int(x * 255) for x in config.image_mean))

@@ -14,7 +14,6 @@ Pillow draws the overlay; matplotlib (the ``[explain]`` extra) the colour map an
 
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 from dataclasses import dataclass
@@ -25,10 +24,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ccra_export.core import atomic
-from ccra_export.core.errors import BundleError, MissingDependencyError
+from ccra_export.core.errors import BundleError, Remedy
+from ccra_export.core.extras import require
+from ccra_export.core.manifest import read_manifest
 from ccra_export.runtime.attention import AttentionMap
 from ccra_export.runtime.inputs import load_image
-from ccra_export.runtime.vlm_pipeline import Pipeline
+from ccra_export.runtime.vlm_pipeline import Pipeline, no_attention_map, outputs_attention_map
 
 COLORMAP = "inferno"
 MAX_SIDE = 1600  # overlay pixels on the long side: a 24 MP photo is drawn at a size a person opens
@@ -36,8 +37,8 @@ OUTPUTS = ("overlay.png", "layers.png", "layer_shares.png", "attention.npy", "at
 
 
 def require_matplotlib(what: str) -> None:
-    if importlib.util.find_spec("matplotlib") is None:
-        raise MissingDependencyError(f"{what} draws with matplotlib: pip install 'ccra-export[explain]'")
+    """Refuse ``what`` before any work when the ``[explain]`` extra (matplotlib) is missing."""
+    require("explain", what)
 
 
 def _pyplot() -> Any:
@@ -170,11 +171,38 @@ def explain(
     force: bool = False,
 ) -> Explanation:
     require_matplotlib("ccra-export explain")
+    check_out_apart(out, bundle=bundle, image=image_path)
+    manifest = read_manifest(bundle)
+    if not outputs_attention_map(manifest):
+        raise no_attention_map(Path(bundle))
+    if not manifest["language_model"]:
+        raise BundleError(
+            "holds no tokenizer or token embeddings: CCRA's map is conditioned on the question's token "
+            "embeddings, which a bundle carries with its language model; rebuild it with one",
+            field="bundle",
+            value=bundle,
+            remedy=Remedy("build", (("lm_precision", "int4"),), complete=False),
+        )
     image = load_image(image_path)
     pipeline = Pipeline.from_bundle(bundle, backend=backend)
     amap = pipeline.attention(image, prompt)
     record = {"bundle": str(bundle), "image": str(image_path), "prompt": prompt}
     return Explanation(Path(out), write_explanation(out, image, amap, record, top_k, force))
+
+
+def check_out_apart(out: Path, **inputs: Path) -> None:
+    """Refuse an output directory that is, holds or sits inside one of the ``inputs`` (the bundle,
+    the image): replacing it would delete what it explains."""
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        source = Path(path).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise BundleError(
+                f"overlaps the {name} {path}: replacing it would delete the {name}; write the explanation "
+                "somewhere else",
+                field="out",
+                value=out,
+            )
 
 
 def save_overlay(path: Path, image: Image.Image, amap: AttentionMap, top_k: int = 5) -> None:

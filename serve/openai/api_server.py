@@ -9,12 +9,17 @@ them; the serving logic is ``serving_chat``, the request and response models ``p
     GET  /metrics               Prometheus text format
 
 Every error is OpenAI's JSON error object with its status, never a traceback; the process keeps
-serving after any bad request.
+serving after any bad request. A body is bounded in size (by default what one image and a full
+context of text can take), in time (each piece must arrive within ``body_timeout_s``) and, over
+all requests at once, in bytes held; it is parsed off the event loop, one at a time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
+import logging
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +36,13 @@ from ccra_export.serve.openai.image_urls import ImageLimits
 from ccra_export.serve.openai.metrics import Metrics
 from ccra_export.serve.openai.protocol import ApiError, HealthResponse, OpenAIBaseModel, parse_chat_request
 from ccra_export.serve.openai.serving_chat import OpenAIServingChat, Worker
+from ccra_export.serve.openai.transport import ConnectionLimits
+
+LOG = logging.getLogger("ccra_export.serve")
+#: JSON bytes one character of text can take (``\u0001``), for a body limit that fits the context
+JSON_BYTES_PER_CHAR = 6
+#: the body's own keys, the roles and the parts' framing, beyond the image and the text
+BODY_OVERHEAD = 1 << 20
 
 
 @dataclass
@@ -38,17 +50,34 @@ class ServerSettings:
     model_name: str = "ccra"
     api_key: str | None = None
     max_queue: int = 16
-    max_body_bytes: int = 32 << 20
+    #: None: what one image (base64) and a full context of text (JSON-escaped) can take, no more
+    max_body_bytes: int | None = None
     request_timeout_s: float = 300.0
     held_conversations_bytes: int = 2 << 30  # KV caches of conversations kept for follow-ups
     images: ImageLimits = field(default_factory=ImageLimits)
+    connections: ConnectionLimits = field(default_factory=ConnectionLimits)
+    #: bytes of request bodies held at once, over all requests (None: four bodies' worth)
+    max_body_bytes_in_flight: int | None = None
+
+
+def body_limit(settings: ServerSettings, pipeline: Pipeline) -> int:
+    """The largest body worth reading: the image as base64, and as much text as the context can
+    hold at 6 JSON bytes a character (a body past that is refused for its length either way)."""
+    if settings.max_body_bytes is not None:
+        return settings.max_body_bytes
+    image = -(-settings.images.max_bytes // 3) * 4 + 64  # base64 and the data: URL's header
+    return image + JSON_BYTES_PER_CHAR * pipeline.max_text_chars + BODY_OVERHEAD
 
 
 class BodyLimit:
-    """413 for a request body over the limit, whether it says its length or streams chunks."""
+    """413 for a request body over the limit, whether it says its length or streams chunks; 408
+    when a piece of it takes more than ``timeout_s`` to arrive; 503 when the bodies held at once
+    would exceed ``in_flight`` bytes (many large uploads at once cannot exhaust memory)."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 30.0, in_flight: int | None = None) -> None:
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
+        self.in_flight = in_flight if in_flight is not None else 4 * limit
+        self.held = 0  # bytes of bodies of the requests being served (declared or received so far)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -56,34 +85,95 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(send, ApiError(413, f"request body over {self.limit} bytes"))
+            await _send_error(send, ApiError(413, f"request body over {self.limit} bytes"), close=True)
             return
+        reserved = int(declared) if declared is not None and declared.isdigit() else 0
+        if reserved and self.held + reserved > self.in_flight:
+            error = ApiError(503, "the server is receiving too many large requests; retry later", headers=_RETRY)
+            await _send_error(send, error, close=True)
+            return
+        self.held += reserved
         seen = 0
+        complete = False
 
         async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete, reserved
+            if complete:  # the body is in: only a disconnect is left to hear, however late
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except asyncio.TimeoutError:
+                raise _TooSlow from None
             seen += len(message.get("body", b""))
             if seen > self.limit:
                 raise _TooLarge
+            if seen > reserved:  # a chunked body: held as it arrives
+                self.held += seen - reserved
+                reserved = seen
+            complete = message["type"] != "http.request" or not message.get("more_body", False)
             return message
 
         try:
             await self.app(scope, limited, send)
         except _TooLarge:
-            await _send_error(send, ApiError(413, f"request body over {self.limit} bytes"))
+            await _send_error(send, ApiError(413, f"request body over {self.limit} bytes"), close=True)
+        except _TooSlow:
+            await _send_error(send, ApiError(408, f"the request body stalled for {self.timeout_s:g} s"), close=True)
+        finally:
+            self.held -= reserved
+
+
+_RETRY = {"Retry-After": "1"}
 
 
 class _TooLarge(Exception):
     pass
 
 
-async def _send_error(send: Send, error: ApiError) -> None:
-    """An error answered below FastAPI (the body limit runs before any route)."""
+class _TooSlow(Exception):
+    pass
+
+
+async def _send_error(send: Send, error: ApiError, close: bool = False) -> None:
+    """An error answered below FastAPI (the body limit runs before any route); ``close``: the
+    connection too (the rest of a refused body is not read)."""
     body = error.response().model_dump_json().encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    headers += [(name.lower().encode(), value.encode()) for name, value in (error.headers or {}).items()]
+    if close:
+        headers.append((b"connection", b"close"))
     await send({"type": "http.response.start", "status": error.status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class CatchAll:
+    """The last resort inside Starlette's error middleware: an exception no handler took becomes a
+    500 in OpenAI's shape, logged once (through the log budget) and not re-raised, so uvicorn
+    neither prints it again nor drops the keep-alive connection."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            LOG.exception("request failed")
+            if not started:
+                metrics = getattr(getattr(scope.get("app"), "state", None), "metrics", None)
+                if metrics is not None:
+                    metrics.requests.labels("500").inc()
+                await _send_error(send, ApiError(500, f"internal error ({type(exc).__name__})"))
 
 
 def json_response(model: OpenAIBaseModel, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -116,8 +206,9 @@ async def require_api_key(request: Request) -> None:
     expected = server_settings(request).api_key
     if expected is None:
         return
-    given = request.headers.get("authorization", "")
-    if not (given.startswith("Bearer ") and hmac.compare_digest(given[7:].encode(), expected.encode())):
+    scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+    # the scheme is case-insensitive (RFC 9110: "bearer" is "Bearer")
+    if not (scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), expected.encode())):
         raise ApiError(401, "missing or wrong API key (Authorization: Bearer KEY)", code="invalid_api_key")
 
 
@@ -145,7 +236,12 @@ async def show_available_models(request: Request) -> Response:
 
 @router.post("/v1/chat/completions", dependencies=KEYED)
 async def create_chat_completion(request: Request) -> Response:
-    body = parse_chat_request(await request.body())
+    raw = await request.body()
+    # JSON and pydantic hold the interpreter while they run: one body at a time on the parse thread,
+    # so a large one delays other parses, not the event loop's every connection (a /health probe)
+    parser: ThreadPoolExecutor = request.app.state.parser
+    body = await asyncio.get_running_loop().run_in_executor(parser, parse_chat_request, raw)
+    del raw
     serving = serving_chat(request)
     job = serving.submit(body)
     if body.stream:
@@ -197,6 +293,7 @@ def init_app_state(state: State, pipeline: Pipeline, settings: ServerSettings, *
         ready=ready,
     )
     state.settings, state.metrics, state.openai_serving_chat = settings, metrics, serving
+    state.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccra-parse")
     # what the CLI and the tests reach for: the warm-up to run, the generation thread to hold or stop
     state.worker, state.executor, state.warm_up = worker, serving.executor, serving.warm_up
 
@@ -207,7 +304,14 @@ def create_app(pipeline: Pipeline, settings: ServerSettings, *, ready: bool = Fa
     app = FastAPI(title="ccra-export", docs_url=None, redoc_url=None, openapi_url=None)
     init_app_state(app.state, pipeline, settings, ready=ready)
     app.include_router(router)
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    limit = body_limit(settings, pipeline)
+    app.add_middleware(
+        BodyLimit,
+        limit=limit,
+        timeout_s=settings.connections.body_timeout_s,
+        in_flight=settings.max_body_bytes_in_flight,
+    )
+    app.add_middleware(CatchAll)
     register_error_handlers(app)
     return app
 

@@ -5,14 +5,21 @@ image and of every message so far, the server's own answers included; a request 
 to its last user message hashes to a held key continues that conversation (KV cache and all), so
 it prefills only its new question. Bounded in bytes, since each held conversation keeps a KV cache
 of the whole context (2 GiB for a 7B FP16 decoder at 4096 tokens): the least recently used go first.
+
+A conversation the server no longer holds is replayed from the history. For that to reach the
+state the held one had, the server's own answers are fed as the tokens it generated, not as their
+text re-tokenised (an answer that ends in half a character decodes to U+FFFD, whose tokens are
+others): the store keeps those ids, keyed by the text the server returned (bounded in count).
 """
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import threading
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 from ccra_export.runtime.conversation import Conversation
@@ -24,13 +31,41 @@ def history_key(image_digest: str, turns: list[tuple[str, str]]) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def _text_key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+
+
 class ConversationStore:
-    def __init__(self, max_bytes: int = 2 << 30) -> None:
+    def __init__(self, max_bytes: int = 2 << 30, max_answers: int = 4096) -> None:
         self.max_bytes = max_bytes
+        self.max_answers = max_answers
         self._held: OrderedDict[str, Conversation] = OrderedDict()
+        self._answers: OrderedDict[bytes, array.array] = OrderedDict()  # answer text's hash -> generated ids
         self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
+
+    def remember_answer(self, text: str, ids: Sequence[int]) -> None:
+        """The tokens the model generated for an answer the server returned as ``text`` (the
+        least recently used of ``max_answers`` are forgotten)."""
+        if self.max_answers <= 0:
+            return
+        key = _text_key(text)
+        with self._lock:
+            self._answers[key] = array.array("l", ids)
+            self._answers.move_to_end(key)
+            while len(self._answers) > self.max_answers:
+                self._answers.popitem(last=False)
+
+    def answer_ids(self, text: str) -> list[int] | None:
+        """The generated tokens of an answer the server returned as ``text``, or None."""
+        key = _text_key(text)
+        with self._lock:
+            found = self._answers.get(key)
+            if found is None:
+                return None
+            self._answers.move_to_end(key)
+            return found.tolist()
 
     def take(self, key: str) -> Conversation | None:
         """The conversation held under ``key``, removed (it is about to change), or None."""

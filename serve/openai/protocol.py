@@ -24,6 +24,9 @@ from pydantic import (
 
 from ccra_export.core.errors import CCRAExportError
 
+#: OpenAI's bound on stop strings, and one on their length (each is matched against every token)
+MAX_STOPS = 4
+MAX_STOP_CHARS = 1024
 #: the runtime's names for its inputs -> where they sit in a Chat Completions request
 _REQUEST_FIELDS = {
     "answer": "messages",
@@ -83,13 +86,12 @@ class ApiError(Exception):
 
     @property
     def kind(self) -> str:
+        """OpenAI's error type: the client's fault for a 4xx (a 405 or 408 too), the server's for a 5xx."""
         return {
-            400: "invalid_request_error",
             401: "authentication_error",
             404: "not_found_error",
-            413: "invalid_request_error",
             429: "rate_limit_error",
-        }.get(self.status, "server_error")
+        }.get(self.status, "invalid_request_error" if 400 <= self.status < 500 else "server_error")
 
     def response(self) -> ErrorResponse:
         return ErrorResponse(error=ErrorInfo(message=self.message, type=self.kind, param=self.param, code=self.code))
@@ -114,8 +116,20 @@ def refused(error: CCRAExportError, messages: int) -> ApiError:
 def invalid_request(errors: list[dict[str, Any]]) -> ApiError:
     """pydantic's validation errors as one 400: the first one, with where it is (``param``)."""
     first = errors[0] if errors else {}
-    where = ".".join(str(part) for part in first.get("loc", ()))
+    where = request_path(first.get("loc", ()))
     return ApiError(400, f"{where or 'body'}: {first.get('msg', 'invalid request')}", param=where or None)
+
+
+def request_path(loc: tuple[Any, ...] | list[Any]) -> str:
+    """pydantic's location as the request's field: ``messages[0].content[1].image_url`` (a union's
+    member tags, ``list[ContentPart]``, are pydantic's, not the request's)."""
+    where = ""
+    for part in loc:
+        if isinstance(part, int):
+            where += f"[{part}]"
+        elif "[" not in str(part) and str(part) != "str":
+            where += f".{part}"
+    return where.lstrip(".")
 
 
 def parse_chat_request(raw: bytes) -> ChatRequest:
@@ -127,6 +141,8 @@ def parse_chat_request(raw: bytes) -> ChatRequest:
         payload = json.loads(raw or b"null")
     except (json.JSONDecodeError, UnicodeDecodeError):
         raise ApiError(400, "the body is not JSON") from None
+    except RecursionError:  # [[[[...: deeper than the parser recurses
+        raise ApiError(400, "the body is not JSON a server reads: it nests too deeply") from None
     if not isinstance(payload, dict):
         raise ApiError(400, "the body must be a JSON object with messages", param="messages")
     try:
@@ -196,6 +212,14 @@ class ChatRequest(BaseModel):
     def _one(cls, value: int) -> int:
         if value != 1:
             raise ValueError("only n=1 is served")
+        return value
+
+    @field_validator("stop")
+    @classmethod
+    def _bounded_stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else list(value or [])
+        if len(stops) > MAX_STOPS or any(len(stop) > MAX_STOP_CHARS for stop in stops):
+            raise ValueError(f"up to {MAX_STOPS} strings of at most {MAX_STOP_CHARS} characters each")
         return value
 
     def stops(self) -> list[str]:

@@ -5,11 +5,19 @@ Requests run one at a time, in arrival order, on a single worker thread (the run
 holds one sequence: onnxruntime-genai's batching Engine cannot take our spliced embeddings,
 docs/language-model.md). Each job streams events back to its request's event loop; a client that
 disconnects, a stop string or the request's deadline ends the generation at the next token.
+
+Before a job reaches that thread, a preparation thread does everything that depends only on the
+request, cheapest first: the messages' shape, the conversation's length in tokens against the
+context (characters bounded before the tokenizer runs), then the image: fetched under one total
+deadline and decoded one at a time within the pixel limit (the padded square included). So no
+request ties up the generation thread with work that ends in a refusal, and a slow image URL
+delays only its own request.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import threading
@@ -22,10 +30,12 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from ccra_export.core.errors import CCRAExportError
+from ccra_export.runtime.conversation import conversation_tokens
+from ccra_export.runtime.inputs import InputError, overflowing
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.serve.openai.conversations import ConversationStore, history_key
-from ccra_export.serve.openai.image_urls import ImageLimits, load_image_url
+from ccra_export.serve.openai.image_urls import ImageLimits, decode_image_bytes, fetch_image_bytes
 from ccra_export.serve.openai.metrics import Metrics
 from ccra_export.serve.openai.protocol import (
     ApiError,
@@ -64,23 +74,78 @@ class Parsed:
     turns: list[tuple[str, str]]
     question: str
     image_url: str
+    image_param: str = "messages[0].content"  # where the image_url part sits in the request
+
+
+def prefix_function(text: str) -> list[int]:
+    """KMP's failure function: ``table[i]`` is the length of the longest proper prefix of
+    ``text[: i + 1]`` that is also its suffix."""
+    table = [0] * len(text)
+    k = 0
+    for i in range(1, len(text)):
+        while k and text[i] != text[k]:
+            k = table[k - 1]
+        if text[i] == text[k]:
+            k += 1
+        table[i] = k
+    return table
+
+
+class StopMatcher:
+    """Stop strings found in text that arrives piece by piece, in time linear in the text: one
+    KMP automaton per stop string, whose state is the longest prefix of it that ends the text.
+    Text is sent as soon as it cannot be the start of a stop string (``feed``), so a cut answer
+    never shows a stop string's beginning; a completed stop string cuts the answer where the
+    earliest-starting one begins."""
+
+    def __init__(self, stops: list[str]) -> None:
+        self.stops = stops
+        self._tables = [prefix_function(stop) for stop in stops]
+        self._states = [0] * len(stops)
+        self.held = ""
+
+    def feed(self, piece: str) -> tuple[str, bool]:
+        """(the text now safe to send, whether a stop string completed in ``piece``)."""
+        pending = self.held + piece
+        offset = len(self.held)
+        cut = None
+        for index, stop in enumerate(self.stops):
+            state, table = self._states[index], self._tables[index]
+            for position, char in enumerate(piece, start=offset):
+                while state and stop[state] != char:
+                    state = table[state - 1]
+                if stop[state] == char:
+                    state += 1
+                if state == len(stop):
+                    start = position + 1 - len(stop)
+                    cut = start if cut is None else min(cut, start)
+                    break
+            self._states[index] = state
+        if cut is not None:
+            self.held = ""
+            return pending[:cut], True
+        keep = max(self._states, default=0)
+        self.held = pending[len(pending) - keep :] if keep else ""
+        return pending[: len(pending) - keep], False
 
 
 def parse_messages(request: ChatRequest) -> Parsed:
     """LLaVA-1.5's shape of a chat: user/assistant turns, one image in the first user message.
 
     System messages are accepted and not used: LLaVA-1.5's template (llava-hf's chat template) has
-    no system prompt, and many clients send one by default.
+    no system prompt, and many clients send one by default. Refusals name the request's own
+    indices (a system message counts).
     """
-    messages = [m for m in request.messages if m.role != "system"]
-    if not messages or messages[-1].role != "user":
+    messages = [(index, m) for index, m in enumerate(request.messages) if m.role != "system"]
+    if not messages or messages[-1][1].role != "user":
         raise ApiError(400, "messages: the last message must be the user's question", param="messages")
     turns: list[tuple[str, str]] = []
     image_url = None
+    image_param = "messages[0].content"
     pending: str | None = None
-    for index, message in enumerate(messages):
+    for position, (index, message) in enumerate(messages):
         images = message.images()
-        if images and (message.role != "user" or index != 0 or len(images) > 1):
+        if images and (message.role != "user" or position != 0 or len(images) > 1):
             raise ApiError(
                 400,
                 "messages: one image, in the first user message (LLaVA-1.5 was trained so); start a new "
@@ -89,6 +154,8 @@ def parse_messages(request: ChatRequest) -> Parsed:
             )
         if images:
             image_url = images[0].url
+            part = next(i for i, p in enumerate(message.content or []) if getattr(p, "image_url", None) is images[0])
+            image_param = f"messages[{index}].content[{part}].image_url"
         expected = "user" if pending is None else "assistant"
         if message.role != expected:
             raise ApiError(400, f"messages[{index}]: expected a {expected} message", param=f"messages[{index}].role")
@@ -102,7 +169,7 @@ def parse_messages(request: ChatRequest) -> Parsed:
             pending = None
     if image_url is None:
         raise ApiError(400, "messages: the first user message needs an image_url part", param="messages[0].content")
-    return Parsed(turns, pending, image_url)
+    return Parsed(turns, pending, image_url, image_param)
 
 
 @dataclass(frozen=True)
@@ -129,6 +196,17 @@ Event = Text | Failed | Done
 
 
 @dataclass
+class Inputs:
+    """What the preparation thread hands the generation thread: a request checked and its image
+    decoded, so the generation thread does only the model's work."""
+
+    parsed: Parsed
+    stops: list[str]
+    image: Image.Image
+    digest: str  # the encoded image's hash: with the history, the key of a held conversation
+
+
+@dataclass
 class Job:
     request: ChatRequest
     loop: asyncio.AbstractEventLoop
@@ -138,22 +216,65 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
+    inputs: Inputs | None = None
 
     def emit(self, event: Event) -> None:
-        """From the generation thread: hand ``event`` to the request's event loop."""
+        """From a worker thread: hand ``event`` to the request's event loop."""
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
 
+def _failure(job: Job, exc: BaseException) -> Failed:
+    """An exception of a job's preparation or generation as the event its client gets."""
+    if isinstance(exc, ApiError):
+        return Failed(exc)
+    if isinstance(exc, CCRAExportError):  # input the runtime refused: one line, the client's fault
+        return Failed(refused(exc, len(job.request.messages)))
+    LOG.exception("generation failed")  # the log keeps the traceback; the client gets one line
+    return Failed(ApiError(500, f"internal error ({type(exc).__name__})"))
+
+
 class Worker:
-    """Runs jobs on the generation thread; owns the pipeline and the held conversations."""
+    """Prepares jobs (on the preparation threads) and runs them (on the generation thread); owns
+    the pipeline and the held conversations."""
 
     def __init__(self, pipeline: Pipeline, limits: ImageLimits, store: ConversationStore, metrics: Metrics) -> None:
         self.pipeline, self.limits, self.store, self.metrics = pipeline, limits, store, metrics
+        self._decoding = threading.Lock()  # one image decoded at a time: its memory is bounded, not multiplied
 
     def warm_up(self) -> None:
         """One tiny generation: the server reports ready only after the whole path has run once."""
         image = Image.new("RGB", (64, 48), (128, 128, 128))
         self.pipeline.chat().ask("Describe the image.", image, Sampling(max_new_tokens=2))
+
+    def prepare(self, job: Job) -> bool:
+        """Off the generation thread: check the request and decode its image (``job.inputs``).
+        False when it was refused (its client has the error event)."""
+        try:
+            job.inputs = self._prepare(job.request)
+            return True
+        except Exception as exc:
+            job.emit(_failure(job, exc))
+            return False
+
+    def _prepare(self, request: ChatRequest) -> Inputs:
+        pipeline = self.pipeline
+        parsed = parse_messages(request)
+        stops = request.stops()
+        # the conversation's length before anything is embedded, fetched or decoded
+        prompt = conversation_tokens(pipeline, parsed.turns, parsed.question, self.store.answer_ids)
+        asked = request.max_completion_tokens or request.max_tokens or 1
+        context = pipeline.lm.context_length
+        if prompt + asked > context:
+            blamed = overflowing(prompt, context)
+            raise InputError(
+                f"the conversation is {prompt} prompt tokens (image tokens included); with {asked} new tokens it "
+                f"would exceed the context of {context}",
+                field="history" if blamed == "prompt" and parsed.turns else blamed,
+            )
+        data = fetch_image_bytes(parsed.image_url, self.limits, parsed.image_param)
+        with self._decoding:
+            image = decode_image_bytes(data, self.limits, pipeline.processor, parsed.image_param)
+        return Inputs(parsed, stops, image, hashlib.sha256(data).hexdigest())
 
     def run(self, job: Job) -> None:
         try:
@@ -163,26 +284,22 @@ class Worker:
             self._run(job)
         except Stopped as stop:
             job.emit(Done(stop.args[0], None))
-        except ApiError as exc:
-            job.emit(Failed(exc))
-        except CCRAExportError as exc:  # input the runtime refused: one line, the client's fault
-            job.emit(Failed(refused(exc, len(job.request.messages))))
-        except Exception as exc:  # the log keeps the traceback; the client gets one line
-            LOG.exception("generation failed")
-            job.emit(Failed(ApiError(500, f"internal error ({type(exc).__name__})")))
+        except Exception as exc:
+            job.emit(_failure(job, exc))
 
     def _run(self, job: Job) -> None:
-        request, pipeline = job.request, self.pipeline
-        parsed = parse_messages(request)
-        stops = request.stops()
-        image, data = load_image_url(parsed.image_url, self.limits)
-        digest = hashlib.sha256(data).hexdigest()
+        request, pipeline, inputs = job.request, self.pipeline, job.inputs
+        if inputs is None:  # run without prepare (a caller of the Python API): prepare here
+            inputs = job.inputs = self._prepare(request)
+        parsed, stops, image, digest = inputs.parsed, inputs.stops, inputs.image, inputs.digest
         conversation = self.store.take(history_key(digest, parsed.turns)) if parsed.turns else None
         self.metrics.conversations.labels("hit" if conversation is not None else "miss").inc()
         if conversation is None:
             conversation = pipeline.chat()
             for index, (question, answer) in enumerate(parsed.turns):
-                conversation.replay(question, answer, image if index == 0 else None)
+                # the tokens the server generated for this answer, when it said it: the held state exactly
+                known = self.store.answer_ids(answer)
+                conversation.replay(question, answer, image if index == 0 else None, answer_ids=known)
         sampling = Sampling(
             max_new_tokens=request.token_budget(DEFAULT_MAX_TOKENS),
             temperature=request.temperature,
@@ -194,7 +311,7 @@ class Worker:
         if request.max_completion_tokens is None and request.max_tokens is None:
             sampling.max_new_tokens = max(1, min(sampling.max_new_tokens, room // 2))
         text: list[str] = []  # what the client has been sent
-        held: list[str] = [""]  # text that may be the start of a stop string: sent once it is not
+        matcher = StopMatcher(stops)  # text that may be the start of a stop string is held until it is not
         first: list[float] = []
 
         def send(piece: str) -> None:
@@ -209,14 +326,10 @@ class Worker:
                 raise Stopped("cancelled")
             if time.perf_counter() > job.deadline:
                 raise Stopped("timeout")
-            pending = held[0] + piece
-            hit = min((pending.find(s) for s in stops if s in pending), default=-1)
-            if hit >= 0:
-                send(pending[:hit])
+            ready, hit = matcher.feed(piece)
+            send(ready)
+            if hit:
                 raise Stopped("stop")
-            keep = max((k for s in stops for k in range(1, len(s)) if pending.endswith(s[:k])), default=0)
-            send(pending[: len(pending) - keep])
-            held[0] = pending[len(pending) - keep :]
 
         image_arg = image if conversation.turns == 0 else None
         context_before = conversation.cache.length
@@ -235,7 +348,7 @@ class Worker:
             usage = UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
             job.emit(Done("stop", usage))
             return  # a stop string cut the answer: the cache holds more than the client saw, so it is not kept
-        send(held[0])  # the answer ended without completing a stop string
+        send(matcher.held)  # the answer ended without completing a stop string
         if first:
             self.metrics.ttft.observe(first[0] - job.arrived)
         generated = reply.generation.tokens
@@ -243,7 +356,11 @@ class Worker:
         completion = len(generated) - int(ended)
         prompt = context_before + reply.prompt_tokens  # the whole conversation, image tokens included
         usage = UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-        self.store.put(history_key(digest, [*parsed.turns, (parsed.question, "".join(text).strip())]), conversation)
+        said = "".join(text).strip()
+        self.store.put(history_key(digest, [*parsed.turns, (parsed.question, said)]), conversation)
+        # what replaying this answer must feed to reach the state just held: the tokens generated, the
+        # closing </s> excepted (a replay adds it), whatever their text re-tokenises to
+        self.store.remember_answer(said, generated[:-1] if generated[-1:] == [conversation.eos_id] else generated)
         self.metrics.held_bytes.set(self.store.stats()["bytes"])
         self.metrics.completion_tokens.inc(completion)
         if reply.generation.decode_s > 0 and completion > 1:
@@ -276,6 +393,9 @@ class OpenAIServingChat:
         self.ready = ready
         self.in_flight = 0  # queued or generating
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccra-generate")  # one decoder, FIFO
+        # checks, image fetches and decodes, off the generation thread (at most the queue's worth at once)
+        self.preparer = ThreadPoolExecutor(max_workers=max_queue, thread_name_prefix="ccra-prepare")
+        self._jobs: set[asyncio.Task[None]] = set()
 
     def warm_up(self) -> None:
         """Run the whole path once; only then does /health say ready and a chat get served."""
@@ -305,13 +425,33 @@ class OpenAIServingChat:
         job = Job(request, loop, asyncio.Queue(), time.perf_counter() + self.request_timeout_s)
         self.in_flight += 1
         self.metrics.queue_depth.set(self.in_flight)
-        future = loop.run_in_executor(self.executor, self.worker.run, job)
-        future.add_done_callback(self._finished)
+        task = loop.create_task(self._drive(job))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
         return job
 
-    def _finished(self, _: object) -> None:
+    async def _drive(self, job: Job) -> None:
+        """Prepare ``job`` on a preparation thread, then, unless it was refused, generate on the
+        generation thread; the queue slot is held until both are done."""
+        loop = asyncio.get_running_loop()
+        try:
+            if await loop.run_in_executor(self.preparer, self.worker.prepare, job):
+                await loop.run_in_executor(self.executor, self.worker.run, job)
+        finally:
+            self._finished()
+
+    def _finished(self) -> None:
         self.in_flight -= 1
         self.metrics.queue_depth.set(self.in_flight)
+
+    def shutdown(self) -> None:
+        """Stop taking work: queued jobs are dropped, the one generating ends at its next token.
+        Call it on the event loop, or once the loop has stopped."""
+        for task in list(self._jobs):
+            with contextlib.suppress(RuntimeError):  # its loop is closed already: nothing left to cancel
+                task.cancel()
+        self.preparer.shutdown(wait=False, cancel_futures=True)
+        self.executor.shutdown(wait=False, cancel_futures=True)
 
     async def complete(self, job: Job, disconnected: Disconnected) -> ChatCompletionResponse | None:
         """The whole answer as one response; None when the client went away (the job is cancelled,
@@ -340,22 +480,26 @@ class OpenAIServingChat:
         the finish chunk, the usage chunk if ``stream_options.include_usage``, then ``[DONE]``. The
         status is already 200 when a generation fails, so its error object is the last event."""
         wants_usage = job.request.stream_options is not None and job.request.stream_options.include_usage
+        counted = False
         try:
             yield sse(self._chunk(job, DeltaMessage(role="assistant", content="")))
             while True:
                 event = await self._next_event(job, disconnected)
                 match event:
                     case None:
+                        counted = True
                         self.metrics.requests.labels("499").inc()
                         return
                     case Text(piece):
                         yield sse(self._chunk(job, DeltaMessage(content=piece)))
                     case Failed(error):
+                        counted = True
                         self.metrics.requests.labels(str(error.status)).inc()
                         yield sse(error.response())
                         yield SSE_DONE
                         return
                     case Done(finish_reason, usage):
+                        counted = True
                         self.metrics.requests.labels("200").inc()
                         yield sse(self._chunk(job, DeltaMessage(), finish_reason))
                         if wants_usage:
@@ -364,6 +508,8 @@ class OpenAIServingChat:
                         return
         finally:
             job.cancel.set()  # a client that went away mid-stream stops the generation at its next token
+            if not counted:  # the stream was closed under us: the client left before its end
+                self.metrics.requests.labels("499").inc()
 
     def _chunk(
         self, job: Job, delta: DeltaMessage | None, finish_reason: str | None = None, usage: UsageInfo | None = None

@@ -34,11 +34,13 @@ import numpy as np
 from PIL import Image
 
 from ccra_export.core.errors import CCRAExportError
+from ccra_export.core.image_preprocess import ImageProcessorConfig
 from ccra_export.core.manifest import read_manifest
-from ccra_export.core.vision_graphs import is_split, part_records
+from ccra_export.core.manifest_schema import Manifest, TensorSpec
+from ccra_export.core.vision_graphs import HEAD, TOWER, WHOLE_CCRA, part_records
+from ccra_export.runtime.backends import join_parts
 from ccra_export.runtime.inputs import InputError
 from ccra_export.runtime.language_model import Sampling
-from ccra_export.runtime.split_vision import SplitVision
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend
 from ccra_export.runtime.vlm_pipeline import Pipeline
@@ -98,7 +100,7 @@ class BlsVision(VisionBackend):
     name = "triton-bls"
 
     def __init__(
-        self, pb: Any, inputs: list[dict[str, Any]], outputs: list[dict[str, Any]], model_name: str = VISION_MODEL
+        self, pb: Any, inputs: list[TensorSpec], outputs: list[TensorSpec], model_name: str = VISION_MODEL
     ) -> None:
         self.pb, self.model_name = pb, model_name
         self._dtypes = {spec["name"]: np.dtype(spec["dtype"]) for spec in inputs}
@@ -124,11 +126,12 @@ class BlsVision(VisionBackend):
         return {name: to_numpy(self.pb.get_output_tensor_by_name(response, name)) for name in self._outputs}
 
 
-def decode_request_image(data: bytes, max_pixels: int) -> Image.Image:
-    """The request's ``image`` tensor -> 8-bit RGB, through the shared bounded decoder."""
+def decode_request_image(data: bytes, max_pixels: int, processor: ImageProcessorConfig | None = None) -> Image.Image:
+    """The request's ``image`` tensor -> 8-bit RGB, through the shared bounded decoder (the
+    padded square ``processor`` makes of it within ``max_pixels``)."""
     if not data:
         raise InputError("empty; send the encoded file (PNG, JPEG, ...) as a UINT8 vector", field="image")
-    return decode_image(data, max_pixels)
+    return decode_image(data, max_pixels, processor)
 
 
 class VlmModel:
@@ -146,23 +149,21 @@ class VlmModel:
         self.text_type = "string" if types.get("prompt") == "TYPE_STRING" else "uint8"
         self.max_new_tokens = int(parameter(config, "default_max_new_tokens") or DEFAULT_MAX_NEW_TOKENS)
         self.max_pixels = int(parameter(config, "max_image_pixels") or DEFAULT_MAX_PIXELS)
+        self.pipeline.max_pixels = self.max_pixels  # what preprocessing may hold, the padded square included
 
-    def vision(self, manifest: dict[str, Any], config: dict[str, Any]) -> VisionBackend:
+    def vision(self, manifest: Manifest, config: dict[str, Any]) -> VisionBackend:
         """The pipeline's vision backend: BLS to ccra_vision, or for a split bundle the tower
         (only on a tower-cache miss) and the head, joined by the runtime's ``SplitVision``."""
-        if not is_split(manifest):
-            graph = manifest["graph"]
-            model = parameter(config, VISION_MODEL_PARAMETER) or VISION_MODEL
-            return BlsVision(self.pb, graph["inputs"], graph["outputs"], model)
-        tower, head = part_records(manifest)
+        models = {
+            WHOLE_CCRA.name: parameter(config, VISION_MODEL_PARAMETER) or VISION_MODEL,
+            TOWER.name: parameter(config, TOWER_MODEL_PARAMETER) or TOWER_MODEL,
+            HEAD.name: parameter(config, HEAD_MODEL_PARAMETER) or HEAD_MODEL,
+        }
+        runners: list[VisionBackend] = [
+            BlsVision(self.pb, part["inputs"], part["outputs"], models[part["name"]]) for part in part_records(manifest)
+        ]
         cache_mib = float(parameter(config, TOWER_CACHE_PARAMETER) or DEFAULT_TOWER_CACHE_MIB)
-        return SplitVision(
-            BlsVision(
-                self.pb, tower["inputs"], tower["outputs"], parameter(config, TOWER_MODEL_PARAMETER) or TOWER_MODEL
-            ),
-            BlsVision(self.pb, head["inputs"], head["outputs"], parameter(config, HEAD_MODEL_PARAMETER) or HEAD_MODEL),
-            TowerCache.from_mib(cache_mib),
-        )
+        return join_parts(runners, TowerCache.from_mib(cache_mib))
 
     def execute(self, requests: list[Any]) -> None:
         for request in requests:
@@ -187,7 +188,9 @@ class VlmModel:
         sender = request.get_response_sender()
         final = pb.TRITONSERVER_RESPONSE_COMPLETE_FINAL
         try:
-            image = decode_request_image(read_bytes(pb.get_input_tensor_by_name(request, "image")), self.max_pixels)
+            image = decode_request_image(
+                read_bytes(pb.get_input_tensor_by_name(request, "image")), self.max_pixels, self.pipeline.processor
+            )
             prompt = read_text(pb.get_input_tensor_by_name(request, "prompt"), self.text_type)
             sampling, stream = self.sampling(request)
 
