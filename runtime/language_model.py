@@ -134,8 +134,10 @@ class KVCache:
         """Bytes held by the cache's buffers (the whole context, whatever ``length`` is)."""
         return len(self._buffers) * self.model.kv_heads * self.capacity * self.model.head_size * self.model.kv_itemsize
 
-    def step(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """Feed [1, S, D] embeddings after the cached ones; returns the last position's logits (float32)."""
+    def step(self, inputs_embeds: np.ndarray, every_position: bool = False) -> np.ndarray:
+        """Feed [1, S, D] embeddings after the cached ones; returns the last position's logits
+        (float32), or with ``every_position`` the [S, vocab] logits of each fed position (the
+        teacher-forced figures of language-model parity)."""
         count = inputs_embeds.shape[1]
         if self.length + count > self.capacity:
             raise BundleError(f"language model: {self.length + count} tokens exceed the context of {self.capacity}")
@@ -147,7 +149,7 @@ class KVCache:
         self.model.decoder.run_with_iobinding(binding)
         self.length += count
         logits = binding.get_outputs()[self.model.logits_index].numpy()
-        return logits[0, -1].astype(np.float32)
+        return logits[0].astype(np.float32) if every_position else logits[0, -1].astype(np.float32)
 
 
 class LanguageModel:
@@ -220,3 +222,7 @@ class LanguageModel:
     ) -> Generation:
         """One prompt, a fresh cache."""
         return self.decode(self.new_cache(), inputs_embeds, sampling, on_token)
+
+    def teacher_forced_logits(self, inputs_embeds: np.ndarray) -> np.ndarray:
+        """[S, vocab] next-token logits at every position of one [1, S, D] sequence, a fresh cache."""
+        return self.new_cache().step(inputs_embeds, every_position=True)

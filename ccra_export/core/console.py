@@ -21,6 +21,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from ccra_export.core.lm_quality import bounds_for as lm_bounds
 from ccra_export.core.parity import LanguageModelReport, ParityReport
 
 
@@ -129,15 +130,43 @@ def lm_table(figures: LanguageModelReport) -> Table:
     logits, steps = figures["first_token_logits"], figures["greedy_steps"]
     title = f"Language model vs transformers FP32 ({figures['device']} decoder on {figures['ran_on']})"
     table = titled(title)
-    for column in ("check", "value"):
+    for column in ("check", "value", "bound"):
         table.add_column(column, justify="left" if column == "check" else "right")
-    table.add_row("first-token logits cosine", f"{logits['cosine']:.7f}")
-    table.add_row("first-token logits max abs err", f"{logits['max_abs_err']:.3e}")
-    table.add_row("greedy tokens agreeing", f"{figures['tokens_agreeing']}/{steps}")
-    table.add_row("identical prefix", f"{figures['identical_prefix']}/{steps}")
+    forced = figures.get("next_token")
+    if forced is not None:
+        limit = lm_bounds(figures["precision"]) if "precision" in figures else None
+        rows = (
+            ("next-token KL, mean", f"{forced['kl_mean']:.3e}", limit and f"<= {limit.max_kl_mean:g}"),
+            ("next-token KL, p99", f"{forced['kl_p99']:.3e}", limit and f"<= {limit.max_kl_p99:g}"),
+            ("next-token KL, max", f"{forced['kl_max']:.3e}", None),
+            ("top-1 agreement, all positions", f"{forced['top1_agreement']:.3f}", None),
+            (
+                f"top-1 agreement where the reference is sure ({forced.get('confident_positions', 0)})",
+                "n/a"
+                if forced.get("confident_top1_agreement") is None
+                else f"{forced['confident_top1_agreement']:.3f}",
+                limit and f">= {limit.min_top1_agreement:g}",
+            ),
+            (
+                "Δp of the next token, mean / worst",
+                f"{forced['delta_p_mean']:+.4f} / {forced['delta_p_min']:+.4f}",
+                None,
+            ),
+        )
+        for label, value, bound in rows:
+            table.add_row(f"{label} (teacher-forced, {forced['positions']} positions)", value, bound or "reported")
+    else:
+        table.add_row("teacher-forced next-token figures", "not recorded (bundle built before them)", "")
+    fp32 = figures.get("precision") == "fp32"
+    table.add_row("first-token logits cosine", f"{logits['cosine']:.7f}", "reported")
+    table.add_row("first-token logits max abs err", f"{logits['max_abs_err']:.3e}", "reported")
+    table.add_row(
+        "greedy tokens agreeing", f"{figures['tokens_agreeing']}/{steps}", "all (fp32)" if fp32 else "reported"
+    )
+    table.add_row("identical prefix", f"{figures['identical_prefix']}/{steps}", "reported")
     built = figures.get("built")
     if built is not None:
         same = "yes" if built["tokens"] == figures["tokens"] else "[red]no[/red]"
-        table.add_row(f"build-time tokens reproduced (built on {built['ran_on']})", same)
-        table.add_row("build-time first-token cosine", f"{built['first_token_logits']['cosine']:.7f}")
+        table.add_row(f"build-time tokens reproduced (built on {built['ran_on']})", same, "same device class")
+        table.add_row("build-time first-token cosine", f"{built['first_token_logits']['cosine']:.7f}", "±1e-4")
     return table

@@ -224,6 +224,9 @@ class LanguageModelFigures(TypedDict):
     identical_prefix: int
     tokens: list[int]
     reference_tokens: list[int]
+    #: teacher-forced next-token figures (core/lm_quality.NextTokenFigures), where the reference
+    #: recorded its log-probabilities (bundles built before them have none)
+    next_token: NotRequired[dict[str, float]]
 
 
 class LanguageModelReport(LanguageModelFigures):
@@ -231,6 +234,7 @@ class LanguageModelReport(LanguageModelFigures):
     adds the build's own figures (``built``) to compare with."""
 
     reference: str
+    precision: NotRequired[str]  #: the decoder's weights: what its bounds are (older reports lack it)
     device: str
     ran_on: str
     built: NotRequired[LanguageModelParity]

@@ -514,7 +514,7 @@ def _add_language_model(
     exported = language_model.export_into(
         Path(source.record["path"]), stage, scratch, options.lm_precision, device, steps
     )
-    figures = language_model.parity(exported.hf_dir, stage / "lm", device, steps)
+    figures = language_model.parity(exported.hf_dir, stage / "lm", options.lm_precision, device, steps)
     report.language_model = figures
     report.extra_failures += lm_parity.failures(options.lm_precision, figures)
     return LanguageModelRecord(  # precision and device: the flags' choices, checked by the schema on write

@@ -60,6 +60,7 @@ def _check_language_model(bundle: Path, record: LanguageModelRecord, report: Par
         measured = lm_parity.figures(lm, bundle / lm_parity.LM_REFERENCE_FILE)
     figures: LanguageModelReport = {
         "reference": "recorded at build time",
+        "precision": record["precision"],
         "device": record["device"],
         "ran_on": ran_on,
         **measured,

@@ -1,9 +1,12 @@
 """The language-model part of `ccra-export build --lm-precision`: export into the bundle, parity.
 
 Parity compares our ONNX decoder with Hugging Face's LlamaForCausalLM on the same input
-embeddings (rows of the real embedding table): first-token logits (cosine, max abs error) and
-greedy tokens for 32 steps with end-of-sequence disabled on both sides. FP32 must reproduce every
-token; FP16/INT8/INT4 are reported (quantization legitimately changes tokens).
+embeddings (rows of the real embedding table): greedy tokens for 32 steps with end-of-sequence
+disabled on both sides, first-token logits (cosine, max abs error), and, teacher-forced on
+Hugging Face's tokens, the next-token KL divergence, top-1 agreement and Δp at each of them. The
+teacher-forced figures are bounded at every precision (core/lm_quality.DEFAULT_BOUNDS); FP32
+must also reproduce every greedy token (quantization legitimately changes a free-running
+continuation, which is why the bounded figures are teacher-forced).
 """
 
 from __future__ import annotations
@@ -38,6 +41,26 @@ def resolve_device(device: str, vision_backend: str) -> tuple[str, str]:
     if "CUDAExecutionProvider" in available_providers():
         return "cuda", "auto: ONNX Runtime has the CUDA provider here"
     return "cpu", "auto: no GPU provider here"
+
+
+#: the builder's decoders whose past and present KV share one buffer (GroupQueryAttention), which the
+#: runtime's in-place KV cache binds: FP32 activations on the CPU, FP16 on CUDA. The others get plain
+#: attention with a growing cache (onnxruntime-genai's builder, checked here: a CPU FP16 decoder's
+#: present KV grows past the bound buffer).
+SHARED_KV_PRECISIONS = {"cpu": ("int4", "int8", "fp32"), "cuda": ("int4", "int8", "fp16")}
+
+
+def check_kv_binding(precision: str, device: str) -> None:
+    """Refuse, before anything is exported, a decoder the runtime could not run."""
+    supported = SHARED_KV_PRECISIONS.get(device, ())
+    if precision not in supported:
+        raise ConfigError(
+            f"not for a {device.upper()} decoder: the model builder writes it without a shared KV buffer "
+            f"(plain attention, a growing cache), which the runtime's in-place KV cache cannot run; "
+            f"on {device.upper()} take one of {', '.join(supported)}",
+            field="lm_precision",
+            value=precision,
+        )
 
 
 def _decoder_input_dtype(decoder_dir: Path) -> np.dtype:
@@ -77,7 +100,9 @@ def export_into(
     return ExportedLanguageModel(precision, device, image_id, "llava-1.5 (vicuna_v1)", files, hf_dir)
 
 
-def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILENT) -> LanguageModelReport:
+def parity(
+    hf_dir: Path, lm_dir: Path, precision: str, device: str = "cpu", steps: Steps = SILENT
+) -> LanguageModelReport:
     """Our decoder against transformers. It runs on ``device`` where this machine has its provider,
     else on the CPU provider (a CUDA decoder built on a CPU workstation is checked there). The
     prompt and Hugging Face's answer go into ``lm/reference.npz`` so `check` can rerun it."""
@@ -101,11 +126,15 @@ def parity(hf_dir: Path, lm_dir: Path, device: str = "cpu", steps: Steps = SILEN
                 do_sample=False,
                 pad_token_id=0,
             )[0, -PARITY_STEPS:].tolist()
-        lm_parity.save_reference(lm_dir.parent / lm_parity.LM_REFERENCE_FILE, ids.numpy(), want_logits, want)
+            # teacher forcing: its own answer fed, the next-token logits at each answer position
+            fed = torch.cat([embeds, table[torch.tensor(want[:-1])][None]], dim=1)
+            forced = reference(inputs_embeds=fed).logits[0, -PARITY_STEPS:].numpy()
+        lm_parity.save_reference(lm_dir.parent / lm_parity.LM_REFERENCE_FILE, ids.numpy(), want_logits, want, forced)
         ran_on = lm_parity.runnable_device(device)
         measured = lm_parity.figures(LanguageModel(lm_dir, ran_on), lm_dir.parent / lm_parity.LM_REFERENCE_FILE)
     report: LanguageModelReport = {
         "reference": "transformers LlamaForCausalLM, FP32",
+        "precision": precision,
         "device": device,
         "ran_on": ran_on,
         **measured,

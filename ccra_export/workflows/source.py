@@ -17,7 +17,7 @@ from ccra_export.core.manifest_schema import Manifest
 from ccra_export.demo import CHECKPOINT as DEMO_CHECKPOINT
 from ccra_export.demo import DEMO
 from ccra_export.runtime.vision_backend import available_providers
-from ccra_export.workflows.language_model import resolve_device
+from ccra_export.workflows.language_model import check_kv_binding, resolve_device
 
 if TYPE_CHECKING:
     from ccra_export.model.checkpoint_check import LanguageModelRequest
@@ -66,6 +66,7 @@ def language_model_request(
     from ccra_export.model.checkpoint_check import LanguageModelRequest  # torch: the [export] extra
 
     device, why = resolve_device(lm_device, vision_backend)
+    check_kv_binding(lm_precision, device)
     why = f"lm_device {why if lm_device == 'auto' else device}"
     if device == "cpu":
         return LanguageModelRequest(lm_precision, cpu_attention=True, why=why)
