@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,39 @@ from ccra_export.core.errors import CheckpointError, ConfigError
 from ccra_export.core.extras import require
 
 LM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
+#: the model builder's weight-only recipes (its algo_config): rtn, round to nearest; k_quant,
+#: llama.cpp's k-quant search; k_quant_mixed, k_quant with the LM head and the most sensitive
+#: MatMuls (llama.cpp's mixed strategy) in INT8
+LM_QUANT_RECIPES = ("rtn", "k_quant", "k_quant_mixed")
+LM_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+@dataclass(frozen=True)
+class LMQuant:
+    """How INT4/INT8 weights are made (MatMulNBits): the builder's recipe, its block size along the
+    input channels, and the accuracy level of the activations it multiplies with (4: INT8 on the
+    CPU, the builder's CPU default; None: the builder's default for the device)."""
+
+    recipe: str = "rtn"
+    block_size: int = 32
+    accuracy_level: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.recipe not in LM_QUANT_RECIPES:
+            raise ConfigError(f"expected one of {', '.join(LM_QUANT_RECIPES)}", field="lm_quant", value=self.recipe)
+        if self.block_size not in LM_BLOCK_SIZES:
+            raise ConfigError(
+                f"expected one of {', '.join(map(str, LM_BLOCK_SIZES))}", field="lm_block_size", value=self.block_size
+            )
+        if self.accuracy_level is not None and self.accuracy_level not in (1, 2, 3, 4):
+            raise ConfigError("expected 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)", field="lm_accuracy_level")
+
+    def extra_options(self) -> list[str]:
+        """The builder's ``--extra_options`` for this recipe."""
+        options = [f"algo_config={self.recipe}", f"block_size={self.block_size}"]
+        return options + ([f"accuracy_level={self.accuracy_level}"] if self.accuracy_level is not None else [])
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # LLaVA's language-model tensors under every published prefix -> LlamaForCausalLM names
 _LM_KEY = re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(?P<rest>.+)$")
@@ -119,7 +153,7 @@ def language_model_dir(checkpoint: Path, out: Path) -> Path:
 LM_DEVICES = ("cpu", "cuda")
 
 
-def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu") -> None:
+def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu", quant: LMQuant | None = None) -> None:
     """Run onnxruntime-genai's model builder for ``device`` (inputs_embeds in).
 
     ``cuda`` is the builder's CUDA target: FP16 activations, INT4/INT8 weights (MatMulNBits), the
@@ -145,6 +179,7 @@ def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu") 
         device,
         "--extra_options",
         "exclude_embeds=true",
+        *((quant or LMQuant()).extra_options() if precision in ("int4", "int8") else []),
     ]
     # the builder's cache defaults to ./cache_dir in the working directory
     # (temporary external data included): it goes beside lm_dir instead, and is removed however this ends

@@ -19,9 +19,10 @@ BENCHES = {
     "split_vision": ["--preset", "tiny", "--repeats", "1"],
     "lm_decode": ["--size", "small", "--contexts", "64", "--steps", "2", "--repeats", "1", "--skip-hf"],
     "serve": ["--sizes", "small", "--clients", "1", "--requests", "1", "--tokens", "2"],
+    "lm_quant": ["--model", "small", "--recipes", "rtn", "--questions", "0", "--steps", "4", "--repeats", "1"],
 }
 #: the language-model benches export a decoder with the model builder (most of a minute each)
-SLOW = {"lm_decode", "serve"}
+SLOW = {"lm_decode", "serve", "lm_quant"}
 
 
 def test_every_script_in_bench_has_a_smoke_run():
@@ -32,7 +33,7 @@ def test_every_script_in_bench_has_a_smoke_run():
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW else n for n in BENCHES])
 def test_bench_runs_one_round(name, tmp_path):
     args = [*BENCHES[name], "--json", str(tmp_path / "figures.json")]
-    if name == "split_vision":
+    if name in ("split_vision", "lm_quant"):
         args += ["--work", str(tmp_path / "work")]
     result = subprocess.run(
         [sys.executable, str(ROOT / "bench" / f"{name}.py"), *args],

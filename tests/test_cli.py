@@ -67,8 +67,16 @@ class TestBuild:
         assert result.exit_code == 0, result.output
         parity = json.loads((tmp_path / "b" / "parity.json").read_text())
         for output in parity["outputs"]:
-            assert output["thresholds"] == {"min_cosine": 0.99999, "max_scaled_abs_err": 1e-4, "allow_nonfinite": False}
+            assert output["thresholds"] == {
+                "min_cosine": 0.99999,
+                "max_scaled_abs_err": 1e-4,
+                "allow_nonfinite": False,
+                "min_token_cosine": 0.99999,
+                "max_token_rel_err": 1e-3,
+            }
             assert output["scaled_max_abs_err"] <= 1e-4 and output["cosine"] >= 0.99999
+            if output["name"] == "visual_tokens":  # each token on its own, too
+                assert output["worst_token_cosine"] >= 0.99999 and output["worst_token_rel_err"] <= 1e-3
 
     def test_from_ccra_checkpoint(self, tmp_path, ccra_checkpoint):
         from ccra_export.model.checkpoint import load_checkpoint

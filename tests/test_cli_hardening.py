@@ -116,3 +116,19 @@ def test_triton_refuses_a_default_answer_longer_than_the_context(tmp_path, ccra_
     assert not (tmp_path / "r").exists()
     with pytest.raises(ConfigError, match="vision_instances"):
         write_repository(ccra_bundle, tmp_path / "r", RepoOptions(vision_instances=2**31))
+
+
+def test_build_refuses_an_output_that_holds_its_checkpoint(tmp_path, ccra_checkpoint):
+    """`build --force` replaces its output: an output that is, holds or sits in the checkpoint is
+    refused before anything is written, and the checkpoint stays."""
+    old_bundle = tmp_path / "old-bundle"
+    old_bundle.mkdir()
+    (old_bundle / "manifest.json").write_text("{}")  # a bundle --force would replace
+    checkpoint = shutil.copytree(ccra_checkpoint, old_bundle / "checkpoint")
+    for output in (old_bundle, checkpoint):
+        args = ["build", "--model", str(checkpoint), "--precision", "fp32", "--output", str(output), "--force"]
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 2, result.output
+        assert "--output" in result.stderr and "overlaps the checkpoint" in result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    assert (checkpoint / "config.json").is_file() and (old_bundle / "manifest.json").read_text() == "{}"

@@ -12,6 +12,7 @@ from ccra_export.cli.build import build
 from ccra_export.cli.check import check
 from ccra_export.cli.doctor import doctor
 from ccra_export.cli.engine import engine
+from ccra_export.cli.evaluate import eval_command
 from ccra_export.cli.explain import explain
 from ccra_export.cli.output import terminate_like_interrupt
 from ccra_export.cli.plugins import plugins
@@ -52,7 +53,7 @@ def main() -> None:
     """
 
 
-for verb in (build, check, engine, run, explain, serve, triton, bench, doctor, plugins):
+for verb in (build, check, eval_command, engine, run, explain, serve, triton, bench, doctor, plugins):
     main.add_command(verb)
 
 if __name__ == "__main__":

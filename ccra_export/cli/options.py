@@ -504,6 +504,32 @@ EXPORT = (
         "the bundle, for `ccra-export run`. Needs a checkpoint with its tokenizer.",
     ),
     opt(
+        "lm_quant.recipe",
+        "--lm-quant",
+        type=click.Choice(["rtn", "k_quant", "k_quant_mixed"]),
+        default="rtn",
+        show_default=True,
+        help="INT4/INT8 decoders: the model builder's weight-only recipe. rtn: round to nearest; k_quant: "
+        "llama.cpp's k-quant scale search; k_quant_mixed: k_quant with the LM head and the most sensitive "
+        "MatMuls in INT8. Measured on the demo in docs/language-model.md.",
+    ),
+    opt(
+        "lm_quant.block_size",
+        "--lm-block-size",
+        type=click.Choice(["16", "32", "64", "128", "256"]),
+        default="32",
+        show_default=True,
+        callback=lambda _ctx, _param, value: int(value),
+        help="INT4/INT8 decoders: weights sharing one scale, along the input channels.",
+    ),
+    opt(
+        "lm_quant.accuracy_level",
+        "--lm-accuracy-level",
+        type=click.IntRange(1, 4),
+        help="INT4/INT8 decoders: the activations' type in MatMulNBits, 1 fp32, 2 fp16, 3 bf16, 4 int8 "
+        "(default: the builder's for the device, 4 on the CPU).",
+    ),
+    opt(
         "lm_device",
         "--lm-device",
         type=click.Choice(["auto", "cpu", "cuda"]),

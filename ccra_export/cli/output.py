@@ -19,10 +19,10 @@ from rich.markup import escape
 from ccra_export.core.errors import CCRAExportError, Remedy
 from ccra_export.core.parity import ParityReport
 
-# Off a terminal (CI logs, pipes) rich falls back to 80 columns, too narrow for the parity table.
+# Off a terminal (CI logs, pipes) rich falls back to 80 columns, too narrow for the parity table (160 fits it).
 # Lines of text are soft-wrapped (a pipe or a log gets each whole, for grep); tables keep the width.
-stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 130, soft_wrap=True)
-stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 130, soft_wrap=True)
+stdout = Console(highlight=False, width=None if sys.stdout.isatty() else 160, soft_wrap=True)
+stderr = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160, soft_wrap=True)
 
 
 #: the signals that end a command the way Ctrl-C does: `kill`, `timeout`, systemd, `docker stop`; a closed terminal

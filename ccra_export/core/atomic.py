@@ -303,3 +303,17 @@ def temporary_sibling(path: str | Path) -> Iterator[Path]:
         _discard(Path(tmp), exc)
         _raise_if_no_space(exc, path)
         raise
+
+
+def refuse_overlap(out: Path, field: str, instead: str, **inputs: str | Path) -> None:
+    """Refuse an output directory that is, holds or sits inside one of the ``inputs`` (named by
+    their keyword): replacing it with ``--force`` would delete the input."""
+    target = Path(out).resolve()
+    for name, path in inputs.items():
+        source = Path(path).resolve()
+        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
+            raise BundleError(
+                f"overlaps the {name} {path}: replacing it would delete the {name}; {instead}",
+                field=field,
+                value=out,
+            )

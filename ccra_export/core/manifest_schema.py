@@ -357,6 +357,15 @@ class LanguageModelParity(TypedDict):
 
 
 @with_config(_OPEN)
+class LMQuantRecord(TypedDict):
+    """INT4/INT8 decoders: the model builder's weight-only recipe (export/lm_export.LMQuant)."""
+
+    recipe: Literal["rtn", "k_quant", "k_quant_mixed"]
+    block_size: Literal[16, 32, 64, 128, 256]
+    accuracy_level: Literal[1, 2, 3, 4] | None
+
+
+@with_config(_OPEN)
 class LanguageModelRecord(TypedDict):
     precision: Literal["int4", "int8", "fp16", "fp32"]
     device: Literal["cpu", "cuda"]
@@ -364,6 +373,7 @@ class LanguageModelRecord(TypedDict):
     template: str
     files: Annotated[list[RelPath], NonEmpty]
     parity: LanguageModelParity
+    quant: NotRequired[LMQuantRecord]  #: INT4/INT8: the recipe (bundles built before it used rtn, block 32)
 
 
 @with_config(_OPEN)

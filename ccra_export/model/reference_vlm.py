@@ -9,6 +9,7 @@ preprocessing as the runtime, so any difference is the bundle's.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ class ReferenceVLM:
             tokenizer,
             processor,
         )
+        self.weights_sha256: str | None = None
         self.image_id = tokenizer.token_to_id(IMAGE_TOKEN)
         self.eos_id = tokenizer.token_to_id(EOS_TOKEN)
         if self.image_id is None:
@@ -57,17 +59,29 @@ class ReferenceVLM:
         hf_logging.disable_progress_bar()
         llava = LlavaForConditionalGeneration.from_pretrained(str(path), dtype=torch.float32)
         processor = ImageProcessorConfig.from_checkpoint(path, loaded.config.vision.image_size)
-        return cls(loaded.model, llava, Tokenizer.from_file(str(path / "tokenizer.json")), processor)
+        reference = cls(loaded.model, llava, Tokenizer.from_file(str(path / "tokenizer.json")), processor)
+        reference.weights_sha256 = loaded.weights_sha256  # what a bundle built from it recorded
+        return reference
 
     @property
     def _lm(self) -> torch.nn.Module:
         return self.llava.model.language_model
 
+    def _cache_of(self, step: object) -> dict[str, object]:
+        """The KV cache of ``step`` as the next call takes it: transformers 5.25 renamed
+        ``past_key_values`` to ``cache`` (the old name warns on every call), older releases have only it."""
+        if "cache" in inspect.signature(self._lm.forward).parameters:
+            return {"cache": step.cache}  # type: ignore[attr-defined]
+        return {"past_key_values": step.past_key_values}  # type: ignore[attr-defined]
+
     def _embed(self, ids: list[int]) -> torch.Tensor:
         return self._lm.embed_tokens.weight[ids][None]
 
-    @torch.no_grad()
-    def answer(self, image: Image.Image, question: str, max_new_tokens: int = 8) -> ReferenceAnswer:
+    def _prompt(
+        self, image: Image.Image, question: str
+    ) -> tuple[torch.Tensor, list[int], int, int, torch.Tensor | None]:
+        """The prompt's input embeddings with the visual tokens at ``<image>``: (embeds, template ids,
+        the image's position, visual token count, CCRA's map or None)."""
         question = question.strip()
         pixels = torch.from_numpy(preprocess(image, self.processor)[None])
         attention = None
@@ -80,6 +94,11 @@ class ReferenceVLM:
         ids = self.tokenizer.encode(TEMPLATE.format(prompt=question)).ids
         position = ids.index(self.image_id)
         embeds = torch.cat([self._embed(ids[:position]), visual, self._embed(ids[position + 1 :])], dim=1)
+        return embeds, ids, position, int(visual.shape[1]), attention
+
+    @torch.no_grad()
+    def answer(self, image: Image.Image, question: str, max_new_tokens: int = 8) -> ReferenceAnswer:
+        embeds, _, _, _, attention = self._prompt(image, question)
         step = self._lm(inputs_embeds=embeds, use_cache=True)
         logits = self.llava.lm_head(step.last_hidden_state[:, -1])[0]
         first = logits.numpy().copy()
@@ -89,7 +108,26 @@ class ReferenceVLM:
             tokens.append(token)
             if token == self.eos_id:
                 break
-            step = self._lm(inputs_embeds=self._embed([token]), past_key_values=step.past_key_values, use_cache=True)
+            step = self._lm(inputs_embeds=self._embed([token]), use_cache=True, **self._cache_of(step))
             logits = self.llava.lm_head(step.last_hidden_state[:, -1])[0]
         text = self.tokenizer.decode([t for t in tokens if t != self.eos_id])
         return ReferenceAnswer(text, tokens, first, None if attention is None else attention[0].numpy())
+
+    @torch.no_grad()
+    def prompt_embeds(self, image: Image.Image, question: str) -> tuple[np.ndarray, int, int]:
+        """[1, S, D]: the prompt as the language model reads it (visual tokens at ``<image>``), with
+        where the visual tokens start and how many there are."""
+        embeds, _, position, count, _ = self._prompt(image, question)
+        return embeds.numpy(), position, count
+
+    @torch.no_grad()
+    def teacher_forced(self, image: Image.Image, question: str, continuation: list[int]) -> np.ndarray:
+        """[P, vocab] next-token logits at every text position after the image, the prompt then
+        ``continuation`` fed (its last token is predicted, not fed): P = text tokens after
+        ``<image>`` + len(continuation). What language-model parity compares position by position."""
+        embeds, ids, position, _, _ = self._prompt(image, question)
+        if continuation[:-1]:
+            embeds = torch.cat([embeds, self._embed(continuation[:-1])], dim=1)
+        hidden = self._lm(inputs_embeds=embeds).last_hidden_state[0]
+        scored = len(ids) - position - 1 + len(continuation)  # the text after <image>, then the answer
+        return self.llava.lm_head(hidden[-scored:]).numpy()

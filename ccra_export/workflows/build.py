@@ -45,6 +45,7 @@ from ccra_export.core.manifest_schema import (
     LanguageModelParity,
     LanguageModelRecord,
     LibraryRecord,
+    LMQuantRecord,
     Manifest,
     ModelRecord,
     ParityRecord,
@@ -65,6 +66,7 @@ from ccra_export.engine.settings import ProfileOptions, TrtOptions
 from ccra_export.export.fp16 import convert_to_fp16
 from ccra_export.export.fp16_ranges import activation_ranges, over_range
 from ccra_export.export.graph_checks import check_graph, graph_interface
+from ccra_export.export.lm_export import LMQuant
 from ccra_export.runtime import lm_parity
 from ccra_export.runtime.backends import join_parts, resolve_backend, select_backend
 from ccra_export.runtime.lpwca_cpu import library_path
@@ -109,6 +111,7 @@ class BuildOptions:
     split_vision: bool | None = None
     lm_precision: str | None = None
     lm_device: str = "auto"
+    lm_quant: LMQuant = field(default_factory=LMQuant)  #: INT4/INT8 decoders: the builder's recipe
     trt: TrtOptions = field(default_factory=TrtOptions)
     profile: ProfileOptions = field(default_factory=ProfileOptions)
     parity: ParityOptions = field(default_factory=ParityOptions)
@@ -211,6 +214,8 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
         raise ConfigError(f"expected one of {', '.join(PRECISIONS)}", field="precision", value=options.precision)
     require_export_stack("ccra-export build")
     output = Path(options.output)
+    if Path(options.model).is_dir():  # a checkpoint directory: --force must never replace it
+        atomic.refuse_overlap(output, "output", "write the bundle somewhere else", checkpoint=options.model)
     _check_output_dir(output, options.force)
     backend_kind, backend_reason = resolve_backend(options.backend)  # before any slow work
     if options.lm_precision and options.model in PRESETS:
@@ -512,7 +517,7 @@ def _add_language_model(
     device, why = language_model.resolve_device(options.lm_device, backend_kind)
     steps.info(f"language model device: {device} ({why})")
     exported = language_model.export_into(
-        Path(source.record["path"]), stage, scratch, options.lm_precision, device, steps
+        Path(source.record["path"]), stage, scratch, options.lm_precision, device, steps, options.lm_quant
     )
     figures = language_model.parity(exported.hf_dir, stage / "lm", options.lm_precision, device, steps)
     report.language_model = figures
@@ -523,6 +528,11 @@ def _add_language_model(
         image_token_id=exported.image_token_id,
         template=exported.template,
         files=sorted({*exported.files, lm_parity.LM_REFERENCE_FILE}),
+        **(
+            {"quant": LMQuantRecord(**dataclasses.asdict(options.lm_quant))}
+            if options.lm_precision in ("int4", "int8")
+            else {}
+        ),
         parity=LanguageModelParity(
             ran_on=figures["ran_on"],  # type: ignore[typeddict-item]  # "cpu" or "cuda": runnable_device
             first_token_logits=figures["first_token_logits"],

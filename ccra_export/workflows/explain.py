@@ -193,16 +193,7 @@ def explain(
 def check_out_apart(out: Path, **inputs: Path) -> None:
     """Refuse an output directory that is, holds or sits inside one of the ``inputs`` (the bundle,
     the image): replacing it would delete what it explains."""
-    target = Path(out).resolve()
-    for name, path in inputs.items():
-        source = Path(path).resolve()
-        if target == source or source.is_relative_to(target) or target.is_relative_to(source):
-            raise BundleError(
-                f"overlaps the {name} {path}: replacing it would delete the {name}; write the explanation "
-                "somewhere else",
-                field="out",
-                value=out,
-            )
+    atomic.refuse_overlap(out, "out", "write the explanation somewhere else", **inputs)
 
 
 def save_overlay(path: Path, image: Image.Image, amap: AttentionMap, top_k: int = 5) -> None:

@@ -21,7 +21,13 @@ import onnx
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import ConfigError
 from ccra_export.core.parity import LanguageModelReport
-from ccra_export.export.lm_export import LM_DEVICES, build_decoder, build_embedding_model, language_model_dir
+from ccra_export.export.lm_export import (
+    LM_DEVICES,
+    LMQuant,
+    build_decoder,
+    build_embedding_model,
+    language_model_dir,
+)
 from ccra_export.runtime import lm_parity
 from ccra_export.runtime.language_model import LanguageModel
 from ccra_export.runtime.vision_backend import available_providers
@@ -84,7 +90,13 @@ class ExportedLanguageModel:
 
 
 def export_into(
-    checkpoint: Path, stage: Path, scratch: Path, precision: str, device: str = "cpu", steps: Steps = SILENT
+    checkpoint: Path,
+    stage: Path,
+    scratch: Path,
+    precision: str,
+    device: str = "cpu",
+    steps: Steps = SILENT,
+    quant: LMQuant | None = None,
 ) -> ExportedLanguageModel:
     """Write ``stage/lm`` (decoder + embedding model + tokenizer)."""
     from transformers import LlavaConfig
@@ -92,7 +104,7 @@ def export_into(
     with steps.step("Extracting the language model from the LLaVA checkpoint"):
         hf_dir = language_model_dir(checkpoint, scratch / "lm-hf")
     with steps.step(f"Building the {precision} decoder for {device.upper()} (onnxruntime-genai model builder)"):
-        build_decoder(hf_dir, stage / "lm" / "decoder", precision, device)
+        build_decoder(hf_dir, stage / "lm" / "decoder", precision, device, quant)
         build_embedding_model(hf_dir, stage / "lm" / "embed.onnx", _decoder_input_dtype(stage / "lm" / "decoder"))
     # model/checkpoint_check.py found the tokenizer's <image> equal to config.json's before any export
     image_id = LlavaConfig.from_dict(json.loads((checkpoint / "config.json").read_text())).image_token_index

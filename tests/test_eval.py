@@ -1,0 +1,100 @@
+"""`ccra-export eval`: the bundle's answers against PyTorch FP32's and the truth, and the defects it
+must catch (an image spliced one position off, a bilinear resize where CLIP uses bicubic)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from ccra_export.cli import main
+from ccra_export.core import shapes
+from ccra_export.runtime import vlm_pipeline
+from ccra_export.workflows.evaluate import evaluate, normalise
+
+#: the demo's held-out questions (a seed neither training nor its evaluation drew from)
+HELD_OUT_SEED = 4242
+
+
+@pytest.fixture(scope="module")
+def held_out(tmp_path_factory):
+    return shapes.write_dataset(tmp_path_factory.mktemp("eval"), images=6, seed=HELD_OUT_SEED)
+
+
+def test_eval_reports_flips_accuracy_and_bounds_for_the_readme_bundle(demo_bundle, held_out, tmp_path):
+    result = CliRunner().invoke(
+        main, ["eval", "--bundle", str(demo_bundle), "--data", str(held_out), "--json", str(tmp_path / "e.json")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "eval passed" in result.output and "answers flipped vs PyTorch" in result.output
+    report = json.loads((tmp_path / "e.json").read_text())
+    truth = [json.loads(line)["answer"] for line in held_out.read_text().splitlines()]
+    items = report["per_item"]
+    assert [i["expected"] for i in items] == truth and len(items) == 12
+    ours = sum(normalise(i["ours"]) == t for i, t in zip(items, truth, strict=True)) / len(items)
+    ref = sum(normalise(i["reference"]) == t for i, t in zip(items, truth, strict=True)) / len(items)
+    flips = sum(normalise(i["ours"]) != normalise(i["reference"]) for i in items) / len(items)
+    assert report["accuracy"] == {"bundle": ours, "reference": ref} and report["flip_rate"] == flips
+    assert ref >= 0.9 and ours >= 0.9  # the demo knows its task, and the FP16 + INT4 bundle kept it
+    assert report["next_token"]["positions"] == sum(len(i["reference"]) > 0 for i in items) * 2  # word + </s>
+    assert report["passed"] and report["worst_token_cosine"] > 0.99
+
+
+@pytest.mark.parametrize("defect", ["splice one position off", "bilinear resize"])
+def test_eval_catches_runtime_defects(demo_fp32_bundle, held_out, monkeypatch, defect):
+    """Both leave the demo's answers unchanged (it is robust), so flips alone would pass them: the
+    prompt the decoder reads, compared position by position with PyTorch's, does not."""
+    if defect == "splice one position off":
+        prepare = vlm_pipeline.Pipeline.prepare
+
+        def shifted(self, image, prompt, *args, **kwargs):
+            prepared = prepare(self, image, prompt, *args, **kwargs)
+            embeds, start = prepared.inputs_embeds.copy(), prepared.image_position
+            end = start + prepared.visual_tokens.shape[1]
+            embeds[:, start + 1 : end + 1], embeds[:, start] = prepared.inputs_embeds[:, start:end], embeds[:, end]
+            return dataclasses.replace(prepared, inputs_embeds=embeds)
+
+        monkeypatch.setattr(vlm_pipeline.Pipeline, "prepare", shifted)
+    else:
+        init = vlm_pipeline.Pipeline.__init__
+
+        def bilinear(self, *args, **kwargs):
+            init(self, *args, **kwargs)
+            self.processor = dataclasses.replace(self.processor, resample=2)  # PIL's BILINEAR; CLIP's is BICUBIC
+
+        monkeypatch.setattr(vlm_pipeline.Pipeline, "__init__", bilinear)
+    report = evaluate(demo_fp32_bundle, held_out, limit=4)
+    assert not report.passed and any(f.startswith("prompt: worst position cosine") for f in report.failures)
+
+
+def test_the_fp32_bundle_without_a_defect_passes_the_fp32_bounds(demo_fp32_bundle, held_out):
+    report = evaluate(demo_fp32_bundle, held_out, limit=4)
+    assert report.passed, report.failures
+    assert report.flip_rate == 0 and report.worst_token_cosine >= 0.99999 and report.next_token.kl_mean < 1e-6
+
+
+@pytest.mark.parametrize(
+    ("lines", "expected"),
+    [
+        ("not json\n", "not JSON"),
+        ('{"image": "a.png"}\n', 'expected "image" and "question" strings'),
+        ("[1, 2]\n", "expected a JSON object per line"),
+        ('{"image": "a.png", "question": "q", "answer": 3}\n', '"answer": expected a string'),
+        ("\n\n", "no items"),
+    ],
+)
+def test_bad_data_is_one_line_naming_the_file_and_line(demo_bundle, tmp_path, lines, expected):
+    data = tmp_path / "q.jsonl"
+    data.write_text(lines)
+    result = CliRunner().invoke(main, ["eval", "--bundle", str(demo_bundle), "--data", str(data)])
+    assert result.exit_code == 2 and expected in result.stderr and "--data" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.output
+
+
+def test_a_bundle_without_a_language_model_is_refused(bundles, held_out):
+    from tests.conftest import TINY_FP32
+
+    result = CliRunner().invoke(main, ["eval", "--bundle", str(bundles(*TINY_FP32)), "--data", str(held_out)])
+    assert result.exit_code == 2 and "holds no language model" in result.stderr
