@@ -98,3 +98,30 @@ def test_a_bundle_without_a_language_model_is_refused(bundles, held_out):
 
     result = CliRunner().invoke(main, ["eval", "--bundle", str(bundles(*TINY_FP32)), "--data", str(held_out)])
     assert result.exit_code == 2 and "holds no language model" in result.stderr
+
+
+def test_without_pytorch_the_bundles_own_set_is_compared_with_the_answers_recorded_at_build(demo_bundle, tmp_path):
+    """What a Jetson runs: no torch importable; the figures are the ones PyTorch gives here, now."""
+    from tests.torchless import run_cli
+
+    manifest = json.loads((demo_bundle / "manifest.json").read_text())
+    evaluation = manifest["language_model"]["evaluation"]
+    assert evaluation["items"] == 16 and evaluation["reference"] in manifest["files"]
+    result = run_cli("eval", "--bundle", demo_bundle, "--json", tmp_path / "recorded.json", timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "recorded at build" in result.stdout and "Traceback" not in result.stderr
+    recorded = json.loads((tmp_path / "recorded.json").read_text())
+    live = evaluate(demo_bundle, reference="pytorch").to_dict()
+    assert [i["reference"] for i in recorded["per_item"]] == [i["reference"] for i in live["per_item"]]
+    assert recorded["flip_rate"] == live["flip_rate"] and recorded["accuracy"] == live["accuracy"]
+    for key in ("kl_mean", "kl_p99", "delta_p_mean"):
+        assert recorded["next_token"][key] == pytest.approx(live["next_token"][key], rel=1e-4, abs=1e-9)
+    assert recorded["worst_token_cosine"] == pytest.approx(live["worst_token_cosine"], abs=1e-6)
+
+
+def test_recorded_answers_are_refused_for_a_question_set_of_ones_own(demo_bundle, held_out):
+    args = ["eval", "--bundle", str(demo_bundle), "--data", str(held_out), "--reference", "recorded"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--reference recorded: the recorded answers are for the bundle's own" in (
+        result.stderr
+    )

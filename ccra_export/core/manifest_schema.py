@@ -366,6 +366,16 @@ class LMQuantRecord(TypedDict):
 
 
 @with_config(_OPEN)
+class EvaluationRecord(TypedDict):
+    """The bundle's own evaluation set and PyTorch FP32's answers to it, recorded at build, so
+    `ccra-export eval` compares without PyTorch (a Jetson)."""
+
+    data: RelPath  #: JSON Lines: image, question, answer
+    reference: RelPath  #: .npz: per item the answer tokens, their log-probabilities, the prompt
+    items: PositiveInt
+
+
+@with_config(_OPEN)
 class LanguageModelRecord(TypedDict):
     precision: Literal["int4", "int8", "fp16", "fp32"]
     device: Literal["cpu", "cuda"]
@@ -374,6 +384,7 @@ class LanguageModelRecord(TypedDict):
     files: Annotated[list[RelPath], NonEmpty]
     parity: LanguageModelParity
     quant: NotRequired[LMQuantRecord]  #: INT4/INT8: the recipe (bundles built before it used rtn, block 32)
+    evaluation: NotRequired[EvaluationRecord]  #: bundles built before it have none
 
 
 @with_config(_OPEN)
@@ -490,6 +501,9 @@ def named_files(manifest: Manifest) -> list[tuple[str, str]]:
         named += [(f"calibration.parts[{i}].ort_cache", p["ort_cache"]) for i, p in enumerate(calibration)]
     if manifest["language_model"]:
         named += [(f"language_model.files[{i}]", n) for i, n in enumerate(manifest["language_model"]["files"])]
+        evaluation = manifest["language_model"].get("evaluation")
+        if evaluation:
+            named += [(f"language_model.evaluation.{key}", evaluation[key]) for key in ("data", "reference")]
     return named
 
 

@@ -72,6 +72,7 @@ from ccra_export.runtime.backends import join_parts, resolve_backend, select_bac
 from ccra_export.runtime.lpwca_cpu import library_path
 from ccra_export.runtime.vision_backend import default_ort_providers
 from ccra_export.workflows import language_model, quantization
+from ccra_export.workflows.evaluate import EVAL_DIR, record_evaluation_set
 from ccra_export.workflows.parity import (
     ParityOptions,
     emulated_fp16,
@@ -522,12 +523,15 @@ def _add_language_model(
     figures = language_model.parity(exported.hf_dir, stage / "lm", options.lm_precision, device, steps)
     report.language_model = figures
     report.extra_failures += lm_parity.failures(options.lm_precision, figures)
+    evaluation = record_evaluation_set(Path(source.record["path"]), stage, steps)  # `eval` without PyTorch
+    written = sorted(str(p.relative_to(stage)) for p in (stage / EVAL_DIR).rglob("*") if p.is_file())
     return LanguageModelRecord(  # precision and device: the flags' choices, checked by the schema on write
         precision=exported.precision,  # type: ignore[typeddict-item]
         device=exported.device,  # type: ignore[typeddict-item]
         image_token_id=exported.image_token_id,
         template=exported.template,
-        files=sorted({*exported.files, lm_parity.LM_REFERENCE_FILE}),
+        files=sorted({*exported.files, lm_parity.LM_REFERENCE_FILE, *written}),
+        evaluation=evaluation,
         **(
             {"quant": LMQuantRecord(**dataclasses.asdict(options.lm_quant))}
             if options.lm_precision in ("int4", "int8")

@@ -8,6 +8,10 @@ against the given answers, teacher-forced next-token KL / top-1 / Δp on the ref
 tokens (core/lm_quality.py), and the worst visual token's cosine. The bounds are the build's:
 the language model's per decoder precision, the vision graph's per vision precision; a failure is
 exit 3, as for parity.
+
+Where PyTorch is absent (a Jetson), the bundle's own evaluation set (the demo task's held-out
+pictures and questions, written into the bundle at build) is compared with PyTorch's answers
+recorded then: the answer tokens, their log-probabilities and the prompt the decoder read.
 """
 
 from __future__ import annotations
@@ -18,12 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from PIL import Image
 
+from ccra_export.core import shapes
 from ccra_export.core.console import SILENT, Steps
-from ccra_export.core.errors import CheckpointError, ConfigError, no_language_model
-from ccra_export.core.extras import require
-from ccra_export.core.lm_quality import NextTokenFigures, bounds_for, next_token_figures, violations
-from ccra_export.core.manifest import read_manifest
+from ccra_export.core.errors import BundleError, CheckpointError, ConfigError, no_language_model
+from ccra_export.core.extras import available, require
+from ccra_export.core.lm_quality import NextTokenFigures, bounds_for, log_softmax, next_token_figures, violations
+from ccra_export.core.manifest import bundle_path, read_manifest
+from ccra_export.core.manifest_schema import EvaluationRecord
 from ccra_export.core.parity import thresholds_for, worst_token
 from ccra_export.runtime.inputs import InputError, load_image
 from ccra_export.runtime.language_model import Sampling
@@ -101,8 +108,8 @@ class ItemResult:
     ours: str
     reference: str
     flipped: bool
-    worst_token_cosine: float  #: the prompt's worst position (a visual token or the text around it)
-    worst_token_rel_err: float
+    worst_token_cosine: float | None  #: the prompt's worst position (a visual token or the text around it)
+    worst_token_rel_err: float | None  #: None: the reference's prompt was not recorded (a large model)
 
 
 @dataclass
@@ -127,8 +134,10 @@ class EvalReport:
         return sum(normalise(getattr(i, side)) == normalise(i.expected or "") for i in scored) / len(scored)
 
     @property
-    def worst_token_cosine(self) -> float:
-        return min(i.worst_token_cosine for i in self.items)
+    def worst_token_cosine(self) -> float | None:
+        """The prompt's worst position over every item; None where the prompts were not recorded."""
+        measured = [i.worst_token_cosine for i in self.items if i.worst_token_cosine is not None]
+        return min(measured) if measured else None
 
     @property
     def passed(self) -> bool:
@@ -151,56 +160,182 @@ class EvalReport:
         }
 
 
+#: the bundle's own evaluation set: the shapes task's held-out seed, two questions per picture
+EVAL_DIR = "eval"
+EVAL_IMAGES = 8
+EVAL_SEED = 4242
+EVAL_MAX_NEW_TOKENS = 16
+#: the recorded prompts (the decoder's input embeddings) are kept when they fit in this (a 7B
+#: model's are ~5 MB a question); past it only the answers are recorded, and eval says so
+MAX_RECORDED_PROMPT_BYTES = 16 * 2**20
+REFERENCE_FILE = "reference.npz"
+
+
+@dataclass
+class ReferenceAnswer:
+    """What the reference said about one item: the answer, its tokens with their next-token
+    log-probabilities ([tokens, vocab], teacher-forced), and the prompt it read (None: not recorded)."""
+
+    text: str
+    tokens: list[int]
+    logits: np.ndarray
+    prompt: np.ndarray | None
+    position: int
+    count: int
+
+
+class PyTorchReference:
+    """PyTorch FP32 (model/reference_vlm.py), computed now."""
+
+    name = "PyTorch FP32 (checkpoint)"
+
+    def __init__(self, checkpoint: str, weights_sha256: str | None, max_new_tokens: int, steps: Steps) -> None:
+        require("export", "comparing with PyTorch", field="model")
+        from ccra_export.model.reference_vlm import ReferenceVLM
+
+        with steps.step("Loading the PyTorch reference"):
+            self.model = ReferenceVLM.from_checkpoint(checkpoint)
+        if weights_sha256 is not None and self.model.weights_sha256 != weights_sha256:
+            raise CheckpointError(
+                "weights differ from the ones this bundle was built from (sha256 mismatch)",
+                field="model",
+                value=checkpoint,
+            )
+        self.max_new_tokens = max_new_tokens
+
+    def answer(self, index: int, image: Image.Image, question: str) -> ReferenceAnswer:
+        want = self.model.answer(image, question, self.max_new_tokens)
+        logits = self.model.teacher_forced(image, question, want.tokens)[-len(want.tokens) :]
+        prompt, position, count = self.model.prompt_embeds(image, question)
+        return ReferenceAnswer(want.text, want.tokens, logits, prompt, position, count)
+
+
+class RecordedReference:
+    """PyTorch FP32's answers to the bundle's evaluation set, recorded at build (no PyTorch needed)."""
+
+    name = "PyTorch FP32, recorded at build"
+
+    def __init__(self, path: Path) -> None:
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                self.arrays = {key: data[key] for key in data.files}
+            self.texts = json.loads(str(self.arrays["texts"]))
+        except (OSError, ValueError, KeyError) as exc:
+            raise BundleError(f"unreadable evaluation reference ({exc})", field="bundle", value=path) from None
+
+    def answer(self, index: int, image: Image.Image, question: str) -> ReferenceAnswer:
+        try:
+            layout = self.arrays[f"layout_{index}"].tolist()
+            prompt = self.arrays.get(f"prompt_{index}")
+            return ReferenceAnswer(
+                self.texts[index],
+                self.arrays[f"tokens_{index}"].tolist(),
+                self.arrays[f"logprobs_{index}"],
+                None if prompt is None else prompt[None],
+                int(layout[0]),
+                int(layout[1]),
+            )
+        except (KeyError, IndexError) as exc:
+            raise BundleError(f"evaluation reference: no item {index} ({exc})", field="bundle") from None
+
+
+def record_evaluation_set(checkpoint: Path, stage: Path, steps: Steps = SILENT) -> EvaluationRecord:
+    """At build: the evaluation set into ``stage/eval`` and PyTorch FP32's answers to it."""
+    data = shapes.write_dataset(stage / EVAL_DIR, images=EVAL_IMAGES, seed=EVAL_SEED)
+    items = read_items(data)
+    reference = PyTorchReference(str(checkpoint), None, EVAL_MAX_NEW_TOKENS, SILENT)
+    arrays: dict[str, np.ndarray] = {}
+    texts, prompts = [], {}
+    with steps.step(f"Recording PyTorch's answers to the bundle's evaluation set ({len(items)} questions)"):
+        for index, item in enumerate(items):
+            answer = reference.answer(index, load_image(item.image), item.question)
+            texts.append(answer.text)
+            arrays[f"tokens_{index}"] = np.asarray(answer.tokens, np.int64)
+            arrays[f"logprobs_{index}"] = log_softmax(answer.logits).astype(np.float32)
+            arrays[f"layout_{index}"] = np.asarray([answer.position, answer.count], np.int64)
+            if answer.prompt is not None:
+                prompts[f"prompt_{index}"] = answer.prompt[0].astype(np.float32)
+    if sum(a.nbytes for a in prompts.values()) <= MAX_RECORDED_PROMPT_BYTES:
+        arrays.update(prompts)
+    np.savez(stage / EVAL_DIR / REFERENCE_FILE, texts=np.asarray(json.dumps(texts)), **arrays)
+    return EvaluationRecord(data=f"{EVAL_DIR}/{data.name}", reference=f"{EVAL_DIR}/{REFERENCE_FILE}", items=len(items))
+
+
 def evaluate(
     bundle: Path,
-    data: Path,
+    data: Path | None = None,
     *,
     model: str | None = None,
+    reference: str = "auto",
     limit: int | None = None,
-    max_new_tokens: int = 16,
+    max_new_tokens: int = EVAL_MAX_NEW_TOKENS,
     backend: str = "auto",
     steps: Steps = SILENT,
 ) -> EvalReport:
-    """Every item of ``data`` through the bundle and the PyTorch reference (``model``: the checkpoint
-    the bundle was built from; a demo bundle finds the shipped one)."""
-    items = read_items(data, limit)
+    """Every item of ``data`` (default: the bundle's own evaluation set) through the bundle and the
+    PyTorch reference: computed now (``pytorch``; ``model``, the checkpoint the bundle was built
+    from; a demo bundle finds the shipped one), or recorded at build (``recorded``: the bundle's own
+    set only). ``auto``: recorded for the bundle's own set where PyTorch is not installed."""
+    if reference not in ("auto", "pytorch", "recorded"):
+        raise ConfigError("expected auto, pytorch or recorded", field="reference", value=reference)
     manifest = read_manifest(bundle)
     record = manifest["language_model"]
     if not record:
         raise no_language_model(bundle)
-    require("export", "comparing with PyTorch", field="model")
-    from ccra_export.model.reference_vlm import ReferenceVLM
-
-    checkpoint = reference_checkpoint(manifest, model)
-    if checkpoint is None or manifest["source"]["kind"] != "checkpoint":
-        raise CheckpointError(
-            "the checkpoint this bundle was built from is needed for its PyTorch answers",
-            field="model",
-            value=checkpoint,
+    evaluation = record.get("evaluation")
+    if data is None:
+        if evaluation is None:
+            raise BundleError(
+                "holds no evaluation set (built before eval); pass a question set of your own",
+                field="bundle",
+                value=bundle,
+            )
+        data = bundle_path(bundle, evaluation["data"], "language_model.evaluation.data")
+    own_set = evaluation is not None and Path(data).resolve() == (Path(bundle) / evaluation["data"]).resolve()
+    if reference == "auto":
+        reference = "pytorch" if available("export") or not own_set else "recorded"
+    if reference == "recorded" and not own_set:
+        raise ConfigError(
+            "the recorded answers are for the bundle's own evaluation set; a question set of your own needs "
+            "PyTorch's (the export extra and the checkpoint)",
+            field="reference",
+            value="recorded",
         )
-    with steps.step("Loading the PyTorch reference"):
-        reference = ReferenceVLM.from_checkpoint(checkpoint)
-    if reference.weights_sha256 != manifest["source"]["weights_sha256"]:
-        raise CheckpointError(
-            "weights differ from the ones this bundle was built from (sha256 mismatch)", field="model", value=checkpoint
+    items = read_items(data, limit)
+    if reference == "recorded" and evaluation is not None:  # own_set: the recorded answers are for it
+        answers: PyTorchReference | RecordedReference = RecordedReference(
+            bundle_path(bundle, evaluation["reference"], "language_model.evaluation.reference")
         )
+        max_new_tokens = EVAL_MAX_NEW_TOKENS
+    else:
+        checkpoint = reference_checkpoint(manifest, model)
+        if checkpoint is None or manifest["source"]["kind"] != "checkpoint":
+            raise CheckpointError(
+                "the checkpoint this bundle was built from is needed for PyTorch's answers",
+                field="model",
+                value=checkpoint,
+            )
+        answers = PyTorchReference(checkpoint, manifest["source"]["weights_sha256"], max_new_tokens, steps)
     with steps.step("Loading the bundle"):
         pipeline = Pipeline.from_bundle(bundle, backend=backend)
     results, ref_rows, our_rows, following = [], [], [], []
-    with steps.progress(f"Answering {len(items)} questions, bundle and PyTorch", len(items), "questions") as advance:
-        for item in items:
+    with steps.progress(f"Answering {len(items)} questions: the bundle and {answers.name}", len(items), "") as advance:
+        for index, item in enumerate(items):
             image = load_image(item.image)
-            want = reference.answer(image, item.question, max_new_tokens)
+            want = answers.answer(index, image, item.question)
             sampling = Sampling(max_new_tokens=max_new_tokens, stop_ids=pipeline.lm.eos_ids)
             ours, _, prepared = pipeline.generate_tokens(image, item.question, sampling)
-            answer = want.tokens
-            ref_rows.append(reference.teacher_forced(image, item.question, answer)[-len(answer) :])
             fed = prepared.inputs_embeds
-            if len(answer) > 1:
-                fed = np.concatenate([fed, pipeline.lm.embed(answer[:-1])], axis=1)
-            our_rows.append(pipeline.lm.teacher_forced_logits(fed)[-len(answer) :])
-            following += answer
-            token_cosine, token_rel = prompt_parity(prepared, *reference.prompt_embeds(image, item.question))
+            if len(want.tokens) > 1:
+                fed = np.concatenate([fed, pipeline.lm.embed(want.tokens[:-1])], axis=1)
+            ref_rows.append(want.logits)
+            our_rows.append(pipeline.lm.teacher_forced_logits(fed)[-len(want.tokens) :])
+            following += want.tokens
+            token_cosine, token_rel = (
+                prompt_parity(prepared, want.prompt, want.position, want.count)
+                if want.prompt is not None
+                else (None, None)
+            )
             results.append(
                 ItemResult(
                     str(item.image),
@@ -215,16 +350,14 @@ def evaluate(
             )
             advance(1)
     figures = next_token_figures(np.concatenate(ref_rows), np.concatenate(our_rows), np.asarray(following))
-    report = EvalReport(
-        str(bundle), "PyTorch FP32 (checkpoint)", record["precision"], manifest["precision"], results, figures
-    )
-    report.failures += [
-        f"language model: {v}" for v in violations(figures, report.flip_rate, bounds_for(record["precision"]))
-    ]
+    report = EvalReport(str(bundle), answers.name, record["precision"], manifest["precision"], results, figures)
+    bounds = bounds_for(record["precision"])
+    report.failures += [f"language model: {v}" for v in violations(figures, report.flip_rate, bounds)]
     vision = thresholds_for(manifest["precision"])
-    if vision.min_token_cosine is not None and report.worst_token_cosine < vision.min_token_cosine:
+    worst = report.worst_token_cosine
+    if vision.min_token_cosine is not None and worst is not None and worst < vision.min_token_cosine:
         report.failures.append(
-            f"prompt: worst position cosine {report.worst_token_cosine:.5f} < {vision.min_token_cosine} "
+            f"prompt: worst position cosine {worst:.5f} < {vision.min_token_cosine} "
             "(the visual tokens and the text spliced around them, against PyTorch's)"
         )
     return report
