@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +35,24 @@ LM_PRECISIONS = ("int4", "int8", "fp16", "fp32")
 #: the model builder's weight-only recipes (its algo_config): rtn, round to nearest; k_quant,
 #: llama.cpp's k-quant search; k_quant_mixed, k_quant with the LM head and the most sensitive
 #: MatMuls (llama.cpp's mixed strategy) in INT8
-LM_QUANT_RECIPES = ("rtn", "k_quant", "k_quant_mixed")
+LM_QUANT_RECIPES = ("default", "rtn", "k_quant", "k_quant_mixed")
+#: ``--lm-quant auto``: per precision, the recipe the measurements chose (docs/language-model.md):
+#: INT4 k_quant_mixed (the demo's KL 6x lower than the others, top-1 kept; on a 0.5B model +22%
+#: bytes), INT8 the builder's default (k_quant does not help at 8 bits)
+AUTO_RECIPE = {"int4": "k_quant_mixed", "int8": "default"}
+K_QUANT_GROUP = 64
+
+
+def matmul_widths(lm_dir: Path) -> tuple[int, ...]:
+    """The input widths of a Llama decoder's MatMuls (hidden, intermediate, the KV projections'),
+    from its config.json."""
+    config = json.loads((Path(lm_dir) / "config.json").read_text())
+    heads = config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // heads
+    kv = config.get("num_key_value_heads") or heads
+    return (config["hidden_size"], config["intermediate_size"], kv * head_dim, heads * head_dim)
+
+
 LM_BLOCK_SIZES = (16, 32, 64, 128, 256)
 
 
@@ -45,12 +62,12 @@ class LMQuant:
     input channels, and the accuracy level of the activations it multiplies with (4: INT8 on the
     CPU, the builder's CPU default; None: the builder's default for the device)."""
 
-    recipe: str = "rtn"
+    recipe: str = "auto"
     block_size: int = 32
     accuracy_level: int | None = None
 
     def __post_init__(self) -> None:
-        if self.recipe not in LM_QUANT_RECIPES:
+        if self.recipe not in ("auto", *LM_QUANT_RECIPES):
             raise ConfigError(f"expected one of {', '.join(LM_QUANT_RECIPES)}", field="lm_quant", value=self.recipe)
         if self.block_size not in LM_BLOCK_SIZES:
             raise ConfigError(
@@ -59,8 +76,19 @@ class LMQuant:
         if self.accuracy_level is not None and self.accuracy_level not in (1, 2, 3, 4):
             raise ConfigError("expected 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)", field="lm_accuracy_level")
 
+    def resolved(self, precision: str, widths: tuple[int, ...] = ()) -> LMQuant:
+        """``auto`` made concrete for a decoder of ``precision`` (int4 | int8) whose MatMuls have these
+        input ``widths``: the k-quant search runs in groups of 64 along them (a width that is not a
+        multiple, as in a test-sized model, fails inside the builder), else the builder's default."""
+        if self.recipe != "auto":
+            return self
+        recipe = AUTO_RECIPE[precision]
+        if recipe.startswith("k_quant") and any(width % K_QUANT_GROUP for width in widths):
+            recipe = "default"
+        return replace(self, recipe=recipe)
+
     def extra_options(self) -> list[str]:
-        """The builder's ``--extra_options`` for this recipe."""
+        """The builder's ``--extra_options`` for this (resolved) recipe."""
         options = [f"algo_config={self.recipe}", f"block_size={self.block_size}"]
         return options + ([f"accuracy_level={self.accuracy_level}"] if self.accuracy_level is not None else [])
 
@@ -179,7 +207,11 @@ def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu", 
         device,
         "--extra_options",
         "exclude_embeds=true",
-        *((quant or LMQuant()).extra_options() if precision in ("int4", "int8") else []),
+        *(
+            (quant or LMQuant()).resolved(precision, matmul_widths(lm_dir)).extra_options()
+            if precision in ("int4", "int8")
+            else []
+        ),
     ]
     # the builder's cache defaults to ./cache_dir in the working directory
     # (temporary external data included): it goes beside lm_dir instead, and is removed however this ends

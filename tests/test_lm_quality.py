@@ -96,6 +96,8 @@ def test_the_demo_int4_build_is_within_its_bounds_and_check_recomputes_them(demo
 
     built = json.loads((demo_bundle / "parity.json").read_text())
     forced = built["language_model"]["next_token"]
+    quant = json.loads((demo_bundle / "manifest.json").read_text())["language_model"]["quant"]
+    assert quant == {"recipe": "k_quant_mixed", "block_size": 32, "accuracy_level": None}  # --lm-quant auto
     bounds = bounds_for("int4")
     assert built["passed"] and forced["positions"] == 32 and forced["confident_positions"] > 0
     assert forced["kl_mean"] <= bounds.max_kl_mean and forced["kl_p99"] <= bounds.max_kl_p99
@@ -134,3 +136,13 @@ def test_a_quantization_hostile_checkpoint_fails_int4(tmp_path):
     assert "parity FAILED: language model: mean next-token KL" in result.output
     figures = json.loads((tmp_path / "b" / "parity.json").read_text())["language_model"]["next_token"]
     assert figures["kl_mean"] > 10 * bounds_for("int4").max_kl_mean
+
+
+def test_auto_recipe_is_k_quant_mixed_for_int4_where_the_widths_allow_it():
+    from ccra_export.export.lm_export import LMQuant
+
+    assert LMQuant().resolved("int4", (4096, 11008, 1024, 4096)).recipe == "k_quant_mixed"
+    assert LMQuant().resolved("int4", (96, 192, 32, 96)).recipe == "default"  # k-quant's groups of 64 do not fit
+    assert LMQuant().resolved("int8", (4096, 11008, 1024, 4096)).recipe == "default"
+    assert LMQuant(recipe="rtn").resolved("int4", (96,)).recipe == "rtn"  # an explicit choice is kept
+    assert LMQuant(recipe="k_quant", block_size=128).extra_options() == ["algo_config=k_quant", "block_size=128"]

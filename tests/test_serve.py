@@ -4,10 +4,8 @@ and by raw HTTP for every error path. Every request loop is bounded in count and
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
-import socket
 import threading
 import time
 
@@ -15,43 +13,16 @@ import httpx
 import numpy as np
 import openai
 import pytest
-import uvicorn
 from PIL import Image
 
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.serve.openai.api_server import ServerSettings, create_app
 from ccra_export.serve.openai.image_urls import ImageLimits
+from tests.servers import running
 from tests.test_generation import PROMPT
 
 FOLLOW_UP = "And what colour is it?"
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(pipeline: Pipeline, settings: ServerSettings):
-    """The app under uvicorn on 127.0.0.1:free port, in a thread; stopped on exit (bounded waits)."""
-    app = create_app(pipeline, settings)
-    app.state.warm_up()
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start in 30 s"
-    try:
-        yield f"http://127.0.0.1:{port}", app
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        app.state.executor.shutdown(wait=False, cancel_futures=True)
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +32,7 @@ def pipeline(ccra_bundle):
 
 @pytest.fixture(scope="module")
 def server(pipeline):
-    with running(pipeline, ServerSettings(model_name="ccra-tiny", max_queue=4)) as (url, _):
+    with running(pipeline, ServerSettings(model_name="ccra-tiny", max_queue=4)) as (url, _, _):
         yield url
 
 
@@ -256,7 +227,7 @@ def test_api_key_limits_and_full_queue(pipeline, photo):
     settings = ServerSettings(
         api_key="s3cret", max_queue=1, max_body_bytes=200_000, images=ImageLimits(max_pixels=100 * 100)
     )
-    with running(pipeline, settings) as (url, app):
+    with running(pipeline, settings) as (url, app, _):
         body = {"messages": [first_turn(photo)], "max_tokens": 2, "temperature": 0}
         _error(_post(url, body), 401, "API key")
         _error(_post(url, body, {"Authorization": "Bearer wrong"}), 401, "API key")
@@ -323,7 +294,7 @@ def test_stop_strings_cut_the_answer(server, pipeline, photo):
 
 
 def test_a_request_past_its_time_limit_is_stopped(pipeline, photo):
-    with running(pipeline, ServerSettings(request_timeout_s=0.001)) as (url, _):
+    with running(pipeline, ServerSettings(request_timeout_s=0.001)) as (url, _, _):
         error = _error(_post(url, {"messages": [first_turn(photo)], "max_tokens": 50}), 500, "time limit")
         assert error["code"] == "timeout"
         assert httpx.get(f"{url}/health", timeout=10).status_code == 200
@@ -370,7 +341,7 @@ def test_http_image_urls_are_fetched_only_when_allowed_and_within_limits(pipelin
 
     try:
         limits = ImageLimits(allow_urls=True, max_bytes=len(photo) + 100)
-        with running(pipeline, ServerSettings(images=limits)) as (url, _):
+        with running(pipeline, ServerSettings(images=limits)) as (url, _, _):
             assert ask(url, "cat.png").status_code == 200
             _error(ask(url, "big.png"), 413, "larger than")
             _error(ask(url, "missing.png"), 400, "could not fetch it")

@@ -26,7 +26,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 from click.testing import CliRunner
 from PIL import Image
 
@@ -38,8 +37,9 @@ from ccra_export.serve.images import ImageTooLargeError
 from ccra_export.serve.openai.api_server import ServerSettings, body_limit, create_app
 from ccra_export.serve.openai.image_urls import ImageLimits
 from ccra_export.serve.openai.serving_chat import StopMatcher
-from ccra_export.serve.openai.transport import ConnectionLimits, LogBudget, log_config, uvicorn_config
+from ccra_export.serve.openai.transport import ConnectionLimits, LogBudget, log_config
 from ccra_export.serve.triton.vlm_model import decode_request_image
+from tests.servers import running
 
 PROMPT = "Describe the picture."
 #: a 77-byte PNG whose chunk stream makes Pillow raise SyntaxError("broken PNG file") in load()
@@ -52,36 +52,6 @@ MESSAGES: list[str] = []
 
 
 # ---------------------------------------------------------------- the server and the measurements
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-@contextlib.contextmanager
-def running(pipeline: Pipeline, settings: ServerSettings, **overrides):
-    """The app under uvicorn as `ccra-export serve` configures it (``transport.uvicorn_config``),
-    on 127.0.0.1:free port in a thread; stopped on exit (bounded waits)."""
-    app = create_app(pipeline, settings)
-    app.state.warm_up()
-    port = free_port()
-    overrides.setdefault("log_config", None)  # the test process's logging stays as it is
-    config = uvicorn_config(app, "127.0.0.1", port, settings.connections, timeout_graceful_shutdown=5, **overrides)
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert server.started, "server did not start in 30 s"
-    try:
-        yield f"http://127.0.0.1:{port}", app, port
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        app.state.openai_serving_chat.shutdown()
 
 
 def rss_mib(field: str = "VmRSS") -> float:

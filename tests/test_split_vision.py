@@ -333,13 +333,13 @@ class TestRuntime:
         import httpx
 
         from ccra_export.serve.openai.api_server import ServerSettings
-        from tests.test_serve import running
+        from tests.servers import running
 
         buffer = io.BytesIO()
         cat.save(buffer, format="PNG")
         url = f"data:image/png;base64,{base64.b64encode(buffer.getvalue()).decode()}"
         pipeline = Pipeline.from_bundle(split_lm_bundle)
-        with running(pipeline, ServerSettings(model_name="ccra")) as (base, _):
+        with running(pipeline, ServerSettings(model_name="ccra")) as (base, _, _):
             before = _tower_metrics(base)  # the server's warm-up ran one image already
             for question in (PROMPT, SECOND):
                 content = [{"type": "text", "text": question}, {"type": "image_url", "image_url": {"url": url}}]

@@ -17,7 +17,6 @@ import json
 import os
 import queue
 import shutil
-import socket
 import subprocess
 import sys
 import sysconfig
@@ -52,6 +51,7 @@ from ccra_export.serve.triton.repository import RepoOptions, choose_vision_backe
 from ccra_export.serve.triton.tensors import read_text, text_tensor
 from ccra_export.serve.triton.vlm_model import decode_request_image
 from tests.bundles import build
+from tests.servers import free_port
 from tests.test_generation import PROMPT
 
 NEW_TOKENS = 8
@@ -397,12 +397,6 @@ def test_split_tensorrt_plan_configs_give_the_plugin_to_the_head_only(split_bund
 
 
 # ---------------------------------------------------------------- a real Triton
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def pytriton_server() -> tuple[Path, Path, Path] | None:

@@ -29,15 +29,10 @@ from ccra_export.workflows.evaluate import EvalReport, evaluate
         "answer (python -m ccra_export.core.shapes --out DIR writes such a file for the demo's task). "
         "Default: the bundle's own evaluation set (16 held-out questions of the shapes task, written at build).",
     ),
-    o.opt(
-        "reference",
-        "--reference",
-        type=click.Choice(["auto", "pytorch", "recorded"]),
-        default="auto",
-        show_default=True,
-        help="pytorch: PyTorch FP32 answers now (the export extra and the checkpoint); recorded: the answers "
+    o.reference(
+        "pytorch: PyTorch FP32 answers now (the export extra and the checkpoint); recorded: the answers "
         "PyTorch gave at build, for the bundle's own evaluation set (no PyTorch needed: a Jetson); auto: "
-        "pytorch where it is installed, else recorded.",
+        "pytorch where it is installed, else recorded."
     ),
     o.opt(
         "model",

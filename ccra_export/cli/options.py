@@ -225,15 +225,24 @@ PLUGIN_LIBRARY = opt(
     "build`): a fused graph needs it on TensorRT and on ONNX Runtime's TensorRT provider. `build` hashes it into "
     "the manifest; `engine` serialises it into the engine.",
 )
-REFERENCE = opt(
-    "reference",
-    "--reference",
-    type=click.Choice(["auto", "pytorch", "recorded"]),
-    default="auto",
-    show_default=True,
-    help="What parity compares against. pytorch: the PyTorch model rebuilt from the bundle's source, on fresh "
+
+
+def reference(help: str) -> Opt:
+    """``--reference``: what a verb compares with, PyTorch now or what the build recorded."""
+    return opt(
+        "reference",
+        "--reference",
+        type=click.Choice(["auto", "pytorch", "recorded"]),
+        default="auto",
+        show_default=True,
+        help=help,
+    )
+
+
+REFERENCE = reference(
+    "What parity compares against. pytorch: the PyTorch model rebuilt from the bundle's source, on fresh "
     "inputs; recorded: the PyTorch outputs the build stored in the bundle (no PyTorch or checkpoint needed); "
-    "auto: pytorch where PyTorch and the source are at hand, else recorded.",
+    "auto: pytorch where PyTorch and the source are at hand, else recorded."
 )
 
 # Parity run and thresholds (ParityOptions), shared by `build` and `check`.
@@ -506,12 +515,13 @@ EXPORT = (
     opt(
         "lm_quant.recipe",
         "--lm-quant",
-        type=click.Choice(["rtn", "k_quant", "k_quant_mixed"]),
-        default="rtn",
+        type=click.Choice(["auto", "default", "rtn", "k_quant", "k_quant_mixed"]),
+        default="auto",
         show_default=True,
-        help="INT4/INT8 decoders: the model builder's weight-only recipe. rtn: round to nearest; k_quant: "
-        "llama.cpp's k-quant scale search; k_quant_mixed: k_quant with the LM head and the most sensitive "
-        "MatMuls in INT8. Measured on the demo in docs/language-model.md.",
+        help="INT4/INT8 decoders: the model builder's weight-only recipe. default: the builder's own (round to "
+        "nearest); rtn: round to nearest, the builder's rtn pass; k_quant: llama.cpp's k-quant scale search; "
+        "k_quant_mixed: k_quant with the LM head and the most sensitive MatMuls in INT8. auto: k_quant_mixed "
+        "for int4, default for int8 (measured: docs/language-model.md).",
     ),
     opt(
         "lm_quant.block_size",

@@ -360,7 +360,7 @@ class LanguageModelParity(TypedDict):
 class LMQuantRecord(TypedDict):
     """INT4/INT8 decoders: the model builder's weight-only recipe (export/lm_export.LMQuant)."""
 
-    recipe: Literal["rtn", "k_quant", "k_quant_mixed"]
+    recipe: Literal["default", "rtn", "k_quant", "k_quant_mixed"]
     block_size: Literal[16, 32, 64, 128, 256]
     accuracy_level: Literal[1, 2, 3, 4] | None
 

@@ -532,11 +532,7 @@ def _add_language_model(
         template=exported.template,
         files=sorted({*exported.files, lm_parity.LM_REFERENCE_FILE, *written}),
         evaluation=evaluation,
-        **(
-            {"quant": LMQuantRecord(**dataclasses.asdict(options.lm_quant))}
-            if options.lm_precision in ("int4", "int8")
-            else {}
-        ),
+        **({"quant": LMQuantRecord(**dataclasses.asdict(exported.quant))} if exported.quant else {}),
         parity=LanguageModelParity(
             ran_on=figures["ran_on"],  # type: ignore[typeddict-item]  # "cpu" or "cuda": runnable_device
             first_token_logits=figures["first_token_logits"],

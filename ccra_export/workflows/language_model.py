@@ -27,6 +27,7 @@ from ccra_export.export.lm_export import (
     build_decoder,
     build_embedding_model,
     language_model_dir,
+    matmul_widths,
 )
 from ccra_export.runtime import lm_parity
 from ccra_export.runtime.language_model import LanguageModel
@@ -87,6 +88,7 @@ class ExportedLanguageModel:
     template: str
     files: list[str]
     hf_dir: Path
+    quant: LMQuant | None  #: INT4/INT8: the recipe the builder ran (``auto`` resolved)
 
 
 def export_into(
@@ -109,7 +111,10 @@ def export_into(
     # model/checkpoint_check.py found the tokenizer's <image> equal to config.json's before any export
     image_id = LlavaConfig.from_dict(json.loads((checkpoint / "config.json").read_text())).image_token_index
     files = sorted(str(p.relative_to(stage)) for p in (stage / "lm").rglob("*") if p.is_file())
-    return ExportedLanguageModel(precision, device, image_id, "llava-1.5 (vicuna_v1)", files, hf_dir)
+    resolved = (
+        (quant or LMQuant()).resolved(precision, matmul_widths(hf_dir)) if precision in ("int4", "int8") else None
+    )
+    return ExportedLanguageModel(precision, device, image_id, "llava-1.5 (vicuna_v1)", files, hf_dir, resolved)
 
 
 def parity(
