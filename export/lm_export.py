@@ -44,8 +44,9 @@ K_QUANT_GROUP = 64
 
 
 def matmul_widths(lm_dir: Path) -> tuple[int, ...]:
-    """The input widths of a Llama decoder's MatMuls (hidden, intermediate, the KV projections'),
-    from its config.json."""
+    """The widths k-quant groups along in a Llama decoder's MatMuls (the inputs: hidden,
+    intermediate, the attention output; and the KV projections', whose narrow outputs the builder's
+    k-quant pass also reshapes), from its config.json."""
     config = json.loads((Path(lm_dir) / "config.json").read_text())
     heads = config["num_attention_heads"]
     head_dim = config.get("head_dim") or config["hidden_size"] // heads

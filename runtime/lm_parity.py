@@ -4,7 +4,7 @@ At build, Hugging Face's FP32 model answers a fixed prompt (rows of the embeddin
 first-token logits, greedy tokens and, teacher-forced on those tokens, its next-token
 log-probabilities at every answer position are recorded in ``lm/reference.npz``. `check` (no
 torch needed, as on a Jetson) reruns our decoder on that prompt and compares with both: the
-teacher-forced figures (next-token KL divergence, top-1 agreement, Δp; runtime/lm_quality.py) are
+teacher-forced figures (next-token KL divergence, top-1 agreement, Δp; core/lm_quality.py) are
 bounded per precision, our build-time tokens say whether it still computes what it computed when
 it was built. A bundle recorded before the teacher-forced figures reports them as not recorded.
 """
@@ -60,6 +60,8 @@ def figures(lm: LanguageModel, reference: Path) -> LanguageModelFigures:
             forced = data["forced_logprobs"] if "forced_logprobs" in data.files else None
     except (OSError, ValueError, KeyError) as exc:
         raise BundleError(f"{reference}: unreadable language-model reference ({exc})") from None
+    if prompt_ids.ndim != 1 or not len(prompt_ids) or not want or want_logits.ndim != 1:
+        raise BundleError(f"{reference}: expected a prompt, tokens and one row of logits")
     prompt = lm.embed(prompt_ids)
     got = lm.generate(prompt, Sampling(max_new_tokens=len(want)))  # no stop ids: every step
     logits = compare_output("first_token_logits", got.first_logits, want_logits, thresholds_for("fp32"))
@@ -73,7 +75,7 @@ def figures(lm: LanguageModel, reference: Path) -> LanguageModelFigures:
         reference_tokens=want,
     )
     if forced is not None:
-        if forced.shape != (len(want), want_logits.shape[-1]):
+        if forced.ndim != 2 or forced.shape != (len(want), want_logits.shape[-1]):
             raise BundleError(f"{reference}: forced_logprobs {forced.shape}, expected ({len(want)}, vocab)")
         figures["next_token"] = teacher_forced(lm, prompt, want, forced).as_dict()
     return figures

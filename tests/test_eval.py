@@ -29,7 +29,7 @@ def test_eval_reports_flips_accuracy_and_bounds_for_the_readme_bundle(demo_bundl
     )
     assert result.exit_code == 0, result.output
     assert "eval passed" in result.output and "answers flipped vs PyTorch" in result.output
-    report = json.loads((tmp_path / "e.json").read_text())
+    report = json.loads((tmp_path / "e.json").read_text(), parse_constant=_no_constants)  # strict JSON
     truth = [json.loads(line)["answer"] for line in held_out.read_text().splitlines()]
     items = report["per_item"]
     assert [i["expected"] for i in items] == truth and len(items) == 12
@@ -125,3 +125,19 @@ def test_recorded_answers_are_refused_for_a_question_set_of_ones_own(demo_bundle
     assert result.exit_code == 2 and "--reference recorded: the recorded answers are for the bundle's own" in (
         result.stderr
     )
+
+
+def _no_constants(name: str) -> None:
+    raise AssertionError(f"{name} in --json output: not JSON")
+
+
+def test_a_tampered_recorded_reference_is_one_line(demo_bundle, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(demo_bundle, tmp_path / "b")
+    npz = copy / "eval" / "reference.npz"
+    data = npz.read_bytes()
+    npz.write_bytes(data[:-64] + bytes(64))  # same size, other bytes
+    result = CliRunner().invoke(main, ["eval", "--bundle", str(copy), "--reference", "recorded"])
+    assert result.exit_code == 2 and "sha256 differs" in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1

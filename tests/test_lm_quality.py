@@ -146,3 +146,14 @@ def test_auto_recipe_is_k_quant_mixed_for_int4_where_the_widths_allow_it():
     assert LMQuant().resolved("int8", (4096, 11008, 1024, 4096)).recipe == "default"
     assert LMQuant(recipe="rtn").resolved("int4", (96,)).recipe == "rtn"  # an explicit choice is kept
     assert LMQuant(recipe="k_quant", block_size=128).extra_options() == ["algo_config=k_quant", "block_size=128"]
+
+
+def test_nan_or_inf_logits_always_fail():
+    """FP16 overflow gives NaN/Inf logits: no KL bound can pass them (NaN > bound is False)."""
+    ref = np.array([[3.0, 0.0, 0.0], [0.0, 0.0, 3.0]])
+    ours = ref.copy()
+    ours[1, 0] = np.inf
+    figures = next_token_figures(ref, ours)
+    assert figures.nonfinite_positions == 1 and np.isfinite(figures.kl_mean)
+    loose = QualityBounds(max_kl_mean=100, max_kl_p99=100, min_top1_agreement=0.0, max_flip_rate=1.0)
+    assert violations(figures, None, loose) == ["1 positions with NaN/Inf logits"]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
+from typing import Any
 
 import click
 from rich.markup import escape
@@ -15,7 +17,7 @@ from ccra_export.core.console import Steps, titled
 from ccra_export.core.errors import BundleError, ParityError
 from ccra_export.core.lm_quality import bounds_for
 from ccra_export.core.parity import thresholds_for
-from ccra_export.workflows.evaluate import EvalReport, evaluate
+from ccra_export.workflows.evaluate import EVAL_MAX_NEW_TOKENS, EvalReport, evaluate
 
 
 @click.command("eval")
@@ -46,9 +48,9 @@ from ccra_export.workflows.evaluate import EvalReport, evaluate
         "max_new_tokens",
         "--max-new-tokens",
         type=click.IntRange(min=1, max=4096),
-        default=16,
+        default=EVAL_MAX_NEW_TOKENS,
         show_default=True,
-        help="Longest answer, both sides.",
+        help="Longest answer, both sides (the recorded answers were made with the default).",
     ),
     o.opt("json_out", "--json", type=click.Path(path_type=Path), help="Also write the figures (per item too) here."),
     o.backend("auto", "ort", "trt"),
@@ -84,12 +86,23 @@ def eval_command(
     stdout.print(_table(report))
     if json_out is not None:
         try:
-            atomic.write_json(json_out, report.to_dict())
+            atomic.write_json(json_out, finite(report.to_dict()))
         except OSError as exc:
             raise BundleError(f"cannot write ({exc.strerror or exc})", field="json_out", value=json_out) from None
     if not report.passed:
         raise ParityError("; ".join(report.failures))
     stdout.print("[green]eval passed[/green]")
+
+
+def finite(value: Any) -> Any:
+    """``value`` with NaN and infinities as null: strict JSON (an unlaid prompt scores infinity)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {key: finite(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [finite(item) for item in value]
+    return value
 
 
 def _percent(value: float | None) -> str:
@@ -105,11 +118,14 @@ def _table(report: EvalReport) -> Table:
     )
     for column in ("figure", "value", "bound"):
         table.add_column(column, justify="left" if column == "figure" else "right")
-    table.add_row("answers flipped vs PyTorch", _percent(report.flip_rate), f"<= {100 * bounds.max_flip_rate:g}%")
+    table.add_row("answers flipped vs PyTorch", _percent(report.flip_rate), f"<= {100 * report.flip_limit:g}%")
     table.add_row("accuracy, bundle", _percent(report.accuracy("ours")), "reported")
     table.add_row("accuracy, PyTorch", _percent(report.accuracy("reference")), "reported")
+    measured = "the decoder alone" if report.decoder_only else "end to end"
     table.add_row(
-        f"next-token KL, mean ({forced.positions} answer tokens)", f"{forced.kl_mean:.3e}", f"<= {bounds.max_kl_mean:g}"
+        f"next-token KL, mean ({forced.positions} answer tokens, {measured})",
+        f"{forced.kl_mean:.3e}",
+        f"<= {bounds.max_kl_mean:g}",
     )
     table.add_row("next-token KL, p99", f"{forced.kl_p99:.3e}", f"<= {bounds.max_kl_p99:g}")
     sure = forced.confident_top1_agreement
@@ -121,6 +137,8 @@ def _table(report: EvalReport) -> Table:
     table.add_row(
         "Δp of the answer token, mean / worst", f"{forced.delta_p_mean:+.4f} / {forced.delta_p_min:+.4f}", "reported"
     )
+    if report.decoder_only and report.end_to_end is not None:
+        table.add_row("next-token KL, mean, end to end (our prompt)", f"{report.end_to_end.kl_mean:.3e}", "reported")
     vision = thresholds_for(report.vision_precision).min_token_cosine
     worst = report.worst_token_cosine
     table.add_row(

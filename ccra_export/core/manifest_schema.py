@@ -373,6 +373,7 @@ class EvaluationRecord(TypedDict):
     data: RelPath  #: JSON Lines: image, question, answer
     reference: RelPath  #: .npz: per item the answer tokens, their log-probabilities, the prompt
     items: PositiveInt
+    max_new_tokens: NotRequired[PositiveInt]  #: the answers' budget (16 where absent)
 
 
 @with_config(_OPEN)
@@ -383,7 +384,8 @@ class LanguageModelRecord(TypedDict):
     template: str
     files: Annotated[list[RelPath], NonEmpty]
     parity: LanguageModelParity
-    quant: NotRequired[LMQuantRecord]  #: INT4/INT8: the recipe (bundles built before it used rtn, block 32)
+    #: INT4/INT8: the recipe (bundles built before it used the builder's default, block 32)
+    quant: NotRequired[LMQuantRecord]
     evaluation: NotRequired[EvaluationRecord]  #: bundles built before it have none
 
 

@@ -29,12 +29,13 @@ from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import BundleError, CheckpointError, ConfigError, no_language_model
 from ccra_export.core.extras import available, require
 from ccra_export.core.lm_quality import NextTokenFigures, bounds_for, log_softmax, next_token_figures, violations
-from ccra_export.core.manifest import bundle_path, read_manifest
+from ccra_export.core.manifest import bundle_path, read_manifest, verify_files
 from ccra_export.core.manifest_schema import EvaluationRecord
-from ccra_export.core.parity import thresholds_for, worst_token
+from ccra_export.core.parity import worst_token
 from ccra_export.runtime.inputs import InputError, load_image
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline, Prepared
+from ccra_export.workflows.parity import ParityOptions, thresholds
 from ccra_export.workflows.source import reference_checkpoint
 
 MAX_ITEMS = 100_000
@@ -119,8 +120,11 @@ class EvalReport:
     lm_precision: str
     vision_precision: str
     items: list[ItemResult]
-    next_token: NextTokenFigures
+    next_token: NextTokenFigures  #: the decoder alone (the reference's prompt fed) where recorded, else end to end
     failures: list[str] = field(default_factory=list)
+    end_to_end: NextTokenFigures | None = None  #: our prompt fed: the vision graph's error included
+    decoder_only: bool = False
+    flip_limit: float = 0.0
 
     @property
     def flip_rate(self) -> float:
@@ -140,6 +144,11 @@ class EvalReport:
         return min(measured) if measured else None
 
     @property
+    def worst_token_rel_err(self) -> float | None:
+        measured = [i.worst_token_rel_err for i in self.items if i.worst_token_rel_err is not None]
+        return max(measured) if measured else None
+
+    @property
     def passed(self) -> bool:
         return not self.failures
 
@@ -153,7 +162,11 @@ class EvalReport:
             "flip_rate": self.flip_rate,
             "accuracy": {"bundle": self.accuracy("ours"), "reference": self.accuracy("reference")},
             "next_token": self.next_token.as_dict(),
+            "next_token_measures": "the decoder alone" if self.decoder_only else "end to end",
+            "end_to_end": None if self.end_to_end is None else self.end_to_end.as_dict(),
+            "flip_limit": self.flip_limit,
             "worst_token_cosine": self.worst_token_cosine,
+            "worst_token_rel_err": self.worst_token_rel_err,
             "passed": self.passed,
             "failures": self.failures,
             "per_item": [asdict(i) for i in self.items],
@@ -215,28 +228,47 @@ class RecordedReference:
 
     name = "PyTorch FP32, recorded at build"
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, max_new_tokens: int) -> None:
+        self.max_new_tokens = max_new_tokens
         try:
             with np.load(path, allow_pickle=False) as data:
                 self.arrays = {key: data[key] for key in data.files}
             self.texts = json.loads(str(self.arrays["texts"]))
-        except (OSError, ValueError, KeyError) as exc:
+        except (OSError, ValueError, KeyError, RecursionError) as exc:
             raise BundleError(f"unreadable evaluation reference ({exc})", field="bundle", value=path) from None
 
     def answer(self, index: int, image: Image.Image, question: str) -> ReferenceAnswer:
-        try:
-            layout = self.arrays[f"layout_{index}"].tolist()
-            prompt = self.arrays.get(f"prompt_{index}")
-            return ReferenceAnswer(
-                self.texts[index],
-                self.arrays[f"tokens_{index}"].tolist(),
-                self.arrays[f"logprobs_{index}"],
-                None if prompt is None else prompt[None],
-                int(layout[0]),
-                int(layout[1]),
-            )
-        except (KeyError, IndexError) as exc:
-            raise BundleError(f"evaluation reference: no item {index} ({exc})", field="bundle") from None
+        """Item ``index`` as recorded; its arrays are checked (a bundle is a trust boundary)."""
+        tokens, logits = self.arrays.get(f"tokens_{index}"), self.arrays.get(f"logprobs_{index}")
+        layout, prompt = self.arrays.get(f"layout_{index}"), self.arrays.get(f"prompt_{index}")
+        texts = self.texts if isinstance(self.texts, list) else []
+        fine = (
+            index < len(texts)
+            and isinstance(texts[index], str)
+            and tokens is not None
+            and tokens.ndim == 1
+            and tokens.dtype.kind == "i"
+            and 1 <= len(tokens) <= self.max_new_tokens
+            and logits is not None
+            and logits.ndim == 2
+            and logits.dtype.kind == "f"
+            and logits.shape[0] == len(tokens)
+            and bool((tokens >= 0).all() and (tokens < logits.shape[1]).all())
+            and layout is not None
+            and layout.shape == (2,)
+            and layout.dtype.kind == "i"
+            and (prompt is None or (prompt.ndim == 2 and prompt.dtype.kind == "f"))
+        )
+        if not fine:
+            raise BundleError(f"evaluation reference: item {index} is missing or malformed", field="bundle")
+        return ReferenceAnswer(
+            texts[index],
+            tokens.tolist(),
+            logits,
+            None if prompt is None else prompt[None],
+            int(layout[0]),
+            int(layout[1]),
+        )
 
 
 def record_evaluation_set(checkpoint: Path, stage: Path, steps: Steps = SILENT) -> EvaluationRecord:
@@ -258,7 +290,16 @@ def record_evaluation_set(checkpoint: Path, stage: Path, steps: Steps = SILENT) 
     if sum(a.nbytes for a in prompts.values()) <= MAX_RECORDED_PROMPT_BYTES:
         arrays.update(prompts)
     np.savez(stage / EVAL_DIR / REFERENCE_FILE, texts=np.asarray(json.dumps(texts)), **arrays)
-    return EvaluationRecord(data=f"{EVAL_DIR}/{data.name}", reference=f"{EVAL_DIR}/{REFERENCE_FILE}", items=len(items))
+    return EvaluationRecord(
+        data=f"{EVAL_DIR}/{data.name}",
+        reference=f"{EVAL_DIR}/{REFERENCE_FILE}",
+        items=len(items),
+        max_new_tokens=EVAL_MAX_NEW_TOKENS,
+    )
+
+
+#: answers flip for the vision graph's own error too: how many a vision precision may add
+VISION_FLIP_ALLOWANCE = {"fp32": 0.0, "fp16": 0.02, "int8": 0.05}
 
 
 def evaluate(
@@ -275,7 +316,7 @@ def evaluate(
     """Every item of ``data`` (default: the bundle's own evaluation set) through the bundle and the
     PyTorch reference: computed now (``pytorch``; ``model``, the checkpoint the bundle was built
     from; a demo bundle finds the shipped one), or recorded at build (``recorded``: the bundle's own
-    set only). ``auto``: recorded for the bundle's own set where PyTorch is not installed."""
+    set only). ``auto``: PyTorch where it and the checkpoint are at hand, else the recorded answers."""
     if reference not in ("auto", "pytorch", "recorded"):
         raise ConfigError("expected auto, pytorch or recorded", field="reference", value=reference)
     manifest = read_manifest(bundle)
@@ -283,17 +324,20 @@ def evaluate(
     if not record:
         raise no_language_model(bundle)
     evaluation = record.get("evaluation")
-    if data is None:
-        if evaluation is None:
-            raise BundleError(
-                "holds no evaluation set (built before eval); pass a question set of your own",
-                field="bundle",
-                value=bundle,
-            )
+    if evaluation is None and (data is None or reference == "recorded"):
+        raise BundleError(
+            "holds no evaluation set or recorded answers (built before eval): evaluate a question set of "
+            "your own against PyTorch (the export extra and the checkpoint)",
+            field="bundle",
+            value=bundle,
+        )
+    if data is None and evaluation is not None:
         data = bundle_path(bundle, evaluation["data"], "language_model.evaluation.data")
     own_set = evaluation is not None and Path(data).resolve() == (Path(bundle) / evaluation["data"]).resolve()
+    checkpoint = reference_checkpoint(manifest, model)
     if reference == "auto":
-        reference = "pytorch" if available("export") or not own_set else "recorded"
+        at_hand = available("export") and checkpoint is not None and manifest["source"]["kind"] == "checkpoint"
+        reference = "pytorch" if at_hand or not own_set else "recorded"
     if reference == "recorded" and not own_set:
         raise ConfigError(
             "the recorded answers are for the bundle's own evaluation set; a question set of your own needs "
@@ -303,12 +347,19 @@ def evaluate(
         )
     items = read_items(data, limit)
     if reference == "recorded" and evaluation is not None:  # own_set: the recorded answers are for it
+        recorded_tokens = evaluation.get("max_new_tokens", EVAL_MAX_NEW_TOKENS)
+        if max_new_tokens != recorded_tokens:
+            raise ConfigError(
+                f"the recorded answers were generated with up to {recorded_tokens} new tokens; compare with the same",
+                field="max_new_tokens",
+                value=max_new_tokens,
+            )
+        files = [evaluation["reference"], evaluation["data"], *(str(Path(EVAL_DIR) / i.image.name) for i in items)]
+        verify_files(bundle, manifest, {name for name in files if name in manifest["files"]})
         answers: PyTorchReference | RecordedReference = RecordedReference(
-            bundle_path(bundle, evaluation["reference"], "language_model.evaluation.reference")
+            bundle_path(bundle, evaluation["reference"], "language_model.evaluation.reference"), recorded_tokens
         )
-        max_new_tokens = EVAL_MAX_NEW_TOKENS
     else:
-        checkpoint = reference_checkpoint(manifest, model)
         if checkpoint is None or manifest["source"]["kind"] != "checkpoint":
             raise CheckpointError(
                 "the checkpoint this bundle was built from is needed for PyTorch's answers",
@@ -318,24 +369,24 @@ def evaluate(
         answers = PyTorchReference(checkpoint, manifest["source"]["weights_sha256"], max_new_tokens, steps)
     with steps.step("Loading the bundle"):
         pipeline = Pipeline.from_bundle(bundle, backend=backend)
-    results, ref_rows, our_rows, following = [], [], [], []
+    results, decoder_figures, end_to_end = [], [], []
     with steps.progress(f"Answering {len(items)} questions: the bundle and {answers.name}", len(items), "") as advance:
         for index, item in enumerate(items):
             image = load_image(item.image)
             want = answers.answer(index, image, item.question)
             sampling = Sampling(max_new_tokens=max_new_tokens, stop_ids=pipeline.lm.eos_ids)
             ours, _, prepared = pipeline.generate_tokens(image, item.question, sampling)
-            fed = prepared.inputs_embeds
-            if len(want.tokens) > 1:
-                fed = np.concatenate([fed, pipeline.lm.embed(want.tokens[:-1])], axis=1)
-            ref_rows.append(want.logits)
-            our_rows.append(pipeline.lm.teacher_forced_logits(fed)[-len(want.tokens) :])
-            following += want.tokens
-            token_cosine, token_rel = (
-                prompt_parity(prepared, want.prompt, want.position, want.count)
-                if want.prompt is not None
-                else (None, None)
+            tokens = np.asarray(want.tokens)
+            # end to end: our prompt (our vision graph, our splice) and the reference's answer fed
+            end_to_end.append(
+                next_token_figures(want.logits, answer_logits(pipeline, prepared.inputs_embeds, want.tokens), tokens)
             )
+            token_cosine = token_rel = None
+            if want.prompt is not None:  # the decoder alone: the reference's own prompt fed to ours
+                decoder_figures.append(
+                    next_token_figures(want.logits, answer_logits(pipeline, want.prompt, want.tokens), tokens)
+                )
+                token_cosine, token_rel = prompt_parity(prepared, want.prompt, want.position, want.count)
             results.append(
                 ItemResult(
                     str(item.image),
@@ -349,15 +400,51 @@ def evaluate(
                 )
             )
             advance(1)
-    figures = next_token_figures(np.concatenate(ref_rows), np.concatenate(our_rows), np.asarray(following))
+    figures = pooled(decoder_figures or end_to_end)
     report = EvalReport(str(bundle), answers.name, record["precision"], manifest["precision"], results, figures)
-    bounds = bounds_for(record["precision"])
-    report.failures += [f"language model: {v}" for v in violations(figures, report.flip_rate, bounds)]
-    vision = thresholds_for(manifest["precision"])
-    worst = report.worst_token_cosine
+    report.end_to_end = pooled(end_to_end)
+    report.decoder_only = bool(decoder_figures)
+    lm_bounds = bounds_for(record["precision"])
+    flip_limit = lm_bounds.max_flip_rate + VISION_FLIP_ALLOWANCE[manifest["precision"]]
+    report.failures += [f"language model: {v}" for v in violations(figures, None, lm_bounds)]
+    if report.flip_rate > flip_limit:
+        report.failures.append(f"answers flipped {report.flip_rate:.3f} > {flip_limit:g}")
+    vision = thresholds(manifest["precision"], ParityOptions(), manifest["parity"]["thresholds"])
+    worst, rel = report.worst_token_cosine, report.worst_token_rel_err
     if vision.min_token_cosine is not None and worst is not None and worst < vision.min_token_cosine:
         report.failures.append(
             f"prompt: worst position cosine {worst:.5f} < {vision.min_token_cosine} "
             "(the visual tokens and the text spliced around them, against PyTorch's)"
         )
+    if vision.max_token_rel_err is not None and rel is not None and rel > vision.max_token_rel_err:
+        report.failures.append(f"prompt: worst position relative error {rel:.3e} > {vision.max_token_rel_err:g}")
+    report.flip_limit = flip_limit
     return report
+
+
+def answer_logits(pipeline: Pipeline, prompt: np.ndarray, answer: list[int]) -> np.ndarray:
+    """Our decoder's next-token logits at each answer position, ``prompt`` then ``answer`` fed."""
+    fed = prompt.astype(pipeline.lm.embeds_dtype)
+    if len(answer) > 1:
+        fed = np.concatenate([fed, pipeline.lm.embed(answer[:-1])], axis=1)
+    return pipeline.lm.teacher_forced_logits(fed)[-len(answer) :]
+
+
+def pooled(items: list[NextTokenFigures]) -> NextTokenFigures:
+    """Per-item figures pooled over every position (means weighted by positions; p99 approximated
+    by the largest item p99, an upper bound; worst cases as worst)."""
+    positions = sum(f.positions for f in items)
+    confident = sum(f.confident_positions for f in items)
+    agreeing = sum((f.confident_top1_agreement or 0.0) * f.confident_positions for f in items)
+    return NextTokenFigures(
+        positions=positions,
+        kl_mean=sum(f.kl_mean * f.positions for f in items) / positions,
+        kl_p99=max(f.kl_p99 for f in items),
+        kl_max=max(f.kl_max for f in items),
+        top1_agreement=sum(f.top1_agreement * f.positions for f in items) / positions,
+        delta_p_mean=sum(f.delta_p_mean * f.positions for f in items) / positions,
+        delta_p_min=min(f.delta_p_min for f in items),
+        confident_positions=confident,
+        confident_top1_agreement=agreeing / confident if confident else None,
+        nonfinite_positions=sum(f.nonfinite_positions for f in items),
+    )

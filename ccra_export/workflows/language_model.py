@@ -42,7 +42,7 @@ def resolve_device(device: str, vision_backend: str) -> tuple[str, str]:
     if device not in ("auto", *LM_DEVICES):
         raise ConfigError(f"expected auto, {', '.join(LM_DEVICES)}", field="lm_device", value=device)
     if device != "auto":
-        return device, f"--lm-device {device}"
+        return device, f"lm_device {device}"
     if vision_backend in ("trt", "ort-trt"):
         return "cuda", f"auto: the vision graph runs on the GPU ({vision_backend})"
     if "CUDAExecutionProvider" in available_providers():
