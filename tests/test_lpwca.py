@@ -74,6 +74,17 @@ class TestFoldedEqualsPlain:
         _close(got_a, want_a)
 
 
+def test_folded_queries_are_laid_out_as_the_kernels_read_them():
+    """The CPU and CUDA kernels read raw [B, H+1, Dv] and [B, L, H] buffers (data_ptr): the folded
+    tensors must be contiguous in exactly that order, not a transpose's view of another."""
+    features, weights, bias, attrs, _ = _case(3)
+    batch, layers, heads = features.shape[0], features.shape[1], attrs["num_heads"]
+    assert weights.is_contiguous() and bias.is_contiguous()
+    assert bias.shape == (batch, layers, heads) and bias.stride() == (layers * heads, heads, 1)
+    raw = np.frombuffer(bias.numpy().tobytes(), np.float32).reshape(batch, layers, heads)  # as a kernel reads it
+    np.testing.assert_array_equal(raw, bias.numpy())
+
+
 def test_cpu_kernel_takes_fp16_features_and_returns_fp16():
     features, weights, bias, attrs, (want_f, _) = _case(3)
     got_f, got_a = lpwca_cpu(features.numpy().astype(np.float16), weights.numpy(), bias.numpy(), **attrs)

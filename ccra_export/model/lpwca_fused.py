@@ -36,7 +36,8 @@ def fold_query(ccra: torch.nn.Module, q: torch.Tensor) -> tuple[torch.Tensor, to
     bias = per_layer.transpose(1, 2) + offset.unsqueeze(1)  # [B, L, H]
     z = torch.matmul(ccra.layer_query(q), ccra.layer_key.weight)  # [B, Dv]
     weights = torch.cat([u * ccra.key_norm.weight, z.unsqueeze(1)], dim=1)  # [B, H+1, Dv]
-    return weights.float(), bias.float()
+    # contiguous: the kernels read raw [B, H+1, Dv] and [B, L, H] buffers (a transpose keeps its strides)
+    return weights.float().contiguous(), bias.float().contiguous()
 
 
 @torch.library.custom_op("ccra::lpwca", mutates_args=())
