@@ -60,3 +60,34 @@ def test_plugin_builds_against_tensorrt_headers(tmp_path):
     assert result.exit_code == 0, result.output
     plugin = tmp_path / "b" / "trt_plugins" / "libccra_lpwca_plugin.so"
     assert sha256_file(plugin)[:16] in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("nvcc", "jetson", "expected"),
+    [
+        ("Cuda compilation tools, release 12.6, V12.6.68", True, "87"),  # JetPack 6 on Orin: no sm_110 there
+        ("Cuda compilation tools, release 13.0, V13.0.48", True, "110"),  # JetPack 7 on Thor
+        ("Cuda compilation tools, release 12.6, V12.6.68", False, "80;86;87;89;90"),
+        ("Cuda compilation tools, release 13.0, V13.0.48", False, "80;86;87;89;90;110"),
+        (None, False, None),  # no nvcc: CMake builds the CPU kernel only
+    ],
+)
+def test_default_cuda_architectures_follow_the_toolkit_found(nvcc, jetson, expected):
+    from ccra_export.workflows.plugins import default_cuda_architectures, nvcc_version
+
+    assert default_cuda_architectures(nvcc_version(nvcc), jetson) == expected
+
+
+def test_the_installed_nvcc_accepts_every_default_architecture():
+    """The rule's list for this toolkit is what nvcc accepts (a list naming sm_110 fails on CUDA 12)."""
+    import shutil
+    import subprocess
+
+    from ccra_export.workflows.plugins import default_cuda_architectures, nvcc_version
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on this machine")
+    version = nvcc_version(subprocess.run(["nvcc", "--version"], capture_output=True, text=True).stdout)
+    listed = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
+    for arch in default_cuda_architectures(version, jetson=False).split(";"):
+        assert f"compute_{arch}" in listed

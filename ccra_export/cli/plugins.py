@@ -37,7 +37,9 @@ def plugins() -> None:
     "system paths (JetPack, deb packages).",
 )
 @click.option(
-    "--cuda-arch", help="CUDA architectures, e.g. 87 (Orin), 110 (Thor), 'native'. Default: 80,86,87,89,90,110."
+    "--cuda-arch",
+    help="CUDA architectures, e.g. 87 (Orin), 110 (Thor), 'native'. Default: from the CUDA toolkit found: on a "
+    "Jetson its own (87 with CUDA 12, 110 with CUDA 13), elsewhere 80,86,87,89,90 (+110 with CUDA >= 13).",
 )
 @click.option("--jobs", "-j", type=click.IntRange(1), help="Parallel compile jobs (default: all cores).")
 @reports_errors

@@ -8,6 +8,7 @@ the flags a Jetson user needs, runs the C++ tests, and reports each library with
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 from dataclasses import dataclass
@@ -16,6 +17,7 @@ from pathlib import Path
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import CCRAExportError
 from ccra_export.core.hashing import sha256_file
+from ccra_export.core.platform import detect_jetson, run_quiet
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: ccra_export/workflows/plugins.py
 LIBRARIES = {
@@ -58,6 +60,29 @@ def _run(command: list[str], what: str) -> str:
     return result.stdout
 
 
+#: what nvcc can target by default: datacenter Ampere/Ada/Hopper and Jetson Orin (87); Thor (110)
+#: exists from CUDA 13.0 only (JetPack 6 ships CUDA 12.6), and CUDA 13 dropped Xavier's 72
+DEFAULT_CUDA_ARCHITECTURES = (80, 86, 87, 89, 90)
+_NVCC_RELEASE = re.compile(r"release (\d+)\.(\d+)")
+
+
+def nvcc_version(text: str | None) -> tuple[int, int] | None:
+    """``nvcc --version``'s ``release X.Y``, or None."""
+    match = _NVCC_RELEASE.search(text or "")
+    return (int(match.group(1)), int(match.group(2))) if match else None
+
+
+def default_cuda_architectures(version: tuple[int, int] | None, jetson: bool) -> str | None:
+    """The architectures `plugins build` compiles when none are given, from the CUDA toolkit found
+    (None: no nvcc, CMake decides): on a Jetson the device's own (Orin 87 with CUDA 12, Thor 110
+    with CUDA 13), elsewhere every datacenter and Jetson target that toolkit has."""
+    if version is None:
+        return None
+    if jetson:
+        return "110" if version >= (13, 0) else "87"
+    return ";".join(map(str, (*DEFAULT_CUDA_ARCHITECTURES, *((110,) if version >= (13, 0) else ()))))
+
+
 def build_native(
     build_dir: Path,
     *,
@@ -81,6 +106,10 @@ def build_native(
     configure = ["cmake", "-S", str(ROOT), "-B", str(build_dir), "-DCMAKE_BUILD_TYPE=Release"]
     if tensorrt_root is not None:
         configure.append(f"-DTensorRT_ROOT={Path(tensorrt_root).resolve()}")
+    if not cuda_architectures and shutil.which("nvcc") is not None:
+        cuda_architectures = default_cuda_architectures(
+            nvcc_version(run_quiet(["nvcc", "--version"])), detect_jetson() is not None
+        )
     if cuda_architectures:
         configure.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_architectures.replace(',', ';')}")
     with steps.step("Configuring (CMake)"):
