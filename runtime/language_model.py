@@ -223,6 +223,10 @@ class LanguageModel:
         """One prompt, a fresh cache."""
         return self.decode(self.new_cache(), inputs_embeds, sampling, on_token)
 
-    def teacher_forced_logits(self, inputs_embeds: np.ndarray) -> np.ndarray:
-        """[S, vocab] next-token logits at every position of one [1, S, D] sequence, a fresh cache."""
-        return self.new_cache().step(inputs_embeds, every_position=True)
+    def answer_logits(self, prompt: np.ndarray, answer: list[int]) -> np.ndarray:
+        """Teacher forcing: [len(answer), vocab] next-token logits at each answer position, the
+        [1, S, D] ``prompt`` then ``answer`` fed (its last token predicted, not fed), a fresh cache."""
+        fed = prompt.astype(self.embeds_dtype)
+        if len(answer) > 1:
+            fed = np.concatenate([fed, self.embed(answer[:-1])], axis=1)
+        return self.new_cache().step(fed, every_position=True)[-len(answer) :]

@@ -84,9 +84,7 @@ def figures(lm: LanguageModel, reference: Path) -> LanguageModelFigures:
 def teacher_forced(lm: LanguageModel, prompt: np.ndarray, answer: list[int], reference: np.ndarray) -> NextTokenFigures:
     """Our next-token distributions at each answer position, the reference's answer fed, against the
     reference's (``reference``: [len(answer), vocab] logits or log-probabilities)."""
-    fed = np.concatenate([prompt, lm.embed(answer[:-1])], axis=1) if len(answer) > 1 else prompt
-    ours = lm.teacher_forced_logits(fed)[-len(answer) :]
-    return next_token_figures(reference, ours, np.asarray(answer))
+    return next_token_figures(reference, lm.answer_logits(prompt, answer), np.asarray(answer))
 
 
 def failures(precision: str, now: LanguageModelReport, built: LanguageModelParity | None = None) -> list[str]:

@@ -329,13 +329,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
                 parity=ParityRecord(
                     file=PARITY_NAME,
                     passed=report.passed,
-                    thresholds=ThresholdsRecord(
-                        min_cosine=limits.min_cosine,
-                        max_scaled_abs_err=limits.max_scaled_abs_err,
-                        allow_nonfinite=limits.allow_nonfinite,
-                        min_token_cosine=limits.min_token_cosine,
-                        max_token_rel_err=limits.max_token_rel_err,
-                    ),
+                    thresholds=ThresholdsRecord(**dataclasses.asdict(limits)),  # the schema checks its keys
                 ),
                 reference=ReferenceRecord(file=REFERENCE_FILE, samples=recorded, inputs=described),
                 engine=engine,

@@ -379,12 +379,12 @@ def evaluate(
             tokens = np.asarray(want.tokens)
             # end to end: our prompt (our vision graph, our splice) and the reference's answer fed
             end_to_end.append(
-                next_token_figures(want.logits, answer_logits(pipeline, prepared.inputs_embeds, want.tokens), tokens)
+                next_token_figures(want.logits, pipeline.lm.answer_logits(prepared.inputs_embeds, want.tokens), tokens)
             )
             token_cosine = token_rel = None
             if want.prompt is not None:  # the decoder alone: the reference's own prompt fed to ours
                 decoder_figures.append(
-                    next_token_figures(want.logits, answer_logits(pipeline, want.prompt, want.tokens), tokens)
+                    next_token_figures(want.logits, pipeline.lm.answer_logits(want.prompt, want.tokens), tokens)
                 )
                 token_cosine, token_rel = prompt_parity(prepared, want.prompt, want.position, want.count)
             results.append(
@@ -420,14 +420,6 @@ def evaluate(
         report.failures.append(f"prompt: worst position relative error {rel:.3e} > {vision.max_token_rel_err:g}")
     report.flip_limit = flip_limit
     return report
-
-
-def answer_logits(pipeline: Pipeline, prompt: np.ndarray, answer: list[int]) -> np.ndarray:
-    """Our decoder's next-token logits at each answer position, ``prompt`` then ``answer`` fed."""
-    fed = prompt.astype(pipeline.lm.embeds_dtype)
-    if len(answer) > 1:
-        fed = np.concatenate([fed, pipeline.lm.embed(answer[:-1])], axis=1)
-    return pipeline.lm.teacher_forced_logits(fed)[-len(answer) :]
 
 
 def pooled(items: list[NextTokenFigures]) -> NextTokenFigures:
