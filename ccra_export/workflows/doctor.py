@@ -1,4 +1,5 @@
-"""`ccra-export doctor`: what is installed and usable here, and the fix for what is not.
+"""`ccra-export doctor`: what is installed and usable here, and the fix for what is not; with a
+bundle, its memory budget (``core.memory_budget``) and how many decode slots fit a Jetson module.
 
 Detection reads files and runs commands (``core.platform``), never imports torch.
 """
@@ -6,18 +7,35 @@ Detection reads files and runs commands (``core.platform``), never imports torch
 from __future__ import annotations
 
 import importlib.metadata
+import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ccra_export.core.errors import MissingDependencyError
+from ccra_export.core.errors import BundleError, MissingDependencyError, no_language_model
 from ccra_export.core.extras import install_command, install_hint, missing
+from ccra_export.core.genai_config import GENAI_CONFIG, read_genai_config
+from ccra_export.core.manifest import bundle_path, read_manifest
+from ccra_export.core.manifest_schema import Manifest
+from ccra_export.core.memory_budget import (
+    MEASURED_OVERHEAD,
+    MIB,
+    Footprint,
+    KVLayout,
+    MemoryBudget,
+    RuntimeOverhead,
+    plan,
+)
 from ccra_export.core.platform import TEGRA_RELEASE, detect_jetson, gpus, run_quiet
 from ccra_export.runtime.backends import tensorrt_status
 from ccra_export.runtime.lpwca_cpu import library_path
 from ccra_export.runtime.ort_session import INSTALL_ORT, import_onnxruntime, ort_distributions
+from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, tower_bytes_per_image
+from ccra_export.runtime.vlm_pipeline import LM_DIR
 
 PLUGIN_ENV = "CCRA_LPWCA_PLUGIN"
 DEFAULT_PLUGIN = Path("build/plugins/trt_plugins/libccra_lpwca_plugin.so")
@@ -172,3 +190,183 @@ def run_checks() -> list[Check]:
         )
     )
     return checks
+
+
+# --- the memory budget of a bundle (`ccra-export doctor --bundle B`) ---
+
+
+def _onnx_files(path: Path, root: Path, where: str) -> tuple[Path, list[Path]]:
+    """An ONNX file and the external-data files its initializers name (each inside ``root``); the
+    graph is read without its data, so a multi-GB decoder costs kilobytes here."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError, OSError, ...: all mean an unreadable graph
+        raise BundleError(
+            f"{path}: unreadable ONNX graph ({type(exc).__name__}); `ccra-export check` re-hashes it"
+        ) from None
+    names: dict[str, None] = {}
+    for tensor in model.graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            location = next((entry.value for entry in tensor.external_data if entry.key == "location"), None)
+            if location is not None:
+                names.setdefault(location, None)
+    folder = path.parent.resolve().relative_to(root.resolve()).as_posix()
+    data = [bundle_path(root, f"{folder}/{name}" if folder != "." else name, where) for name in names]
+    return path, data
+
+
+def _bytes(paths: list[Path]) -> int:
+    return sum(path.stat().st_size for path in paths)
+
+
+def kv_layout(bundle: Path) -> KVLayout:
+    """The decoder's KV cache as the runtime allocates it: the shape from ``genai_config.json``, the
+    element type from the decoder graph's own ``past_key_values`` input (an INT8 or FP16 cache
+    says so there, whatever the bundle's precision)."""
+    import onnx
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    decoder_dir = bundle / LM_DIR / "decoder"
+    config_path = decoder_dir / GENAI_CONFIG
+    config = read_genai_config(config_path)
+    decoder = config["decoder"]
+    path = bundle_path(decoder_dir, decoder["filename"], f"{config_path}: model.decoder.filename")
+    name = decoder["inputs"].get("past_key_names", "past_key_values.%d.key") % 0
+    try:
+        graph = onnx.load(str(path), load_external_data=False).graph
+    except Exception as exc:
+        raise BundleError(
+            f"{path}: unreadable ONNX graph ({type(exc).__name__}); `ccra-export check` re-hashes it"
+        ) from None
+    found = next((i for i in graph.input if i.name == name), None)
+    if found is None:
+        raise BundleError(f"{path}: no input {name!r}, which {config_path} names as the first layer's past keys")
+    dtype = tensor_dtype_to_np_dtype(found.type.tensor_type.elem_type)
+    return KVLayout(
+        layers=decoder["num_hidden_layers"],
+        kv_heads=decoder["num_key_value_heads"],
+        head_size=decoder["head_size"],
+        dtype=dtype.name,
+        itemsize=dtype.itemsize,
+        max_context=config["context_length"],
+    )
+
+
+def _vision_bytes(bundle: Path, manifest: Manifest) -> tuple[int, str]:
+    """The vision stage's file bytes: its TensorRT engines where the bundle has one per graph (what
+    ``--backend auto`` runs on a Jetson), else its ONNX graphs and their external data."""
+    engine = manifest["engine"]
+    parts = manifest["graph"]["parts"]
+    if engine and len(engine["parts"]) == len(parts):
+        files = [
+            bundle_path(bundle, p["file"], f"manifest engine.parts[{i}].file") for i, p in enumerate(engine["parts"])
+        ]
+        return _bytes(files), "TensorRT engines"
+    files = []
+    for i, part in enumerate(parts):
+        files.append(bundle_path(bundle, part["file"], f"manifest graph.parts[{i}].file"))
+        files += [
+            bundle_path(bundle, name, f"manifest graph.parts[{i}].external_data") for name in part["external_data"]
+        ]
+    return _bytes(files), "ONNX graphs"
+
+
+def bundle_footprint(
+    bundle: Path, tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB, overhead: RuntimeOverhead = MEASURED_OVERHEAD
+) -> Footprint:
+    """What serving ``bundle`` holds before any conversation: the language model's files, the vision
+    graphs or engines, the tower cache at its bound (``serve --tower-cache-mib``), and ``overhead``."""
+    bundle = Path(bundle)
+    manifest = read_manifest(bundle)  # checks every listed file is there at its recorded size
+    if not manifest.get("language_model"):
+        raise no_language_model(bundle)
+    lm_dir = bundle / LM_DIR
+    config_path = lm_dir / "decoder" / GENAI_CONFIG
+    decoder_name = read_genai_config(config_path)["decoder"]["filename"]
+    decoder = bundle_path(lm_dir / "decoder", decoder_name, f"{config_path}: model.decoder.filename")
+    decoder_file, decoder_data = _onnx_files(decoder, bundle, f"{decoder}: external data")
+    embed_file, embed_data = _onnx_files(lm_dir / "embed.onnx", bundle, f"{lm_dir / 'embed.onnx'}: external data")
+    vision_bytes, vision_kind = _vision_bytes(bundle, manifest)
+    per_image = tower_bytes_per_image(manifest)
+    return Footprint(
+        decoder_bytes=_bytes([decoder_file, *decoder_data]),
+        embeddings_bytes=_bytes([embed_file, *embed_data]),
+        vision_bytes=vision_bytes,
+        vision_kind=vision_kind,
+        tower_cache_bytes=int(tower_cache_mib * MIB) if per_image else 0,
+        tower_image_bytes=per_image,
+        overhead=overhead,
+    )
+
+
+def memory_budget(
+    bundle: Path,
+    context: int | None = None,
+    parallel: int = 1,
+    tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB,
+    measure: bool = False,
+) -> MemoryBudget:
+    """The bundle's budget at ``context`` tokens per slot for ``parallel`` slots. ``measure``: the
+    runtime overhead measured now on this machine (``measure_overhead``, seconds) instead of the
+    recorded figure. The context and slot count are checked before anything is measured."""
+    bundle = Path(bundle)
+    footprint = bundle_footprint(bundle, tower_cache_mib)  # the manifest first: "not a bundle" before any graph
+    kv = kv_layout(bundle)
+    budget = plan(footprint, kv, context, parallel)  # refuses a bad context or slot count first
+    if measure:
+        footprint = bundle_footprint(bundle, tower_cache_mib, measure_overhead(bundle, footprint, kv))
+        budget = plan(footprint, kv, context, parallel)
+    return budget
+
+
+#: the measuring process: what `serve` imports (the server, when its extra is installed), the
+#: pipeline on ONNX Runtime, one question answered; it reports its peak RSS and the tokens cached
+_MEASURE = """
+import contextlib, json, sys
+from PIL import Image
+with contextlib.suppress(ImportError):
+    import ccra_export.serve.openai.api_server
+from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.vlm_pipeline import Pipeline
+pipeline = Pipeline.from_bundle(sys.argv[1], backend="ort", tower_cache_mib=0)
+chat = pipeline.chat()
+chat.ask("Describe the image.", Image.new("RGB", (64, 48), (128, 128, 128)), Sampling(max_new_tokens=8))
+peak = next(int(line.split()[1]) * 1024 for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"peak_rss": peak, "tokens": chat.cache.length}))
+"""
+MEASURE_TIMEOUT_S = 900
+
+
+def measure_overhead(bundle: Path, footprint: Footprint, kv: KVLayout) -> RuntimeOverhead:
+    """The runtime overhead of serving ``bundle`` on this machine: the peak RSS of a fresh process
+    that imports the server, loads the pipeline (ONNX Runtime, tower cache off: it is counted on its
+    own) and answers one question, less the
+    weights' file bytes and the KV bytes that answer wrote (the rest of a preallocated cache is
+    never touched, so it is not resident). Linux only (it reads /proc)."""
+    if not Path("/proc/self/status").is_file():
+        raise BundleError("measuring the runtime overhead reads /proc/self/status: Linux only", field="measure")
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _MEASURE, str(bundle)],
+            capture_output=True,
+            text=True,
+            timeout=MEASURE_TIMEOUT_S,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise BundleError(
+            f"loading and running it took over {MEASURE_TIMEOUT_S} s", field="bundle", value=bundle
+        ) from None
+    if done.returncode != 0:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise BundleError(f"the measuring process failed: {last}", field="bundle", value=bundle)
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    peak, written = int(report["peak_rss"]), int(report["tokens"]) * kv.bytes_per_token
+    overhead = max(0, peak - footprint.weights_bytes - written)
+    return RuntimeOverhead(
+        overhead,
+        f"measured now: peak RSS {peak / MIB:.0f} MiB, less {footprint.weights_bytes / MIB:.1f} MiB of weights and "
+        f"{written / MIB:.1f} MiB of KV written ({os.uname().machine}, ONNX Runtime CPU provider)",
+    )
