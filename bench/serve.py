@@ -1,14 +1,21 @@
-"""`ccra-export serve` under load: N concurrent streaming clients, against the pipeline called
-directly (no HTTP) on the same requests in the same run.
+"""`ccra-export serve` under load, with continuous batching: N concurrent streaming clients, against
+the pipeline called directly (no HTTP) and against llama.cpp's server (`llama-server -np N -cb`)
+on the same weights, in the same run.
 
-    python bench/serve.py                          # tiny and mid-size bundles, 1, 4 and 16 clients
+    python bench/serve.py                                  # mid-size bundle (0.5B-class, INT4), 1, 4, 8 clients
     python bench/serve.py --sizes small --clients 1,4 --requests 8
+    python bench/serve.py --bundle B --checkpoint C --llama-server PATH/llama-server --llama-cpp-src DIR
 
-Per round: p50/p95 time to first token and end-to-end latency, tokens/s over the round, errors
-(must be 0), the server's RSS before and after (must not grow across rounds). The reference row
-is the pipeline in-process, one request at a time: the server's latency at 1 client over it is
-the cost of HTTP, JSON, base64 and the queue. The server is a real `ccra-export serve` process on
-a free loopback port, stopped at the end. Not a test: nothing here asserts a speed.
+Per round (``--repeats`` times): aggregate decode tokens/s (completion tokens of the round over its
+wall time), TTFT p50/p95, end-to-end p50/p95, errors (must be 0), the server's RSS. Reported: each
+round's median and range, and the ratio of N clients' tokens/s to 1 client's (per repeat, median
+and range): decoding is memory-bound, so with batching N clients should get close to N times the
+tokens/s (target here: 4 clients >= 2.5x). The peer row runs llama.cpp's own server on the same
+weights as GGUF Q4_0 (converted with llama.cpp's convert_hf_to_gguf.py, quantized with its
+llama-quantize; build both from a llama.cpp tree, e.g. llama-cpp-python's sdist's vendor/llama.cpp:
+``cmake -B build -DLLAMA_CURL=OFF && cmake --build build --target llama-server llama-quantize``), with
+``-np`` = the largest client count, ``-cb``, the same threads, prompts of the same token count and
+the same number of new tokens (``ignore_eos``). Not a test: nothing here asserts a speed.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -35,9 +43,10 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lm_decode import make_checkpoint
+from lm_decode import _with_sentencepiece_vocab, make_checkpoint
 
 console = Console(highlight=False)
+SERVE = ["ccra-export", "serve", "--max-queue", "64"]
 QUESTIONS = ("What is in the picture?", "Describe the image.", "What colour is the sky?", "Is there a person?")
 
 
@@ -79,7 +88,7 @@ def one_request(url: str, index: int, tokens: int) -> dict:
     }
     start = time.perf_counter()
     first = None
-    completion = 0
+    completion = prompt_tokens = 0
     with httpx.stream("POST", f"{url}/v1/chat/completions", json=body, timeout=300) as response:
         if response.status_code != 200:
             return {"error": response.status_code}
@@ -93,11 +102,42 @@ def one_request(url: str, index: int, tokens: int) -> dict:
                 first = time.perf_counter()
             if chunk.get("usage"):
                 completion = chunk["usage"]["completion_tokens"]
+                prompt_tokens = chunk["usage"]["prompt_tokens"]
     end = time.perf_counter()
-    return {"ttft": (first or end) - start, "e2e": end - start, "tokens": completion}
+    return {"ttft": (first or end) - start, "e2e": end - start, "tokens": completion, "prompt": prompt_tokens}
 
 
-def round_of(url: str, clients: int, requests: int, tokens: int) -> dict:
+def llama_request(url: str, index: int, tokens: int, prompt_tokens: int) -> dict:
+    """One streamed llama-server /completion of ``tokens`` new tokens after ``prompt_tokens``
+    random token ids (no prompt cache reuse between requests: each prefills its whole prompt)."""
+    rng = np.random.default_rng(index)
+    body = {
+        "prompt": rng.integers(3, 290, prompt_tokens).tolist(),
+        "n_predict": tokens,
+        "ignore_eos": True,
+        "cache_prompt": False,
+        "temperature": 0,
+        "stream": True,
+    }
+    start = time.perf_counter()
+    first = None
+    completion = 0
+    with httpx.stream("POST", f"{url}/completion", json=body, timeout=300) as response:
+        if response.status_code != 200:
+            return {"error": response.status_code}
+        for line in response.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            chunk = json.loads(line[6:])
+            if first is None and chunk.get("content"):
+                first = time.perf_counter()
+            if chunk.get("stop"):
+                completion = chunk.get("timings", {}).get("predicted_n", chunk.get("tokens_predicted", 0))
+    end = time.perf_counter()
+    return {"ttft": (first or end) - start, "e2e": end - start, "tokens": completion, "prompt": prompt_tokens}
+
+
+def round_of(request: Callable[[int], dict], clients: int, requests: int) -> dict:
     results: list[dict] = []
     lock = threading.Lock()
     counter = iter(range(requests))
@@ -108,7 +148,7 @@ def round_of(url: str, clients: int, requests: int, tokens: int) -> dict:
                 index = next(counter, None)
             if index is None:
                 return
-            outcome = one_request(url, index, tokens)
+            outcome = request(index)
             with lock:
                 results.append(outcome)
 
@@ -152,111 +192,241 @@ def direct_reference(bundle: Path, requests: int, tokens: int) -> dict:
     return {"e2e_p50": statistics.median(e2e), "e2e_all": e2e, "tokens_per_s": produced / sum(e2e)}
 
 
-def bench_bundle(bundle: Path, label: str, clients: list[int], requests: int, tokens: int, rounds: list) -> None:
+def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 600) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process.poll() is not None:
+            raise SystemExit(f"server exited: {process.stderr.read() if process.stderr else ''}")
+        time.sleep(0.5)
+    raise SystemExit(f"{url} not healthy after {seconds} s")
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGINT)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+def rounds_for(
+    label: str, request: Callable[[int], dict], pid: int, clients: list[int], requests: int, repeats: int
+) -> list[dict]:
+    """Every client count ``repeats`` times, interleaved (1, 4, 8, 1, 4, 8, ...): a slow patch of
+    the machine spreads over every count instead of biasing one."""
+    request(0)  # warm: the first request of a process pays for allocations
+    runs: dict[int, list[dict]] = {n: [] for n in clients}
+    for _ in range(repeats):
+        for n in clients:
+            before = rss_mb(pid)
+            figures = round_of(request, n, max(requests, n))
+            figures.update(rss_before_mb=before, rss_after_mb=rss_mb(pid), server=label)
+            runs[n].append(figures)
+    return [run for n in clients for run in runs[n]]
+
+
+def summarize(label: str, runs: list[dict], clients: list[int]) -> dict:
+    """Median and range per client count, and the tokens/s ratio of each count to 1 client's
+    (repeat by repeat)."""
+    table = Table(title=f"{label}: streamed, tokens/s aggregated over the round")
+    for column in ("clients", "tokens/s (range)", "x 1 client (range)", "TTFT p50/p95 ms", "e2e p50 ms", "errors"):
+        table.add_column(column, justify="right")
+    summary: dict = {}
+    ones = [r["tokens_per_s"] for r in runs if r["clients"] == 1]
+    for n in clients:
+        mine = [r for r in runs if r["clients"] == n]
+        rates = [r["tokens_per_s"] for r in mine]
+        ratios = [a / b for a, b in zip(rates, ones, strict=False)] if ones else []
+        entry = {
+            "tokens_per_s": statistics.median(rates),
+            "tokens_per_s_range": [min(rates), max(rates)],
+            "ratio_to_1": statistics.median(ratios) if ratios else None,
+            "ratio_range": [min(ratios), max(ratios)] if ratios else None,
+            "ttft_p50": statistics.median(r["ttft_p50"] for r in mine),
+            "ttft_p95": statistics.median(r["ttft_p95"] for r in mine),
+            "e2e_p50": statistics.median(r["e2e_p50"] for r in mine),
+            "errors": sum(r["errors"] for r in mine),
+        }
+        summary[n] = entry
+        table.add_row(
+            str(n),
+            f"{entry['tokens_per_s']:.1f} ({min(rates):.1f}-{max(rates):.1f})",
+            f"{entry['ratio_to_1']:.2f}x ({min(ratios):.2f}-{max(ratios):.2f})" if ratios else "-",
+            f"{entry['ttft_p50'] * 1e3:.0f} / {entry['ttft_p95'] * 1e3:.0f}",
+            f"{entry['e2e_p50'] * 1e3:.0f}",
+            str(entry["errors"]),
+        )
+    console.print(table)
+    return summary
+
+
+def bench_ours(bundle: Path, clients: list[int], args: argparse.Namespace) -> tuple[dict, int]:
+    """Our server's rounds; also the prompt's token count (the peer's prompts match it)."""
     port = free_port()
     server = subprocess.Popen(
-        ["ccra-export", "serve", "--bundle", str(bundle), "--port", str(port), "--max-queue", "64"],
+        [
+            "ccra-export",
+            "serve",
+            "--bundle",
+            str(bundle),
+            "--port",
+            str(port),
+            "--max-queue",
+            "64",
+            "--parallel",
+            str(args.parallel or max(clients)),
+        ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None:
-                raise SystemExit(f"server exited: {server.stderr.read()}")
-            time.sleep(0.5)
-        reference = direct_reference(bundle, max(4, requests // 4), tokens)
-        table = Table(title=f"{label}: {tokens} tokens per request, streamed")
-        for column in (
-            "clients",
-            "requests",
-            "TTFT p50/p95 ms",
-            "e2e p50/p95 ms",
-            "tokens/s",
-            "errors",
-            "RSS MB before -> after",
-        ):
-            table.add_column(column, justify="right")
-        table.add_row(
-            "direct",
-            str(len(reference["e2e_all"])),
-            "",
-            f"{reference['e2e_p50'] * 1e3:.0f}",
-            f"{reference['tokens_per_s']:.1f}",
-            "",
-            "",
+        wait_healthy(url, server)
+        prompt = one_request(url, 0, 1).get("prompt", 0)
+        runs = rounds_for(
+            "ours", lambda i: one_request(url, i, args.tokens), server.pid, clients, args.requests, args.repeats
         )
-        for n in clients:
-            before = rss_mb(server.pid)
-            figures = round_of(url, n, requests, tokens)
-            figures.update({"bundle": label, "rss_before_mb": before, "rss_after_mb": rss_mb(server.pid)})
-            figures["e2e_p50_over_direct"] = figures["e2e_p50"] / reference["e2e_p50"]
-            rounds.append(figures)
-            table.add_row(
-                str(n),
-                str(requests),
-                f"{figures['ttft_p50'] * 1e3:.0f} / {figures['ttft_p95'] * 1e3:.0f}",
-                f"{figures['e2e_p50'] * 1e3:.0f} / {figures['e2e_p95'] * 1e3:.0f}",
-                f"{figures['tokens_per_s']:.1f}",
-                str(figures["errors"]),
-                f"{figures['rss_before_mb']:.0f} -> {figures['rss_after_mb']:.0f}",
-            )
-        console.print(table)
-        one = next((r for r in rounds if r["bundle"] == label and r["clients"] == 1), None)
-        if one is not None:
-            console.print(f"{label}: server e2e p50 at 1 client / direct pipeline: {one['e2e_p50_over_direct']:.2f}x")
+        summary = summarize(f"ccra-export serve --parallel {args.parallel or max(clients)}", runs, clients)
+        if not args.skip_direct:
+            reference = direct_reference(bundle, min(4, args.requests), args.tokens)
+            console.print(f"direct pipeline, one request at a time: {reference['tokens_per_s']:.1f} tokens/s")
+            summary["direct_tokens_per_s"] = reference["tokens_per_s"]
+        return {"runs": runs, "summary": summary}, prompt
     finally:
-        server.send_signal(signal.SIGINT)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
+        stop(server)
+
+
+def gguf_q4(hf_dir: Path, work: Path, source: Path, quantize: Path) -> Path | str:
+    """The language model as GGUF Q4_0 by llama.cpp's own converter and quantizer, or why not."""
+    f16, q4 = work / "model-f16.gguf", work / "model-q4_0.gguf"
+    gguf_dir = _with_sentencepiece_vocab(hf_dir, work / "hf-gguf")
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gguf_dir), "--outfile", str(f16)]
+    converted = subprocess.run([*command, "--outtype", "f16"], capture_output=True, text=True, env=env)
+    if converted.returncode != 0:
+        lines = [line for line in converted.stderr.splitlines() if line.strip()]
+        return f"llama.cpp's converter refused the checkpoint: {lines[-1] if lines else 'no output'}"
+    quantized = subprocess.run([str(quantize), str(f16), str(q4), "Q4_0"], capture_output=True, text=True)
+    if quantized.returncode != 0:
+        return f"llama-quantize failed: {quantized.stderr.strip().splitlines()[-1:]}"
+    return q4
+
+
+def llama_flags(slots: int, context: int) -> list[str]:
+    """llama-server's parallel slots with continuous batching, on every core, loopback only."""
+    return ["--host", "127.0.0.1", "-np", str(slots), "-cb", "-c", str(context), "-t", str(os.cpu_count())]
+
+
+def bench_llama(hf_dir: Path, work: Path, prompt: int, clients: list[int], args: argparse.Namespace) -> dict | str:
+    """llama-server on the same weights, ``-np`` = the largest client count, ``-cb``."""
+    server_bin = args.llama_server
+    if server_bin is None or not server_bin.is_file():
+        return "no llama-server binary (--llama-server PATH)"
+    if args.llama_cpp_src is None or not (args.llama_cpp_src / "convert_hf_to_gguf.py").is_file():
+        return "no llama.cpp source tree for its HF -> GGUF converter (--llama-cpp-src DIR)"
+    quantize = server_bin.parent / "llama-quantize"
+    if not quantize.is_file():
+        return f"no llama-quantize next to {server_bin}"
+    model = gguf_q4(hf_dir, work, args.llama_cpp_src, quantize)
+    if isinstance(model, str):
+        return model
+    slots = args.parallel or max(clients)
+    port = free_port()
+    context = (prompt + args.tokens + 16) * slots
+    server = subprocess.Popen(
+        [
+            str(server_bin),
+            "-m",
+            str(model),
+            "--port",
+            str(port),
+            "--host",
+            "127.0.0.1",
+            "-np",
+            str(slots),
+            "-cb",
+            "-c",
+            str(context),
+            "-t",
+            str(os.cpu_count()),
+            "--no-webui",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, server)
+        request = lambda i: llama_request(url, i, args.tokens, prompt)  # noqa: E731
+        runs = rounds_for("llama.cpp", request, server.pid, clients, args.requests, args.repeats)
+        return {"runs": runs, "summary": summarize(f"llama-server -np {slots} -cb (Q4_0)", runs, clients)}
+    finally:
+        stop(server)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", default="small,mid", help="checkpoint sizes (bench/lm_decode.py)")
-    parser.add_argument("--clients", default="1,4,16")
-    parser.add_argument("--requests", type=int, default=32, help="requests per round")
-    parser.add_argument("--tokens", type=int, default=32)
+    parser.add_argument("--sizes", default="mid", help="checkpoint sizes (bench/lm_decode.py), when no --bundle")
+    parser.add_argument("--bundle", type=Path, help="an existing bundle (with --checkpoint for the peer's weights)")
+    parser.add_argument("--checkpoint", type=Path, help="the LLaVA checkpoint --bundle was built from")
+    parser.add_argument("--clients", default="1,4,8")
+    parser.add_argument("--parallel", type=int, help="serve --parallel (default: the largest client count)")
+    parser.add_argument("--requests", type=int, default=16, help="requests per round (at least the clients)")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per request")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--skip-direct", action="store_true", help="leave out the in-process reference row")
+    parser.add_argument("--llama-server", type=Path, help="llama.cpp's llama-server binary (llama-quantize beside it)")
+    parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp source tree (for its HF -> GGUF converter)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    rounds: list[dict] = []
+    figures: dict = {}
     with tempfile.TemporaryDirectory(prefix="ccra-serve-bench-") as scratch:
-        for size in args.sizes.split(","):
-            work = Path(scratch) / size
-            with console.status(f"Building the {size} bundle"):
-                checkpoint = make_checkpoint(work / "ckpt", size)
-                bundle = work / "bundle"
-                subprocess.run(
-                    [
-                        "ccra-export",
-                        "build",
-                        "--model",
-                        str(checkpoint),
-                        "--precision",
-                        "fp32",
-                        "--lm-precision",
-                        "int4",
-                        "-o",
-                        str(bundle),
-                    ],
-                    check=True,
-                    capture_output=True,
-                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
-                )
-            bench_bundle(bundle, size, clients, args.requests, args.tokens, rounds)
+        if args.bundle:
+            targets = [("bundle", args.bundle, args.checkpoint)]
+        else:
+            targets = []
+            for size in args.sizes.split(","):
+                work = Path(scratch) / size
+                with console.status(f"Building the {size} bundle"):
+                    checkpoint = make_checkpoint(work / "ckpt", size)
+                    bundle = work / "bundle"
+                    command = ["ccra-export", "build", "--model", str(checkpoint), "--precision", "fp32"]
+                    subprocess.run(
+                        [*command, "--lm-precision", "int4", "-o", str(bundle)],
+                        check=True,
+                        capture_output=True,
+                        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                    )
+                targets.append((size, bundle, checkpoint))
+        for label, bundle, checkpoint in targets:
+            ours, prompt = bench_ours(bundle, clients, args)
+            entry = {"ours": ours, "prompt_tokens": prompt}
+            if checkpoint is not None and (args.llama_server or args.llama_cpp_src):
+                from ccra_export.export.lm_export import language_model_dir
+
+                work = Path(scratch) / f"{label}-llama"
+                work.mkdir(parents=True, exist_ok=True)
+                peer = bench_llama(language_model_dir(checkpoint, work / "hf"), work, prompt, clients, args)
+                entry["llama_cpp"] = peer
+                if isinstance(peer, str):
+                    console.print(f"llama.cpp: left out: {peer}")
+                else:
+                    for n in clients:
+                        ratio = ours["summary"][n]["tokens_per_s"] / peer["summary"][n]["tokens_per_s"]
+                        console.print(f"{n} clients: ours / llama.cpp tokens/s = {ratio:.2f}x")
+                        entry.setdefault("ours_over_llama", {})[n] = ratio
+            figures[label] = entry
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rounds, indent=2))
+        args.json.write_text(json.dumps(figures, indent=2, default=str))
 
 
 if __name__ == "__main__":

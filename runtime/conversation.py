@@ -31,7 +31,7 @@ from PIL import Image
 
 from ccra_export.core.chat_template import EOS_TOKEN, FOLLOW_UP
 from ccra_export.runtime.inputs import InputError, check_prompt, check_text, load_image, overflowing
-from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
+from ccra_export.runtime.language_model import Generation, KVCache, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
 
 
@@ -122,12 +122,33 @@ class Reply:
     vision_s: float = 0.0  # first turn: preprocessing and the vision graph(s)
 
 
-class Conversation:
-    """``ask`` a question (with the image on the first turn), get the answer; repeat."""
+class Decoding(Protocol):
+    """Who runs the decoder for a conversation: the language model itself (one sequence at a
+    time), or a ``ContinuousBatcher`` (many sequences, one decoder call per step)."""
 
-    def __init__(self, pipeline: ChatModel) -> None:
+    def prefill(self, cache: KVCache, inputs_embeds: np.ndarray) -> np.ndarray: ...
+
+    def decode(
+        self,
+        cache: KVCache,
+        inputs_embeds: np.ndarray,
+        sampling: Sampling,
+        on_token: Callable[[int], None] | None = None,
+    ) -> Generation: ...
+
+
+class Conversation:
+    """``ask`` a question (with the image on the first turn), get the answer; repeat.
+
+    ``cache``: where its keys and values live (a server passes a slot of its pool; by default a
+    cache of its own for the language model's context); ``engine``: who runs the decoder (by
+    default the language model, one sequence; a server passes its batcher). ``close`` gives the
+    cache's slot back."""
+
+    def __init__(self, pipeline: ChatModel, cache: KVCache | None = None, engine: Decoding | None = None) -> None:
         self.pipeline = pipeline
-        self.cache = pipeline.lm.new_cache()
+        self.cache = cache if cache is not None else pipeline.lm.new_cache()
+        self.engine: Decoding = engine if engine is not None else pipeline.lm
         self.token_ids: list[int] = []  # the whole conversation, <image> as one token
         self.turns = 0
         self.last_prompt_tokens = 0
@@ -135,6 +156,10 @@ class Conversation:
         eos = pipeline.tokenizer.token_to_id(EOS_TOKEN)
         self._eos = eos if eos is not None else min(pipeline.lm.eos_ids, default=0)
         self._lock = threading.Lock()  # one sequence: a second thread waits for the turn in progress
+
+    def close(self) -> None:
+        """Give the KV cache's slot back; the conversation cannot continue afterwards."""
+        self.cache.release()
 
     @property
     def eos_id(self) -> int:
@@ -210,7 +235,7 @@ class Conversation:
             embeds = turn.embeds
             if answer_tokens:
                 embeds = np.concatenate([embeds, self.pipeline.lm.embed(answer_tokens)], axis=1)
-            self.cache.step(embeds)
+            self.engine.prefill(self.cache, embeds)
             self._record(turn.ids, answer_tokens)
             self._pending = []
 
@@ -251,7 +276,7 @@ class Conversation:
             if on_text is not None and token not in sampling.stop_ids and (piece := stream.push(token)):
                 on_text(piece)
 
-        generation = pipeline.lm.decode(self.cache, embeds, sampling, emit)
+        generation = self.engine.decode(self.cache, embeds, sampling, emit)
         if on_text is not None and (rest := stream.flush()):
             on_text(rest)
         self._record(ids, generation.tokens)

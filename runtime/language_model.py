@@ -14,10 +14,12 @@ No torch: this runs on a Jetson next to the TensorRT vision engine.
 from __future__ import annotations
 
 import math
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -92,6 +94,24 @@ class Generation:
     prefill_tokens: int = 0  # tokens this call fed before its first new token
 
 
+def embedding_table(path: Path) -> np.ndarray | None:
+    """The token table of an embedding graph that is a single Gather over an initializer (what the
+    export writes), else None (the graph is run as it is)."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    nodes, inits = model.graph.node, {init.name: init for init in model.graph.initializer}
+    if len(nodes) != 1 or nodes[0].op_type != "Gather" or nodes[0].input[0] not in inits:
+        return None
+    if any(a.name == "axis" and a.i != 0 for a in nodes[0].attribute) or nodes[0].input[1] != model.graph.input[0].name:
+        return None
+    init = inits[nodes[0].input[0]]
+    if init.data_location == onnx.TensorProto.EXTERNAL:
+        onnx.load_external_data_for_tensor(init, str(path.parent))
+    return numpy_helper.to_array(init)
+
+
 def lm_providers(device: str, where: str = "language model") -> list[str]:
     """ONNX Runtime providers for a language model built for ``device``; one line when missing."""
     if device not in LM_DEVICES:
@@ -105,55 +125,193 @@ def lm_providers(device: str, where: str = "language model") -> list[str]:
     return [_PROVIDERS[device]] if device == "cpu" else [_PROVIDERS[device], _PROVIDERS["cpu"]]
 
 
-class KVCache:
-    """One sequence's keys and values, preallocated for the whole context on the decoder's device.
+class KVPool:
+    """Keys and values of ``slots`` sequences, preallocated on the decoder's device for ``context``
+    tokens each: per layer one [slots, kv_heads, context, head] buffer of keys and one of values.
 
-    Past and present outputs are bound to the same buffers, so GroupQueryAttention writes each
-    step's keys/values in place (past_present_share_buffer). ``length`` tokens are cached.
+    A slot is one sequence (``KVCache``). Past and present are bound to the same memory (by
+    address: GroupQueryAttention shares the buffer when past and present are one pointer), so each
+    decoder call writes its keys and values in place. ``step`` feeds one token to each of several
+    slots in one call (continuous batching: GroupQueryAttention reads each row's own length from
+    the attention mask); ``KVCache.step`` prefills one slot. Every decoder call on a pool holds its
+    lock, since a batched step writes into every row it spans.
     """
 
-    def __init__(self, model: LanguageModel) -> None:
+    def __init__(self, model: LanguageModel, slots: int, context: int | None = None) -> None:
         ort = import_onnxruntime()
 
-        self.model = model
-        self.capacity = model.context_length
-        self.length = 0
-        self.binding = model.decoder.io_binding()
+        context = model.context_length if context is None else context
+        if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
+            raise BundleError(f"{slots!r} KV slots; expected an integer >= 1", field="slots")
+        if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= model.context_length:
+            raise BundleError(
+                f"a context of {context!r} tokens; expected 1..{model.context_length} (the bundle's)", field="context"
+            )
+        self.model, self.slots, self.context = model, slots, context
+        shape = [slots, model.kv_heads, context, model.head_size]
+        self._buffers = [
+            ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype, model.device, 0)
+            for _ in range(2 * model.layers)
+        ]
+        self.row_bytes = model.kv_heads * context * model.head_size * model.kv_itemsize  # one slot, one buffer
+        self.lengths = [0] * slots  # tokens cached per slot
+        self._free = list(range(slots))
+        self._available = threading.Condition()
+        self.lock = threading.Lock()  # one decoder call on the pool at a time
+        self._step_bindings: dict[int, Any] = {}
+
+    @property
+    def slot_bytes(self) -> int:
+        """KV bytes of one slot (keys and values of every layer, the whole context)."""
+        return len(self._buffers) * self.row_bytes
+
+    @property
+    def nbytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    def acquire(self, timeout: float | None = None, evict: Callable[[], bool] | None = None) -> KVCache | None:
+        """A free slot as an empty ``KVCache``; when none is free, ``evict()`` may free one (a
+        server drops a held conversation) and returns whether it did; else wait up to ``timeout``
+        seconds (None: forever) and return None if none came free."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._available:
+            while not self._free:
+                if evict is not None:
+                    self._available.release()  # evict() releases a slot: it takes this condition itself
+                    try:
+                        freed = evict()
+                    finally:
+                        self._available.acquire()
+                    if freed:
+                        continue
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    return None
+                self._available.wait(left)
+            slot = self._free.pop(0)  # the lowest free row: a batched step spans fewer idle rows
+            self.lengths[slot] = 0
+            return KVCache(self, slot)
+
+    def release(self, cache: KVCache) -> None:
+        """Give ``cache``'s slot back (its contents are dropped); idempotent."""
+        with self._available:
+            if cache.slot not in self._free and cache.pool is self and not cache.released:
+                cache.released = True
+                self.lengths[cache.slot] = 0
+                self._free.append(cache.slot)
+                self._free.sort()
+                self._available.notify()
+
+    def bind_rows(self, binding: Any, first: int, rows: int) -> None:
+        """Bind past and present of every layer to the rows [first, first + rows) of the buffers."""
+        model = self.model
         inputs, outputs = model.names
-        shape = [1, model.kv_heads, self.capacity, model.head_size]
-        self._buffers = []
-        for layer in range(model.layers):
-            for past, present in (("past_key_names", "present_key_names"), ("past_value_names", "present_value_names")):
-                buffer = ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype, model.device, 0)
-                self.binding.bind_ortvalue_input(inputs[past] % layer, buffer)
-                self.binding.bind_ortvalue_output(outputs[present] % layer, buffer)
-                self._buffers.append(buffer)
+        shape = [rows, model.kv_heads, self.context, model.head_size]
+        names = [
+            (inputs[past] % layer, outputs[present] % layer)
+            for layer in range(model.layers)
+            for past, present in (("past_key_names", "present_key_names"), ("past_value_names", "present_value_names"))
+        ]
+        for (past, present), buffer in zip(names, self._buffers, strict=True):
+            address = buffer.data_ptr() + first * self.row_bytes
+            binding.bind_input(past, model.device, 0, model.kv_dtype, shape, address)
+            binding.bind_output(present, model.device, 0, model.kv_dtype, shape, address)
+
+    def step(self, caches: Sequence[KVCache], inputs_embeds: np.ndarray) -> np.ndarray:
+        """One decoder call feeding ``inputs_embeds[i]`` ([len(caches), 1, D]) after what
+        ``caches[i]`` holds; returns their next-token logits [len(caches), vocab] (float32).
+
+        The call spans the rows 0..max(slot): a row not being decoded gets a dummy token written
+        just past its own content (never read: the row's next real token overwrites it), so a
+        conversation held in a slot between turns is left as it was."""
+        model = self.model
+        if any(cache.pool is not self or cache.released for cache in caches):
+            raise BundleError("language model: a KV cache of another pool (or a released one) in a batched step")
+        rows = max(cache.slot for cache in caches) + 1
+        lengths = list(self.lengths[:rows])
+        for cache in caches:
+            if lengths[cache.slot] >= self.context:
+                raise BundleError(f"language model: a sequence reached the context of {self.context} tokens")
+        fed = np.zeros((rows, 1, inputs_embeds.shape[-1]), model.embeds_dtype)
+        fed[[cache.slot for cache in caches]] = inputs_embeds
+        # the position each row writes: its length, kept inside the buffer for a full idle row
+        written = [min(length, self.context - 1) for length in lengths]
+        mask = np.zeros((rows, max(written) + 1), np.int64)
+        for row, position in enumerate(written):
+            mask[row, : position + 1] = 1
+        inputs, outputs = model.names
+        with self.lock:
+            binding = self._step_bindings.get(rows)
+            if binding is None:
+                binding = self._step_bindings[rows] = model.decoder.io_binding()
+                self.bind_rows(binding, 0, rows)
+            binding.bind_cpu_input(inputs["inputs_embeds"], fed)
+            binding.bind_cpu_input(inputs["attention_mask"], mask)
+            binding.bind_output(outputs["logits"], "cpu")
+            model.decoder.run_with_iobinding(binding)
+            logits = binding.get_outputs()[model.logits_index].numpy()
+            for cache in caches:
+                self.lengths[cache.slot] += 1
+        return logits[[cache.slot for cache in caches], -1].astype(np.float32)
+
+
+class KVCache:
+    """One sequence's keys and values: a slot of a ``KVPool``, ``length`` tokens cached.
+
+    ``step`` prefills it alone (batch 1, any number of tokens); ``KVPool.step`` decodes it with
+    others. ``LanguageModel.new_cache`` gives a cache with a pool of its own.
+    """
+
+    def __init__(self, pool: KVPool, slot: int) -> None:
+        self.pool, self.slot = pool, slot
+        self.model = pool.model
+        self.capacity = pool.context
+        self.released = False
+        self._binding: Any = None
+
+    @property
+    def length(self) -> int:
+        return self.pool.lengths[self.slot]
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the cache's buffers (the whole context, whatever ``length`` is)."""
-        return len(self._buffers) * self.model.kv_heads * self.capacity * self.model.head_size * self.model.kv_itemsize
+        return self.pool.slot_bytes
+
+    def release(self) -> None:
+        """Give the slot back to its pool (a server's next sequence takes it)."""
+        self.pool.release(self)
 
     def step(self, inputs_embeds: np.ndarray, every_position: bool = False) -> np.ndarray:
         """Feed [1, S, D] embeddings after the cached ones; returns the last position's logits
         (float32), or with ``every_position`` the [S, vocab] logits of each fed position (the
         teacher-forced figures of language-model parity)."""
         count = inputs_embeds.shape[1]
+        if self.released:
+            raise BundleError("language model: this KV cache was released")
         if self.length + count > self.capacity:
             raise BundleError(f"language model: {self.length + count} tokens exceed the context of {self.capacity}")
-        inputs, outputs = self.model.names
-        binding = self.binding
-        binding.bind_cpu_input(inputs["inputs_embeds"], np.ascontiguousarray(inputs_embeds, self.model.embeds_dtype))
-        binding.bind_cpu_input(inputs["attention_mask"], np.ones((1, self.length + count), np.int64))
-        binding.bind_output(outputs["logits"], "cpu")  # only the logits come back to the host
-        self.model.decoder.run_with_iobinding(binding)
-        self.length += count
-        logits = binding.get_outputs()[self.model.logits_index].numpy()
+        model = self.model
+        inputs, outputs = model.names
+        with self.pool.lock:
+            if self._binding is None:
+                self._binding = model.decoder.io_binding()
+                self.pool.bind_rows(self._binding, self.slot, 1)
+            binding = self._binding
+            binding.bind_cpu_input(inputs["inputs_embeds"], np.ascontiguousarray(inputs_embeds, model.embeds_dtype))
+            binding.bind_cpu_input(inputs["attention_mask"], np.ones((1, self.length + count), np.int64))
+            binding.bind_output(outputs["logits"], "cpu")  # only the logits come back to the host
+            model.decoder.run_with_iobinding(binding)
+            self.pool.lengths[self.slot] += count
+            logits = binding.get_outputs()[model.logits_index].numpy()
         return logits[0].astype(np.float32) if every_position else logits[0, -1].astype(np.float32)
 
 
 class LanguageModel:
-    def __init__(self, directory: Path, device: str = "cpu") -> None:
+    """The bundle's decoder and token embeddings. ``context``: tokens a sequence may hold, at most
+    the bundle's (a smaller one allocates smaller KV caches)."""
+
+    def __init__(self, directory: Path, device: str = "cpu", context: int | None = None) -> None:
         ort = import_onnxruntime()
 
         directory = Path(directory)
@@ -161,7 +319,13 @@ class LanguageModel:
         config = read_genai_config(config_path)
         decoder = config["decoder"]
         self.device = device
-        self.context_length = config["context_length"]
+        self.context_length = built = config["context_length"]
+        if context is not None:
+            if isinstance(context, bool) or not isinstance(context, int) or not 1 <= context <= built:
+                raise BundleError(
+                    f"a context of {context!r} tokens; expected 1..{built} (the bundle's)", field="context"
+                )
+            self.context_length = context
         self.layers = decoder["num_hidden_layers"]
         self.kv_heads = decoder["num_key_value_heads"]
         self.head_size = decoder["head_size"]
@@ -172,9 +336,13 @@ class LanguageModel:
         providers = lm_providers(device, f"{directory}: the language model")
         decoder_path = bundle_path(directory / "decoder", decoder["filename"], f"{config_path}: model.decoder.filename")
         self.decoder = create_session(decoder_path, options, providers, path=decoder_path)
-        # one Gather per token: the CPU does it, the device gets the embeddings with the step's input
+        # the lookup runs on the CPU, the device gets the embeddings with the step's input: a plain
+        # table (no ONNX Runtime call per token) when the graph is the one Gather the export writes
         embed = directory / "embed.onnx"
         self.embedder = create_session(embed, options, ["CPUExecutionProvider"], path=embed)
+        self._table = embedding_table(embed)
+        if self._table is not None:
+            self.embedder = None  # the table is the whole model: do not hold it twice
         types = {i.name: i.type for i in self.decoder.get_inputs()}
         self.embeds_dtype = ORT_NUMPY_TYPES[types[self.names[0]["inputs_embeds"]]]
         self.kv_dtype = ORT_NUMPY_TYPES[types[self.names[0]["past_key_names"] % 0]]
@@ -185,10 +353,28 @@ class LanguageModel:
     def embed(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """[S] token ids -> [1, S, D] embeddings in the decoder's input type."""
         array = np.asarray(ids, dtype=np.int64).reshape(1, -1)
+        if self._table is not None:
+            if array.size and (array.min() < 0 or array.max() >= len(self._table)):
+                raise BundleError(f"language model: a token id outside the vocabulary of {len(self._table)}")
+            return self._table[array].astype(self.embeds_dtype, copy=False)
+        assert self.embedder is not None
         return self.embedder.run(None, {"input_ids": array})[0].astype(self.embeds_dtype)
 
-    def new_cache(self) -> KVCache:
-        return KVCache(self)
+    def kv_slot_bytes(self, context: int | None = None) -> int:
+        """KV bytes one sequence holds for ``context`` tokens (default: this model's context)."""
+        context = self.context_length if context is None else context
+        return 2 * self.layers * self.kv_heads * context * self.head_size * self.kv_itemsize
+
+    def new_cache(self, context: int | None = None) -> KVCache:
+        """An empty cache in a pool of its own (one sequence)."""
+        cache = KVPool(self, 1, context).acquire()
+        assert cache is not None  # a new pool's one slot is free
+        return cache
+
+    def prefill(self, cache: KVCache, inputs_embeds: np.ndarray) -> np.ndarray:
+        """Feed ``inputs_embeds`` after what ``cache`` holds; the last position's logits (the
+        decoding interface ``ContinuousBatcher`` also has)."""
+        return cache.step(inputs_embeds)
 
     def decode(
         self,
@@ -225,8 +411,19 @@ class LanguageModel:
 
     def answer_logits(self, prompt: np.ndarray, answer: list[int]) -> np.ndarray:
         """Teacher forcing: [len(answer), vocab] next-token logits at each answer position, the
-        [1, S, D] ``prompt`` then ``answer`` fed (its last token predicted, not fed), a fresh cache."""
+        [1, S, D] ``prompt`` then ``answer`` fed (its last token predicted, not fed), a fresh cache.
+        A decoder whose LM head was pruned returns the last fed position's logits only, so the
+        answer is fed one token per step there (the same logits, one decoder call per token)."""
+        cache = self.new_cache()
         fed = prompt.astype(self.embeds_dtype)
+        if self._last_position_only():
+            return np.stack([cache.step(fed), *(cache.step(self.embed([token])) for token in answer[:-1])])
         if len(answer) > 1:
             fed = np.concatenate([fed, self.embed(answer[:-1])], axis=1)
-        return self.new_cache().step(fed, every_position=True)[-len(answer) :]
+        return cache.step(fed, every_position=True)[-len(answer) :]
+
+    def _last_position_only(self) -> bool:
+        """Whether the decoder was built with a pruned LM head (the builder's ``prune_lm_head``):
+        its logits are [batch, 1, vocab], the last fed position's, whatever was fed."""
+        logits = next(o for o in self.decoder.get_outputs() if o.name == self.names[1]["logits"])
+        return len(logits.shape) == 3 and logits.shape[1] == 1

@@ -7,6 +7,7 @@ tokens spliced in place of ``<image>``, then prefill and decode. No torch.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ from ccra_export.core.manifest import read_manifest, verify_files
 from ccra_export.core.manifest_schema import Manifest
 from ccra_export.runtime.attention import AttentionMap
 from ccra_export.runtime.backends import bundle_backend
-from ccra_export.runtime.conversation import Conversation
+from ccra_export.runtime.conversation import Conversation, Decoding
 from ccra_export.runtime.inputs import (
     IMAGE_TOKEN,
     InputError,
@@ -40,7 +41,7 @@ from ccra_export.runtime.inputs import (
     load_image,
     overflowing,
 )
-from ccra_export.runtime.language_model import Generation, LanguageModel, Sampling
+from ccra_export.runtime.language_model import Generation, KVCache, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB, TowerCache
 from ccra_export.runtime.vision_backend import VisionBackend, unloadable
@@ -108,6 +109,9 @@ class Pipeline:
         self.has_attention = outputs_attention_map(manifest)
         self.processor = processor_from_manifest(manifest)
         self.control_tokens = control_tokens(tokenizer)
+        # one image through the vision graph at a time: its intra-op threads use every core already, and
+        # a server's concurrent requests would multiply its activations' memory
+        self._vision_lock = threading.Lock()
         #: pixels preprocessing may hold at once (the padded square included); a server sets its own
         self.max_pixels = pixel_limit()
         #: the visual tokens that replace <image> in the decoder's input
@@ -126,13 +130,15 @@ class Pipeline:
         vision: VisionBackend | None = None,
         lm_device: str | None = None,
         tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB,
+        context: int | None = None,
     ) -> Pipeline:
         """Load a bundle. ``backend``: auto runs the bundle's TensorRT engine where TensorRT is usable,
         else ONNX Runtime; ``vision`` passes a backend opened elsewhere instead. The language model
         runs on the device it was built for (``lm_device`` overrides it, e.g. ``"cpu"`` to check a
         CUDA-built decoder on a workstation). ``verify`` re-hashes every file (seconds per GB).
         A split bundle (``build --split-vision``) keeps up to ``tower_cache_mib`` MiB of tower
-        outputs, so a second question about an image runs only CCRA's head (0 disables it)."""
+        outputs, so a second question about an image runs only CCRA's head (0 disables it).
+        ``context``: tokens a conversation may hold, at most the bundle's (smaller KV caches)."""
         from tokenizers import Tokenizer
 
         bundle = Path(bundle)
@@ -143,7 +149,7 @@ class Pipeline:
             verify_files(bundle, manifest)
         if vision is None:
             vision, _ = bundle_backend(bundle, manifest, backend, tower_cache=TowerCache.from_mib(tower_cache_mib))
-        lm = LanguageModel(bundle / LM_DIR, lm_device or manifest["language_model"].get("device", "cpu"))
+        lm = LanguageModel(bundle / LM_DIR, lm_device or manifest["language_model"].get("device", "cpu"), context)
         tokenizer_path = bundle / LM_DIR / "decoder" / "tokenizer.json"
         try:
             tokenizer = Tokenizer.from_file(str(tokenizer_path))
@@ -156,9 +162,10 @@ class Pipeline:
         """A split bundle's cache of tower outputs (hits, misses and bytes in ``.stats()``); else None."""
         return getattr(self.vision, "cache", None)
 
-    def chat(self) -> Conversation:
-        """A multi-turn conversation about one image (the KV cache is kept between turns)."""
-        return Conversation(self)
+    def chat(self, cache: KVCache | None = None, engine: Decoding | None = None) -> Conversation:
+        """A multi-turn conversation about one image (the KV cache is kept between turns); a server
+        passes a slot of its KV pool and its batcher (``Conversation``)."""
+        return Conversation(self, cache, engine)
 
     def encode_text(self, text: str) -> list[int]:
         """Token ids of ``text`` inside a conversation (no beginning-of-sequence token)."""
@@ -210,7 +217,8 @@ class Pipeline:
         if ids is None:
             ids = self.prompt_ids(prompt)
         start = time.perf_counter()
-        outputs = self._vision(image, prompt)
+        with self._vision_lock:
+            outputs = self._vision(image, prompt)
         vision_s = time.perf_counter() - start
         visual = outputs["visual_tokens"].astype(self.lm.embeds_dtype)
         position = ids.index(self.image_token_id)

@@ -18,11 +18,12 @@ BENCHES = {
     "lpwca": ["--presets", "tiny", "--repeats", "1"],
     "split_vision": ["--preset", "tiny", "--repeats", "1"],
     "lm_decode": ["--size", "small", "--contexts", "64", "--steps", "2", "--repeats", "1", "--skip-hf"],
-    "serve": ["--sizes", "small", "--clients", "1", "--requests", "1", "--tokens", "2"],
+    "serve": ["--sizes", "small", "--clients", "1,2", "--requests", "2", "--tokens", "2", "--repeats", "1"],
     "lm_quant": ["--model", "small", "--recipes", "rtn", "--questions", "0", "--steps", "4", "--repeats", "1"],
+    "prefill": ["--size", "small", "--tokens", "64", "--repeats", "1"],
 }
 #: the language-model benches export a decoder with the model builder (most of a minute each)
-SLOW = {"lm_decode", "serve", "lm_quant"}
+SLOW = {"lm_decode", "serve", "lm_quant", "prefill"}
 
 
 def test_every_script_in_bench_has_a_smoke_run():

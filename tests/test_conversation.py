@@ -76,12 +76,12 @@ def test_second_turn_reproduces_hf_given_the_whole_conversation(fp32_bundle, hf_
 def test_the_cache_is_written_in_place(fp32_bundle, cat):
     pipeline = Pipeline.from_bundle(fp32_bundle)
     chat = pipeline.chat()
-    before = [buffer.data_ptr() for buffer in chat.cache._buffers]
+    before = [buffer.data_ptr() for buffer in chat.cache.pool._buffers]
     chat.ask(PROMPT, cat, Sampling(max_new_tokens=4))
     chat.ask(FOLLOW_UP_QUESTION, None, Sampling(max_new_tokens=4))
-    presents = chat.cache.binding.get_outputs()[: len(before)]
+    presents = chat.cache._binding.get_outputs()[: len(before)]
     assert [p.data_ptr() for p in presents] == before  # present_* are the past buffers: nothing was copied
-    assert [buffer.data_ptr() for buffer in chat.cache._buffers] == before
+    assert [buffer.data_ptr() for buffer in chat.cache.pool._buffers] == before
     layers, heads, head = pipeline.lm.layers, pipeline.lm.kv_heads, pipeline.lm.head_size
     assert chat.cache.nbytes == 2 * layers * heads * pipeline.lm.context_length * head * 4
 

@@ -240,9 +240,10 @@ def test_api_key_limits_and_full_queue(pipeline, photo):
         body["messages"] = [first_turn(small.getvalue())]
         assert _post(url, body, key).status_code == 200
         _error(_post(url, None, key, raw=b"x" * 300_000), 413, "request body over")
-        # hold the generation thread, so the one queue slot fills deterministically
+        # hold every generation thread, so the one queue slot fills deterministically
         release = threading.Event()
-        app.state.executor.submit(release.wait, 60)
+        for _ in range(app.state.openai_serving_chat.parallel):
+            app.state.executor.submit(release.wait, 60)
         try:
             with httpx.stream(
                 "POST", f"{url}/v1/chat/completions", json={**body, "stream": True}, headers=key, timeout=60
@@ -301,21 +302,31 @@ def test_a_request_past_its_time_limit_is_stopped(pipeline, photo):
 
 
 def test_held_conversations_are_bounded_in_bytes():
+    """Over the budget the least recently held goes, and every conversation that leaves the store
+    unclaimed is closed (its KV slot goes back to the pool)."""
     from types import SimpleNamespace
 
     from ccra_export.serve.openai.conversations import ConversationStore
 
-    def conversation(nbytes):
-        return SimpleNamespace(cache=SimpleNamespace(nbytes=nbytes))
+    closed: list[int] = []
+
+    def conversation(nbytes, used=0):
+        held = SimpleNamespace(cache=SimpleNamespace(nbytes=nbytes, capacity=10), tokens_used=used)
+        held.close = lambda: closed.append(nbytes)
+        return held
 
     store = ConversationStore(max_bytes=100)
     for key in ("a", "b", "c"):
         store.put(key, conversation(40))
     assert store.stats()["held"] == 2 and store.stats()["bytes"] == 80  # "a", the oldest, went first
+    assert closed == [40]
     assert store.take("a") is None and store.take("c") is not None
     store.put("huge", conversation(500))  # alone over the budget: not held
+    store.put("full", conversation(10, used=10))  # no room left in its context: nothing could follow
+    assert closed == [40, 500, 10]
     assert store.take("huge") is None
     assert store.stats() == {"held": 1, "bytes": 40, "hits": 1, "misses": 2}
+    assert store.evict_oldest() and closed[-1] == 40 and not store.evict_oldest()
 
 
 def test_http_image_urls_are_fetched_only_when_allowed_and_within_limits(pipeline, photo, tmp_path):

@@ -75,6 +75,13 @@ from ccra_export.workflows.explain import require_matplotlib, save_overlay
         "visual tokens conditioned on that question) instead of as a chat. With a split bundle (build "
         "--split-vision) the tower's output is cached, so each question after the first runs only CCRA's head.",
     ),
+    o.opt(
+        "context",
+        "--context",
+        type=click.IntRange(1),
+        help="Tokens the conversation may hold (image tokens included), at most the bundle's: a shorter context "
+        "allocates a smaller KV cache. Default: the bundle's.",
+    ),
     o.TOWER_CACHE_MIB,
     o.opt("verify", "--verify", is_flag=True, help="Re-hash every bundle file against the manifest before running."),
     o.run_backend("auto", "ort", "trt", "ort-trt"),
@@ -92,6 +99,7 @@ def run(
     seed: int | None,
     attention_map: Path | None,
     independent: bool,
+    context: int | None,
     tower_cache_mib: float,
     verify: bool,
     backend: str,
@@ -117,7 +125,7 @@ def run(
     if independent and not interactive:
         raise InputError("--independent: applies to --interactive (one --prompt is one question already)")
     picture = load_image(image)  # a bad image fails before the models load
-    pipeline = open_pipeline(bundle, backend, verify, plugin_library, tower_cache_mib)
+    pipeline = open_pipeline(bundle, backend, verify, plugin_library, tower_cache_mib, context)
     pipeline.check_image(picture, image)  # the square it is padded to, before the vision graph runs
     if attention_map is not None and not pipeline.has_attention:
         raise no_attention_map(bundle)

@@ -81,10 +81,34 @@ API_KEY_ENV = "CCRA_API_KEY"
         default=2048,
         show_default=True,
         type=click.IntRange(0),
-        help="Memory for the KV caches of conversations kept for follow-up requests (each holds the whole context: "
-        "about 2 GiB for a 7B FP16 decoder at 4096 tokens); 0 keeps none.",
+        help="Memory for KV slots that keep conversations for their follow-up requests, beyond the --parallel ones "
+        "(a slot holds the whole served context: about 2 GiB for a 7B FP16 decoder at 4096 tokens; at most 64 "
+        "slots); a free --parallel slot also keeps one until a request needs it. 0: no extra slots.",
+    ),
+    o.opt(
+        "parallel",
+        "--parallel",
+        type=click.IntRange(1, 256),
+        help="Requests generating at once, their tokens decoded together (continuous batching), each in a KV slot "
+        "of the served context. Default: as many slots as half the available memory holds, at most 4.",
+    ),
+    o.opt(
+        "context",
+        "--context",
+        type=click.IntRange(1),
+        help="Tokens a conversation may hold (image tokens included), at most the bundle's: a shorter context "
+        "allocates smaller KV slots. Default: the bundle's.",
     ),
     o.opt("model_name", "--model-name", default="ccra", show_default=True, help="The model id clients name."),
+    o.opt(
+        "log_format",
+        "--log-format",
+        type=click.Choice(["text", "json"]),
+        default="text",
+        show_default=True,
+        help="The access log on stderr, one line per request (method, path, status, prompt and completion tokens, "
+        "time to first token, total ms, decode slot): text, or json (one object a line, for log collectors).",
+    ),
     o.TOWER_CACHE_MIB,
     o.run_backend("auto", "ort", "trt"),
 )
@@ -101,7 +125,10 @@ def serve(
     allow_image_urls: bool,
     request_timeout: float,
     held_mib: int,
+    parallel: int | None,
+    context: int | None,
     model_name: str,
+    log_format: str,
     tower_cache_mib: float,
     backend: str,
 ) -> None:
@@ -130,12 +157,39 @@ def serve(
         max_queue=max_queue,
         request_timeout_s=request_timeout,
         held_conversations_bytes=held_mib << 20,
+        parallel=parallel,
         images=ImageLimits(max_pixels=max_image_pixels, allow_urls=allow_image_urls, allow_dir=allow_image_dir),
         connections=ConnectionLimits(max_connections=max_connections),
+        log_format=log_format,
     )
+    check_slots(bundle, context, parallel, held_mib << 20)  # before anything loads: refusals in milliseconds
     with stderr.status("Loading the bundle and warming up"):
-        app = create_app(load_pipeline(bundle, backend, tower_cache_mib), settings)
+        app = create_app(load_pipeline(bundle, backend, tower_cache_mib, context), settings)
         app.state.warm_up()
     auth = "API key required" if api_key else "no API key"
+    plan, lm = app.state.slot_plan, app.state.worker.pipeline.lm
+    stderr.print(
+        escape(
+            f"{plan.parallel} requests at once ({plan.why}), {plan.held} more KV slots for held conversations; "
+            f"{plan.slot_bytes / (1 << 20):.1f} MiB of KV per slot at a context of {lm.context_length} tokens"
+        )
+    )
     stderr.print(escape(f"serving {bundle} as {model_name!r} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops"))
     uvicorn.Server(uvicorn_config(app, host, port, settings.connections)).run()
+
+
+def check_slots(bundle: Path, context: int | None, parallel: int | None, held_bytes: int) -> None:
+    """The served context and the KV slots against the bundle and this machine's memory, from the
+    bundle's files alone (the decoder's config and graph inputs): what the server would refuse
+    after loading for minutes is refused first."""
+    from ccra_export.core.manifest import read_manifest
+    from ccra_export.core.platform import detect_jetson
+    from ccra_export.runtime.batching import kv_memory, plan_slots
+    from ccra_export.workflows.doctor import kv_layout
+
+    kv = kv_layout(bundle)
+    if context is not None and context > kv.max_context:
+        raise ConfigError(f"a context of {context} tokens; the bundle serves at most {kv.max_context}", field="context")
+    served = context or kv.max_context
+    device = (read_manifest(bundle).get("language_model") or {}).get("device", "cpu")
+    plan_slots(kv.slot_bytes(served), served, parallel, held_bytes, kv_memory(device, detect_jetson() is not None))

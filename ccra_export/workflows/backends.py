@@ -51,16 +51,19 @@ def open_pipeline(
     verify: bool = False,
     plugin_library: Path | None = None,
     tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB,
+    context: int | None = None,
 ) -> Pipeline:
     """``Pipeline.from_bundle`` for every ``--backend``: the runtime opens auto/ort/trt itself; for
     ort-trt the vision backend is opened here, after the checks that need no engine build (a
     language model in the bundle, ``verify``'s hashes), and handed to it."""
     if backend != "ort-trt":
-        return Pipeline.from_bundle(bundle, backend=backend, verify=verify, tower_cache_mib=tower_cache_mib)
+        return Pipeline.from_bundle(
+            bundle, backend=backend, verify=verify, tower_cache_mib=tower_cache_mib, context=context
+        )
     manifest = read_manifest(bundle)
     if not manifest.get("language_model"):
         return Pipeline.from_bundle(bundle, backend=backend)  # refuses it in its one line
     if verify:
         verify_files(bundle, manifest)
     vision, _ = open_bundle_backend(bundle, manifest, backend, plugin_library, TowerCache.from_mib(tower_cache_mib))
-    return Pipeline.from_bundle(bundle, vision=vision)
+    return Pipeline.from_bundle(bundle, vision=vision, context=context)

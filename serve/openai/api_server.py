@@ -9,7 +9,8 @@ them; the serving logic is ``serving_chat``, the request and response models ``p
     GET  /metrics               Prometheus text format
 
 Every error is OpenAI's JSON error object with its status, never a traceback; the process keeps
-serving after any bad request. A body is bounded in size (by default what one image and a full
+serving after any bad request. Every request, answered or refused, is one access-log line
+(``access_log``). A body is bounded in size (by default what one image and a full
 context of text can take), in time (each piece must arrive within ``body_timeout_s``) and, over
 all requests at once, in bytes held; it is parsed off the event loop, one at a time.
 """
@@ -29,8 +30,12 @@ from starlette.datastructures import State
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ccra_export.core.platform import detect_jetson
+from ccra_export.runtime.batching import ContinuousBatcher, kv_memory, plan_slots
+from ccra_export.runtime.language_model import KVPool
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.runtime.vlm_pipeline import Pipeline
+from ccra_export.serve.openai.access_log import STATE_KEY, AccessLog, observe
 from ccra_export.serve.openai.conversations import ConversationStore
 from ccra_export.serve.openai.image_urls import ImageLimits
 from ccra_export.serve.openai.metrics import Metrics
@@ -54,10 +59,14 @@ class ServerSettings:
     max_body_bytes: int | None = None
     request_timeout_s: float = 300.0
     held_conversations_bytes: int = 2 << 30  # KV caches of conversations kept for follow-ups
+    #: requests generating at once (continuous batching), each in a KV slot; None: what memory allows
+    parallel: int | None = None
     images: ImageLimits = field(default_factory=ImageLimits)
     connections: ConnectionLimits = field(default_factory=ConnectionLimits)
     #: bytes of request bodies held at once, over all requests (None: four bodies' worth)
     max_body_bytes_in_flight: int | None = None
+    #: the access log's lines (access_log.LOG_FORMATS): "text" or "json" (one object a line, for collectors)
+    log_format: str = "text"
 
 
 def body_limit(settings: ServerSettings, pipeline: Pipeline) -> int:
@@ -244,6 +253,7 @@ async def create_chat_completion(request: Request) -> Response:
     del raw
     serving = serving_chat(request)
     job = serving.submit(body)
+    observe(getattr(request.state, STATE_KEY, None), job)  # before the loop runs the job: no event missed
     if body.stream:
         return StreamingResponse(
             serving.stream(job, request.is_disconnected),
@@ -283,16 +293,26 @@ def register_error_handlers(app: FastAPI) -> None:
 def init_app_state(state: State, pipeline: Pipeline, settings: ServerSettings, *, ready: bool = False) -> None:
     """What the routes serve: the settings, the metrics and the chat serving over ``pipeline``."""
     metrics = Metrics(tower_cache=pipeline.tower_cache)
-    worker = Worker(pipeline, settings.images, ConversationStore(settings.held_conversations_bytes), metrics)
+    lm = pipeline.lm
+    memory = kv_memory(lm.device, detect_jetson() is not None)
+    plan = plan_slots(
+        lm.kv_slot_bytes(), lm.context_length, settings.parallel, settings.held_conversations_bytes, memory
+    )
+    pool = KVPool(pipeline.lm, plan.parallel + plan.held)
+    batcher = ContinuousBatcher(pipeline.lm, pool)
+    store = ConversationStore(plan.held * pool.slot_bytes)
+    worker = Worker(pipeline, settings.images, store, metrics, batcher)
     serving = OpenAIServingChat(
         worker,
         metrics,
         model_name=settings.model_name,
         max_queue=settings.max_queue,
         request_timeout_s=settings.request_timeout_s,
+        parallel=plan.parallel,
         ready=ready,
     )
     state.settings, state.metrics, state.openai_serving_chat = settings, metrics, serving
+    state.slot_plan = plan
     state.parser = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccra-parse")
     # what the CLI and the tests reach for: the warm-up to run, the generation thread to hold or stop
     state.worker, state.executor, state.warm_up = worker, serving.executor, serving.warm_up
@@ -312,9 +332,12 @@ def create_app(pipeline: Pipeline, settings: ServerSettings, *, ready: bool = Fa
         in_flight=settings.max_body_bytes_in_flight,
     )
     app.add_middleware(CatchAll)
+    app.add_middleware(AccessLog, log_format=settings.log_format)  # outermost: every answer is logged, once
     register_error_handlers(app)
     return app
 
 
-def load_pipeline(bundle: Path, backend: str = "auto", tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB) -> Pipeline:
-    return Pipeline.from_bundle(bundle, backend=backend, tower_cache_mib=tower_cache_mib)
+def load_pipeline(
+    bundle: Path, backend: str = "auto", tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB, context: int | None = None
+) -> Pipeline:
+    return Pipeline.from_bundle(bundle, backend=backend, tower_cache_mib=tower_cache_mib, context=context)

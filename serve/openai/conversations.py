@@ -3,8 +3,10 @@
 A chat client resends the whole history each turn. The key of a conversation is a hash of the
 image and of every message so far, the server's own answers included; a request whose history up
 to its last user message hashes to a held key continues that conversation (KV cache and all), so
-it prefills only its new question. Bounded in bytes, since each held conversation keeps a KV cache
-of the whole context (2 GiB for a 7B FP16 decoder at 4096 tokens): the least recently used go first.
+it prefills only its new question. A held conversation keeps a slot of the server's KV pool (the
+whole served context: 2 GiB for a 7B FP16 decoder at 4096 tokens), so the store is bounded in
+bytes, and a request that finds no free slot takes the least recently held one's (``evict_oldest``).
+A conversation that leaves the store is closed: its slot goes back to the pool.
 
 A conversation the server no longer holds is replayed from the history. For that to reach the
 state the held one had, the server's own answers are fed as the tokens it generated, not as their
@@ -78,15 +80,38 @@ class ConversationStore:
             return found
 
     def put(self, key: str, conversation: Conversation) -> None:
-        """Hold ``conversation`` (dropping the least recently used ones over the byte budget; one
-        that alone exceeds it is not held)."""
-        if conversation.cache.nbytes > self.max_bytes:
+        """Hold ``conversation`` (closing the least recently used ones over the byte budget; one
+        that alone exceeds it, or whose context is full, is closed at once)."""
+        if conversation.cache.nbytes > self.max_bytes or conversation.tokens_used >= conversation.cache.capacity:
+            conversation.close()
             return
+        dropped: list[Conversation] = []
         with self._lock:
+            replaced = self._held.pop(key, None)
+            if replaced is not None and replaced is not conversation:
+                dropped.append(replaced)
             self._held[key] = conversation
-            self._held.move_to_end(key)
             while self._held and sum(c.cache.nbytes for c in self._held.values()) > self.max_bytes:
-                self._held.popitem(last=False)
+                dropped.append(self._held.popitem(last=False)[1])
+        for old in dropped:
+            old.close()
+
+    def evict_oldest(self) -> bool:
+        """Close the least recently held conversation (its KV slot is wanted); False if none."""
+        with self._lock:
+            if not self._held:
+                return False
+            _, conversation = self._held.popitem(last=False)
+        conversation.close()
+        return True
+
+    def clear(self) -> None:
+        """Close every held conversation."""
+        with self._lock:
+            held = list(self._held.values())
+            self._held.clear()
+        for conversation in held:
+            conversation.close()
 
     def stats(self) -> dict[str, Any]:
         with self._lock:

@@ -1,10 +1,13 @@
 """The serving logic of chat completions, as vLLM's ``serving_chat`` holds it: admission, the
 generation thread, and the response models each request becomes; the routes only call it.
 
-Requests run one at a time, in arrival order, on a single worker thread (the runtime's decoder
-holds one sequence: onnxruntime-genai's batching Engine cannot take our spliced embeddings,
-docs/language-model.md). Each job streams events back to its request's event loop; a client that
-disconnects, a stop string or the request's deadline ends the generation at the next token.
+Up to ``parallel`` requests generate at once, each in a slot of the server's KV pool, their tokens
+decoded together by the runtime's ``ContinuousBatcher`` (one decoder call per step for all of
+them; a new request's prefill joins between two steps, a finished one leaves its slot at once).
+Each runs on a generation thread of its own that waits on the batcher; the rest wait in the
+queue, in arrival order. Each job streams events back to its request's event loop; a client that
+disconnects, a stop string or the request's deadline ends its generation at the next token,
+without touching the others'.
 
 Before a job reaches that thread, a preparation thread does everything that depends only on the
 request, cheapest first: the messages' shape, the conversation's length in tokens against the
@@ -30,7 +33,8 @@ from dataclasses import dataclass, field
 from PIL import Image
 
 from ccra_export.core.errors import CCRAExportError
-from ccra_export.runtime.conversation import conversation_tokens
+from ccra_export.runtime.batching import ContinuousBatcher
+from ccra_export.runtime.conversation import Conversation, conversation_tokens
 from ccra_export.runtime.inputs import InputError, overflowing
 from ccra_export.runtime.language_model import Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
@@ -214,6 +218,7 @@ class Job:
     deadline: float
     arrived: float = field(default_factory=time.perf_counter)
     cancel: threading.Event = field(default_factory=threading.Event)
+    slot: int | None = None  # the KV slot it generated in (the access log says it)
     id: str = field(default_factory=lambda: f"chatcmpl-{uuid.uuid4().hex}")
     created: int = field(default_factory=lambda: int(time.time()))
     inputs: Inputs | None = None
@@ -234,17 +239,39 @@ def _failure(job: Job, exc: BaseException) -> Failed:
 
 
 class Worker:
-    """Prepares jobs (on the preparation threads) and runs them (on the generation thread); owns
-    the pipeline and the held conversations."""
+    """Prepares jobs (on the preparation threads) and runs them (on the generation threads, their
+    tokens decoded by the batcher); owns the pipeline, the batcher and the held conversations."""
 
-    def __init__(self, pipeline: Pipeline, limits: ImageLimits, store: ConversationStore, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        limits: ImageLimits,
+        store: ConversationStore,
+        metrics: Metrics,
+        batcher: ContinuousBatcher,
+    ) -> None:
         self.pipeline, self.limits, self.store, self.metrics = pipeline, limits, store, metrics
+        self.batcher = batcher
         self._decoding = threading.Lock()  # one image decoded at a time: its memory is bounded, not multiplied
 
     def warm_up(self) -> None:
         """One tiny generation: the server reports ready only after the whole path has run once."""
         image = Image.new("RGB", (64, 48), (128, 128, 128))
-        self.pipeline.chat().ask("Describe the image.", image, Sampling(max_new_tokens=2))
+        conversation = self.new_conversation(time.perf_counter() + 60)
+        try:
+            conversation.ask("Describe the image.", image, Sampling(max_new_tokens=2))
+        finally:
+            conversation.close()
+
+    def new_conversation(self, deadline: float) -> Conversation:
+        """A conversation in a free KV slot; when none is free, the least recently held
+        conversation's slot is taken (a follow-up to it replays its history)."""
+        cache = self.batcher.pool.acquire(
+            timeout=max(0.0, deadline - time.perf_counter()), evict=self.store.evict_oldest
+        )
+        if cache is None:
+            raise ApiError(503, "no KV slot came free before the request's time limit", code="timeout")
+        return self.pipeline.chat(cache, self.batcher)
 
     def prepare(self, job: Job) -> bool:
         """Off the generation thread: check the request and decode its image (``job.inputs``).
@@ -288,14 +315,28 @@ class Worker:
             job.emit(_failure(job, exc))
 
     def _run(self, job: Job) -> None:
-        request, pipeline, inputs = job.request, self.pipeline, job.inputs
+        inputs = job.inputs
         if inputs is None:  # run without prepare (a caller of the Python API): prepare here
-            inputs = job.inputs = self._prepare(request)
-        parsed, stops, image, digest = inputs.parsed, inputs.stops, inputs.image, inputs.digest
+            inputs = job.inputs = self._prepare(job.request)
+        parsed, digest = inputs.parsed, inputs.digest
         conversation = self.store.take(history_key(digest, parsed.turns)) if parsed.turns else None
         self.metrics.conversations.labels("hit" if conversation is not None else "miss").inc()
         if conversation is None:
-            conversation = pipeline.chat()
+            conversation = self.new_conversation(job.deadline)
+        job.slot = conversation.cache.slot
+        kept = False
+        try:
+            kept = self._generate(job, conversation, inputs)
+        finally:
+            if not kept:  # refused, failed, cancelled or cut by a stop string: the slot goes back
+                conversation.close()
+
+    def _generate(self, job: Job, conversation: Conversation, inputs: Inputs) -> bool:
+        """Replay what the conversation lacks, then answer; True when the conversation went to the
+        store (which holds its slot, or closes it)."""
+        request, pipeline = job.request, self.pipeline
+        parsed, stops, image, digest = inputs.parsed, inputs.stops, inputs.image, inputs.digest
+        if conversation.turns == 0 and parsed.turns:
             for index, (question, answer) in enumerate(parsed.turns):
                 # the tokens the server generated for this answer, when it said it: the held state exactly
                 known = self.store.answer_ids(answer)
@@ -347,7 +388,7 @@ class Worker:
             completion = conversation.cache.length - prompt + 1  # the last chosen token is not fed yet
             usage = UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
             job.emit(Done("stop", usage))
-            return  # a stop string cut the answer: the cache holds more than the client saw, so it is not kept
+            return False  # a stop string cut the answer: the cache holds more than the client saw: not kept
         send(matcher.held)  # the answer ended without completing a stop string
         if first:
             self.metrics.ttft.observe(first[0] - job.arrived)
@@ -366,6 +407,7 @@ class Worker:
         if reply.generation.decode_s > 0 and completion > 1:
             self.metrics.tokens_per_second.observe((completion - 1) / reply.generation.decode_s)
         job.emit(Done("stop" if ended else "length", usage))
+        return True
 
 
 def sse(model: OpenAIBaseModel) -> bytes:
@@ -375,7 +417,7 @@ def sse(model: OpenAIBaseModel) -> bytes:
 
 class OpenAIServingChat:
     """Chat completions behind the routes: admission (the served name, readiness, the bounded
-    queue), the one generation thread, and the protocol models a finished or streamed job
+    queue), the ``parallel`` generation threads, and the protocol models a finished or streamed job
     becomes. It knows no routes or HTTP responses: the router turns what it returns into those."""
 
     def __init__(
@@ -386,13 +428,16 @@ class OpenAIServingChat:
         model_name: str,
         max_queue: int,
         request_timeout_s: float,
+        parallel: int = 1,
         ready: bool = False,
     ) -> None:
         self.worker, self.metrics = worker, metrics
+        self.parallel = parallel
         self.model_name, self.max_queue, self.request_timeout_s = model_name, max_queue, request_timeout_s
         self.ready = ready
         self.in_flight = 0  # queued or generating
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ccra-generate")  # one decoder, FIFO
+        # one thread per request generating (each waits on the batcher); the rest queue, first come first served
+        self.executor = ThreadPoolExecutor(max_workers=parallel, thread_name_prefix="ccra-generate")
         # checks, image fetches and decodes, off the generation thread (at most the queue's worth at once)
         self.preparer = ThreadPoolExecutor(max_workers=max_queue, thread_name_prefix="ccra-prepare")
         self._jobs: set[asyncio.Task[None]] = set()
@@ -452,6 +497,7 @@ class OpenAIServingChat:
                 task.cancel()
         self.preparer.shutdown(wait=False, cancel_futures=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
+        self.worker.batcher.close()  # generations still running end with BatcherClosed
 
     async def complete(self, job: Job, disconnected: Disconnected) -> ChatCompletionResponse | None:
         """The whole answer as one response; None when the client went away (the job is cancelled,

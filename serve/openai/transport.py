@@ -14,7 +14,8 @@ with a traceback. Here:
   then counts the rest (one line says how many were dropped), so a flood of failures cannot
   flood the log;
 - ``uvicorn_config``: uvicorn configured with both, its keep-alive timeout and h11's header size
-  bound.
+  bound, and uvicorn's own access log off: ``access_log`` writes one line per request, on a handler
+  of its own outside the budget (a request's line is never dropped, and there is exactly one).
 The body's own time limit and size are ``api_server.BodyLimit``'s.
 """
 
@@ -29,6 +30,8 @@ from typing import Any
 
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from ccra_export.serve.openai.access_log import ACCESS_LOGGER
 
 #: descriptors left to the rest of the process (model files, pipes, the threads' own)
 RESERVED_DESCRIPTORS = 64
@@ -173,17 +176,20 @@ class LogBudget(logging.Filter):
 
 
 def log_config(level: str = "warning", stream: Any = "ext://sys.stderr") -> dict[str, Any]:
-    """uvicorn's logging, every record (uvicorn's, asyncio's, ccra-export's) through one ``LogBudget``
-    (``stream``: where the lines go, stderr by default)."""
+    """uvicorn's logging, every record (uvicorn's, asyncio's, ccra-export's) through one ``LogBudget``,
+    but the access log's lines, one per request, which have a handler of their own (``stream``:
+    where the lines go, stderr by default)."""
     formatter = {"()": "uvicorn.logging.DefaultFormatter", "fmt": "%(levelprefix)s %(message)s", "use_colors": None}
     handler = {"class": "logging.StreamHandler", "formatter": "default", "stream": stream, "filters": ["budget"]}
+    access = {"class": "logging.StreamHandler", "formatter": "access", "stream": stream}
     return {
         "version": 1,
         "disable_existing_loggers": False,
         "filters": {"budget": {"()": LogBudget}},
-        "formatters": {"default": formatter},
-        "handlers": {"default": handler},
+        "formatters": {"default": formatter, "access": {"format": "%(message)s"}},
+        "handlers": {"default": handler, "access": access},
         "loggers": {
+            ACCESS_LOGGER: {"handlers": ["access"], "level": "INFO", "propagate": False},
             "uvicorn": {"handlers": ["default"], "level": level.upper(), "propagate": False},
             "uvicorn.error": {"level": level.upper()},
             "uvicorn.access": {"handlers": ["default"], "level": level.upper(), "propagate": False},
@@ -207,7 +213,7 @@ def uvicorn_config(
         "backlog": accept_backlog(),
         "log_level": "warning",
         "log_config": log_config(),
-        "access_log": False,
+        "access_log": False,  # access_log.AccessLog writes the one line per request
         **overrides,
     }
     return uvicorn.Config(app, **settings)
