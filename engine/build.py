@@ -10,9 +10,11 @@ from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest_schema import EngineBuild, EnginePartRecord, EngineRecord, EngineTarget
 from ccra_export.core.platform import gpus
+from ccra_export.core.plugin_library import check_plugin_library
 from ccra_export.core.vision_graphs import GraphPart
 from ccra_export.engine.plan import Profile, TrtVersion, engine_record, fp32_islands, precision_plan
 from ccra_export.engine.settings import TrtOptions
+from ccra_export.engine.timing_cache import keyed_path
 from ccra_export.runtime.vision_backend import VisionBackend
 
 
@@ -26,7 +28,10 @@ def build_trt_engine(
     steps: Steps = SILENT,
 ) -> tuple[VisionBackend, EngineBuild]:
     """Build ``engine_path`` from the ONNX ``graph`` with TensorRT; the backend running it and its
-    manifest record (TensorRT version, GPU, compute capability, plugin hash, typing, profile)."""
+    manifest record (TensorRT version, GPU, compute capability, plugin hash, typing, profile).
+
+    The plugin library is hashed once: that hash is what the record keeps and what the runtime
+    checks the installed library against before loading it (runtime/engine_compat.py)."""
     import tensorrt as trt  # optional: only reached where tensorrt_status() said it is usable
 
     from ccra_export.engine import trt_builder
@@ -34,7 +39,10 @@ def build_trt_engine(
 
     plan = precision_plan(TrtVersion.parse(trt.__version__), precision, trt_options.typing)
     steps.info(f"engine: {plan.why}")
-    libraries = [plugin_library] if plugin_library else []
+    plugin = (check_plugin_library(plugin_library), sha256_file(plugin_library)) if plugin_library else None
+    name, cc = (gpus() or [("unknown GPU", "unknown")])[0]
+    cache = trt_options.timing_cache
+    cache_path = keyed_path(cache, name, cc, trt.__version__) if cache is not None else None
     with steps.step("Building the TensorRT engine (minutes on a Jetson)") as update:
         islands: frozenset[str] = frozenset()
         names: frozenset[str] = frozenset()
@@ -42,14 +50,15 @@ def build_trt_engine(
             proto = onnx.load(str(graph), load_external_data=False)
             islands, names = frozenset(fp32_islands(proto, precision)), frozenset(n.name for n in proto.graph.node)
             steps.info(f"engine: {len(islands)} ONNX nodes pinned to FP32 (weak typing)")
-        serialized = trt_builder.build_engine(graph, plan, profile, trt_options, libraries, update, islands, names)
+        serialized = trt_builder.build_engine(
+            graph, plan, profile, trt_options, plugin, update, islands, names, cache_path=cache_path, warn=steps.warn
+        )
     engine_path.write_bytes(serialized)
-    name, cc = (gpus() or [("unknown GPU", "unknown")])[0]
     record = engine_record(
         trt.__version__,
         name,
         cc,
-        sha256_file(plugin_library) if plugin_library else None,
+        plugin[1] if plugin else None,
         plan,
         profile,
         {
@@ -58,7 +67,7 @@ def build_trt_engine(
             "optimization_level": trt_options.optimization_level,
         },
     )
-    return trt_engine.TensorRTBackend(engine_path), record
+    return trt_engine.TensorRTBackend(engine_path, plugin), record
 
 
 def join_engine_records(parts: tuple[GraphPart, ...], records: list[EngineBuild]) -> EngineRecord:

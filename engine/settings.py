@@ -5,12 +5,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+#: the timing cache's base name: each GPU and TensorRT version gets its own file beside it
+#: (``engine.timing_cache.keyed_path``: timing-<gpu>-sm<cc>-trt<version>.cache)
 DEFAULT_TIMING_CACHE = Path.home() / ".cache" / "ccra-export" / "timing.cache"
 
 
 @dataclass
 class TrtOptions:
-    """Typing mode, workspace pool, builder optimization level and timing cache of an engine build."""
+    """Typing mode, workspace pool, builder optimization level and timing cache of an engine build
+    (``timing_cache``: the base name, keyed by device and TensorRT version; None: no cache)."""
 
     typing: str = "auto"
     workspace_mib: int = 2048  # Jetson shares DRAM with the CPU: keep the pool bounded

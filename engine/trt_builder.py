@@ -9,14 +9,16 @@ config is made here with the raw API instead.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import tensorrt as trt
 
 from ccra_export.core.errors import BundleError
+from ccra_export.engine import timing_cache
 from ccra_export.engine.plan import PrecisionPlan, Profile, pinned_layer
 from ccra_export.engine.settings import TrtOptions
+from ccra_export.runtime.trt_engine import load_plugin
 
 
 class _Progress(trt.IProgressMonitor):
@@ -42,37 +44,26 @@ def build_engine(
     plan: PrecisionPlan,
     profile: Profile,
     settings: TrtOptions,
-    plugin_libraries: Sequence[Path] = (),
+    plugin: tuple[Path, str] | None = None,
     report: Callable[[str], None] | None = None,
     islands: frozenset[str] = frozenset(),
     node_names: frozenset[str] = frozenset(),
+    *,
+    cache_path: Path | None = None,
+    warn: Callable[[str], None] = lambda line: None,
 ) -> bytes:
-    """Parse the ONNX graph and build a serialized engine; saves the timing cache for reuse.
+    """Parse the ONNX graph and build a serialized engine; reads and saves the timing cache at
+    ``cache_path`` (the device-keyed file, ``timing_cache.keyed_path``), warning through ``warn``.
     ``islands``: with ``plan.pin_fp32``, the ONNX nodes (of ``node_names``) whose layers compute in FP32.
 
-    The plugin library is loaded for the build and deregistered after it: the engine carries its
-    own copy (plugins_to_serialize), which deserialising it loads again, and one library's creators
-    registered twice in a process collide (IPluginRegistry::loadLibrary / deregisterLibrary).
+    ``plugin`` (library, sha256), checked by the caller, is loaded into the plugin registry once per
+    process (``IPluginRegistry::loadLibrary``, getCreators) and stays registered: the engine is then
+    deserialised in this process. It is not serialised into the engine: ``plugins_to_serialize`` is
+    for version-compatible engines (NvInfer.h IBuilderConfig::setPluginsToSerialize), and a library
+    inside a bundle would be native code a bundle could bring; the runtime loads the installed,
+    hash-checked library instead (runtime/engine_compat.py).
     """
-    registry = trt.get_plugin_registry()
-    handles = [registry.load_library(str(library)) for library in plugin_libraries]  # getCreators() variant
-    try:
-        return _build(onnx_path, plan, profile, settings, plugin_libraries, report, islands, node_names)
-    finally:
-        for handle in handles:
-            registry.deregister_library(handle)
-
-
-def _build(
-    onnx_path: Path,
-    plan: PrecisionPlan,
-    profile: Profile,
-    settings: TrtOptions,
-    plugin_libraries: Sequence[Path],
-    report: Callable[[str], None] | None,
-    islands: frozenset[str],
-    node_names: frozenset[str],
-) -> bytes:
+    load_plugin(plugin)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED) if plan.strongly_typed else 0
@@ -94,22 +85,13 @@ def _build(
     for name, (low, opt, high) in profile.shapes.items():
         trt_profile.set_shape(name, low, opt, high)
     config.add_optimization_profile(trt_profile)
-    cache_path = settings.timing_cache
-    cache = config.create_timing_cache(_read_cache(cache_path))
-    config.set_timing_cache(cache, ignore_mismatch=False)
-    if plugin_libraries:  # ship the plugin inside the engine: the runtime needs no library path
-        config.plugins_to_serialize = [str(p) for p in plugin_libraries]
+    _cache = timing_cache.attach(config, cache_path, warn)  # held to the end: it must outlive the build (NvInfer.h)
     if report is not None:
         config.progress_monitor = _Progress(report)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BundleError(f"{onnx_path}: TensorRT could not build an engine (its log above says why)")
-    if cache_path is not None:
-        try:
-            cache_path.parent.mkdir(parents=True, exist_ok=True)
-            cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
-        except OSError as exc:  # the cache only saves time: an unwritable one must not cost the engine
-            logger.log(trt.Logger.WARNING, f"timing cache {cache_path} not saved: {exc.strerror or exc}")
+    timing_cache.save(config, cache_path, warn)  # a failure is a warning: the engine is built
     return bytes(serialized)
 
 
@@ -124,10 +106,3 @@ def _pin_fp32(network: trt.INetworkDefinition, islands: frozenset[str], node_nam
         for output in range(layer.num_outputs):
             if layer.get_output(output).dtype in (trt.float32, trt.float16):  # never shape or index tensors
                 layer.set_output_type(output, trt.float32)
-
-
-def _read_cache(path: Path | None) -> bytes:
-    try:
-        return path.read_bytes() if path is not None and path.is_file() else b""
-    except OSError:
-        return b""  # unreadable: start a fresh cache

@@ -74,11 +74,18 @@ def select_backend(kind: str, onnx_path: str | Path, **ort_options: object) -> t
 
 
 def bundle_backend(
-    bundle: str | Path, manifest: Manifest, backend: str = "auto", *, tower_cache: TowerCache | None = None
+    bundle: str | Path,
+    manifest: Manifest,
+    backend: str = "auto",
+    *,
+    tower_cache: TowerCache | None = None,
+    plugin_library: Path | None = None,
 ) -> tuple[VisionBackend, str]:
     """What runs a built bundle's vision graph: its TensorRT engine when it has one and TensorRT is
     usable (after the engine compatibility check), else ONNX Runtime on its ONNX graph. A split
     bundle opens its tower and head that way and joins them (``SplitVision``) with ``tower_cache``.
+    ``plugin_library``: the installed LPWCA plugin a fused engine needs (default:
+    ``CCRA_LPWCA_PLUGIN_LIBRARY``), loaded only once its hash matches the engine record.
 
     ONNX Runtime's TensorRT provider (``ort-trt``) builds engines, so it is opened by the engine
     stage (``ccra_export.engine.ort_trt.bundle_backend``), not here.
@@ -94,7 +101,9 @@ def bundle_backend(
     if kind == "trt" and engines:
         from ccra_export.runtime.trt_engine import load_bundle_engine  # imports tensorrt: only where it is usable
 
-        runners = [load_bundle_engine(Path(bundle), engines[part["name"]]) for part in part_records(manifest)]
+        runners = [
+            load_bundle_engine(Path(bundle), engines[part["name"]], plugin_library) for part in part_records(manifest)
+        ]
         runner = join_parts(runners, tower_cache)
         return runner, f"backend: {runner.description}"
     if kind == "trt":

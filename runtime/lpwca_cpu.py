@@ -83,7 +83,9 @@ def lpwca_cpu(
     head_scale: float,
     layer_scale: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Run the C++ kernel. Float16 features are computed in float32 and returned as float16."""
+    """Run the C++ kernel. Float16 features are computed in float32; F is returned in the features'
+    type, A in float32 always, as the CUDA kernel and the ONNX schema emit it (FP16 would hold most
+    of the map as subnormals: its mean is 1/(L*N), below FP16's smallest normal at llava sizes)."""
     dtype = features.dtype
     v = np.ascontiguousarray(features, dtype=np.float32)
     w = np.ascontiguousarray(query_weights, dtype=np.float32)
@@ -121,4 +123,4 @@ def lpwca_cpu(
     )
     if status != 0:
         raise LpwcaKernelError(error.value.decode())
-    return fused.astype(dtype, copy=False), attention.astype(dtype, copy=False)
+    return fused.astype(dtype, copy=False), attention

@@ -8,7 +8,8 @@ arithmetic is the same C++ code (and per-position math header) the CUDA kernel s
 
 Its Python ops live in the ``ai.onnx.contrib`` domain, and it declares one input type per op
 (float32), so the session gets an in-memory copy of the graph with each LPWCA node moved to
-that domain, and with casts around FP16 features. The bundle's graph on disk is not modified:
+that domain, and with casts around FP16 features (F back to FP16; the attention map is FP32 in
+the node's contract whatever the features). The bundle's graph on disk is not modified:
 TensorRT's parser and every other consumer see the ``ccra::LPWCA`` node as exported.
 """
 
@@ -69,13 +70,11 @@ def rewrite_for_ort(proto: onnx.ModelProto) -> onnx.ModelProto:
             cast_in = f"{node.name}_features_fp32"
             nodes.append(onnx.helper.make_node("Cast", [node.input[0]], [cast_in], to=onnx.TensorProto.FLOAT))
             node.input[0] = cast_in
-            outputs = list(node.output)
-            for i, name in enumerate(outputs):
-                node.output[i] = f"{name}_fp32"
+            fused = node.output[0]  # output 1, the attention map, is FP32 already
+            node.output[0] = f"{fused}_fp32"
         nodes.append(node)
         if half:
-            for name in outputs:
-                nodes.append(onnx.helper.make_node("Cast", [f"{name}_fp32"], [name], to=onnx.TensorProto.FLOAT16))
+            nodes.append(onnx.helper.make_node("Cast", [f"{fused}_fp32"], [fused], to=onnx.TensorProto.FLOAT16))
     del proto.graph.node[:]
     proto.graph.node.extend(nodes)
     del proto.graph.value_info[:]

@@ -13,14 +13,20 @@ from pathlib import Path
 
 import numpy as np
 
-from ccra_export.core.errors import BundleError
+from ccra_export.core.errors import BackendUnavailableError, BundleError, Remedy
 from ccra_export.runtime.ort_session import import_onnxruntime, session_model
+
+TENSORRT_PROVIDER = "TensorrtExecutionProvider"
+#: ORT's exception classes (onnxruntime_pybind11_state) that mean the model bytes could not be read
+#: as a graph; any other failure is a provider's or the session's, and its own message says which
+_UNREADABLE_MODEL = frozenset({"InvalidProtobuf", "NoSuchFile", "NoModel", "InvalidGraph"})
 
 ORT_NUMPY_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
     "tensor(int64)": np.int64,
     "tensor(int32)": np.int32,
+    "tensor(int8)": np.int8,  # an INT8 KV cache (build --kv-cache int8)
 }
 
 
@@ -88,11 +94,13 @@ class OrtBackend(VisionBackend):
             model, config, libraries = session_model(onnx_path, extra_outputs)  # fused graphs need the CPU kernel
         except Exception as exc:  # protobuf DecodeError, a truncated file, bad external data
             raise BundleError(unloadable(onnx_path, exc)) from None
+        chosen = list(providers) if providers else default_ort_providers()
+        if libraries and TENSORRT_PROVIDER in provider_names(chosen):  # libraries: the graph is fused
+            raise fused_graph_on_tensorrt_provider(onnx_path)
         for key, value in config.items():
             options.add_session_config_entry(key, value)
         for library in [*custom_op_libraries, *libraries]:
             options.register_custom_ops_library(str(library))
-        chosen = list(providers) if providers else default_ort_providers()
         self.session = create_session(model, options, chosen, path=onnx_path)
         self._dtypes = {i.name: np.dtype(ORT_NUMPY_TYPES[i.type]) for i in self.session.get_inputs()}
         self._outputs = [o.name for o in self.session.get_outputs()]
@@ -122,16 +130,50 @@ def unloadable(path: str | Path, exc: BaseException) -> str:
     )
 
 
+def provider_names(providers: Sequence[object]) -> list[str]:
+    """The names in an ``InferenceSession`` providers list (names, or (name, options) pairs)."""
+    return [entry[0] if isinstance(entry, tuple) else str(entry) for entry in providers]
+
+
+def fused_graph_on_tensorrt_provider(where: str | Path) -> BackendUnavailableError:
+    """ONNX Runtime's TensorRT provider cannot run the fused ``ccra::LPWCA`` node: it hands TensorRT
+    plugin nodes only from its ``trt.plugins`` domain, which it fills from TensorRT's IPluginV2
+    creator list after a plain dlopen of ``trt_extra_plugin_lib_paths`` (engine/ort_trt.py)."""
+    return BackendUnavailableError(
+        f"{where}: the graph has the fused ccra::LPWCA node, which ONNX Runtime's TensorRT provider cannot run "
+        "(it maps only trt.plugins nodes to IPluginV2 creators; this plugin is IPluginV3): run it with {backend} "
+        "trt and the plugin library, or give this provider a portable graph",
+        mentions=("backend",),
+        remedy=Remedy("build", (("lpwca", "portable"), ("backend", "ort-trt")), complete=False),
+    )
+
+
+def session_failure(path: str | Path, providers: Sequence[object], exc: BaseException) -> str:
+    """One line for a session ONNX Runtime could not create: an unreadable model (truncated, not
+    ONNX) says so and how to verify the bundle; anything else (a provider that could not build or
+    start, a missing kernel) is what the library itself said, with the providers asked for."""
+    if type(exc).__name__ in _UNREADABLE_MODEL:
+        return unloadable(path, exc)
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    detail = lines[0] if lines else type(exc).__name__
+    detail = detail.split(" : ", 2)[-1] if detail.startswith("[ONNXRuntimeError]") else detail  # "... : 1 : FAIL : x"
+    return (
+        f"{path}: ONNX Runtime could not create a session on {', '.join(provider_names(providers))} "
+        f"({type(exc).__name__}: {detail[:400]})"
+    )
+
+
 def create_session(
     model: str | bytes | Path, options: object, providers: Sequence[object], *, path: str | Path
 ) -> object:
-    """``ort.InferenceSession`` whose load failure (ORT's Fail/InvalidProtobuf/... types) is one line."""
+    """``ort.InferenceSession`` whose failure is one line: an unreadable model as such, a failing
+    provider or session with the library's own message (``session_failure``)."""
     ort = import_onnxruntime()
 
     try:
         return ort.InferenceSession(str(model) if isinstance(model, Path) else model, options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types, not one base class
-        raise BundleError(unloadable(path, exc)) from None
+        raise BundleError(session_failure(path, providers, exc)) from None
 
 
 def available_providers() -> tuple[str, ...]:

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from ccra_export.cli import main
 from ccra_export.core.config import preset
-from ccra_export.core.errors import BundleError
+from ccra_export.core.errors import BackendUnavailableError, BundleError
 from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest import file_entry
 from ccra_export.core.reference_record import MAX_RECORDED_SAMPLES, load_reference, record_reference
@@ -161,8 +161,9 @@ def test_ort_tensorrt_provider_options_from_a_bundle(bundle, fused_bundle):
     provider = ort_trt.bundle_session_options(bundle, manifest, part=head)["providers"][0][1]
     assert provider["trt_profile_opt_shapes"] == "tower_features:1x3x16x64,text_embeds:1x64x96,text_mask:1x64"
     fused = json.loads((fused_bundle / "manifest.json").read_text())
-    with pytest.raises(BundleError, match="needs plugin_library"):
-        ort_trt.bundle_session_options(fused_bundle, fused)
+    for plugin_library in (None, fused_bundle / "libccra_lpwca_plugin.so"):  # a library does not make it runnable
+        with pytest.raises(BackendUnavailableError, match="fused ccra::LPWCA node, which ONNX Runtime's TensorRT"):
+            ort_trt.bundle_session_options(fused_bundle, fused, plugin_library)
 
 
 class TestVisionBench:

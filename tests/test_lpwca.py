@@ -85,11 +85,12 @@ def test_folded_queries_are_laid_out_as_the_kernels_read_them():
     np.testing.assert_array_equal(raw, bias.numpy())
 
 
-def test_cpu_kernel_takes_fp16_features_and_returns_fp16():
-    features, weights, bias, attrs, (want_f, _) = _case(3)
+def test_cpu_kernel_takes_fp16_features_returns_fp16_features_and_an_fp32_map():
+    features, weights, bias, attrs, (want_f, want_a) = _case(3)
     got_f, got_a = lpwca_cpu(features.numpy().astype(np.float16), weights.numpy(), bias.numpy(), **attrs)
-    assert got_f.dtype == got_a.dtype == np.float16
+    assert got_f.dtype == np.float16 and got_a.dtype == np.float32
     assert compare_output("F", got_f, want_f.numpy(), thresholds_for("fp16")).passed
+    assert compare_output("A", got_a, want_a.numpy(), thresholds_for("fp16")).passed
 
 
 @pytest.mark.parametrize(
@@ -173,7 +174,7 @@ class TestFusedGraph:
         node = next(n for n in inferred.graph.node if n.op_type == "LPWCA")
         F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
         assert [types[i] for i in node.input] == [F16, F32, F32]
-        assert [types[o] for o in node.output] == [F16, F16]
+        assert [types[o] for o in node.output] == [F16, F32]  # the attention map is FP32 whatever the features
         feeds = random_inputs(model.config, batch=2, text_len=6, seed=2)
         got, want = OrtBackend(path).run(feeds), reference_outputs(model, feeds)
         for name in want:

@@ -1,8 +1,9 @@
 """The CUDA kernel of ccra::LPWCA against the plain PyTorch reference, on a GPU.
 
 Runs the kernel through its C ABI (trt_plugins/lpwca/lpwca_cuda_capi.cpp) over torch CUDA tensors.
-Needs a CUDA device and nvcc; builds the library with CMake for the local GPU unless
-CCRA_LPWCA_CUDA_LIBRARY points at one.
+Needs a CUDA device and nvcc; builds the library with CMake for the local GPU's architecture (from
+torch, which sees the device here; not CMake's `native`, which needs CMake >= 3.24) unless
+CCRA_LPWCA_CUDA_LIBRARY points at one. A failed build fails the test with CMake's output tail.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import ctypes
 import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -18,49 +18,48 @@ import torch
 
 from ccra_export.core.config import preset
 from ccra_export.core.parity import compare_output, thresholds_for
+from ccra_export.core.platform import run_quiet
 from ccra_export.model.lpwca_fused import fold_query
 from ccra_export.model.vision_model import build_model
+from ccra_export.workflows.plugins import (
+    COMPUTE_CAP_QUERY,
+    NativeBuildError,
+    build_cuda_kernel_library,
+    device_cuda_architecture,
+)
 
 pytestmark = pytest.mark.gpu
-ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(scope="module")
-def cuda_library(tmp_path_factory):
+def load_cuda_library(build_dir: Path) -> ctypes.CDLL:
+    """The C ABI library: CCRA_LPWCA_CUDA_LIBRARY, else built here for this GPU (skipped with the
+    reason where a prerequisite is missing, failed with CMake's output where the build fails)."""
     if not torch.cuda.is_available():
         pytest.skip("no CUDA device (torch.cuda.is_available() is False): the CUDA kernel runs only on a GPU machine")
     path = os.environ.get("CCRA_LPWCA_CUDA_LIBRARY")
     if not path:
-        if shutil.which("nvcc") is None or shutil.which("cmake") is None:
-            pytest.skip("nvcc or cmake not found: cannot build the CUDA kernel library")
-        build = tmp_path_factory.mktemp("cuda-build")
-        subprocess.run(
-            [
-                "cmake",
-                "-S",
-                str(ROOT),
-                "-B",
-                str(build),
-                "-DCMAKE_CUDA_ARCHITECTURES=native",
-                "-DCCRA_BUILD_PLUGIN=OFF",
-                "-DCCRA_BUILD_TESTS=OFF",
-            ],
-            check=True,
-            capture_output=True,
-        )
-        subprocess.run(
-            ["cmake", "--build", str(build), "--target", "ccra_lpwca_cuda_capi", "-j"], check=True, capture_output=True
-        )
-        path = str(build / "trt_plugins" / "libccra_lpwca_cuda_capi.so")
+        missing = [tool for tool in ("nvcc", "cmake") if shutil.which(tool) is None]
+        if missing:
+            pytest.skip(f"{' and '.join(missing)} not found: cannot build the CUDA kernel library")
+        major, minor = torch.cuda.get_device_capability()
+        try:
+            path = str(build_cuda_kernel_library(build_dir, f"{major}{minor}"))
+        except NativeBuildError as exc:
+            pytest.fail(f"{exc}\n{exc.log_tail}", pytrace=False)
     lib = ctypes.CDLL(path)
     lib.ccra_lpwca_cuda_forward.restype = ctypes.c_int
     return lib
 
 
+@pytest.fixture(scope="module")
+def cuda_library(tmp_path_factory):
+    return load_cuda_library(tmp_path_factory.mktemp("cuda-build"))
+
+
 def run_kernel(lib, features, weights, bias, attrs):
     batch, layers, patches, width = features.shape
     fused = torch.empty(batch, patches, width, device="cuda", dtype=features.dtype)
-    attention = torch.empty(batch, layers, patches, device="cuda", dtype=features.dtype)
+    attention = torch.empty(batch, layers, patches, device="cuda", dtype=torch.float32)  # FP32 for any features
     error = ctypes.create_string_buffer(512)
 
     def dims(t):
@@ -112,6 +111,7 @@ def test_cuda_kernel_matches_pytorch_reference(cuda_library, name, dtype):
         cuda_library, features.to("cuda", dtype), weights.cuda(), bias.cuda(), attrs
     )
     assert status == 0, error
+    assert fused.dtype == dtype and attention.dtype == torch.float32
     precision = "fp32" if dtype == torch.float32 else "fp16"
     for label, got, want in (("fused", fused, want_f), ("attention", attention, want_a)):
         result = compare_output(label, got.float().cpu().numpy(), want.numpy(), thresholds_for(precision))
@@ -124,3 +124,38 @@ def test_cuda_kernel_refuses_inconsistent_shapes(cuda_library):
         cuda_library, features.cuda(), weights[:, :-1].contiguous().cuda(), bias.cuda(), attrs
     )
     assert status == 1 and "needs 5" in error
+
+
+def test_the_device_architecture_is_what_torch_reports():
+    """The architecture the build is configured for is the device's own ("9.0" -> 90)."""
+    if not torch.cuda.is_available() or shutil.which("nvidia-smi") is None:
+        pytest.skip("no CUDA device or nvidia-smi here")
+    major, minor = torch.cuda.get_device_capability()
+    assert device_cuda_architecture(run_quiet(COMPUTE_CAP_QUERY)) == f"{major}{minor}"
+
+
+def test_the_plugin_registers_its_creator_in_tensorrt(tmp_path):
+    """The getCreators library, hash-checked and loaded as a fused engine's is, makes TensorRT's
+    registry find the creator the ONNX parser asks for (op type, plugin_version, plugin_namespace)."""
+    from ccra_export.core.hashing import sha256_file
+    from ccra_export.runtime.backends import tensorrt_status
+    from ccra_export.workflows.plugins import build_native
+
+    usable, reason = tensorrt_status()
+    if not usable:
+        pytest.skip(reason)
+    root = os.environ.get("CCRA_TEST_TENSORRT_ROOT")
+    if not root:
+        pytest.skip("set CCRA_TEST_TENSORRT_ROOT to a TensorRT tree (include/NvInferRuntime.h) to build the plugin")
+    major, minor = torch.cuda.get_device_capability()
+    try:
+        built = build_native(tmp_path / "b", tensorrt_root=Path(root), cuda_architectures=f"{major}{minor}")
+    except NativeBuildError as exc:
+        pytest.fail(f"{exc}\n{exc.log_tail}", pytrace=False)
+    library = next(b.path for b in built if b.path.name == "libccra_lpwca_plugin.so")
+    import tensorrt as trt
+
+    from ccra_export.runtime.trt_engine import load_plugin
+
+    load_plugin((library, sha256_file(library)))
+    assert trt.get_plugin_registry().get_creator("LPWCA", "1", "ccra") is not None

@@ -91,3 +91,26 @@ def test_the_installed_nvcc_accepts_every_default_architecture():
     listed = subprocess.run(["nvcc", "--list-gpu-arch"], capture_output=True, text=True).stdout.split()
     for arch in default_cuda_architectures(version, jetson=False).split(";"):
         assert f"compute_{arch}" in listed
+
+
+@pytest.mark.parametrize(
+    ("smi", "expected"),
+    [("9.0\n", "90"), ("8.7\n", "87"), ("12.0\n9.0\n", "120"), ("", None), (None, None), ("N/A\n", None)],
+)
+def test_the_gpu_tests_build_for_the_devices_own_architecture(smi, expected):
+    """nvidia-smi's compute_cap, not CMake's `native` (CMake >= 3.24; the project declares 3.18)."""
+    from ccra_export.workflows.plugins import device_cuda_architecture
+
+    assert device_cuda_architecture(smi) == expected
+
+
+def test_a_failed_cuda_build_keeps_cmakes_output_for_the_reader(tmp_path):
+    """What the GPU test shows with pytest.fail: the one line and the end of CMake's own output."""
+    from ccra_export.workflows.plugins import NativeBuildError, build_cuda_kernel_library
+
+    if shutil.which("cmake") is None or shutil.which("nvcc") is None:
+        pytest.skip("cmake or nvcc not installed: CMake would not configure CUDA at all")
+    with pytest.raises(NativeBuildError) as info:
+        build_cuda_kernel_library(tmp_path / "b", "not-an-architecture")
+    assert str(info.value).startswith("cmake configure failed:")
+    assert "CMAKE_CUDA_ARCHITECTURES" in info.value.log_tail and len(info.value.log_tail.splitlines()) > 1

@@ -136,11 +136,14 @@ def test_tensorrt_plan_config_names_the_plugin_library(single_bundle, tmp_path, 
     (bundle / "vision.engine").write_bytes(b"engine")
     plugin = tmp_path / "libccra_lpwca_plugin.so"
     plugin.write_bytes(b"\x7fELF plugin")
+    static = tmp_path / "libccra_lpwca_plugin_static.so"  # what Triton's plain dlopen can register
+    static.write_bytes(b"\x7fELF static plugin")
     from ccra_export.core.hashing import sha256_file
 
     manifest = fake_engine_manifest(read_manifest(single_bundle), sha256_file(plugin))
     monkeypatch.setattr(triton_repo, "read_manifest", lambda _: manifest)
     monkeypatch.setattr(triton_repo, "check_plugin_library", lambda path: Path(path))
+    monkeypatch.setattr(triton_repo, "dynamic_symbols", lambda path: set())
     monkeypatch.setattr(triton_repo, "gpus", lambda: [("NVIDIA H100 80GB HBM3", "9.0")])
     with pytest.raises(ConfigError, match=r"^plugin_library: the engine runs the fused"):
         write_repository(bundle, tmp_path / "r0", RepoOptions())
@@ -151,15 +154,23 @@ def test_tensorrt_plan_config_names_the_plugin_library(single_bundle, tmp_path, 
     assert vision.max_batch_size == 16  # the engine's profile, not the manifest's axes
     assert list(vision.dynamic_batching.preferred_batch_size) == [4, 16]
     assert vision.instance_group[0].kind == pb2.ModelInstanceGroup.KIND_GPU
-    assert vision.parameters["lpwca_plugin_library"].string_value == plugin.name
-    assert (tmp_path / "repo" / "ccra_vision" / plugin.name).read_bytes() == plugin.read_bytes()
+    assert vision.parameters["lpwca_plugin_library"].string_value == static.name
+    assert (tmp_path / "repo" / "ccra_vision" / static.name).read_bytes() == static.read_bytes()
+    assert not (tmp_path / "repo" / "ccra_vision" / plugin.name).exists()  # getCreators: a dlopen registers nothing
     assert (tmp_path / "repo" / "ccra_vision" / "1" / "model.plan").read_bytes() == b"engine"
-    assert f"LD_PRELOAD=/models/ccra_vision/{plugin.name} tritonserver" in result.launch
+    assert f"--backend-config=tensorrt,plugins=/models/ccra_vision/{static.name}" in result.launch
+    assert "LD_PRELOAD" not in result.launch
     assert result.launch in (tmp_path / "repo" / "README.md").read_text()
     other = tmp_path / "other.so"
     other.write_bytes(b"\x7fELF another")
     with pytest.raises(ConfigError, match="not the library the engine was built with"):
         write_repository(bundle, tmp_path / "r1", RepoOptions(plugin_library=other))
+    monkeypatch.setattr(triton_repo, "dynamic_symbols", lambda path: {"getCreators"})
+    with pytest.raises(ConfigError, match=r"libccra_lpwca_plugin_static\.so beside it exports getCreators"):
+        write_repository(bundle, tmp_path / "r2", RepoOptions(plugin_library=plugin))
+    static.unlink()
+    with pytest.raises(ConfigError, match=r"plain dlopen, which registers nothing .* expected libccra_lpwca_plugin_st"):
+        write_repository(bundle, tmp_path / "r3", RepoOptions(plugin_library=plugin))
 
 
 def test_auto_picks_the_engine_only_for_this_gpu(single_bundle):
@@ -362,11 +373,14 @@ def test_split_tensorrt_plan_configs_give_the_plugin_to_the_head_only(split_bund
     (bundle / "ccra_head.engine").write_bytes(b"head engine")
     plugin = tmp_path / "libccra_lpwca_plugin.so"
     plugin.write_bytes(b"\x7fELF plugin")
+    static = tmp_path / "libccra_lpwca_plugin_static.so"
+    static.write_bytes(b"\x7fELF static plugin")
     from ccra_export.core.hashing import sha256_file
 
     manifest = fake_split_engine_manifest(read_manifest(split_bundle), sha256_file(plugin))
     monkeypatch.setattr(triton_repo, "read_manifest", lambda _: manifest)
     monkeypatch.setattr(triton_repo, "check_plugin_library", lambda path: Path(path))
+    monkeypatch.setattr(triton_repo, "dynamic_symbols", lambda path: set())
     monkeypatch.setattr(triton_repo, "gpus", lambda: [("NVIDIA H100 80GB HBM3", "9.0")])
     with pytest.raises(ConfigError, match=r"^plugin_library: the engine runs the fused"):
         write_repository(bundle, tmp_path / "r0", RepoOptions())
@@ -384,15 +398,15 @@ def test_split_tensorrt_plan_configs_give_the_plugin_to_the_head_only(split_bund
     assert [i.name for i in head.input] == ["tower_features", "text_embeds", "text_mask"]
     assert (repo / TOWER_MODEL / "1" / "model.plan").read_bytes() == b"tower engine"
     assert (repo / HEAD_MODEL / "1" / "model.plan").read_bytes() == b"head engine"
-    assert head.parameters["lpwca_plugin_library"].string_value == plugin.name
-    assert (repo / HEAD_MODEL / plugin.name).read_bytes() == plugin.read_bytes()
-    assert "lpwca_plugin_library" not in tower.parameters and not (repo / TOWER_MODEL / plugin.name).exists()
-    assert f"LD_PRELOAD=/models/{HEAD_MODEL}/{plugin.name} tritonserver" in result.launch
+    assert head.parameters["lpwca_plugin_library"].string_value == static.name
+    assert (repo / HEAD_MODEL / static.name).read_bytes() == static.read_bytes()
+    assert "lpwca_plugin_library" not in tower.parameters and not (repo / TOWER_MODEL / static.name).exists()
+    assert f"--backend-config=tensorrt,plugins=/models/{HEAD_MODEL}/{static.name}" in result.launch
     assert result.launch in (repo / "README.md").read_text()
     unfused = {**manifest, "plugin": None, "engine": {**manifest["engine"], "plugin_sha256": None}}
     monkeypatch.setattr(triton_repo, "read_manifest", lambda _: unfused)
     result = write_repository(bundle, tmp_path / "unfused", RepoOptions())
-    assert "LD_PRELOAD" not in result.launch
+    assert result.launch == "tritonserver --model-repository=/models"
     assert not any(p.suffix == ".so" for p in (tmp_path / "unfused").rglob("*"))
 
 

@@ -147,12 +147,15 @@ def test_onnx_runtime_cuda_provider_turns_tf32_off_for_fp32(tmp_path):
     assert ort_trt.providers(options, "fp32")[1] == ("CUDAExecutionProvider", {"use_tf32": "0"})
 
 
-def test_ort_tensorrt_ep_options(tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_ort_tensorrt_ep_options_leave_precision_to_the_graph(tmp_path, precision):
+    """No trt_fp16_enable / trt_int8_enable: with either, the provider builds a weakly typed network
+    that may run the FP32 islands in FP16; with neither, it builds it strongly typed (TensorRT > 8)."""
     profile = optimization_profiles(INPUTS, AXES, {})
-    options = ort_trt.provider_options(tmp_path, "fp16", profile, plugin_library=Path("/x/libccra_lpwca_plugin.so"))
-    assert options["trt_fp16_enable"] is True and options["trt_int8_enable"] is False
+    options = ort_trt.provider_options(tmp_path, precision, profile)
+    assert options["trt_fp16_enable"] is False and options["trt_int8_enable"] is False
     assert options["trt_engine_cache_path"] == str(tmp_path / "ort_trt_cache")
-    assert options["trt_extra_plugin_lib_paths"] == "/x/libccra_lpwca_plugin.so"
+    assert "trt_extra_plugin_lib_paths" not in options  # a plain dlopen: the IPluginV3 library registers nothing
     assert options["trt_profile_max_shapes"] == "pixel_values:8x3x336x336,text_embeds:8x512x4096,text_mask:8x512"
     assert ort_trt.providers(options)[0] == ("TensorrtExecutionProvider", options)
 

@@ -117,8 +117,8 @@ RUN_BACKENDS = {
     "auto": "the bundle's TensorRT engine where TensorRT is usable, else ONNX Runtime",
     "ort": "ONNX Runtime",
     "trt": "the bundle's TensorRT engine",
-    "ort-trt": "ONNX Runtime's TensorRT execution provider (builds and caches its engine in the bundle; a fused "
-    "graph needs --plugin-library)",
+    "ort-trt": "ONNX Runtime's TensorRT execution provider (builds and caches its engine in the bundle; portable "
+    "graphs only: the provider cannot run the LPWCA plugin node)",
 }
 
 
@@ -222,8 +222,8 @@ PLUGIN_LIBRARY = opt(
     type=click.Path(path_type=Path, dir_okay=False),
     callback=_plugin_library,
     help="The LPWCA TensorRT plugin library built for this machine (libccra_lpwca_plugin.so, `ccra-export plugins "
-    "build`): a fused graph needs it on TensorRT and on ONNX Runtime's TensorRT provider. `build` hashes it into "
-    "the manifest; `engine` serialises it into the engine.",
+    "build`): a fused engine needs it. `build` and `engine` record its sha256; it is loaded (never taken from the "
+    "bundle) only when its hash matches. Default: $CCRA_LPWCA_PLUGIN_LIBRARY.",
 )
 
 
@@ -311,7 +311,9 @@ ENGINE = (
         type=click.Path(path_type=Path, dir_okay=False),
         default=DEFAULT_TIMING_CACHE,
         show_default=True,
-        help="TensorRT timing cache, read before and written after every engine build.",
+        help="TensorRT timing cache base name, read before and written after every engine build: one file per GPU "
+        "and TensorRT version beside it (timing-<gpu>-sm<cc>-trt<version>.cache); a cache TensorRT refuses is "
+        "replaced, never the build's failure.",
     ),
 )
 

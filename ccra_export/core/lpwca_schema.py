@@ -7,7 +7,9 @@ One node for CCRA stages 2 and 3 (shared/CCRA.md) in the folded form:
                                       row H is W_lk^T (W_lq q), the layer-attention query
     query_bias     Qb [B, L, H]       float: beta_k . u_h + b_k,h . q_h + E_l,h . q_h
     -> fused       F  [B, N, Dv]      T
-    -> attention   A  [B, L, N]       T   (the LPWCA map, mean over heads)
+    -> attention   A  [B, L, N]       float (the LPWCA map, mean over heads; FP32 whatever T:
+                                      its mean is 1/(L*N), below FP16's smallest normal at
+                                      llava-1.5-7b sizes, so an FP16 map would be mostly subnormal)
 
 Registering the schema lets ``onnx.checker`` (full check) and shape inference accept fused graphs.
 ``plugin_version`` / ``plugin_namespace`` follow the TensorRT ONNX parser's convention for
@@ -71,12 +73,13 @@ def _infer(ctx: onnx.shape_inference.InferenceContext) -> None:
     if b is not None and heads is not None and _known(b[2]) is not None and _known(b[2]) != heads:
         raise ValueError(f"ccra::LPWCA: query_bias has {_known(b[2])} heads; num_heads is {heads}")
     if v is None:
-        outputs = [onnx.helper.make_tensor_type_proto(elem, None)] * 2
+        outputs = [onnx.helper.make_tensor_type_proto(t, None) for t in (elem, onnx.TensorProto.FLOAT)]
     else:
         batch, layers, patches, width = v
+        map_dims = [_as_value(d) for d in (batch, layers, patches)]
         outputs = [
             onnx.helper.make_tensor_type_proto(elem, [_as_value(d) for d in (batch, patches, width)]),
-            onnx.helper.make_tensor_type_proto(elem, [_as_value(d) for d in (batch, layers, patches)]),
+            onnx.helper.make_tensor_type_proto(onnx.TensorProto.FLOAT, map_dims),
         ]
     for index, type_proto in enumerate(outputs):
         ctx.set_output_type(index, type_proto)
@@ -103,9 +106,9 @@ def _schema() -> OpSchema:
         ],
         outputs=[
             param("fused", "T", "layer-fused, LPWCA-weighted features F [B, N, Dv]"),
-            param("attention", "T", "LPWCA attention map A [B, L, N]"),
+            param("attention", "tensor(float)", "LPWCA attention map A [B, L, N], FP32 whatever T"),
         ],
-        type_constraints=[("T", FLOAT_TYPES, "features and outputs: float32 or float16")],
+        type_constraints=[("T", FLOAT_TYPES, "features and the fused output: float32 or float16")],
         attributes=[
             attr("num_heads", OpSchema.AttrType.INT, "attention heads H", required=True),
             attr("epsilon", onnx.helper.make_attribute("epsilon", 1e-5), "LayerNorm epsilon of LN_k"),

@@ -42,7 +42,7 @@ def open_bundle_backend(
                 mentions=("backend",),
             )
         return runner, line
-    return bundle_backend(bundle, manifest, backend, tower_cache=tower_cache)
+    return bundle_backend(bundle, manifest, backend, tower_cache=tower_cache, plugin_library=plugin_library)
 
 
 def open_pipeline(
@@ -53,13 +53,9 @@ def open_pipeline(
     tower_cache_mib: float = DEFAULT_TOWER_CACHE_MIB,
     context: int | None = None,
 ) -> Pipeline:
-    """``Pipeline.from_bundle`` for every ``--backend``: the runtime opens auto/ort/trt itself; for
-    ort-trt the vision backend is opened here, after the checks that need no engine build (a
-    language model in the bundle, ``verify``'s hashes), and handed to it."""
-    if backend != "ort-trt":
-        return Pipeline.from_bundle(
-            bundle, backend=backend, verify=verify, tower_cache_mib=tower_cache_mib, context=context
-        )
+    """``Pipeline.from_bundle`` for every ``--backend``, the vision backend opened here (with the
+    installed ``plugin_library`` a fused engine needs, hash-checked against its record) after the
+    checks that need no engine (a language model in the bundle, ``verify``'s hashes)."""
     manifest = read_manifest(bundle)
     if not manifest.get("language_model"):
         return Pipeline.from_bundle(bundle, backend=backend)  # refuses it in its one line

@@ -176,8 +176,10 @@ def resolve_lpwca(mode: str, backend: str, config: ModelConfig, contract: bool =
         return "portable", f"the CCRA module {config.ccra.module_path} does not declare the LPWCA contract"
     if mode != "auto":
         return mode, f"--lpwca {mode}"
-    if backend in ("trt", "ort-trt"):
+    if backend == "trt":
         return "fused", "auto: TensorRT runs ccra::LPWCA as one plugin node"
+    if backend == "ort-trt":  # ORT's TensorRT provider maps no IPluginV3 node (docs/tensorrt.md)
+        return "portable", "auto: ONNX Runtime's TensorRT provider cannot run the plugin node"
     return "portable", (
         "auto: ONNX Runtime runs the decomposed graph with its own kernels; "
         "--lpwca fused runs the node there through the C++ CPU kernel"

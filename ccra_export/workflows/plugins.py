@@ -13,6 +13,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ccra_export.core.console import SILENT, Steps
 from ccra_export.core.errors import CCRAExportError
@@ -22,7 +23,7 @@ from ccra_export.core.platform import detect_jetson, run_quiet
 ROOT = Path(__file__).resolve().parents[2]  # the repository: ccra_export/workflows/plugins.py
 LIBRARIES = {
     "TensorRT plugin (loadLibrary / getCreators)": "libccra_lpwca_plugin.so",
-    "TensorRT plugin (static registration)": "libccra_lpwca_plugin_static.so",
+    "TensorRT plugin (static registration: a plain dlopen, Triton)": "libccra_lpwca_plugin_static.so",
     "CUDA kernels, C ABI": "libccra_lpwca_cuda_capi.so",
     "CPU kernel": "libccra_lpwca_cpu.so",
 }
@@ -41,7 +42,12 @@ def missing_sources(root: Path | None = None) -> list[str]:
 
 
 class NativeBuildError(CCRAExportError):
-    """CMake, the compiler or TensorRT's headers are missing or the build failed."""
+    """CMake, the compiler or TensorRT's headers are missing or the build failed; ``log_tail`` holds
+    the end of the tool's output for a reader who needs more than the one line."""
+
+    def __init__(self, message: str, *, log_tail: str = "", **kwargs: Any) -> None:
+        super().__init__(message, **kwargs)
+        self.log_tail = log_tail
 
 
 @dataclass
@@ -54,9 +60,10 @@ class BuiltLibrary:
 def _run(command: list[str], what: str) -> str:
     result = subprocess.run(command, capture_output=True, text=True, check=False)
     if result.returncode != 0:
-        lines = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
-        reason = next((line for line in lines if "error" in line.lower()), lines[-1] if lines else "no output")
-        raise NativeBuildError(f"{what} failed: {reason.strip()}")
+        lines = [line for line in f"{result.stdout}\n{result.stderr}".splitlines() if line.strip()]
+        errors = [line for line in (result.stderr or result.stdout).splitlines() if line.strip()]
+        reason = next((line for line in errors if "error" in line.lower()), errors[-1] if errors else "no output")
+        raise NativeBuildError(f"{what} failed: {reason.strip()}", log_tail="\n".join(lines[-40:]))
     return result.stdout
 
 
@@ -81,6 +88,41 @@ def default_cuda_architectures(version: tuple[int, int] | None, jetson: bool) ->
     if jetson:
         return "110" if version >= (13, 0) else "87"
     return ";".join(map(str, (*DEFAULT_CUDA_ARCHITECTURES, *((110,) if version >= (13, 0) else ()))))
+
+
+#: nvidia-smi's compute capability query (the driver's own number: no CUDA toolkit or torch needed)
+COMPUTE_CAP_QUERY = ["nvidia-smi", "--query-gpu=compute_cap", "--format=csv,noheader"]
+
+
+def device_cuda_architecture(smi_output: str | None) -> str | None:
+    """The first GPU's CUDA architecture from ``COMPUTE_CAP_QUERY``'s output ("9.0" -> "90"), or None.
+    What ``-DCMAKE_CUDA_ARCHITECTURES=native`` would pick, without CMake >= 3.24 (the project needs 3.18)."""
+    for line in (smi_output or "").splitlines():
+        match = re.fullmatch(r"\s*(\d+)\.(\d+)\s*", line)
+        if match:
+            return f"{match.group(1)}{match.group(2)}"
+    return None
+
+
+def build_cuda_kernel_library(build_dir: Path, architecture: str, jobs: int | None = None) -> Path:
+    """Configure and build only the CUDA kernels' C ABI library (no TensorRT, no C++ tests) for one
+    architecture, as the GPU test and benchmark need it; the library's path. A failure is a
+    NativeBuildError whose ``log_tail`` is the end of CMake's output."""
+    configure = [
+        "cmake",
+        "-S",
+        str(ROOT),
+        "-B",
+        str(build_dir),
+        "-DCMAKE_BUILD_TYPE=Release",
+        f"-DCMAKE_CUDA_ARCHITECTURES={architecture}",
+        "-DCCRA_BUILD_PLUGIN=OFF",
+        "-DCCRA_BUILD_TESTS=OFF",
+    ]
+    _run(configure, "cmake configure")
+    jobs_flag = ["-j", str(jobs or os.cpu_count() or 1)]
+    _run(["cmake", "--build", str(build_dir), "--target", "ccra_lpwca_cuda_capi", *jobs_flag], "cmake build")
+    return Path(build_dir) / "trt_plugins" / LIBRARIES["CUDA kernels, C ABI"]
 
 
 def build_native(

@@ -4,7 +4,8 @@
       README.md                 how to start Triton on it (Triton reads only the model folders)
       ccra_vision/
         config.pbtxt            tensorrt_plan | onnxruntime_onnx | python, dims and batching from the manifest
-        libccra_lpwca_plugin.so the LPWCA TensorRT plugin (tensorrt_plan with a fused graph only)
+        libccra_lpwca_plugin_static.so  the LPWCA TensorRT plugin, registering at load (tensorrt_plan
+                                with a fused graph only; Triton loads it with a plain dlopen)
         1/model.plan            the engine, or 1/model.onnx, or 1/model.py + the ONNX graph
       ccra_vlm/
         config.pbtxt            python backend, decoupled (a split bundle: tower_model, head_model, tower_cache_mib)
@@ -38,7 +39,7 @@ from ccra_export.core.hashing import sha256_file
 from ccra_export.core.manifest import MANIFEST_NAME, bundle_path, read_manifest
 from ccra_export.core.manifest_schema import EngineTarget, Manifest
 from ccra_export.core.platform import gpus
-from ccra_export.core.plugin_library import check_plugin_library
+from ccra_export.core.plugin_library import CREATOR_SYMBOLS, NotAPluginLibrary, check_plugin_library, dynamic_symbols
 from ccra_export.core.vision_graphs import engine_records, is_split, part_records
 from ccra_export.runtime.tower_cache import DEFAULT_TOWER_CACHE_MIB
 from ccra_export.serve.triton.config import (
@@ -224,8 +225,15 @@ def check_paths(bundle: Path, repo: Path, force: bool) -> None:
 
 
 def plugin_for_engine(manifest: Manifest, library: Path | None) -> Path | None:
-    """The LPWCA plugin library the engine needs (None for an unfused graph), checked against the
-    hash the engine build recorded."""
+    """The plugin library Triton loads for the engine (None for an unfused graph): the
+    static-registration build beside ``library``, once ``library`` is checked against the hash the
+    engine build recorded.
+
+    Triton's TensorRT backend loads a plugin library with a plain dlopen (tensorrt_backend
+    src/tensorrt.cc ``plugins``, src/shared_library.cc: RTLD_NOW | RTLD_LOCAL), as LD_PRELOAD would:
+    nothing calls ``getCreators`` then, so only a library that registers its creator when loaded
+    can serve the engine. CMake builds both from one source into one folder (trt_plugins/lpwca).
+    """
     if not fused(manifest):
         return None
     if library is None:
@@ -240,7 +248,34 @@ def plugin_for_engine(manifest: Manifest, library: Path | None) -> Path | None:
         raise ConfigError(
             "not the library the engine was built with (sha256 differs)", field="plugin_library", value=library
         )
-    return library
+    return static_registration_library(library)
+
+
+def static_registration_library(library: Path) -> Path:
+    """``libX_static.so`` beside ``libX.so``: an ELF shared object that does not export the
+    ``getCreators`` entry point (it registers its creator from a constructor instead)."""
+    static = library.with_name(f"{library.stem}_static{library.suffix}")
+    if not static.is_file():
+        raise ConfigError(
+            f"Triton loads plugins with a plain dlopen, which registers nothing from this getCreators library; "
+            f"expected {static.name}, built beside it from the same source (it needs libnvinfer at build)",
+            field="plugin_library",
+            value=library,
+            remedy=Remedy("plugins build"),
+        )
+    try:
+        symbols = dynamic_symbols(static)
+    except (OSError, NotAPluginLibrary) as exc:
+        raise ConfigError(f"{static.name} beside it: {exc}", field="plugin_library", value=library) from None
+    if symbols & set(CREATOR_SYMBOLS):
+        raise ConfigError(
+            f"{static.name} beside it exports {' / '.join(sorted(symbols & set(CREATOR_SYMBOLS)))}: not the "
+            "static-registration build",
+            field="plugin_library",
+            value=library,
+            remedy=Remedy("plugins build"),
+        )
+    return static
 
 
 def holds_lpwca(manifest: Manifest, model: str) -> bool:
@@ -401,10 +436,12 @@ def _shim(model: str, module: str, cls: str) -> str:
 
 
 def launch_command(plugin: str | None, plugin_model: str = VISION_MODEL, models: str = "/models") -> str:
-    """tritonserver's command line for the repository mounted at ``models`` (the plugin, kept in
-    ``plugin_model``'s folder, preloaded)."""
-    preload = f"LD_PRELOAD={models}/{plugin_model}/{plugin} " if plugin else ""
-    return f"{preload}tritonserver --model-repository={models}"
+    """tritonserver's command line for the repository mounted at ``models``: the plugin, kept in
+    ``plugin_model``'s folder, handed to the TensorRT backend (``--backend-config=tensorrt,plugins=``,
+    which dlopens it before any model loads; unlike LD_PRELOAD it stays out of the Python backend's
+    stub processes)."""
+    plugins = f" --backend-config=tensorrt,plugins={models}/{plugin_model}/{plugin}" if plugin else ""
+    return f"tritonserver --model-repository={models}{plugins}"
 
 
 _RUNS_ON = {

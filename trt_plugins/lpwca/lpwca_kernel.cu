@@ -6,15 +6,18 @@
 //                        (scores_staged_kernel: the folded weights in shared memory, 64 positions a
 //                        block, half2/float4 feature reads; the direct kernel is the fallback)
 //   2. softmax_stats     one block per (image, head): max and 1/sum of the joint softmax
-//   3. layer_weights     one thread per patch: A (written out), G = L*N*A, softmax over layers
+//   3. layer_weights     one thread per patch: A (written out, FP32 whatever the features: its mean
+//                        1/(L*N) is below FP16's smallest normal), G = L*N*A, softmax over layers
 //                        -> coefficients alpha*G [B,L*N]
 //   4. reduce_layers     one block per patch: F = sum_l coef * V                   (pass 2 over V)
 // The joint softmax spans all L*N positions of an image, so its scores must be stored before
 // they are normalised: that [B,H,L*N] FP32 buffer is the only large scratch (workspace_bytes).
 #include <cuda_fp16.h>
 
+#include <atomic>
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "lpwca_math.h"
 #include "lpwca_kernel.h"
@@ -235,10 +238,9 @@ __global__ void softmax_stats_kernel(const float* __restrict__ scores, float* __
     }
 }
 
-template <typename T>
 __global__ void layer_weights_kernel(const float* __restrict__ scores, const float* __restrict__ stats,
                                      const float* __restrict__ dot_z, float* __restrict__ coefficients,
-                                     T* __restrict__ attention, Shape s, Attributes a) {
+                                     float* __restrict__ attention, Shape s, Attributes a) {
     const int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
     const int image = blockIdx.y;
     if (n >= s.patches) return;
@@ -254,7 +256,7 @@ __global__ void layer_weights_kernel(const float* __restrict__ scores, const flo
             mean_attention += __expf(scores[row * positions + p] - stats[row * 2]) * stats[row * 2 + 1];
         }
         mean_attention /= static_cast<float>(s.heads);
-        store(attention + image * positions + p, mean_attention);
+        attention[image * positions + p] = mean_attention;
         weight_g[l] = total * mean_attention;
         logit[l] = layer_logit(weight_g[l], dot_z[image * positions + p], a.layer_scale);
         logit_max = fmaxf(logit_max, logit[l]);
@@ -281,6 +283,50 @@ __global__ void reduce_layers_kernel(const T* __restrict__ features, const float
     }
 }
 
+// Per-device values cached for the life of the process, so an enqueue makes no attribute query:
+// a device's opt-in shared memory never changes, and a kernel's dynamic shared memory limit, once
+// raised on a device, stays raised (until a cudaDeviceReset, which nothing in a TensorRT process
+// does). Slots are indexed by device ordinal; 0 means not known yet.
+constexpr int kCachedDevices = 64;
+
+// cudaDevAttrMaxSharedMemoryPerBlockOptin of `device`, queried once per device.
+static cudaError_t max_optin_shared_memory(int device, int* bytes) {
+    static std::atomic<int> cache[kCachedDevices];
+    if (device >= 0 && device < kCachedDevices) {
+        const int cached = cache[device].load(std::memory_order_relaxed);
+        if (cached > 0) {
+            *bytes = cached;
+            return cudaSuccess;
+        }
+    }
+    const cudaError_t status = cudaDeviceGetAttribute(bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    if (status == cudaSuccess && *bytes > 0 && device >= 0 && device < kCachedDevices) {
+        cache[device].store(*bytes, std::memory_order_relaxed);
+    }
+    return status;
+}
+
+// Per staged kernel ([features half?][vector?]) and device, the dynamic shared memory limit already
+// set. `static` at namespace scope: internal linkage, so two libraries built from this file (the
+// plugin's two variants, the C ABI) never share it, as a template's static local would (a GNU
+// unique symbol) while each has its own kernels.
+static std::atomic<int> gRaised[2][2][kCachedDevices];
+
+// Raise `kernel`'s dynamic shared memory limit on `device` to at least `bytes`; `raised` is that
+// kernel's per-device record of the limit already set (a benign race sets the same value twice).
+template <typename Kernel>
+cudaError_t allow_shared_memory(Kernel kernel, int device, int bytes, std::atomic<int>* raised) {
+    const bool cacheable = device >= 0 && device < kCachedDevices;
+    if (cacheable && raised[device].load(std::memory_order_relaxed) >= bytes) return cudaSuccess;
+    const cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+    if (status == cudaSuccess && cacheable) {
+        int previous = raised[device].load(std::memory_order_relaxed);
+        while (previous < bytes && !raised[device].compare_exchange_weak(previous, bytes)) {
+        }
+    }
+    return status;
+}
+
 // The staged scores kernel where the image's folded weights fit a block's shared memory (opting in
 // past the 48 KB default: 69 KB for 16 heads at Dv 1024), else the direct one.
 template <typename T>
@@ -290,13 +336,14 @@ cudaError_t launch_scores(const T* features, const float* weights, const float* 
     const auto batch = static_cast<unsigned>(s.batch);
     const size_t staged_bytes = static_cast<size_t>(s.heads + 1) * s.width * sizeof(float);
     int device = 0, optin = 0;
-    cudaError_t status = cudaGetDevice(&device);
-    if (status == cudaSuccess) status = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+    cudaError_t status = cudaGetDevice(&device);  // the calling thread's current device: no driver query
+    if (status == cudaSuccess) status = max_optin_shared_memory(device, &optin);
     if (status != cudaSuccess) return status;
     if (staged_bytes <= static_cast<size_t>(optin)) {
         const bool vector = s.width % Vector<T>::kWidth == 0;
         auto kernel = vector ? scores_staged_kernel<T, true> : scores_staged_kernel<T, false>;
-        status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(staged_bytes));
+        std::atomic<int>* raised = gRaised[std::is_same<T, __half>::value ? 1 : 0][vector ? 1 : 0];
+        status = allow_shared_memory(kernel, device, static_cast<int>(staged_bytes), raised);
         if (status != cudaSuccess) return status;
         const auto blocks = static_cast<unsigned>((positions + kPositionsPerBlock - 1) / kPositionsPerBlock);
         kernel<<<dim3(blocks, batch), kScoreWarpsPerBlock * kWarpSize, staged_bytes, stream>>>(
@@ -310,7 +357,7 @@ cudaError_t launch_scores(const T* features, const float* weights, const float* 
 }
 
 template <typename T>
-cudaError_t forward(const T* features, const float* weights, const float* bias, T* fused, T* attention,
+cudaError_t forward(const T* features, const float* weights, const float* bias, T* fused, float* attention,
                     const Shape& s, const Attributes& a, float* scores, float* dot_z, float* coefficients,
                     float* stats, float* weight_sums, cudaStream_t stream) {
     const auto batch = static_cast<unsigned>(s.batch);
@@ -319,8 +366,8 @@ cudaError_t forward(const T* features, const float* weights, const float* bias, 
     if (launched != cudaSuccess) return launched;
     softmax_stats_kernel<<<dim3(s.heads, batch), kReduceThreads, 0, stream>>>(scores, stats, s);
     const auto patch_blocks = static_cast<unsigned>((s.patches + kLayerThreads - 1) / kLayerThreads);
-    layer_weights_kernel<T><<<dim3(patch_blocks, batch), kLayerThreads, 0, stream>>>(scores, stats, dot_z, coefficients,
-                                                                                       attention, s, a);
+    layer_weights_kernel<<<dim3(patch_blocks, batch), kLayerThreads, 0, stream>>>(scores, stats, dot_z, coefficients,
+                                                                                    attention, s, a);
     reduce_layers_kernel<T><<<dim3(static_cast<unsigned>(s.patches), batch), kReduceThreads, 0, stream>>>(
         features, coefficients, fused, s);
     return cudaGetLastError();
@@ -329,7 +376,7 @@ cudaError_t forward(const T* features, const float* weights, const float* bias, 
 }  // namespace kernels
 
 cudaError_t launch_forward(DType features_type, const void* features, const float* query_weights,
-                           const float* query_bias, void* fused, void* attention, const Shape& shape,
+                           const float* query_bias, void* fused, float* attention, const Shape& shape,
                            const Attributes& attributes, void* workspace, size_t workspace_size, cudaStream_t stream) {
     if (workspace_size < workspace_bytes(shape) || shape.batch > 65535) return cudaErrorInvalidValue;
     const size_t positions = static_cast<size_t>(shape.batch) * shape.layers * shape.patches;
@@ -346,13 +393,11 @@ cudaError_t launch_forward(DType features_type, const void* features, const floa
     float* weight_sums = carve(per_head);
     if (features_type == DType::kFloat16) {
         return kernels::forward(static_cast<const __half*>(features), query_weights, query_bias, static_cast<__half*>(fused),
-                                static_cast<__half*>(attention), shape, attributes, scores, dot_z, coefficients, stats,
-                                weight_sums, stream);
+                                attention, shape, attributes, scores, dot_z, coefficients, stats, weight_sums, stream);
     }
     if (features_type == DType::kFloat32) {
         return kernels::forward(static_cast<const float*>(features), query_weights, query_bias, static_cast<float*>(fused),
-                                static_cast<float*>(attention), shape, attributes, scores, dot_z, coefficients, stats,
-                                weight_sums, stream);
+                                attention, shape, attributes, scores, dot_z, coefficients, stats, weight_sums, stream);
     }
     return cudaErrorInvalidValue;
 }

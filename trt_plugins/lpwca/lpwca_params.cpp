@@ -102,8 +102,8 @@ bool supports_combination(int32_t position, DType type, bool linear_format, DTyp
         case 0: return type == DType::kFloat32 || type == DType::kFloat16;
         case 1:
         case 2: return type == DType::kFloat32;
-        case 3:
-        case 4: return type == features_type && (type == DType::kFloat32 || type == DType::kFloat16);
+        case 3: return type == features_type && (type == DType::kFloat32 || type == DType::kFloat16);
+        case 4: return type == DType::kFloat32;  // the map: FP32 whatever the features (see the header)
         default: return false;
     }
 }

@@ -8,9 +8,10 @@
 //
 // Two libraries are built from this file (CMakeLists.txt beside it):
 //   libccra_lpwca_plugin.so         getCreators() / setLoggerFinder(): IPluginRegistry::loadLibrary,
-//                                   trtexec --dynamicPlugins, serialising the plugin into an engine
-//   libccra_lpwca_plugin_static.so  registration at load time (namespace "ccra"): Polygraphy --plugins,
-//                                   trtexec --staticPlugins, ctypes.CDLL before parsing
+//                                   trtexec --dynamicPlugins (never serialised into an engine)
+//   libccra_lpwca_plugin_static.so  registration at load time (namespace "ccra"), for a plain dlopen:
+//                                   Triton's plugins=, Polygraphy --plugins, trtexec --staticPlugins,
+//                                   ctypes.CDLL before parsing (links libnvinfer: getPluginRegistry)
 // One library with both would register the creator twice when loaded through loadLibrary.
 #include <NvInferRuntime.h>
 
@@ -148,7 +149,8 @@ public:
     int32_t getOutputDataTypes(DataType* outputTypes, int32_t nbOutputs, DataType const* inputTypes,
                                int32_t nbInputs) const noexcept override {
         if (nbInputs != lpwca::kNumInputs || nbOutputs != lpwca::kNumOutputs) return -1;
-        outputTypes[0] = outputTypes[1] = inputTypes[0];  // outputs follow the features' type
+        outputTypes[0] = inputTypes[0];  // F follows the features' type
+        outputTypes[1] = DataType::kFLOAT;  // A is FP32: mostly subnormal in FP16 (lpwca_params.h)
         return 0;
     }
 
@@ -200,8 +202,8 @@ public:
         // the kernel's own size check (real for C-ABI callers that own their buffer) is waived here.
         cudaError_t const status = lpwca::launch_forward(
             to_dtype(inputDesc[0].type), inputs[0], static_cast<float const*>(inputs[1]),
-            static_cast<float const*>(inputs[2]), outputs[0], outputs[1], mShape, mAttributes, workspace,
-            lpwca::kWorkspaceSizedByCaller, stream);
+            static_cast<float const*>(inputs[2]), outputs[0], static_cast<float*>(outputs[1]), mShape, mAttributes,
+            workspace, lpwca::kWorkspaceSizedByCaller, stream);
         if (status != cudaSuccess) {
             gLogger.error(std::string("ccra::LPWCA enqueue: ") + cudaGetErrorString(status));
             return -1;

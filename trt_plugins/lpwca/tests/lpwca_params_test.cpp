@@ -83,7 +83,9 @@ static void test_type_combinations() {
     EXPECT(supports_combination(1, DType::kFloat32, true, DType::kFloat16));
     EXPECT(!supports_combination(2, DType::kFloat16, true, DType::kFloat16));  // query inputs stay fp32
     EXPECT(supports_combination(3, DType::kFloat16, true, DType::kFloat16));
-    EXPECT(!supports_combination(4, DType::kFloat32, true, DType::kFloat16));  // outputs follow features
+    EXPECT(!supports_combination(3, DType::kFloat32, true, DType::kFloat16));  // F follows the features
+    EXPECT(supports_combination(4, DType::kFloat32, true, DType::kFloat16));   // the map is always FP32
+    EXPECT(!supports_combination(4, DType::kFloat16, true, DType::kFloat16));
     EXPECT(!supports_combination(5, DType::kFloat32, true, DType::kFloat32));
 }
 
