@@ -92,3 +92,35 @@ def test_cuda_decoder_generates_on_the_gpu(cuda_bundle, cat):
     )
     assert cosine > 0.999
     print(f"GPU decode {15 / gpu.generation.decode_s:.1f} tokens/s, CPU {15 / cpu.generation.decode_s:.1f}")
+
+
+def _batched_vs_solo(bundle, device: str) -> None:
+    """Three prompts of different lengths through a 3-slot pool on ``device``: each one's tokens
+    and first logits are its solo run's (FP16 decoder: within FP16 rounding)."""
+    from ccra_export.runtime.batching import ContinuousBatcher
+    from ccra_export.runtime.language_model import KVPool, LanguageModel, Sampling
+
+    lm = LanguageModel(bundle / "lm", device)
+    rng = np.random.default_rng(3)
+    prompts = [lm.embed(rng.integers(3, 100, n).tolist()) for n in (4, 13, 7)]
+    solo = [lm.generate(p, Sampling(max_new_tokens=6)) for p in prompts]
+    batcher = ContinuousBatcher(lm, KVPool(lm, 3))
+    try:
+        together = batcher.generate_many(prompts, [Sampling(max_new_tokens=6) for _ in prompts], timeout=120)
+    finally:
+        batcher.close()
+    for alone, batched in zip(solo, together, strict=True):
+        np.testing.assert_allclose(batched.first_logits, alone.first_logits, atol=2e-2, rtol=0)
+        assert batched.tokens == alone.tokens
+
+
+def test_the_cuda_decoder_batches_on_the_cpu_provider(cuda_bundle):
+    """The CUDA target's FP16 KV buffers bound by address, run by the CPU provider."""
+    _batched_vs_solo(cuda_bundle, "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA_EP, reason="this ONNX Runtime has no CUDAExecutionProvider (onnxruntime-gpu)")
+def test_the_cuda_decoder_batches_on_the_gpu(cuda_bundle):
+    """The KV pool in device memory, rows bound by address: batched decode on the GPU."""
+    _batched_vs_solo(cuda_bundle, "cuda")
