@@ -1,7 +1,9 @@
 """CCRA's LPWCA attention map with its geometry: which photo pixels each patch saw.
 
 Every CCRA graph outputs ``lpwca_attention`` [batch, L, N]: the joint softmax over the L selected
-ViT layers and the N patches (it sums to 1 per image). Patches tile the processor's crop in a
+ViT layers and the N patches (it sums to 1 per image), float32 at every precision (its mean
+1/(L*N) is below FP16's smallest normal at llava-1.5-7b sizes); FP16 bundles built before that
+give it in float16, which ``from_output`` reads the same way. Patches tile the processor's crop in a
 square grid; ``core.image_preprocess.crop_geometry`` maps the crop back through the centre crop,
 the resize and LLaVA's pad-to-square, so a patch is a rectangle of the original image.
 numpy only: drawing it is the ``explain`` workflow's (matplotlib, Pillow).
@@ -25,7 +27,8 @@ class AttentionMap:
 
     @classmethod
     def from_output(cls, attention: np.ndarray, layers: tuple[int, ...], geometry: CropGeometry) -> AttentionMap:
-        """One image's ``lpwca_attention`` row [L, N] (N a square number of patches)."""
+        """One image's ``lpwca_attention`` row [L, N] (N a square number of patches), of any float
+        type (an older FP16 bundle's float16 map included), as float64."""
         attention = np.asarray(attention, dtype=np.float64)
         if attention.ndim != 2 or attention.shape[0] != len(layers):
             raise ValueError(f"attention map of shape {attention.shape}: expected [{len(layers)}, patches]")

@@ -60,7 +60,7 @@ class Prepared:
     input_ids: list[int]  # the prompt's tokens, <image> included once
     image_position: int
     visual_tokens: np.ndarray
-    attention: np.ndarray | None = None  # CCRA: the LPWCA map [1, L, N] the vision graph gave
+    attention: np.ndarray | None = None  # CCRA: the LPWCA map [1, L, N] the vision graph gave, float32
     image_size: tuple[int, int] | None = None
     vision_s: float = 0.0  # preprocessing + the vision graph(s): a split bundle's cached tower makes it small
 
@@ -73,6 +73,12 @@ def no_attention_map(bundle: Path) -> InputError:
         field="bundle",
         value=bundle,
     )
+
+
+def map_fp32(attention: np.ndarray | None) -> np.ndarray | None:
+    """The LPWCA map as float32: FP16 bundles built before the map was FP32 (issue 27) give it in
+    float16, mostly subnormal at llava-1.5-7b sizes; readers see one type either way."""
+    return None if attention is None else np.asarray(attention, dtype=np.float32)
 
 
 def outputs_attention_map(manifest: Manifest) -> bool:
@@ -224,7 +230,7 @@ class Pipeline:
         position = ids.index(self.image_token_id)
         parts = [self.lm.embed(ids[:position]), visual, self.lm.embed(ids[position + 1 :])]
         embeds = np.concatenate([p for p in parts if p.shape[1]], axis=1)
-        return Prepared(embeds, ids, position, visual, outputs.get("lpwca_attention"), image.size, vision_s)
+        return Prepared(embeds, ids, position, visual, map_fp32(outputs.get("lpwca_attention")), image.size, vision_s)
 
     def attention(self, image: Image.Image | str | Path, prompt: str) -> AttentionMap:
         """CCRA's LPWCA map for ``prompt`` about ``image``, with the geometry that puts each patch on

@@ -148,6 +148,29 @@ def test_explain_writes_pictures_and_a_map_that_agree(ccra_bundle, cat, tmp_path
     assert again.exit_code == 2 and "pass --force" in again.stderr
 
 
+class OlderFp16Map:
+    """The vision graph of an FP16 bundle built before the map was FP32: it gives the map in float16."""
+
+    def __init__(self, vision) -> None:
+        self.vision = vision
+
+    def run(self, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        outputs = self.vision.run(feeds)
+        return {**outputs, "lpwca_attention": outputs["lpwca_attention"].astype(np.float16)}
+
+
+def test_an_older_bundles_fp16_map_is_read_like_an_fp32_one(ccra_bundle, cat):
+    pipeline = Pipeline.from_bundle(ccra_bundle)
+    want = pipeline.attention(cat, PROMPT).weights
+    pipeline.vision = OlderFp16Map(pipeline.vision)
+    older = pipeline.attention(cat, PROMPT)
+    assert older.weights.dtype == np.float64 and older.weights.sum() == pytest.approx(1.0, abs=1e-3)
+    np.testing.assert_allclose(older.weights, want, rtol=1e-3)  # FP16's rounding, nothing else
+    prepared = pipeline.prepare(cat, PROMPT)
+    assert prepared.attention.dtype == np.float32
+    np.testing.assert_array_equal(prepared.attention[0], older.weights.reshape(3, -1).astype(np.float32))
+
+
 def test_run_writes_the_attention_overlay(ccra_bundle, cat, tmp_path):
     cat.save(tmp_path / "cat.png")
     args = ["run", "--bundle", str(ccra_bundle), "--image", str(tmp_path / "cat.png"), "--prompt", PROMPT]

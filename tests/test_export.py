@@ -8,6 +8,7 @@ import onnxruntime as ort
 import pytest
 from onnx.reference import ReferenceEvaluator
 
+from ccra_export.core import lpwca_schema
 from ccra_export.core.config import preset
 from ccra_export.core.graph_scopes import CCRA_SCOPE, in_scope
 from ccra_export.core.parity import compare_output
@@ -108,8 +109,25 @@ class TestFp16:
             "text_embeds": "float16",
             "text_mask": "int64",
             "visual_tokens": "float16",
-            "lpwca_attention": "float16",
+            "lpwca_attention": "float32",  # the map's mean 1/(L*N) is below FP16's smallest normal at llava sizes
         }
+
+    @pytest.mark.parametrize("lpwca", ["portable", "fused"])
+    def test_the_map_is_fp32_from_its_softmax_to_the_output_with_ccra_in_fp16_too(self, tiny_model, lpwca):
+        """--ccra-fp16: the module runs FP16, but the map's mean over heads and reshape (portable)
+        stay FP32 after the FP32 softmax, and the fused node gives it FP32: one interface, no cast."""
+        proto = convert_to_fp16(export_model_proto(tiny_model, lpwca=lpwca), keep_ccra_fp32=False)
+        types = lpwca_schema.tensor_types(proto)
+        assert types["lpwca_attention"] == onnx.TensorProto.FLOAT and types["visual_tokens"] == onnx.TensorProto.FLOAT16
+        producers = {out: node for node in proto.graph.node for out in node.output}
+        chain, name = [], "lpwca_attention"
+        while producers[name].op_type not in ("Softmax", "LPWCA"):
+            chain.append(producers[name].op_type)
+            name = producers[name].input[0]
+        assert chain == ([] if lpwca == "fused" else ["Reshape", "ReduceMean"])
+        assert types[name] == onnx.TensorProto.FLOAT  # the softmax's (or node's) output, never rounded to FP16
+        ccra_matmuls = [n for n in proto.graph.node if n.op_type == "MatMul" and in_scope(n, CCRA_SCOPE)]
+        assert {types[n.output[0]] for n in ccra_matmuls} == {onnx.TensorProto.FLOAT16}  # the module did go FP16
 
     def test_softmax_and_ccra_compute_in_fp32_and_tower_in_fp16(self, fp16_path):
         model = onnx.shape_inference.infer_shapes(onnx.load(str(fp16_path)))
@@ -133,6 +151,26 @@ class TestFp16:
             result = compare_output(name, got[name], want[name], thresholds=_fp16())
             assert result.passed, result.failures
             assert result.cosine < 1.0 - 1e-9, "an FP16 graph that is bit-exact with FP32 was not converted"
+
+
+def test_fused_op_gives_the_map_in_fp32_for_fp16_features_and_so_does_its_fake():
+    """The kernels' contract (trt_plugins/lpwca/README.md): F in the features' type, A FP32 always;
+    the fake (what the exporter traces) must agree with the eager body."""
+    import torch
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from ccra_export.model.lpwca_fused import lpwca
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(2, 3, 16, 8, generator=gen).half(), torch.randn(2, 3, 8, generator=gen))
+    args += (torch.randn(2, 3, 2, generator=gen), 2, 1e-5, 0.5, 0.3)
+    fused, attention = lpwca(*args)
+    assert (fused.dtype, attention.dtype) == (torch.float16, torch.float32)
+    torch.testing.assert_close(attention.sum(dim=(1, 2)), torch.ones(2))
+    with FakeTensorMode() as mode:
+        fake = torch.ops.ccra.lpwca(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args))
+    assert [t.dtype for t in fake] == [torch.float16, torch.float32]
+    torch.library.opcheck(torch.ops.ccra.lpwca.default, args)
 
 
 def _fp16():

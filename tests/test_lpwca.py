@@ -170,7 +170,7 @@ class TestFusedGraph:
         save_model(convert_to_fp16(export_model_proto(model, lpwca="fused")), path, "never")
         check_graph(path)
         inferred = onnx.shape_inference.infer_shapes(onnx.load(str(path)))
-        types = {v.name: v.type.tensor_type.elem_type for v in inferred.graph.value_info}
+        types = {v.name: v.type.tensor_type.elem_type for v in [*inferred.graph.value_info, *inferred.graph.output]}
         node = next(n for n in inferred.graph.node if n.op_type == "LPWCA")
         F16, F32 = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
         assert [types[i] for i in node.input] == [F16, F32, F32]

@@ -45,6 +45,7 @@ from ccra_export.serve.triton.config import (
     VISION_MODEL,
     VLM_MODEL,
     batching,
+    part_manifest,
     vision_config,
 )
 from ccra_export.serve.triton.repository import RepoOptions, choose_vision_backend, write_repository
@@ -339,6 +340,22 @@ def test_split_repository_has_tower_and_head_models(split_bundle, tmp_path):
         assert "class TritonPythonModel(VisionModel)" in (python / name / "1" / "model.py").read_text()
     cache = parse(python / VLM_MODEL / "config.pbtxt").parameters["tower_cache_mib"].string_value
     assert float(cache) == DEFAULT_TOWER_CACHE_MIB
+
+
+def test_fp16_head_config_gives_the_map_in_fp32_and_an_older_bundle_its_fp16(bundles):
+    """An FP16 bundle's map is FP32 (mostly subnormal in FP16 at llava sizes); Triton's config
+    follows each graph's recorded types, so a bundle built before that still serves its FP16 map."""
+    manifest = read_manifest(bundles("--model", "tiny", "--random-weights", "--precision", "fp16", "--seed", "3"))
+    head = part_records(manifest)[-1]
+    policy = batching(part_manifest(manifest, head), 2000, use_engine=False)
+
+    def types(part: dict) -> dict[str, str]:
+        config = vision_config(part_manifest(manifest, part), "onnxruntime_onnx", policy, gpu=False, name=HEAD_MODEL)
+        return {o.name: type_name(o) for o in config.output}
+
+    assert types(head) == {"visual_tokens": "TYPE_FP16", "lpwca_attention": "TYPE_FP32"}
+    older = {**head, "outputs": [{**o, "dtype": "float16"} for o in head["outputs"]]}
+    assert types(older) == {"visual_tokens": "TYPE_FP16", "lpwca_attention": "TYPE_FP16"}
 
 
 def fake_split_engine_manifest(manifest: dict, sha: str | None) -> dict:

@@ -24,6 +24,8 @@ TEXT_EMBEDS = "text_embeds"
 TEXT_MASK = "text_mask"
 TOWER_FEATURES = "tower_features"  #: [batch, L, N, Dv]: the hidden states of CCRA's feature layers
 VISUAL_TOKENS = "visual_tokens"
+#: [batch, L, N]: float32 at every precision, FP16 graphs included (its mean 1/(L*N) is below FP16's
+#: smallest normal at llava-1.5-7b sizes; export/fp16.py); older FP16 bundles give float16
 LPWCA_ATTENTION = "lpwca_attention"
 
 

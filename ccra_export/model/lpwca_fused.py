@@ -50,7 +50,12 @@ def lpwca(
     head_scale: float,
     layer_scale: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """LPWCA stages 2+3 from folded queries: V [B,L,N,Dv] -> F [B,N,Dv], A [B,L,N] (FP32 math)."""
+    """LPWCA stages 2+3 from folded queries: V [B,L,N,Dv] -> F [B,N,Dv], A [B,L,N] (FP32 math).
+
+    F comes back in the features' dtype, A in float32 whatever it: the kernels' contract
+    (trt_plugins/lpwca/README.md). A sums to 1 over L*N positions, so its mean, 1/(L*N), is below
+    FP16's smallest normal (6.1e-5) at llava-1.5-7b sizes; in FP16 most of it would be subnormal.
+    """
     batch, layers, patches, _ = features.shape
     x = features.float()
     mean = x.mean(-1, keepdim=True)
@@ -63,13 +68,14 @@ def lpwca(
     weight_g = layers * patches * attention
     alpha = torch.softmax(weight_g * dots[..., num_heads] * layer_scale, dim=1)
     fused = ((alpha * weight_g).unsqueeze(-1) * x).sum(1)
-    return fused.to(features.dtype), attention.to(features.dtype)
+    return fused.to(features.dtype), attention.float()
 
 
 @lpwca.register_fake
 def _lpwca_fake(features, query_weights, query_bias, num_heads, epsilon, head_scale, layer_scale):  # noqa: ANN001
+    """Shapes and dtypes for tracing: F like the features, A float32 (as the eager body and kernels)."""
     batch, layers, patches, width = features.shape
-    return features.new_empty(batch, patches, width), features.new_empty(batch, layers, patches)
+    return features.new_empty(batch, patches, width), features.new_empty(batch, layers, patches, dtype=torch.float32)
 
 
 def check_kernel_limits(heads: int, layers: int) -> None:
