@@ -196,6 +196,56 @@ def _with_sentencepiece_vocab(hf_dir: Path, out: Path) -> Path:
     return out
 
 
+def gguf_q4(hf_dir: Path, work: Path, source: Path, quantize: Path) -> Path | str:
+    """The language model as GGUF Q4_0 by llama.cpp's own converter (``source``: a llama.cpp
+    tree) and quantizer binary (``llama-quantize``), or why not."""
+    f16, q4 = work / "model-f16.gguf", work / "model-q4_0.gguf"
+    if q4.is_file():
+        return q4
+    gguf_dir = _with_sentencepiece_vocab(hf_dir, work / "hf-gguf")
+    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+    command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gguf_dir), "--outfile", str(f16)]
+    converted = subprocess.run([*command, "--outtype", "f16"], capture_output=True, text=True, env=env)
+    if converted.returncode != 0:
+        lines = [line for line in converted.stderr.splitlines() if line.strip()]
+        return f"llama.cpp's converter refused the checkpoint: {lines[-1] if lines else 'no output'}"
+    quantized = subprocess.run([str(quantize), str(f16), str(q4), "Q4_0"], capture_output=True, text=True)
+    if quantized.returncode != 0:
+        return f"llama-quantize failed: {quantized.stderr.strip().splitlines()[-1:]}"
+    return q4
+
+
+def llama_bench_per_token(
+    hf_dir: Path,
+    work: Path,
+    contexts: list[int],
+    steps: int,
+    repeats: int,
+    source: Path | None,
+    binary: Path,
+    threads: int,
+) -> dict | str:
+    """llama.cpp decode ms/token at each context depth, by its own ``llama-bench`` (tg ``steps``
+    tokens after ``-d`` tokens of context, ``repeats`` samples) on the same weights as Q4_0."""
+    if source is None or not (source / "convert_hf_to_gguf.py").is_file():
+        return "no llama.cpp source tree for its HF -> GGUF converter (--llama-cpp-src DIR)"
+    quantize = binary.parent / "llama-quantize"
+    if not binary.is_file() or not quantize.is_file():
+        return f"no llama-bench with llama-quantize beside it at {binary}"
+    model = gguf_q4(hf_dir, work, source, quantize)
+    if isinstance(model, str):
+        return model
+    command = [str(binary), "-m", str(model), "-p", "0", "-n", str(steps), "-t", str(threads), "-r", str(repeats)]
+    ran = subprocess.run([*command, "-d", ",".join(map(str, contexts)), "-o", "json"], capture_output=True, text=True)
+    if ran.returncode != 0:
+        return f"llama-bench failed: {ran.stderr.strip().splitlines()[-1:]}"
+    figures = {}
+    for entry in json.loads(ran.stdout):
+        samples = [ns / 1e6 / entry["n_gen"] for ns in entry.get("samples_ns", [entry["avg_ns"]])]
+        figures[int(entry["n_depth"])] = spread(samples)
+    return figures
+
+
 def llama_cpp_per_token(
     hf_dir: Path, work: Path, contexts: list[int], steps: int, repeats: int, source: Path | None
 ) -> dict | str:
@@ -265,6 +315,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--json", type=Path)
     parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp source tree (for its HF -> GGUF converter)")
+    parser.add_argument(
+        "--llama-bench",
+        type=Path,
+        help="llama.cpp's llama-bench binary (llama-quantize beside it): used instead of llama-cpp-python",
+    )
     parser.add_argument("--skip-hf", action="store_true", help="leave Hugging Face generate out (it is slow at 2000)")
     args = parser.parse_args()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -371,7 +426,12 @@ def main() -> None:
             f"{one.prompt_tokens} tokens, turn 2 {statistics.median(second):.1f} ms for {two.prompt_tokens} tokens "
             f"({statistics.median(first) / statistics.median(second):.1f}x less)"
         )
-        llama = llama_cpp_per_token(hf_dir, work, contexts, args.steps, args.repeats, args.llama_cpp_src)
+        if args.llama_bench is not None:
+            llama = llama_bench_per_token(
+                hf_dir, work, contexts, args.steps, args.repeats, args.llama_cpp_src, args.llama_bench, args.threads
+            )
+        else:
+            llama = llama_cpp_per_token(hf_dir, work, contexts, args.steps, args.repeats, args.llama_cpp_src)
         figures["llama_cpp"] = llama
         if isinstance(llama, str):
             console.print(f"llama.cpp: left out: {llama}")

@@ -43,7 +43,7 @@ from rich.console import Console
 from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).parent))
-from lm_decode import _with_sentencepiece_vocab, make_checkpoint
+from lm_decode import gguf_q4, make_checkpoint
 
 console = Console(highlight=False)
 SERVE = ["ccra-export", "serve", "--max-queue", "64"]
@@ -300,22 +300,6 @@ def bench_ours(bundle: Path, clients: list[int], args: argparse.Namespace) -> tu
         return {"runs": runs, "summary": summary}, prompt
     finally:
         stop(server)
-
-
-def gguf_q4(hf_dir: Path, work: Path, source: Path, quantize: Path) -> Path | str:
-    """The language model as GGUF Q4_0 by llama.cpp's own converter and quantizer, or why not."""
-    f16, q4 = work / "model-f16.gguf", work / "model-q4_0.gguf"
-    gguf_dir = _with_sentencepiece_vocab(hf_dir, work / "hf-gguf")
-    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
-    command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gguf_dir), "--outfile", str(f16)]
-    converted = subprocess.run([*command, "--outtype", "f16"], capture_output=True, text=True, env=env)
-    if converted.returncode != 0:
-        lines = [line for line in converted.stderr.splitlines() if line.strip()]
-        return f"llama.cpp's converter refused the checkpoint: {lines[-1] if lines else 'no output'}"
-    quantized = subprocess.run([str(quantize), str(f16), str(q4), "Q4_0"], capture_output=True, text=True)
-    if quantized.returncode != 0:
-        return f"llama-quantize failed: {quantized.stderr.strip().splitlines()[-1:]}"
-    return q4
 
 
 def llama_flags(slots: int, context: int) -> list[str]:
