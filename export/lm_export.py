@@ -94,6 +94,70 @@ class LMQuant:
         return options + ([f"accuracy_level={self.accuracy_level}"] if self.accuracy_level is not None else [])
 
 
+#: ``--kv-cache``: fp, the decoder's own activation type (FP32 on the CPU, FP16 on CUDA); int8, the
+#: builder's static INT8 KV cache with scales calibrated at build (calibration/kv_scales.py)
+KV_CACHE_TYPES = ("fp", "int8")
+#: the builder's scheme for an INT8 KV cache: one scale per key/value channel (post-RoPE keys have
+#: outlier channels a per-tensor scale would round the rest of to a few levels; measured in
+#: docs/language-model.md). Both run on ONNX Runtime's CPU GroupQueryAttention with past and
+#: present bound to one buffer; the per-token schemes need CUDA PagedAttention.
+KV_INT8_SCHEME = "int8_per_channel"
+KV_SCHEMES = ("int8_per_channel", "int8_per_tensor")
+
+
+@dataclass(frozen=True)
+class DecoderOptions:
+    """What the decoder serves and computes, besides its weights: the context its KV cache is
+    allocated for (None: the model's own ``max_position_embeddings``), the LM head on the last
+    position only during prefill (a prompt's other positions' logits are never used), and the KV
+    cache's element type."""
+
+    context: int | None = None
+    prune_lm_head: bool = True
+    kv_cache: str = "fp"
+    #: the builder's INT8 scheme (``kv_cache == "int8"``); per-channel is the measured default
+    kv_scheme: str = KV_INT8_SCHEME
+
+    def __post_init__(self) -> None:
+        if self.context is not None and (
+            isinstance(self.context, bool) or not isinstance(self.context, int) or self.context < 1
+        ):
+            raise ConfigError("expected a number of tokens >= 1", field="context", value=self.context)
+        if self.kv_cache not in KV_CACHE_TYPES:
+            raise ConfigError(f"expected one of {', '.join(KV_CACHE_TYPES)}", field="kv_cache", value=self.kv_cache)
+        if self.kv_scheme not in KV_SCHEMES:
+            raise ConfigError(f"expected one of {', '.join(KV_SCHEMES)}", field="kv_scheme", value=self.kv_scheme)
+
+    def extra_options(self, kv_scale_file: Path | None = None) -> list[str]:
+        """The builder's ``--extra_options`` for the LM head and, with ``kv_scale_file``, the KV cache."""
+        options = ["prune_lm_head=true"] if self.prune_lm_head else []
+        if self.kv_cache == "int8":
+            if kv_scale_file is None:
+                raise ConfigError("an INT8 KV cache needs calibrated scales", field="kv_cache", value=self.kv_cache)
+            options += [f"kv_cache_quant_scheme={self.kv_scheme}", f"kv_cache_scale_file={kv_scale_file}"]
+        return options
+
+
+def max_context(checkpoint: Path) -> int:
+    """The language model's own context (``max_position_embeddings``) from a LLaVA checkpoint's
+    config.json: a json read, nothing loaded."""
+    from transformers import LlavaConfig
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return int(LlavaConfig.from_dict(config).text_config.max_position_embeddings)
+
+
+def set_context(decoder_dir: Path, context: int) -> None:
+    """Make the decoder serve ``context`` tokens: genai_config.json's ``model.context_length`` (the
+    KV cache the runtime allocates) and ``search.max_length``. The graph itself is unchanged: its
+    rotary tables cover the model's whole context, of which the first ``context`` positions are used."""
+    path = Path(decoder_dir) / "genai_config.json"
+    config = json.loads(path.read_text())
+    config["model"]["context_length"] = context
+    config.setdefault("search", {})["max_length"] = context
+    path.write_text(json.dumps(config, indent=4))
+
+
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 # LLaVA's language-model tensors under every published prefix -> LlamaForCausalLM names
 _LM_KEY = re.compile(r"^(?:model\.)?language_model\.(?:model\.)?(?P<rest>.+)$")
@@ -182,13 +246,24 @@ def language_model_dir(checkpoint: Path, out: Path) -> Path:
 LM_DEVICES = ("cpu", "cuda")
 
 
-def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu", quant: LMQuant | None = None) -> None:
+def build_decoder(
+    lm_dir: Path,
+    out: Path,
+    precision: str,
+    device: str = "cpu",
+    quant: LMQuant | None = None,
+    decoder: DecoderOptions | None = None,
+    kv_scale_file: Path | None = None,
+) -> None:
     """Run onnxruntime-genai's model builder for ``device`` (inputs_embeds in).
 
     ``cuda`` is the builder's CUDA target: FP16 activations, INT4/INT8 weights (MatMulNBits), the
     CUDA attention kernels and a genai_config naming the CUDA provider. It is written on any
     machine; ONNX Runtime's CPU provider also runs it, which is how a CPU workstation checks it.
+    ``decoder``: the context, the pruned LM head and the KV cache (``kv_scale_file``: the calibrated
+    INT8 scales, the builder's JSON); default ``DecoderOptions()``.
     """
+    decoder = decoder or DecoderOptions()
     if device not in LM_DEVICES:
         raise ConfigError(f"expected one of {', '.join(LM_DEVICES)}", field="lm_device", value=device)
     if precision not in LM_PRECISIONS:
@@ -213,6 +288,7 @@ def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu", 
             if precision in ("int4", "int8")
             else []
         ),
+        *decoder.extra_options(kv_scale_file),
     ]
     # the builder's cache defaults to ./cache_dir in the working directory
     # (temporary external data included): it goes beside lm_dir instead, and is removed however this ends
@@ -221,6 +297,8 @@ def build_decoder(lm_dir: Path, out: Path, precision: str, device: str = "cpu", 
     if returncode != 0:
         lines = [line for line in stderr.splitlines() if line.strip()]
         raise CheckpointError(f"onnxruntime-genai model builder failed: {lines[-1] if lines else 'no output'}")
+    if decoder.context is not None:
+        set_context(out, decoder.context)
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h

@@ -65,8 +65,8 @@ def as_format_2(manifest: dict) -> dict:
         if others:
             calibration["graphs"] = {p["part"]: {k: v for k, v in p.items() if k != "part"} for p in others}
             calibration["graph"] = first["part"]
-    if old["language_model"]:  # written by format 3 releases only (optional there): the recipe, the eval set
-        for key in ("quant", "evaluation"):
+    if old["language_model"]:  # written by format 3 releases only (optional there): recipe, eval set, decoder
+        for key in ("quant", "evaluation", "decoder"):
             old["language_model"].pop(key, None)
     return old
 
@@ -269,7 +269,7 @@ def test_a_format_2_bundle_opens_runs_and_checks(which, request, tmp_path):
     on_disk = (bundle / MANIFEST_NAME).read_bytes()
 
     want = read_manifest(source)
-    for key in ("quant", "evaluation"):  # what format 2 never wrote
+    for key in ("quant", "evaluation", "decoder"):  # what format 2 never wrote
         want["language_model"].pop(key, None)
     assert read_manifest(bundle) == want  # the same model in memory
     checked = cli("check", "--bundle", bundle, "--reference", "recorded")  # re-hashes every file

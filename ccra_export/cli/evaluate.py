@@ -110,7 +110,7 @@ def _percent(value: float | None) -> str:
 
 
 def _table(report: EvalReport) -> Table:
-    bounds = bounds_for(report.lm_precision)
+    bounds = bounds_for(report.lm_precision, report.kv_cache)
     forced = report.next_token
     table = titled(
         f"{escape(report.bundle)} vs {report.reference}: {len(report.items)} questions "

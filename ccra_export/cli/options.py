@@ -552,4 +552,31 @@ EXPORT = (
         "the CPU provider where there is no GPU). auto: the vision backend's device (CUDA for TensorRT or where "
         "ONNX Runtime has the CUDA provider), else cpu.",
     ),
+    opt(
+        "lm_decoder.context",
+        "--context",
+        type=click.IntRange(1),
+        metavar="N",
+        help="With --lm-precision: the tokens a sequence may hold (prompt, image and answer), 1 to the model's "
+        "max_position_embeddings (default: that). The runtime allocates the KV cache for this many tokens; a longer "
+        "prompt is refused.",
+    ),
+    opt(
+        "lm_decoder.kv_cache",
+        "--kv-cache",
+        type=click.Choice(["fp", "int8"]),
+        default="fp",
+        show_default=True,
+        help="With --lm-precision (CPU decoders): the KV cache's type. fp: the decoder's own (FP32 on the CPU); "
+        "int8: the model builder's static per-channel INT8 cache (a quarter of FP32's bytes), its scales calibrated "
+        "on the build's parity prompts and its quality bounded (docs/language-model.md).",
+    ),
+    opt(
+        "lm_decoder.prune_lm_head",
+        "--prune-lm-head/--no-prune-lm-head",
+        default=True,
+        show_default=True,
+        help="With --lm-precision: compute the LM head on the last prompt position only during prefill (the others' "
+        "logits are never used; parity steps token by token where it needs them).",
+    ),
 )

@@ -134,7 +134,7 @@ def lm_table(figures: LanguageModelReport) -> Table:
         table.add_column(column, justify="left" if column == "check" else "right")
     forced = figures.get("next_token")
     if forced is not None:
-        limit = lm_bounds(figures["precision"]) if "precision" in figures else None
+        limit = lm_bounds(figures["precision"], figures.get("kv_cache", "fp")) if "precision" in figures else None
         rows = (
             ("next-token KL, mean", f"{forced['kl_mean']:.3e}", limit and f"<= {limit.max_kl_mean:g}"),
             ("next-token KL, p99", f"{forced['kl_p99']:.3e}", limit and f"<= {limit.max_kl_p99:g}"),

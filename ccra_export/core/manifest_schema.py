@@ -377,6 +377,21 @@ class EvaluationRecord(TypedDict):
 
 
 @with_config(_OPEN)
+class DecoderRecord(TypedDict):
+    """How the decoder was built besides its weights (export/lm_export.DecoderOptions)."""
+
+    context_length: PositiveInt  #: the tokens of KV the runtime allocates (genai_config's context_length)
+    model_context: PositiveInt  #: the model's own (max_position_embeddings)
+    prune_lm_head: bool  #: its logits are the last fed position's only (the runtime steps to get others)
+    kv_cache: Literal["fp", "int8"]
+    kv_bytes_per_token: PositiveInt  #: keys and values of every layer, one sequence
+    kv_scheme: NotRequired[Literal["int8_per_channel", "int8_per_tensor"]]
+    kv_scales: NotRequired[RelPath]  #: INT8: the calibrated scales the builder read (provenance)
+    #: INT8: teacher-forced figures against the same decoder with an unquantized cache
+    kv_figures: NotRequired[dict[str, Annotated[float, Field(allow_inf_nan=False)] | int | None]]
+
+
+@with_config(_OPEN)
 class LanguageModelRecord(TypedDict):
     precision: Literal["int4", "int8", "fp16", "fp32"]
     device: Literal["cpu", "cuda"]
@@ -387,6 +402,8 @@ class LanguageModelRecord(TypedDict):
     #: INT4/INT8: the recipe (bundles built before it used the builder's default, block 32)
     quant: NotRequired[LMQuantRecord]
     evaluation: NotRequired[EvaluationRecord]  #: bundles built before it have none
+    #: bundles built before it: the model's context, every position's logits, an unquantized cache
+    decoder: NotRequired[DecoderRecord]
 
 
 @with_config(_OPEN)
@@ -503,6 +520,9 @@ def named_files(manifest: Manifest) -> list[tuple[str, str]]:
         named += [(f"calibration.parts[{i}].ort_cache", p["ort_cache"]) for i, p in enumerate(calibration)]
     if manifest["language_model"]:
         named += [(f"language_model.files[{i}]", n) for i, n in enumerate(manifest["language_model"]["files"])]
+        decoder = manifest["language_model"].get("decoder")
+        if decoder and "kv_scales" in decoder:
+            named.append(("language_model.decoder.kv_scales", decoder["kv_scales"]))
         evaluation = manifest["language_model"].get("evaluation")
         if evaluation:
             named += [(f"language_model.evaluation.{key}", evaluation[key]) for key in ("data", "reference")]

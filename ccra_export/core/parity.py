@@ -227,6 +227,8 @@ class LanguageModelFigures(TypedDict):
     #: teacher-forced next-token figures (core/lm_quality.NextTokenFigures), where the reference
     #: recorded its log-probabilities (bundles built before them have none)
     next_token: NotRequired[dict[str, float]]
+    #: the decoder's KV cache, "fp" or "int8" (build --kv-cache): what its bounds are with the precision
+    kv_cache: NotRequired[str]
 
 
 class LanguageModelReport(LanguageModelFigures):

@@ -66,7 +66,7 @@ from ccra_export.engine.settings import ProfileOptions, TrtOptions
 from ccra_export.export.fp16 import convert_to_fp16
 from ccra_export.export.fp16_ranges import activation_ranges, over_range
 from ccra_export.export.graph_checks import check_graph, graph_interface
-from ccra_export.export.lm_export import LMQuant
+from ccra_export.export.lm_export import DecoderOptions, LMQuant
 from ccra_export.runtime import lm_parity
 from ccra_export.runtime.backends import join_parts, resolve_backend, select_backend
 from ccra_export.runtime.lpwca_cpu import library_path
@@ -113,6 +113,8 @@ class BuildOptions:
     lm_precision: str | None = None
     lm_device: str = "auto"
     lm_quant: LMQuant = field(default_factory=LMQuant)  #: INT4/INT8 decoders: the builder's recipe
+    #: the decoder's context, pruned LM head and KV cache type
+    lm_decoder: DecoderOptions = field(default_factory=DecoderOptions)
     trt: TrtOptions = field(default_factory=TrtOptions)
     profile: ProfileOptions = field(default_factory=ProfileOptions)
     parity: ParityOptions = field(default_factory=ParityOptions)
@@ -226,6 +228,9 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             "{lm_precision} needs a checkpoint directory: presets have no language model or tokenizer",
             mentions=("lm_precision",),
         )
+    language_model.check_decoder(
+        options.model, options.lm_precision, options.lm_device, backend_kind, options.lm_decoder
+    )
     source = resolve_source(
         options.model,
         random_weights=options.random_weights,
@@ -514,11 +519,18 @@ def _add_language_model(
     device, why = language_model.resolve_device(options.lm_device, backend_kind)
     steps.info(f"language model device: {device} ({why})")
     exported = language_model.export_into(
-        Path(source.record["path"]), stage, scratch, options.lm_precision, device, steps, options.lm_quant
+        Path(source.record["path"]),
+        stage,
+        scratch,
+        options.lm_precision,
+        device,
+        steps,
+        options.lm_quant,
+        options.lm_decoder,
     )
     figures = language_model.parity(exported.hf_dir, stage / "lm", options.lm_precision, device, steps)
     report.language_model = figures
-    report.extra_failures += lm_parity.failures(options.lm_precision, figures)
+    report.extra_failures += lm_parity.failures(options.lm_precision, figures) + exported.failures
     evaluation = record_evaluation_set(Path(source.record["path"]), stage, steps)  # `eval` without PyTorch
     written = sorted(str(p.relative_to(stage)) for p in (stage / EVAL_DIR).rglob("*") if p.is_file())
     return LanguageModelRecord(  # precision and device: the flags' choices, checked by the schema on write
@@ -529,6 +541,7 @@ def _add_language_model(
         files=sorted({*exported.files, lm_parity.LM_REFERENCE_FILE, *written}),
         evaluation=evaluation,
         **({"quant": LMQuantRecord(**dataclasses.asdict(exported.quant))} if exported.quant else {}),
+        **({"decoder": exported.decoder} if exported.decoder else {}),
         parity=LanguageModelParity(
             ran_on=figures["ran_on"],  # type: ignore[typeddict-item]  # "cpu" or "cuda": runnable_device
             first_token_logits=figures["first_token_logits"],

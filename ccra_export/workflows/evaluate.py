@@ -125,6 +125,7 @@ class EvalReport:
     end_to_end: NextTokenFigures | None = None  #: our prompt fed: the vision graph's error included
     decoder_only: bool = False
     flip_limit: float = 0.0
+    kv_cache: str = "fp"  #: the decoder's KV cache (build --kv-cache): its bounds go with lm_precision's
 
     @property
     def flip_rate(self) -> float:
@@ -157,6 +158,7 @@ class EvalReport:
             "bundle": self.bundle,
             "reference": self.reference,
             "lm_precision": self.lm_precision,
+            "kv_cache": self.kv_cache,
             "vision_precision": self.vision_precision,
             "items": len(self.items),
             "flip_rate": self.flip_rate,
@@ -404,7 +406,9 @@ def evaluate(
     report = EvalReport(str(bundle), answers.name, record["precision"], manifest["precision"], results, figures)
     report.end_to_end = pooled(end_to_end)
     report.decoder_only = bool(decoder_figures)
-    lm_bounds = bounds_for(record["precision"])
+    decoder = record.get("decoder")
+    report.kv_cache = decoder["kv_cache"] if decoder else "fp"
+    lm_bounds = bounds_for(record["precision"], report.kv_cache)
     flip_limit = lm_bounds.max_flip_rate + VISION_FLIP_ALLOWANCE[manifest["precision"]]
     report.failures += [f"language model: {v}" for v in violations(figures, None, lm_bounds)]
     if report.flip_rate > flip_limit:
