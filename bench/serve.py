@@ -192,6 +192,11 @@ def direct_reference(bundle: Path, requests: int, tokens: int) -> dict:
     return {"e2e_p50": statistics.median(e2e), "e2e_all": e2e, "tokens_per_s": produced / sum(e2e)}
 
 
+def server_log():
+    """A file for a server's stderr (its access log: a pipe nobody reads would fill and stall it)."""
+    return tempfile.NamedTemporaryFile("w+", prefix="ccra-serve-bench-", suffix=".log", delete=False)
+
+
 def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 600) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -201,7 +206,8 @@ def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 600) -> N
         except httpx.TransportError:
             pass
         if process.poll() is not None:
-            raise SystemExit(f"server exited: {process.stderr.read() if process.stderr else ''}")
+            log = Path(getattr(process, "log", ""))
+            raise SystemExit(f"server exited: {log.read_text()[-2000:] if log.is_file() else ''}")
         time.sleep(0.5)
     raise SystemExit(f"{url} not healthy after {seconds} s")
 
@@ -282,9 +288,10 @@ def bench_ours(bundle: Path, clients: list[int], args: argparse.Namespace) -> tu
             str(args.parallel or max(clients)),
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=(log := server_log()),
         text=True,
     )
+    server.log = log.name  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)
@@ -342,9 +349,10 @@ def bench_llama(hf_dir: Path, work: Path, prompt: int, clients: list[int], args:
             "--no-webui",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=(log := server_log()),
         text=True,
     )
+    server.log = log.name  # type: ignore[attr-defined]
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, server)

@@ -24,6 +24,7 @@ futures. No torch: this runs on a Jetson.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import deque
@@ -35,7 +36,10 @@ import numpy as np
 
 from ccra_export.core.errors import CCRAExportError, ConfigError
 from ccra_export.core.memory_budget import slots_that_fit
+from ccra_export.runtime.inputs import InputError
 from ccra_export.runtime.language_model import Generation, KVCache, KVPool, LanguageModel, Sampling
+
+LOG = logging.getLogger("ccra_export.runtime.batching")
 
 #: the default number of sequences decoded together when memory allows more: past it, a CPU or an
 #: embedded GPU is compute-bound and a larger batch only adds latency (llama-server's default is 4 too)
@@ -43,10 +47,16 @@ DEFAULT_PARALLEL_CAP = 4
 #: prompt tokens prefilled between two decode steps (at least one request's): short prompts that
 #: arrive together start together, a long one delays the running sequences by one prefill at most
 PREFILL_TOKENS_PER_STEP = 1024
-#: slots kept for conversations waiting for their next turn, at most
-MAX_HELD_SLOTS = 64
 #: the share of the memory available at start that KV slots chosen by default may take
 DEFAULT_KV_SHARE = 0.5
+
+
+def _prompt(inputs_embeds: np.ndarray) -> np.ndarray:
+    """``inputs_embeds`` as a [1, S, D] array with S >= 1, else a one-line refusal."""
+    embeds = np.asarray(inputs_embeds)
+    if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[1] < 1:
+        raise InputError(f"prompt embeddings of shape {embeds.shape}; expected [1, tokens, hidden]", field="prompt")
+    return embeds
 
 
 class BatcherClosed(CCRAExportError):
@@ -55,11 +65,9 @@ class BatcherClosed(CCRAExportError):
 
 @dataclass(frozen=True)
 class SlotPlan:
-    """How many KV slots a server allocates: ``parallel`` for requests generating at once, ``held``
-    more for conversations kept between turns; ``why`` says how ``parallel`` was chosen."""
+    """How many KV slots a server allocates (``parallel``: requests generating at once) and why."""
 
     parallel: int
-    held: int
     slot_bytes: int
     why: str
 
@@ -83,36 +91,37 @@ def kv_memory(device: str, shared: bool) -> int | None:
 
 def plan_slots(slot_bytes: int, context: int, parallel: int | None, held_bytes: int, available: int | None) -> SlotPlan:
     """The slots for ``parallel`` requests (None: as many as half the ``available`` memory holds,
-    at most ``DEFAULT_PARALLEL_CAP``) and for held conversations (``held_bytes`` of them, at most
-    ``MAX_HELD_SLOTS``); ``slot_bytes``: one slot at ``context`` tokens. Refused in one line when
-    the memory cannot hold the requests' slots (``available`` None: not known, not checked)."""
+    at most ``DEFAULT_PARALLEL_CAP``); ``slot_bytes``: one slot at ``context`` tokens; ``held_bytes``:
+    the most the conversations held between turns may take. Refused in one line when the memory
+    cannot hold the slots and the held conversations (``available`` None: not known, not checked)."""
     mib = 1 << 20
     if parallel is not None and (isinstance(parallel, bool) or not isinstance(parallel, int) or parallel < 1):
         raise ConfigError(f"{parallel!r} requests at once; expected an integer >= 1", field="parallel")
-    fit = None if available is None else slots_that_fit(available, slot_bytes)
+    room = None if available is None else available - max(0, held_bytes)
+    fit = None if room is None else slots_that_fit(room, slot_bytes)
+    said = "" if not held_bytes else f" once {held_bytes / mib:.0f} MiB are kept for held conversations"
     if fit == 0:
         raise ConfigError(
             f"one KV slot takes {slot_bytes / mib:.0f} MiB at a context of {context} tokens and "
-            f"{available / mib:.0f} MiB are available: serve a shorter context",
+            f"{max(0, room) / mib:.0f} MiB are available{said}: serve a shorter context",
             field="context",
         )
     if parallel is None:
-        if available is None:
+        if room is None:
             parallel, why = DEFAULT_PARALLEL_CAP, f"the default of {DEFAULT_PARALLEL_CAP}: device memory not known"
         else:
-            half = slots_that_fit(int(available * DEFAULT_KV_SHARE), slot_bytes)
+            half = slots_that_fit(int(room * DEFAULT_KV_SHARE), slot_bytes)
             parallel = max(1, min(DEFAULT_PARALLEL_CAP, half))
-            why = f"{half} fit in half the {available / mib:.0f} MiB available; at most {DEFAULT_PARALLEL_CAP}"
+            why = f"{half} fit in half the {room / mib:.0f} MiB available{said}; at most {DEFAULT_PARALLEL_CAP}"
     else:
         why = "asked"
         if fit is not None and parallel > fit:
             raise ConfigError(
                 f"{parallel} requests at once need {parallel * slot_bytes / mib:.0f} MiB of KV at a context of "
-                f"{context} tokens and {available / mib:.0f} MiB are available: at most {fit} fit",
+                f"{context} tokens and {room / mib:.0f} MiB are available{said}: at most {fit} fit",
                 field="parallel",
             )
-    held = min(slots_that_fit(held_bytes, slot_bytes), MAX_HELD_SLOTS)
-    return SlotPlan(parallel, held, slot_bytes, why)
+    return SlotPlan(parallel, slot_bytes, why)
 
 
 @dataclass
@@ -163,6 +172,7 @@ class ContinuousBatcher:
         self.lm, self.pool = lm, pool
         self._waiting: deque[_Prefill | _Sequence] = deque()
         self._running: list[_Sequence] = []
+        self._admitting: list[_Prefill | _Sequence] = []
         self._wake = threading.Condition()
         self._closed = False
         self.steps = 0  # batched decode calls so far
@@ -185,8 +195,17 @@ class ContinuousBatcher:
         """Queue a generation: prefill ``inputs_embeds`` after what ``cache`` holds, then sample
         up to ``sampling.max_new_tokens`` tokens, as ``LanguageModel.decode`` does. ``on_token``
         runs on the batcher's thread; an exception it raises ends this sequence only, and the
-        future raises it."""
-        return self._put(_Sequence(self._own(cache), inputs_embeds, sampling, on_token))
+        future raises it. A prompt that is not [1, S, D] or that cannot fit with its token budget
+        is refused here, so one request's mistake never reaches the shared decoder call."""
+        embeds = _prompt(inputs_embeds)
+        room = cache.capacity - cache.length - embeds.shape[1]
+        if room < sampling.max_new_tokens - 1:  # the last token chosen is not fed
+            raise InputError(
+                f"{cache.length} cached + {embeds.shape[1]} prompt tokens leave room for {max(room + 1, 0)} new "
+                f"tokens in the context of {cache.capacity}, not {sampling.max_new_tokens}",
+                field="max_new_tokens",
+            )
+        return self._put(_Sequence(self._own(cache), embeds, sampling, on_token))
 
     def decode(
         self,
@@ -200,7 +219,7 @@ class ContinuousBatcher:
 
     def prefill(self, cache: KVCache, inputs_embeds: np.ndarray) -> np.ndarray:
         """Feed ``inputs_embeds`` into ``cache`` between two steps; the last position's logits."""
-        return self._put(_Prefill(self._own(cache), inputs_embeds)).result()
+        return self._put(_Prefill(self._own(cache), _prompt(inputs_embeds))).result()
 
     def generate_many(
         self, prompts: Sequence[np.ndarray], samplings: Sequence[Sampling], timeout: float | None = None
@@ -233,7 +252,9 @@ class ContinuousBatcher:
         with self._wake:
             self._closed = True
             self._wake.notify()
-        self._thread.join(timeout=30)
+        if threading.current_thread() is not self._thread:  # a callback closing it cannot wait for itself
+            self._thread.join(timeout=30)
+        self._fail_all(BatcherClosed("the batcher was closed"))
 
     def _own(self, cache: KVCache) -> KVCache:
         if cache.pool is not self.pool:
@@ -242,20 +263,31 @@ class ContinuousBatcher:
 
     def _put(self, work: _Prefill | _Sequence) -> Future:
         with self._wake:
-            if self._closed:
+            if self._closed or not self._thread.is_alive():
                 raise BatcherClosed("the batcher is closed")
             self._waiting.append(work)
             self._wake.notify()
         return work.future
 
     def _loop(self) -> None:
+        try:
+            self._run()
+        except BaseException as exc:  # a bug, or an interpreter exit: nothing may wait forever on this thread
+            with self._wake:
+                self._closed = True
+            self._fail_all(BatcherClosed(f"the batcher stopped ({type(exc).__name__}: {exc})"))
+            if not isinstance(exc, Exception):
+                raise
+            LOG.exception("the batcher stopped")  # the traceback for whoever runs the process; callers got one line
+
+    def _run(self) -> None:
         while True:
             with self._wake:
                 while not self._closed and not self._waiting and not self._running:
                     self._wake.wait()
                 if self._closed:
                     break
-                admitted: list[_Prefill | _Sequence] = []
+                admitted = self._admitting = []  # in hand: failed with the rest if the loop dies
                 tokens = 0
                 while self._waiting and (
                     not admitted or tokens + self._waiting[0].embeds.shape[1] <= PREFILL_TOKENS_PER_STEP
@@ -306,6 +338,8 @@ class ContinuousBatcher:
         self.batched_tokens += len(running)
         still: list[_Sequence] = []
         for seq, row in zip(running, logits, strict=True):
+            if seq.future.done():  # failed meanwhile (the batcher closed from a callback)
+                continue
             try:
                 done = seq.accept(row)
             except Exception as exc:  # the caller's callback stopped it (a stop string, a cancel)
@@ -319,7 +353,7 @@ class ContinuousBatcher:
 
     def _fail_all(self, error: Exception) -> None:
         with self._wake:
-            pending = list(self._waiting) + self._running
+            pending = [*self._waiting, *self._admitting, *self._running]
             self._waiting.clear()
             self._running = []
         for work in pending:

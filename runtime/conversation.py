@@ -31,7 +31,7 @@ from PIL import Image
 
 from ccra_export.core.chat_template import EOS_TOKEN, FOLLOW_UP
 from ccra_export.runtime.inputs import InputError, check_prompt, check_text, load_image, overflowing
-from ccra_export.runtime.language_model import Generation, KVCache, LanguageModel, Sampling
+from ccra_export.runtime.language_model import Generation, KVCache, KVSnapshot, LanguageModel, Sampling
 from ccra_export.runtime.text_stream import TextStream
 
 
@@ -156,10 +156,37 @@ class Conversation:
         eos = pipeline.tokenizer.token_to_id(EOS_TOKEN)
         self._eos = eos if eos is not None else min(pipeline.lm.eos_ids, default=0)
         self._lock = threading.Lock()  # one sequence: a second thread waits for the turn in progress
+        self._saved: KVSnapshot | None = None  # suspended: the cached tokens, out of the pool
 
     def close(self) -> None:
-        """Give the KV cache's slot back; the conversation cannot continue afterwards."""
+        """Give the KV cache's slot back and drop what was saved; the conversation cannot continue."""
         self.cache.release()
+        self._saved = None
+
+    @property
+    def suspended(self) -> bool:
+        return self._saved is not None
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes a suspended conversation holds (its cached tokens, not a whole context)."""
+        return self._saved.nbytes if self._saved is not None else self.cache.nbytes
+
+    def suspend(self) -> None:
+        """Between turns: copy the cached tokens out of the KV pool and give the slot back (a server
+        holds many conversations in the memory of their tokens, not of a slot each)."""
+        with self._lock:
+            if self._saved is None:
+                self._saved = self.cache.pool.save(self.cache)
+                self.cache.release()
+
+    def resume(self, cache: KVCache) -> None:
+        """Continue in ``cache`` (an empty slot of the same pool): the saved tokens go back in."""
+        with self._lock:
+            if self._saved is None:
+                raise ValueError("the conversation is not suspended")
+            cache.pool.restore(self._saved, cache)
+            self.cache, self._saved = cache, None
 
     @property
     def eos_id(self) -> int:
@@ -169,7 +196,8 @@ class Conversation:
     @property
     def tokens_used(self) -> int:
         """Context the conversation occupies: cached tokens plus the answer's last, unfed token."""
-        return self.cache.length + len(self._pending)
+        cached = self._saved.length if self._saved is not None else self.cache.length
+        return cached + len(self._pending)
 
     def _turn_ids(self, prompt: str, image: Image.Image | str | Path | None) -> tuple[list[int], int]:
         """This turn's prompt tokens (the first turn's with ``<image>`` once) and how many the

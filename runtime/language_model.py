@@ -13,6 +13,7 @@ No torch: this runs on a Jetson next to the TensorRT vision engine.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import threading
 import time
@@ -133,8 +134,10 @@ class KVPool:
     address: GroupQueryAttention shares the buffer when past and present are one pointer), so each
     decoder call writes its keys and values in place. ``step`` feeds one token to each of several
     slots in one call (continuous batching: GroupQueryAttention reads each row's own length from
-    the attention mask); ``KVCache.step`` prefills one slot. Every decoder call on a pool holds its
-    lock, since a batched step writes into every row it spans.
+    the attention mask); ``KVCache.step`` prefills one slot. Every decoder call on a pool, and
+    every read or write of its rows' lengths, holds its lock: a batched step writes into every row
+    it spans. ``save`` and ``restore`` move a sequence's tokens out of a slot and back (a server
+    holds a conversation between turns without holding a slot).
     """
 
     def __init__(self, model: LanguageModel, slots: int, context: int | None = None) -> None:
@@ -148,17 +151,18 @@ class KVPool:
                 f"a context of {context!r} tokens; expected 1..{model.context_length} (the bundle's)", field="context"
             )
         self.model, self.slots, self.context = model, slots, context
-        shape = [slots, model.kv_heads, context, model.head_size]
+        self.shape = (slots, model.kv_heads, context, model.head_size)
         self._buffers = [
-            ort.OrtValue.ortvalue_from_shape_and_type(shape, model.kv_dtype, model.device, 0)
+            ort.OrtValue.ortvalue_from_shape_and_type(list(self.shape), model.kv_dtype, model.device, 0)
             for _ in range(2 * model.layers)
         ]
         self.row_bytes = model.kv_heads * context * model.head_size * model.kv_itemsize  # one slot, one buffer
         self.lengths = [0] * slots  # tokens cached per slot
         self._free = list(range(slots))
         self._available = threading.Condition()
-        self.lock = threading.Lock()  # one decoder call on the pool at a time
+        self.lock = threading.Lock()  # one decoder call, or one move of a row's tokens, at a time
         self._step_bindings: dict[int, Any] = {}
+        self._copier: _DeviceCopy | None = None
 
     @property
     def slot_bytes(self) -> int:
@@ -169,35 +173,33 @@ class KVPool:
     def nbytes(self) -> int:
         return self.slots * self.slot_bytes
 
-    def acquire(self, timeout: float | None = None, evict: Callable[[], bool] | None = None) -> KVCache | None:
-        """A free slot as an empty ``KVCache``; when none is free, ``evict()`` may free one (a
-        server drops a held conversation) and returns whether it did; else wait up to ``timeout``
-        seconds (None: forever) and return None if none came free."""
+    @property
+    def token_bytes(self) -> int:
+        """KV bytes of one cached token (every layer's key and value)."""
+        return self.slot_bytes // self.context
+
+    def acquire(self, timeout: float | None = None) -> KVCache | None:
+        """A free slot as an empty ``KVCache``; when none is free, wait up to ``timeout`` seconds
+        (None: forever) and return None if none came free."""
         deadline = None if timeout is None else time.monotonic() + timeout
         with self._available:
             while not self._free:
-                if evict is not None:
-                    self._available.release()  # evict() releases a slot: it takes this condition itself
-                    try:
-                        freed = evict()
-                    finally:
-                        self._available.acquire()
-                    if freed:
-                        continue
                 left = None if deadline is None else deadline - time.monotonic()
                 if left is not None and left <= 0:
                     return None
                 self._available.wait(left)
             slot = self._free.pop(0)  # the lowest free row: a batched step spans fewer idle rows
-            self.lengths[slot] = 0
+            with self.lock:
+                self.lengths[slot] = 0
             return KVCache(self, slot)
 
     def release(self, cache: KVCache) -> None:
         """Give ``cache``'s slot back (its contents are dropped); idempotent."""
         with self._available:
-            if cache.slot not in self._free and cache.pool is self and not cache.released:
+            if cache.pool is self and not cache.released:
                 cache.released = True
-                self.lengths[cache.slot] = 0
+                with self.lock:
+                    self.lengths[cache.slot] = 0
                 self._free.append(cache.slot)
                 self._free.sort()
                 self._available.notify()
@@ -222,25 +224,24 @@ class KVPool:
         ``caches[i]`` holds; returns their next-token logits [len(caches), vocab] (float32).
 
         The call spans the rows 0..max(slot): a row not being decoded gets a dummy token written
-        just past its own content (never read: the row's next real token overwrites it), so a
-        conversation held in a slot between turns is left as it was."""
+        just past its own content (never read: the row's next real token overwrites it; a full
+        row's last position, which nothing can follow), so its content is left as it was."""
         model = self.model
         if any(cache.pool is not self or cache.released for cache in caches):
             raise BundleError("language model: a KV cache of another pool (or a released one) in a batched step")
         rows = max(cache.slot for cache in caches) + 1
-        lengths = list(self.lengths[:rows])
-        for cache in caches:
-            if lengths[cache.slot] >= self.context:
-                raise BundleError(f"language model: a sequence reached the context of {self.context} tokens")
         fed = np.zeros((rows, 1, inputs_embeds.shape[-1]), model.embeds_dtype)
         fed[[cache.slot for cache in caches]] = inputs_embeds
-        # the position each row writes: its length, kept inside the buffer for a full idle row
-        written = [min(length, self.context - 1) for length in lengths]
-        mask = np.zeros((rows, max(written) + 1), np.int64)
-        for row, position in enumerate(written):
-            mask[row, : position + 1] = 1
         inputs, outputs = model.names
         with self.lock:
+            lengths = self.lengths[:rows]
+            for cache in caches:
+                if lengths[cache.slot] >= self.context:
+                    raise BundleError(f"language model: a sequence reached the context of {self.context} tokens")
+            written = [min(length, self.context - 1) for length in lengths]  # the position each row writes
+            mask = np.zeros((rows, max(written) + 1), np.int64)
+            for row, position in enumerate(written):
+                mask[row, : position + 1] = 1
             binding = self._step_bindings.get(rows)
             if binding is None:
                 binding = self._step_bindings[rows] = model.decoder.io_binding()
@@ -253,6 +254,92 @@ class KVPool:
             for cache in caches:
                 self.lengths[cache.slot] += 1
         return logits[[cache.slot for cache in caches], -1].astype(np.float32)
+
+    def save(self, cache: KVCache) -> KVSnapshot:
+        """``cache``'s tokens, copied out of the pool (its slot can then be released): on the CPU
+        only the cached tokens, on a device every buffer's whole row, in device memory."""
+        with self.lock:
+            length = self.lengths[cache.slot]
+            if self.model.device == "cpu":
+                views = self._host_views()
+                parts = [np.ascontiguousarray(view[cache.slot, :, :length]) for view in views]
+                return KVSnapshot(length, parts, sum(part.nbytes for part in parts))
+            copier = self._device_copy()
+            parts = [copier.new_row() for _ in self._buffers]
+            for buffer, part in zip(self._buffers, parts, strict=True):
+                copier.copy(buffer.data_ptr() + cache.slot * self.row_bytes, part.data_ptr())
+            return KVSnapshot(length, parts, len(parts) * self.row_bytes)
+
+    def restore(self, snapshot: KVSnapshot, cache: KVCache) -> None:
+        """Put ``snapshot``'s tokens into ``cache``'s slot (its length becomes the snapshot's)."""
+        if snapshot.length > self.context:
+            raise BundleError(f"language model: {snapshot.length} saved tokens exceed the context of {self.context}")
+        with self.lock:
+            if self.model.device == "cpu":
+                for view, part in zip(self._host_views(), snapshot.parts, strict=True):
+                    view[cache.slot, :, : snapshot.length] = part
+            else:
+                copier = self._device_copy()
+                for buffer, part in zip(self._buffers, snapshot.parts, strict=True):
+                    copier.copy(part.data_ptr(), buffer.data_ptr() + cache.slot * self.row_bytes)
+            self.lengths[cache.slot] = snapshot.length
+
+    def _host_views(self) -> list[np.ndarray]:
+        """numpy views of the CPU buffers (no copy: the same memory the decoder reads)."""
+        dtype = np.dtype(self.model.kv_dtype)
+        views = []
+        for buffer in self._buffers:
+            raw = (ctypes.c_byte * (self.slots * self.row_bytes)).from_address(buffer.data_ptr())
+            views.append(np.frombuffer(raw, dtype).reshape(self.shape))
+        return views
+
+    def _device_copy(self) -> _DeviceCopy:
+        if self._copier is None:
+            self._copier = _DeviceCopy(self)
+        return self._copier
+
+
+@dataclass
+class KVSnapshot:
+    """A sequence's keys and values out of the pool: ``length`` tokens, ``nbytes`` held."""
+
+    length: int
+    parts: list[Any]  # per buffer: numpy [kv_heads, length, head] (CPU) or a device OrtValue row
+    nbytes: int
+
+
+class _DeviceCopy:
+    """Row copies in device memory with ONNX Runtime alone (no CUDA binding in Python): a one-node
+    Identity graph on the decoder's provider, its input and output bound by address."""
+
+    def __init__(self, pool: KVPool) -> None:
+        import onnx
+        from onnx import helper
+
+        ort = import_onnxruntime()
+        model = pool.model
+        elem = onnx.helper.np_dtype_to_tensor_dtype(np.dtype(model.kv_dtype))
+        graph = helper.make_graph(
+            [helper.make_node("Identity", ["x"], ["y"])],
+            "kv_copy",
+            [helper.make_tensor_value_info("x", elem, ["n"])],
+            [helper.make_tensor_value_info("y", elem, ["n"])],
+        )
+        proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=9)
+        self.pool, self.ort = pool, ort
+        self.session = ort.InferenceSession(proto.SerializeToString(), providers=model.decoder.get_providers())
+        self.count = pool.row_bytes // model.kv_itemsize
+
+    def new_row(self) -> Any:
+        model = self.pool.model
+        return self.ort.OrtValue.ortvalue_from_shape_and_type([self.count], model.kv_dtype, model.device, 0)
+
+    def copy(self, source: int, target: int) -> None:
+        model = self.pool.model
+        binding = self.session.io_binding()
+        binding.bind_input("x", model.device, 0, model.kv_dtype, [self.count], source)
+        binding.bind_output("y", model.device, 0, model.kv_dtype, [self.count], target)
+        self.session.run_with_iobinding(binding)
 
 
 class KVCache:
@@ -287,23 +374,29 @@ class KVCache:
         (float32), or with ``every_position`` the [S, vocab] logits of each fed position (the
         teacher-forced figures of language-model parity)."""
         count = inputs_embeds.shape[1]
-        if self.released:
-            raise BundleError("language model: this KV cache was released")
-        if self.length + count > self.capacity:
-            raise BundleError(f"language model: {self.length + count} tokens exceed the context of {self.capacity}")
         model = self.model
         inputs, outputs = model.names
         with self.pool.lock:
+            if self.released:
+                raise BundleError("language model: this KV cache was released")
+            length = self.pool.lengths[self.slot]
+            if length + count > self.capacity:
+                raise BundleError(f"language model: {length + count} tokens exceed the context of {self.capacity}")
             if self._binding is None:
                 self._binding = model.decoder.io_binding()
                 self.pool.bind_rows(self._binding, self.slot, 1)
             binding = self._binding
             binding.bind_cpu_input(inputs["inputs_embeds"], np.ascontiguousarray(inputs_embeds, model.embeds_dtype))
-            binding.bind_cpu_input(inputs["attention_mask"], np.ones((1, self.length + count), np.int64))
+            binding.bind_cpu_input(inputs["attention_mask"], np.ones((1, length + count), np.int64))
             binding.bind_output(outputs["logits"], "cpu")  # only the logits come back to the host
             model.decoder.run_with_iobinding(binding)
             self.pool.lengths[self.slot] += count
             logits = binding.get_outputs()[model.logits_index].numpy()
+            if count > 1:  # a prefill: the binding would keep its [1, S, vocab] logits and the prompt alive
+                binding.bind_output(outputs["logits"], "cpu")
+                binding.bind_cpu_input(
+                    inputs["inputs_embeds"], np.zeros((1, 1, inputs_embeds.shape[-1]), model.embeds_dtype)
+                )
         return logits[0].astype(np.float32) if every_position else logits[0, -1].astype(np.float32)
 
 

@@ -16,7 +16,7 @@ import pytest
 
 from ccra_export.core import shapes
 from ccra_export.core.errors import ConfigError
-from ccra_export.runtime.batching import ContinuousBatcher, plan_slots
+from ccra_export.runtime.batching import BatcherClosed, ContinuousBatcher, plan_slots
 from ccra_export.runtime.language_model import KVPool, LanguageModel, Sampling
 from ccra_export.runtime.vlm_pipeline import LM_DIR, Pipeline
 
@@ -202,14 +202,86 @@ def test_slot_plan_follows_the_memory_and_refuses_what_cannot_fit(lm):
     assert plan(None, available=10 * slot).parallel == 4  # capped
     assert plan(None, available=5 * slot).parallel == 2  # half the memory
     assert plan(None, available=slot).parallel == 1
+    assert plan(None, held=6 * slot, available=10 * slot).parallel == 2  # held conversations' bytes come first
     assert plan(None).parallel == 4 and "not known" in plan(None).why
-    assert plan(3, 2 * slot + 1, available=10 * slot).held == 2
     with pytest.raises(ConfigError, match="at most 4 fit") as refused:
         plan(5, available=4 * slot + 5)
     assert refused.value.field == "parallel"
     with pytest.raises(ConfigError, match="one KV slot takes") as refused:
         plan(None, available=slot - 1)
     assert refused.value.field == "context"
+    with pytest.raises(ConfigError, match="kept for held conversations"):
+        plan(1, held=slot, available=slot + 5)
+
+
+def test_a_suspended_conversation_holds_its_tokens_not_a_slot(fp32_bundle, cat):
+    """Between turns the cached tokens leave the pool (its one slot serves another request
+    meanwhile); resumed in another slot, the second turn is the never-suspended one's."""
+    pipeline = Pipeline.from_bundle(fp32_bundle)
+    alone = pipeline.chat()
+    budget = [Sampling(max_new_tokens=6) for _ in QUESTIONS]
+    want = [alone.ask(q, cat if i == 0 else None, budget[i]).text for i, q in enumerate(QUESTIONS)]
+
+    batcher = ContinuousBatcher(pipeline.lm, KVPool(pipeline.lm, 2))
+    try:
+        held = pipeline.chat(batcher.pool.acquire(), batcher)
+        got = [held.ask(QUESTIONS[0], cat, Sampling(max_new_tokens=6)).text]
+        used = held.tokens_used
+        held.suspend()
+        assert held.suspended and held.tokens_used == used and len(batcher.pool._free) == 2
+        assert held.held_bytes == (used - 1) * batcher.pool.token_bytes  # the tokens, not the context
+        other = pipeline.chat(batcher.pool.acquire(), batcher)  # slot 0 again: overwritten by someone else
+        assert other.cache.slot == 0
+        other.ask("What is this?", cat, Sampling(max_new_tokens=20))
+        held.resume(batcher.pool.acquire())
+        assert held.cache.slot == 1
+        got.append(held.ask(QUESTIONS[1], None, Sampling(max_new_tokens=6)).text)
+    finally:
+        batcher.close()
+    assert got == want
+
+
+def test_device_row_copies_move_a_slot_exactly(lm):
+    """The GPU path of save/restore (an Identity graph bound by address), run on the CPU provider:
+    a slot's rows copied out and into another slot come back bit for bit."""
+    pool = KVPool(lm, 2)
+    source, target = pool.acquire(), pool.acquire()
+    source.step(prompts(lm, [9])[0])
+    copier = pool._device_copy()
+    rows = [copier.new_row() for _ in pool._buffers]
+    for buffer, row in zip(pool._buffers, rows, strict=True):
+        copier.copy(buffer.data_ptr() + source.slot * pool.row_bytes, row.data_ptr())
+    for buffer, row in zip(pool._buffers, rows, strict=True):
+        copier.copy(row.data_ptr(), buffer.data_ptr() + target.slot * pool.row_bytes)
+    for view in pool._host_views():
+        np.testing.assert_array_equal(view[target.slot, :, :9], view[source.slot, :, :9])
+        assert np.abs(view[source.slot, :, :9]).max() > 0
+
+
+def test_one_requests_mistake_stays_its_own(lm):
+    """A prompt of the wrong shape or a budget past the context is refused at submit; a loop that
+    dies fails every future instead of leaving them pending."""
+    from ccra_export.runtime.inputs import InputError
+
+    batcher = ContinuousBatcher(lm, KVPool(lm, 2, context=32))
+    try:
+        cache = batcher.pool.acquire()
+        with pytest.raises(InputError, match="expected \\[1, tokens, hidden\\]"):
+            batcher.submit(cache, np.zeros((2, 3, 4), np.float32), Sampling())
+        with pytest.raises(InputError, match="leave room for 23 new tokens"):
+            batcher.submit(cache, prompts(lm, [10])[0], Sampling(max_new_tokens=40))
+        fine = batcher.submit(cache, prompts(lm, [10])[0], Sampling(max_new_tokens=23))
+        assert len(fine.result(30).tokens) == 23
+    finally:
+        batcher.close()
+
+    broken = ContinuousBatcher(lm, KVPool(lm, 2))
+    broken._admit = None  # a bug in the loop: calling it raises TypeError
+    future = broken.submit(broken.pool.acquire(), prompts(lm, [3])[0], Sampling(max_new_tokens=2))
+    with pytest.raises(BatcherClosed, match="TypeError"):
+        future.result(30)
+    with pytest.raises(BatcherClosed):
+        broken.submit(broken.pool.acquire(), prompts(lm, [3])[0], Sampling(max_new_tokens=2))
 
 
 def test_a_shorter_context_allocates_smaller_slots(fp32_bundle):
@@ -226,18 +298,36 @@ def test_a_shorter_context_allocates_smaller_slots(fp32_bundle):
         (["--parallel", "0"], "Invalid value for '--parallel': 0 is not in the range"),
         (["--context", "4096"], "--context: a context of 4096 tokens; the bundle serves at most 2048"),
         (["--parallel", "256"], "--parallel: 256 requests at once need"),
+        (["--parallel", "100"], None),  # fits: loading starts (stopped here by the test)
     ],
 )
 def test_serve_refuses_slots_that_cannot_be_served_before_loading(fp32_bundle, args, said, monkeypatch):
-    """One line, exit 2, from the bundle's files alone (the pipeline is never loaded)."""
+    """One line, exit 2, from the bundle's files alone (the pipeline is never loaded); what fits
+    goes on to load."""
     from click.testing import CliRunner
 
     from ccra_export.cli import main
     from ccra_export.runtime import batching
+    from ccra_export.workflows.doctor import bundle_footprint
 
-    monkeypatch.setattr(batching, "available_memory", lambda: 100 * LanguageModel(fp32_bundle / LM_DIR).kv_slot_bytes())
-    monkeypatch.setattr("ccra_export.runtime.vlm_pipeline.Pipeline.from_bundle", pytest.fail)
-    result = CliRunner().invoke(main, ["serve", "--bundle", str(fp32_bundle), *args])
+    slot = LanguageModel(fp32_bundle / LM_DIR).kv_slot_bytes()
+    fixed = bundle_footprint(fp32_bundle).fixed_bytes  # weights, tower cache, the runtime's recorded overhead
+    # room for 100 slots once the bundle and 1 GiB of held conversations are in
+    monkeypatch.setattr(batching, "available_memory", lambda: 100 * slot + fixed + (1 << 30))
+
+    class Loading(Exception):
+        pass
+
+    def load(*args, **kwargs):
+        raise Loading
+
+    monkeypatch.setattr("ccra_export.runtime.vlm_pipeline.Pipeline.from_bundle", load)
+    result = CliRunner().invoke(
+        main, ["serve", "--bundle", str(fp32_bundle), "--held-conversations-mib", "1024", *args]
+    )
+    if said is None:
+        assert isinstance(result.exception, Loading), result.output
+        return
     assert result.exit_code == 2, result.output
     assert said in result.stderr
     assert len([line for line in result.stderr.splitlines() if line.startswith(("error", "Error"))]) == 1

@@ -81,9 +81,9 @@ API_KEY_ENV = "CCRA_API_KEY"
         default=2048,
         show_default=True,
         type=click.IntRange(0),
-        help="Memory for KV slots that keep conversations for their follow-up requests, beyond the --parallel ones "
-        "(a slot holds the whole served context: about 2 GiB for a 7B FP16 decoder at 4096 tokens; at most 64 "
-        "slots); a free --parallel slot also keeps one until a request needs it. 0: no extra slots.",
+        help="Memory for conversations kept for their follow-up requests: between turns a conversation's cached "
+        "tokens are copied out of its KV slot (about 0.5 MiB a token for a 7B FP16 decoder), the least recently "
+        "used dropped past this (a follow-up to one replays its history). 0 keeps none.",
     ),
     o.opt(
         "parallel",
@@ -162,7 +162,7 @@ def serve(
         connections=ConnectionLimits(max_connections=max_connections),
         log_format=log_format,
     )
-    check_slots(bundle, context, parallel, held_mib << 20)  # before anything loads: refusals in milliseconds
+    check_slots(bundle, context, parallel, held_mib << 20, tower_cache_mib)  # before anything loads
     with stderr.status("Loading the bundle and warming up"):
         app = create_app(load_pipeline(bundle, backend, tower_cache_mib, context), settings)
         app.state.warm_up()
@@ -170,26 +170,31 @@ def serve(
     plan, lm = app.state.slot_plan, app.state.worker.pipeline.lm
     stderr.print(
         escape(
-            f"{plan.parallel} requests at once ({plan.why}), {plan.held} more KV slots for held conversations; "
-            f"{plan.slot_bytes / (1 << 20):.1f} MiB of KV per slot at a context of {lm.context_length} tokens"
+            f"{plan.parallel} requests at once ({plan.why}); {plan.slot_bytes / (1 << 20):.1f} MiB of KV per slot "
+            f"at a context of {lm.context_length} tokens"
         )
     )
     stderr.print(escape(f"serving {bundle} as {model_name!r} on http://{host}:{port}/v1 ({auth}); Ctrl-C stops"))
     uvicorn.Server(uvicorn_config(app, host, port, settings.connections)).run()
 
 
-def check_slots(bundle: Path, context: int | None, parallel: int | None, held_bytes: int) -> None:
+def check_slots(bundle: Path, context: int | None, parallel: int | None, held_bytes: int, tower_mib: float) -> None:
     """The served context and the KV slots against the bundle and this machine's memory, from the
-    bundle's files alone (the decoder's config and graph inputs): what the server would refuse
-    after loading for minutes is refused first."""
+    bundle's files alone (the decoder's config and graph inputs, the weights' sizes): what the
+    server would refuse after loading for minutes is refused first. The memory the weights, the
+    tower cache and the runtime will take is counted out of what is available now."""
     from ccra_export.core.manifest import read_manifest
     from ccra_export.core.platform import detect_jetson
     from ccra_export.runtime.batching import kv_memory, plan_slots
-    from ccra_export.workflows.doctor import kv_layout
+    from ccra_export.workflows.doctor import bundle_footprint, kv_layout
 
     kv = kv_layout(bundle)
     if context is not None and context > kv.max_context:
         raise ConfigError(f"a context of {context} tokens; the bundle serves at most {kv.max_context}", field="context")
     served = context or kv.max_context
     device = (read_manifest(bundle).get("language_model") or {}).get("device", "cpu")
-    plan_slots(kv.slot_bytes(served), served, parallel, held_bytes, kv_memory(device, detect_jetson() is not None))
+    shared = detect_jetson() is not None
+    memory = kv_memory(device, shared)
+    if memory is not None:
+        memory -= bundle_footprint(bundle, tower_mib).fixed_bytes
+    plan_slots(kv.slot_bytes(served), served, parallel, held_bytes, memory)

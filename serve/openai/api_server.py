@@ -58,7 +58,7 @@ class ServerSettings:
     #: None: what one image (base64) and a full context of text (JSON-escaped) can take, no more
     max_body_bytes: int | None = None
     request_timeout_s: float = 300.0
-    held_conversations_bytes: int = 2 << 30  # KV caches of conversations kept for follow-ups
+    held_conversations_bytes: int = 2 << 30  # cached tokens of conversations kept for follow-ups
     #: requests generating at once (continuous batching), each in a KV slot; None: what memory allows
     parallel: int | None = None
     images: ImageLimits = field(default_factory=ImageLimits)
@@ -298,9 +298,9 @@ def init_app_state(state: State, pipeline: Pipeline, settings: ServerSettings, *
     plan = plan_slots(
         lm.kv_slot_bytes(), lm.context_length, settings.parallel, settings.held_conversations_bytes, memory
     )
-    pool = KVPool(pipeline.lm, plan.parallel + plan.held)
-    batcher = ContinuousBatcher(pipeline.lm, pool)
-    store = ConversationStore(plan.held * pool.slot_bytes)
+    pool = KVPool(lm, plan.parallel)
+    batcher = ContinuousBatcher(lm, pool)
+    store = ConversationStore(settings.held_conversations_bytes)
     worker = Worker(pipeline, settings.images, store, metrics, batcher)
     serving = OpenAIServingChat(
         worker,

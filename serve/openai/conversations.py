@@ -3,10 +3,11 @@
 A chat client resends the whole history each turn. The key of a conversation is a hash of the
 image and of every message so far, the server's own answers included; a request whose history up
 to its last user message hashes to a held key continues that conversation (KV cache and all), so
-it prefills only its new question. A held conversation keeps a slot of the server's KV pool (the
-whole served context: 2 GiB for a 7B FP16 decoder at 4096 tokens), so the store is bounded in
-bytes, and a request that finds no free slot takes the least recently held one's (``evict_oldest``).
-A conversation that leaves the store is closed: its slot goes back to the pool.
+it prefills only its new question. A held conversation is suspended: its cached tokens are copied
+out of the server's KV pool and its slot goes back (holding a slot each would cost a whole context
+per conversation, 2 GiB for a 7B FP16 decoder at 4096 tokens, and every batched step would span
+the idle rows). The store is bounded in the bytes of those tokens (on a GPU, of a slot's rows in
+device memory); the least recently used go first, closed.
 
 A conversation the server no longer holds is replayed from the history. For that to reach the
 state the held one had, the server's own answers are fed as the tokens it generated, not as their
@@ -82,7 +83,7 @@ class ConversationStore:
     def put(self, key: str, conversation: Conversation) -> None:
         """Hold ``conversation`` (closing the least recently used ones over the byte budget; one
         that alone exceeds it, or whose context is full, is closed at once)."""
-        if conversation.cache.nbytes > self.max_bytes or conversation.tokens_used >= conversation.cache.capacity:
+        if conversation.held_bytes > self.max_bytes or conversation.tokens_used >= conversation.cache.capacity:
             conversation.close()
             return
         dropped: list[Conversation] = []
@@ -91,19 +92,10 @@ class ConversationStore:
             if replaced is not None and replaced is not conversation:
                 dropped.append(replaced)
             self._held[key] = conversation
-            while self._held and sum(c.cache.nbytes for c in self._held.values()) > self.max_bytes:
+            while self._held and sum(c.held_bytes for c in self._held.values()) > self.max_bytes:
                 dropped.append(self._held.popitem(last=False)[1])
         for old in dropped:
             old.close()
-
-    def evict_oldest(self) -> bool:
-        """Close the least recently held conversation (its KV slot is wanted); False if none."""
-        with self._lock:
-            if not self._held:
-                return False
-            _, conversation = self._held.popitem(last=False)
-        conversation.close()
-        return True
 
     def clear(self) -> None:
         """Close every held conversation."""
@@ -115,5 +107,5 @@ class ConversationStore:
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
-            held_bytes = sum(c.cache.nbytes for c in self._held.values())
+            held_bytes = sum(c.held_bytes for c in self._held.values())
             return {"held": len(self._held), "bytes": held_bytes, "hits": self.hits, "misses": self.misses}

@@ -32,11 +32,11 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from ccra_export.core.errors import CCRAExportError
-from ccra_export.runtime.batching import ContinuousBatcher
+from ccra_export.core.errors import BundleError, CCRAExportError
+from ccra_export.runtime.batching import BatcherClosed, ContinuousBatcher
 from ccra_export.runtime.conversation import Conversation, conversation_tokens
 from ccra_export.runtime.inputs import InputError, overflowing
-from ccra_export.runtime.language_model import Sampling
+from ccra_export.runtime.language_model import KVCache, Sampling
 from ccra_export.runtime.vlm_pipeline import Pipeline
 from ccra_export.serve.openai.conversations import ConversationStore, history_key
 from ccra_export.serve.openai.image_urls import ImageLimits, decode_image_bytes, fetch_image_bytes
@@ -232,6 +232,11 @@ def _failure(job: Job, exc: BaseException) -> Failed:
     """An exception of a job's preparation or generation as the event its client gets."""
     if isinstance(exc, ApiError):
         return Failed(exc)
+    if isinstance(exc, BatcherClosed):  # the server is stopping: not the request's fault
+        return Failed(ApiError(503, "the server is shutting down; retry on another instance"))
+    if isinstance(exc, BundleError):  # the runtime's own state (a KV slot, the bundle): a server fault
+        LOG.error("generation failed: %s", exc)
+        return Failed(ApiError(500, f"internal error ({exc})"))
     if isinstance(exc, CCRAExportError):  # input the runtime refused: one line, the client's fault
         return Failed(refused(exc, len(job.request.messages)))
     LOG.exception("generation failed")  # the log keeps the traceback; the client gets one line
@@ -263,15 +268,21 @@ class Worker:
         finally:
             conversation.close()
 
-    def new_conversation(self, deadline: float) -> Conversation:
-        """A conversation in a free KV slot; when none is free, the least recently held
-        conversation's slot is taken (a follow-up to it replays its history)."""
-        cache = self.batcher.pool.acquire(
-            timeout=max(0.0, deadline - time.perf_counter()), evict=self.store.evict_oldest
-        )
+    def _slot(self, deadline: float) -> KVCache:
+        """A free KV slot (one per generation thread: one is free unless something leaked)."""
+        cache = self.batcher.pool.acquire(timeout=max(0.0, deadline - time.perf_counter()))
         if cache is None:
             raise ApiError(503, "no KV slot came free before the request's time limit", code="timeout")
-        return self.pipeline.chat(cache, self.batcher)
+        return cache
+
+    def new_conversation(self, deadline: float) -> Conversation:
+        """A conversation in a free KV slot, decoded by the batcher."""
+        cache = self._slot(deadline)
+        try:
+            return self.pipeline.chat(cache, self.batcher)
+        except BaseException:
+            cache.release()
+            raise
 
     def prepare(self, job: Job) -> bool:
         """Off the generation thread: check the request and decode its image (``job.inputs``).
@@ -323,17 +334,25 @@ class Worker:
         self.metrics.conversations.labels("hit" if conversation is not None else "miss").inc()
         if conversation is None:
             conversation = self.new_conversation(job.deadline)
+        else:  # a held conversation: its tokens go back into a slot
+            cache = self._slot(job.deadline)
+            try:
+                conversation.resume(cache)
+            except BaseException:
+                cache.release()
+                conversation.close()
+                raise
         job.slot = conversation.cache.slot
-        kept = False
+        kept: list[bool] = []  # set once the store holds it: a later failure must not close it
         try:
-            kept = self._generate(job, conversation, inputs)
+            self._generate(job, conversation, inputs, kept)
         finally:
             if not kept:  # refused, failed, cancelled or cut by a stop string: the slot goes back
                 conversation.close()
 
-    def _generate(self, job: Job, conversation: Conversation, inputs: Inputs) -> bool:
-        """Replay what the conversation lacks, then answer; True when the conversation went to the
-        store (which holds its slot, or closes it)."""
+    def _generate(self, job: Job, conversation: Conversation, inputs: Inputs, kept: list[bool]) -> None:
+        """Replay what the conversation lacks, then answer; ``kept`` gets True once the
+        conversation is suspended into the store (which holds it, or closes it)."""
         request, pipeline = job.request, self.pipeline
         parsed, stops, image, digest = inputs.parsed, inputs.stops, inputs.image, inputs.digest
         if conversation.turns == 0 and parsed.turns:
@@ -388,7 +407,7 @@ class Worker:
             completion = conversation.cache.length - prompt + 1  # the last chosen token is not fed yet
             usage = UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
             job.emit(Done("stop", usage))
-            return False  # a stop string cut the answer: the cache holds more than the client saw: not kept
+            return  # a stop string cut the answer: the cache holds more than the client saw: not kept
         send(matcher.held)  # the answer ended without completing a stop string
         if first:
             self.metrics.ttft.observe(first[0] - job.arrived)
@@ -398,6 +417,8 @@ class Worker:
         prompt = context_before + reply.prompt_tokens  # the whole conversation, image tokens included
         usage = UsageInfo(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
         said = "".join(text).strip()
+        conversation.suspend()  # its tokens out of the pool, its slot back
+        kept.append(True)
         self.store.put(history_key(digest, [*parsed.turns, (parsed.question, said)]), conversation)
         # what replaying this answer must feed to reach the state just held: the tokens generated, the
         # closing </s> excepted (a replay adds it), whatever their text re-tokenises to
@@ -407,7 +428,6 @@ class Worker:
         if reply.generation.decode_s > 0 and completion > 1:
             self.metrics.tokens_per_second.observe((completion - 1) / reply.generation.decode_s)
         job.emit(Done("stop" if ended else "length", usage))
-        return True
 
 
 def sse(model: OpenAIBaseModel) -> bytes:
@@ -498,6 +518,7 @@ class OpenAIServingChat:
         self.preparer.shutdown(wait=False, cancel_futures=True)
         self.executor.shutdown(wait=False, cancel_futures=True)
         self.worker.batcher.close()  # generations still running end with BatcherClosed
+        self.worker.store.clear()
 
     async def complete(self, job: Job, disconnected: Disconnected) -> ChatCompletionResponse | None:
         """The whole answer as one response; None when the client went away (the job is cancelled,
