@@ -18,7 +18,7 @@ from ccra_export.core.lm_quality import DEFAULT_BOUNDS, KV_INT8_BOUNDS, bounds_f
 from ccra_export.core.manifest_schema import DecoderRecord, validate_record
 from ccra_export.export.lm_export import DecoderOptions, language_model_dir
 from ccra_export.runtime import lm_parity
-from ccra_export.runtime.language_model import LanguageModel
+from ccra_export.runtime.language_model import LanguageModel, Sampling
 from ccra_export.workflows import language_model as workflow
 
 # ---------------------------------------------------------------- refusals, before anything loads
@@ -252,6 +252,31 @@ def test_the_in_place_int8_cache_computes_what_a_growing_one_does(int8_kv):
             for k, p in (("past_key_names", "present_key_names"), ("past_value_names", "present_value_names"))
         }
     assert np.abs(np.stack(in_place) - np.stack(growing)).max() <= 1e-5
+
+
+def test_the_int8_cache_batches_as_it_runs_alone(int8_kv):
+    """Continuous batching over INT8 KV rows: three prompts decoded together in one pool give, at
+    every step, the logits each gives alone (the rows' scales are per channel, not per row)."""
+    from ccra_export.runtime.batching import ContinuousBatcher
+    from ccra_export.runtime.language_model import KVPool
+
+    _, stage, _ = int8_kv
+    lm = LanguageModel(stage / "lm")
+    assert np.dtype(lm.kv_dtype) == np.int8
+    rng = np.random.default_rng(5)
+    prompts = [lm.embed(rng.integers(0, 127, n).tolist()) for n in (3, 11, 6)]
+    alone = [lm.generate(p, Sampling(max_new_tokens=8)) for p in prompts]
+    batcher = ContinuousBatcher(lm, KVPool(lm, 3))
+    try:
+        with batcher._wake:  # queued together: decoded together
+            futures = [batcher.submit(batcher.pool.acquire(), p, Sampling(max_new_tokens=8)) for p in prompts]
+        together = [future.result(60) for future in futures]
+    finally:
+        batcher.close()
+    assert batcher.batched_tokens > batcher.steps
+    for solo, batched in zip(alone, together, strict=True):
+        assert batched.tokens == solo.tokens
+        np.testing.assert_allclose(batched.first_logits, solo.first_logits, atol=1e-5, rtol=0)
 
 
 # ---------------------------------------------------------------- through the CLI, with `check`
