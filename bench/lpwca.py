@@ -89,7 +89,9 @@ def copy_bandwidth_gbs(megabytes: int = 512) -> float:
     return 2 * src.nbytes / ms / 1e6
 
 
-def stage_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
+def reference_inputs(name: str, batch: int) -> tuple:
+    """``preset(name)``'s CCRA model (seed 0) with random stacked features and a text query for
+    ``batch`` images: (config, model, features, q, PyTorch's fused output, folded weights, bias)."""
     config = preset(name)
     model = build_model(config, seed=0)
     c = config.ccra
@@ -100,6 +102,12 @@ def stage_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
         q = model.ccra.text_query(text, torch.ones(batch, 16, dtype=torch.int64))
         want = model.ccra.lpwca(features, q)[0].numpy()
         weights, bias = fold_query(model.ccra, q)
+    return config, model, features, q, want, weights, bias
+
+
+def stage_rows(name: str, batch: int, work: Path, repeats: int) -> list[dict]:
+    config, model, features, q, want, weights, bias = reference_inputs(name, batch)
+    c = config.ccra
     attrs = dict(
         num_heads=c.num_heads, epsilon=c.layer_norm_eps, head_scale=c.head_dim**-0.5, layer_scale=c.attn_dim**-0.5
     )
@@ -180,16 +188,9 @@ def cuda_ms(fn, repeats: int, warmup: int = 3) -> float:
 
 def cuda_rows(name: str, batch: int, repeats: int, lib: ctypes.CDLL) -> list[dict]:
     """The CUDA kernel against the decomposed PyTorch reference, both on this GPU, FP32 and FP16."""
-    config = preset(name)
-    model = build_model(config, seed=0)
+    config, model, features, q, want, weights, bias = reference_inputs(name, batch)
     c = config.ccra
-    gen = torch.Generator().manual_seed(0)
-    features = torch.randn(batch, c.num_layers, config.num_patches, config.vision.hidden_size, generator=gen)
-    text = torch.randn(batch, 16, c.text_hidden_size, generator=gen)
-    with torch.no_grad():
-        q = model.ccra.text_query(text, torch.ones(batch, 16, dtype=torch.int64))
-        want = model.ccra.lpwca(features, q)[0].numpy()
-        weights, bias = (t.cuda() for t in fold_query(model.ccra, q))
+    weights, bias = weights.cuda(), bias.cuda()
     ccra = model.ccra.cuda()
     heads, eps = c.num_heads, c.layer_norm_eps
     dims = (ctypes.c_longlong * 4)(*features.shape)

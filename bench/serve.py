@@ -197,6 +197,15 @@ def server_log():
     return tempfile.NamedTemporaryFile("w+", prefix="ccra-serve-bench-", suffix=".log", delete=False)
 
 
+def start_server(command: list[str]) -> tuple[subprocess.Popen, str]:
+    """``command --port P`` on a free loopback port, its stderr to a file: (the process, its URL)."""
+    port = free_port()
+    log = server_log()
+    server = subprocess.Popen([*command, "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log, text=True)
+    server.log = log.name  # type: ignore[attr-defined]
+    return server, f"http://127.0.0.1:{port}"
+
+
 def wait_healthy(url: str, process: subprocess.Popen, seconds: float = 600) -> None:
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline:
@@ -273,26 +282,8 @@ def summarize(label: str, runs: list[dict], clients: list[int]) -> dict:
 
 def bench_ours(bundle: Path, clients: list[int], args: argparse.Namespace) -> tuple[dict, int]:
     """Our server's rounds; also the prompt's token count (the peer's prompts match it)."""
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            "ccra-export",
-            "serve",
-            "--bundle",
-            str(bundle),
-            "--port",
-            str(port),
-            "--max-queue",
-            "64",
-            "--parallel",
-            str(args.parallel or max(clients)),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(log := server_log()),
-        text=True,
-    )
-    server.log = log.name  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{port}"
+    command = [*SERVE, "--bundle", str(bundle), "--parallel", str(args.parallel or max(clients))]
+    server, url = start_server(command)
     try:
         wait_healthy(url, server)
         prompt = one_request(url, 0, 1).get("prompt", 0)
@@ -311,7 +302,8 @@ def bench_ours(bundle: Path, clients: list[int], args: argparse.Namespace) -> tu
 
 def llama_flags(slots: int, context: int) -> list[str]:
     """llama-server's parallel slots with continuous batching, on every core, loopback only."""
-    return ["--host", "127.0.0.1", "-np", str(slots), "-cb", "-c", str(context), "-t", str(os.cpu_count())]
+    threads = str(os.cpu_count())
+    return ["--host", "127.0.0.1", "-np", str(slots), "-cb", "-c", str(context), "-t", threads, "--no-webui"]
 
 
 def bench_llama(hf_dir: Path, work: Path, prompt: int, clients: list[int], args: argparse.Namespace) -> dict | str:
@@ -328,32 +320,8 @@ def bench_llama(hf_dir: Path, work: Path, prompt: int, clients: list[int], args:
     if isinstance(model, str):
         return model
     slots = args.parallel or max(clients)
-    port = free_port()
     context = (prompt + args.tokens + 16) * slots
-    server = subprocess.Popen(
-        [
-            str(server_bin),
-            "-m",
-            str(model),
-            "--port",
-            str(port),
-            "--host",
-            "127.0.0.1",
-            "-np",
-            str(slots),
-            "-cb",
-            "-c",
-            str(context),
-            "-t",
-            str(os.cpu_count()),
-            "--no-webui",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=(log := server_log()),
-        text=True,
-    )
-    server.log = log.name  # type: ignore[attr-defined]
-    url = f"http://127.0.0.1:{port}"
+    server, url = start_server([str(server_bin), "-m", str(model), *llama_flags(slots, context)])
     try:
         wait_healthy(url, server)
         request = lambda i: llama_request(url, i, args.tokens, prompt)  # noqa: E731
