@@ -22,7 +22,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -43,15 +43,50 @@ AUTO_RECIPE = {"int4": "k_quant_mixed", "int8": "default"}
 K_QUANT_GROUP = 64
 
 
-def matmul_widths(lm_dir: Path) -> tuple[int, ...]:
-    """The widths k-quant groups along in a Llama decoder's MatMuls (the inputs: hidden,
-    intermediate, the attention output; and the KV projections', whose narrow outputs the builder's
-    k-quant pass also reshapes), from its config.json."""
-    config = json.loads((Path(lm_dir) / "config.json").read_text())
-    heads = config["num_attention_heads"]
-    head_dim = config.get("head_dim") or config["hidden_size"] // heads
-    kv = config.get("num_key_value_heads") or heads
-    return (config["hidden_size"], config["intermediate_size"], kv * head_dim, heads * head_dim)
+class MatMulWidths(NamedTuple):
+    """A Llama decoder's MatMul widths that the builder's quantizer groups along: the inputs
+    (``hidden``, ``intermediate``, ``attention``: the attention output's heads x head size) and the
+    KV projections' narrow outputs (``kv``), which its k-quant pass also reshapes."""
+
+    hidden: int
+    intermediate: int
+    kv: int
+    attention: int
+
+    @classmethod
+    def of_text_config(cls, config: dict[str, Any]) -> MatMulWidths:
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kv = config.get("num_key_value_heads") or heads
+        return cls(config["hidden_size"], config["intermediate_size"], kv * head_dim, heads * head_dim)
+
+    def k_quant_refusal(self, block_size: int) -> str | None:
+        """Why the builder's k-quant pass cannot quantize these MatMuls at ``block_size``, or None.
+        It works in groups of 64, and it packs the zero points of a whole matrix two per byte before
+        splitting them by column: a column of an odd number of blocks fails there (onnxruntime
+        quantization/neural_compressor/weight_only.py, make_matmul_weight_only_node's reshape)."""
+        if any(width % K_QUANT_GROUP for width in self):
+            return f"k-quant works in groups of {K_QUANT_GROUP}; this model's MatMul widths are {tuple(self)}"
+        odd = [width for width in (self.hidden, self.intermediate, self.attention) if -(-width // block_size) % 2]
+        if odd:
+            return (
+                f"k-quant at {block_size}-wide blocks needs an even number of blocks per column; "
+                f"{', '.join(map(str, sorted(set(odd))))} gives an odd one (a smaller {{lm_block_size}} fits)"
+            )
+        return None
+
+
+def matmul_widths(lm_dir: Path) -> MatMulWidths:
+    """The MatMul widths of a Llama decoder directory (its config.json)."""
+    return MatMulWidths.of_text_config(json.loads((Path(lm_dir) / "config.json").read_text()))
+
+
+def checkpoint_matmul_widths(checkpoint: Path) -> MatMulWidths:
+    """The language model's MatMul widths from a LLaVA checkpoint's config.json: a json read."""
+    from transformers import LlavaConfig
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return MatMulWidths.of_text_config(LlavaConfig.from_dict(config).text_config.to_dict())
 
 
 LM_BLOCK_SIZES = (16, 32, 64, 128, 256)
@@ -77,14 +112,18 @@ class LMQuant:
         if self.accuracy_level is not None and self.accuracy_level not in (1, 2, 3, 4):
             raise ConfigError("expected 1 (fp32), 2 (fp16), 3 (bf16) or 4 (int8)", field="lm_accuracy_level")
 
-    def resolved(self, precision: str, widths: tuple[int, ...] = ()) -> LMQuant:
-        """``auto`` made concrete for a decoder of ``precision`` (int4 | int8) whose MatMuls have these
-        input ``widths``: the k-quant search runs in groups of 64 along them (a width that is not a
-        multiple, as in a test-sized model, fails inside the builder), else the builder's default."""
+    def resolved(self, precision: str, widths: MatMulWidths | None = None) -> LMQuant:
+        """``auto`` made concrete for a decoder of ``precision`` (int4 | int8) with these MatMul
+        ``widths``: k_quant_mixed for INT4 where the k-quant pass can run at this block size (not in a
+        test-sized model's odd widths), else the builder's default. An explicit k-quant recipe that
+        cannot run is refused here, in one line, instead of failing inside the builder."""
+        refusal = None if widths is None else widths.k_quant_refusal(self.block_size)
         if self.recipe != "auto":
+            if refusal is not None and self.recipe.startswith("k_quant"):
+                raise ConfigError(refusal, field="lm_quant", value=self.recipe, mentions=("lm_block_size",))
             return self
         recipe = AUTO_RECIPE[precision]
-        if recipe.startswith("k_quant") and any(width % K_QUANT_GROUP for width in widths):
+        if recipe.startswith("k_quant") and refusal is not None:
             recipe = "default"
         return replace(self, recipe=recipe)
 

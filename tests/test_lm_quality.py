@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -139,13 +141,84 @@ def test_a_quantization_hostile_checkpoint_fails_int4(tmp_path):
 
 
 def test_auto_recipe_is_k_quant_mixed_for_int4_where_the_widths_allow_it():
-    from ccra_export.export.lm_export import LMQuant
+    from ccra_export.export.lm_export import LMQuant, MatMulWidths
 
-    assert LMQuant().resolved("int4", (4096, 11008, 1024, 4096)).recipe == "k_quant_mixed"
-    assert LMQuant().resolved("int4", (96, 192, 32, 96)).recipe == "default"  # k-quant's groups of 64 do not fit
-    assert LMQuant().resolved("int8", (4096, 11008, 1024, 4096)).recipe == "default"
-    assert LMQuant(recipe="rtn").resolved("int4", (96,)).recipe == "rtn"  # an explicit choice is kept
+    llava_7b = MatMulWidths(4096, 11008, 4096, 4096)
+    assert LMQuant().resolved("int4", llava_7b).recipe == "k_quant_mixed"
+    assert LMQuant(block_size=128).resolved("int4", llava_7b).recipe == "k_quant_mixed"  # 32 and 86 blocks
+    assert LMQuant().resolved("int4", MatMulWidths(96, 192, 32, 96)).recipe == "default"  # groups of 64 do not fit
+    # a 0.5B-class 896-wide model: 7 blocks of 128 per column, which the builder's packer cannot split
+    assert LMQuant(block_size=128).resolved("int4", MatMulWidths(896, 4864, 128, 896)).recipe == "default"
+    assert LMQuant(block_size=64).resolved("int4", MatMulWidths(896, 4864, 128, 896)).recipe == "k_quant_mixed"
+    assert LMQuant().resolved("int8", llava_7b).recipe == "default"
+    assert LMQuant(recipe="rtn", block_size=128).resolved("int4", MatMulWidths(96, 192, 32, 96)).recipe == "rtn"
     assert LMQuant(recipe="k_quant", block_size=128).extra_options() == ["algo_config=k_quant", "block_size=128"]
+
+
+def test_an_explicit_k_quant_the_widths_cannot_take_is_refused_in_one_line():
+    from ccra_export.core.errors import ConfigError
+    from ccra_export.export.lm_export import LMQuant, MatMulWidths
+
+    with pytest.raises(ConfigError) as raised:
+        LMQuant(recipe="k_quant_mixed", block_size=128).resolved("int4", MatMulWidths(896, 4864, 128, 896))
+    assert str(raised.value) == (
+        "lm_quant k_quant_mixed: k-quant at 128-wide blocks needs an even number of blocks per column; "
+        "896 gives an odd one (a smaller lm_block_size fits)"
+    )
+    with pytest.raises(ConfigError, match="groups of 64; this model's MatMul widths are \\(96, 192, 32, 96\\)"):
+        LMQuant(recipe="k_quant").resolved("int4", MatMulWidths(96, 192, 32, 96))
+
+
+def test_the_cli_refuses_the_block_size_before_anything_loads(tmp_path):
+    from click.testing import CliRunner
+
+    from ccra_export.cli import main
+
+    out = tmp_path / "b"
+    args = ["build", "--model", "demo", "--lm-precision", "int4", "--lm-quant", "k_quant_mixed", "-o", str(out)]
+    result = CliRunner().invoke(main, [*args, "--lm-block-size", "128"])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip().splitlines()[-1] == (
+        "error: --lm-quant k_quant_mixed: k-quant at 128-wide blocks needs an even number of blocks per column; "
+        "128, 384 gives an odd one (a smaller --lm-block-size fits)"
+    )
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("hidden", "builds"), [(256, True), (384, False)])
+def test_the_block_rule_is_the_builders_own(tmp_path, plain_checkpoint, hidden, builds):
+    """The refusal above is what onnxruntime-genai's builder does: k_quant at 128-wide blocks
+    builds a 256-wide model (2 blocks per column) and fails inside on a 384-wide one (3)."""
+    import subprocess
+    import sys
+
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from ccra_export.export.lm_export import MatMulWidths, language_model_dir, matmul_widths
+
+    lm_dir = language_model_dir(plain_checkpoint, tmp_path / "lm")  # its tokenizer; new weights below
+    vocab = json.loads((lm_dir / "config.json").read_text())["vocab_size"]
+    config = LlamaConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=hidden // 64,
+        num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=128,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(lm_dir)
+    assert matmul_widths(lm_dir) == MatMulWidths(hidden, 2 * hidden, 64, hidden)
+    assert (matmul_widths(lm_dir).k_quant_refusal(128) is None) is builds
+    command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(lm_dir), "-o", str(tmp_path / "out")]
+    options = ["exclude_embeds=true", "algo_config=k_quant", "block_size=128"]
+    ran = subprocess.run(
+        [*command, "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache"), "--extra_options", *options],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert (ran.returncode == 0) is builds, ran.stderr[-2000:]
+    if not builds:
+        assert "cannot reshape array" in ran.stderr
 
 
 def test_nan_or_inf_logits_always_fail():

@@ -229,7 +229,7 @@ def build_bundle(options: BuildOptions, steps: Steps = SILENT) -> BuildResult:
             mentions=("lm_precision",),
         )
     language_model.check_decoder(
-        options.model, options.lm_precision, options.lm_device, backend_kind, options.lm_decoder
+        options.model, options.lm_precision, options.lm_device, backend_kind, options.lm_decoder, options.lm_quant
     )
     source = resolve_source(
         options.model,

@@ -39,6 +39,7 @@ from ccra_export.export.lm_export import (
     LMQuant,
     build_decoder,
     build_embedding_model,
+    checkpoint_matmul_widths,
     language_model_dir,
     matmul_widths,
     max_context,
@@ -69,10 +70,16 @@ def _checkpoint_dir(model: str) -> Path | None:
 
 
 def check_decoder(
-    model: str, lm_precision: str | None, lm_device: str, vision_backend: str, decoder: DecoderOptions
+    model: str,
+    lm_precision: str | None,
+    lm_device: str,
+    vision_backend: str,
+    decoder: DecoderOptions,
+    quant: LMQuant | None = None,
 ) -> None:
     """Refuse, before anything loads, decoder options the build cannot honour: a context above the
-    model's own (its max_position_embeddings), options given without a language model."""
+    model's own (its max_position_embeddings), a k-quant recipe its MatMul widths cannot take at the
+    block size, options given without a language model."""
     if not lm_precision:
         for name, given in (("context", decoder.context is not None), ("kv_cache", decoder.kv_cache != "fp")):
             if given:
@@ -92,6 +99,12 @@ def check_decoder(
                 field="context",
                 value=decoder.context,
             )
+    if quant is not None and lm_precision in ("int4", "int8") and checkpoint is not None:
+        try:
+            widths = checkpoint_matmul_widths(checkpoint)
+        except (OSError, ValueError, TypeError, KeyError):
+            widths = None  # as above: the checkpoint check reports it
+        quant.resolved(lm_precision, widths)
     device, _ = resolve_device(lm_device, vision_backend)
     if decoder.kv_cache == "int8" and device != "cpu":
         raise ConfigError(
