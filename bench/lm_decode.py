@@ -37,6 +37,9 @@ from rich.table import Table
 SIZES = {
     # hidden, intermediate, layers, heads, kv heads: a Qwen2-0.5B-like shape in Llama form
     "mid": (896, 4864, 24, 14, 2),
+    # the same class with widths that are multiples of 256, as a 7B Llama's (4096, 11008) are: llama.cpp's
+    # k-quants (256-wide super-blocks) and the builder's k-quant at 128-blocks apply as they would there
+    "mid256": (1024, 2816, 24, 16, 2),
     "small": (256, 688, 4, 4, 2),
 }
 VOCAB = 32000
@@ -196,23 +199,24 @@ def _with_sentencepiece_vocab(hf_dir: Path, out: Path) -> Path:
     return out
 
 
-def gguf_q4(hf_dir: Path, work: Path, source: Path, quantize: Path) -> Path | str:
-    """The language model as GGUF Q4_0 by llama.cpp's own converter (``source``: a llama.cpp
-    tree) and quantizer binary (``llama-quantize``), or why not."""
-    f16, q4 = work / "model-f16.gguf", work / "model-q4_0.gguf"
-    if q4.is_file():
-        return q4
-    gguf_dir = _with_sentencepiece_vocab(hf_dir, work / "hf-gguf")
-    env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
-    command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gguf_dir), "--outfile", str(f16)]
-    converted = subprocess.run([*command, "--outtype", "f16"], capture_output=True, text=True, env=env)
-    if converted.returncode != 0:
-        lines = [line for line in converted.stderr.splitlines() if line.strip()]
-        return f"llama.cpp's converter refused the checkpoint: {lines[-1] if lines else 'no output'}"
-    quantized = subprocess.run([str(quantize), str(f16), str(q4), "Q4_0"], capture_output=True, text=True)
+def gguf_q4(hf_dir: Path, work: Path, source: Path, quantize: Path, kind: str = "Q4_0") -> Path | str:
+    """The language model as GGUF ``kind`` (Q4_0, Q4_K_M, ...) by llama.cpp's own converter
+    (``source``: a llama.cpp tree) and quantizer binary (``llama-quantize``), or why not."""
+    f16, quantized_file = work / "model-f16.gguf", work / f"model-{kind.lower()}.gguf"
+    if quantized_file.is_file():
+        return quantized_file
+    if not f16.is_file():
+        gguf_dir = _with_sentencepiece_vocab(hf_dir, work / "hf-gguf")
+        env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
+        command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gguf_dir), "--outfile", str(f16)]
+        converted = subprocess.run([*command, "--outtype", "f16"], capture_output=True, text=True, env=env)
+        if converted.returncode != 0:
+            lines = [line for line in converted.stderr.splitlines() if line.strip()]
+            return f"llama.cpp's converter refused the checkpoint: {lines[-1] if lines else 'no output'}"
+    quantized = subprocess.run([str(quantize), str(f16), str(quantized_file), kind], capture_output=True, text=True)
     if quantized.returncode != 0:
-        return f"llama-quantize failed: {quantized.stderr.strip().splitlines()[-1:]}"
-    return q4
+        return f"llama-quantize {kind} failed: {quantized.stderr.strip().splitlines()[-1:]}"
+    return quantized_file
 
 
 def llama_bench_per_token(

@@ -21,9 +21,10 @@ BENCHES = {
     "serve": ["--sizes", "small", "--clients", "1,2", "--requests", "2", "--tokens", "2", "--repeats", "1"],
     "lm_quant": ["--model", "small", "--recipes", "rtn", "--questions", "0", "--steps", "4", "--repeats", "1"],
     "prefill": ["--size", "small", "--tokens", "64", "--repeats", "1"],
+    "lm_batch": ["--size", "small", "--variants", "rtn:32", "--batches", "1,2", "--steps", "2", "--repeats", "1"],
 }
 #: the language-model benches export a decoder with the model builder (most of a minute each)
-SLOW = {"lm_decode", "serve", "lm_quant", "prefill"}
+SLOW = {"lm_decode", "serve", "lm_quant", "prefill", "lm_batch"}
 
 
 def test_every_script_in_bench_has_a_smoke_run():

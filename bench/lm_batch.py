@@ -1,0 +1,229 @@
+"""Decoder weight formats vs decode speed: one token (batch 1) and batched steps, against llama.cpp.
+
+    python bench/lm_batch.py                    # mid size (0.5B-class Llama): k_quant_mixed:32, rtn:32, rtn:128
+    python bench/lm_batch.py --variants rtn:128 --batches 1,4 --llama-bench .../llama-bench \\
+        --llama-cpp-src .../llama.cpp           # with llama.cpp's llama-bench and llama-batched-bench
+
+Per decoder variant (``recipe:block size``, the builder's --lm-quant and --lm-block-size), the
+decoder alone is built (no bundle: seconds), then a KVPool of B slots, each holding --context tokens,
+steps B tokens in one decoder call: median ms per step over --steps steps, in --repeats rounds that
+time every variant and batch in turn (a noisy neighbour hits all of them). Reported: ms per token at
+batch 1, tokens/s at each batch and its ratio to batch 1 (median and range over the rounds), and
+what the format costs: the build's teacher-forced next-token KL against Hugging Face FP32 (mean, p99;
+on a random model a measure of the rounding, not of answers).
+
+The peer is llama.cpp on the same weights and threads, converted by its own converter and quantized
+by llama-quantize to each of --llama-quants: ``llama-bench`` for one stream at the same depth, and
+``llama-batched-bench`` (beside it) for B parallel sequences decoding together (its S_TG tokens/s).
+Not a test: nothing here asserts a speed; bench/serve.py measures the same through the server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+from lm_decode import SIZES, gguf_q4, make_checkpoint, spread  # noqa: E402
+
+console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+
+
+def build_variant(hf_dir: Path, out: Path, recipe: str, block_size: int) -> Path:
+    """An INT4 CPU decoder and its embedding model in ``out`` (a bundle's ``lm`` folder: what
+    LanguageModel opens, and where the parity writes its reference beside)."""
+    from ccra_export.export.lm_export import DecoderOptions, LMQuant
+    from ccra_export.workflows.language_model import write_language_model
+
+    if not (out / "decoder" / "genai_config.json").is_file():
+        quant = LMQuant(recipe=recipe, block_size=block_size)
+        write_language_model(hf_dir, out, "int4", "cpu", quant, DecoderOptions())
+    return out
+
+
+def step_ms(lm, batch: int, context: int, steps: int, rng: np.random.Generator) -> float:
+    """Median ms of one decoder call feeding one token to each of ``batch`` slots of ``context`` tokens."""
+    from ccra_export.runtime.language_model import KVPool
+
+    pool = KVPool(lm, batch, context + steps + 8)
+    caches = [pool.acquire() for _ in range(batch)]
+    for cache in caches:
+        cache.step(lm.embed(rng.integers(3, 300, context)))
+    times = []
+    for step in range(steps + 3):
+        embeds = lm.embed(rng.integers(3, 300, batch)).reshape(batch, 1, -1)
+        start = time.perf_counter()
+        pool.step(caches, embeds)
+        if step >= 3:  # the first calls of a new shape warm ONNX Runtime's buffers
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def llama_figures(
+    model: Path, binary: Path, batches: list[int], context: int, steps: int, repeats: int, threads: int
+) -> dict | str:
+    """llama.cpp's own tools on one GGUF file: ms/token at batch 1 (llama-bench, ``context`` tokens
+    deep) and tokens/s of B parallel sequences (llama-batched-bench: its S_TG column)."""
+    command = [str(binary), "-m", str(model), "-p", "0", "-n", str(steps), "-t", str(threads), "-r", str(repeats)]
+    ran = subprocess.run([*command, "-d", str(context), "-o", "json"], capture_output=True, text=True)
+    if ran.returncode != 0:
+        return f"llama-bench failed: {ran.stderr.strip().splitlines()[-1:]}"
+    entry = json.loads(ran.stdout)[0]
+    per_token = spread([ns / 1e6 / entry["n_gen"] for ns in entry.get("samples_ns", [entry["avg_ns"]])])
+    batched = binary.parent / "llama-batched-bench"
+    if not batched.is_file():
+        return {"ms_per_token": per_token, "tokens_per_s": {}, "why": f"no llama-batched-bench beside {binary}"}
+    tokens_per_s: dict[int, list[float]] = {b: [] for b in batches}
+    for _ in range(repeats):
+        sizes = ["-npp", str(context), "-ntg", str(steps), "-npl", ",".join(map(str, batches))]
+        command = [str(batched), "-m", str(model), "-t", str(threads), "-c", str(max(batches) * (context + steps) + 64)]
+        ran = subprocess.run([*command, *sizes, "--output-format", "jsonl"], capture_output=True, text=True)
+        if ran.returncode != 0:
+            return f"llama-batched-bench failed: {ran.stderr.strip().splitlines()[-1:]}"
+        for line in ran.stdout.splitlines():
+            if line.startswith("{") and '"speed_tg"' in line:
+                row = json.loads(line)
+                tokens_per_s[int(row["pl"])].append(float(row["speed_tg"]))
+    return {"ms_per_token": per_token, "tokens_per_s": {b: spread(v) for b, v in tokens_per_s.items() if v}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size", choices=sorted(SIZES), default="mid")
+    parser.add_argument("--variants", default="k_quant_mixed:32,rtn:32,rtn:128", help="recipe:block size, ...")
+    parser.add_argument("--batches", default="1,2,4,8")
+    parser.add_argument("--context", type=int, default=64, help="tokens each sequence holds when timing starts")
+    parser.add_argument("--steps", type=int, default=24, help="decode steps timed per batch and round")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp source tree (for its HF -> GGUF converter)")
+    parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench (llama-quantize beside it)")
+    parser.add_argument("--llama-quants", default="Q4_0,Q4_K_M", help="llama-quantize types for the peer")
+    parser.add_argument("--work", type=Path, help="keep the checkpoint and decoders here (default: a temporary one)")
+    parser.add_argument("--json", type=Path)
+    args = parser.parse_args()
+    batches = sorted({int(b) for b in args.batches.split(",")} | {1})
+    variants = []
+    for spec in args.variants.split(","):
+        recipe, _, block = spec.partition(":")
+        variants.append((recipe, int(block or 32)))
+
+    from ccra_export.export.lm_export import language_model_dir
+    from ccra_export.runtime.language_model import LanguageModel
+    from ccra_export.workflows.language_model import parity
+
+    with tempfile.TemporaryDirectory(prefix="ccra-lm-batch-") as scratch:
+        work = args.work or Path(scratch)
+        work.mkdir(parents=True, exist_ok=True)
+        checkpoint = work / f"checkpoint-{args.size}"
+        if not (checkpoint / "config.json").is_file():
+            with console.status(f"Writing the {args.size} random checkpoint"):
+                make_checkpoint(checkpoint, args.size)
+        hf_dir = work / f"hf-{args.size}"
+        if not (hf_dir / "model.safetensors").is_file():
+            language_model_dir(checkpoint, hf_dir)
+        models, quality = {}, {}
+        for recipe, block in variants:
+            name = f"{recipe}:{block}"
+            with console.status(f"Building the {name} decoder"):
+                out = build_variant(hf_dir, work / f"{args.size}-{recipe}-b{block}" / "lm", recipe, block)
+            with console.status(f"{name}: next-token figures against Hugging Face FP32"):
+                quality[name] = parity(hf_dir, out, "int4")["next_token"]
+            decoder = out / "decoder"
+            models[name] = (LanguageModel(out, "cpu"), sum(p.stat().st_size for p in decoder.rglob("*") if p.is_file()))
+        rng = np.random.default_rng(0)
+        samples: dict[str, dict[int, list[float]]] = {name: {b: [] for b in batches} for name in models}
+        for round_ in range(args.repeats):
+            for name, (lm, _) in models.items():
+                for batch in batches:
+                    with console.status(f"round {round_ + 1}/{args.repeats}: {name}, batch {batch}"):
+                        samples[name][batch].append(step_ms(lm, batch, args.context, args.steps, rng))
+
+        rows: dict[str, dict] = {}
+        for name, per_batch in samples.items():
+            ones = per_batch[1]
+            rows[name] = {
+                "decoder_mb": models[name][1] / 1e6,
+                "kl_mean": quality[name]["kl_mean"],
+                "kl_p99": quality[name]["kl_p99"],
+                "ms_per_token": spread(ones),
+                "tokens_per_s": {b: spread([1e3 * b / ms for ms in per_batch[b]]) for b in batches},
+                "x_batch_1": {
+                    b: spread([o * b / ms for o, ms in zip(ones, per_batch[b], strict=True)]) for b in batches
+                },
+            }
+        peers: dict[str, dict | str] = {}
+        if args.llama_bench is not None:
+            quantize = args.llama_bench.parent / "llama-quantize"
+            for kind in [k for k in args.llama_quants.split(",") if k]:
+                if args.llama_cpp_src is None or not (args.llama_cpp_src / "convert_hf_to_gguf.py").is_file():
+                    peers[kind] = "no llama.cpp source tree for its HF -> GGUF converter (--llama-cpp-src DIR)"
+                    continue
+                with console.status(f"llama.cpp {kind}"):
+                    model = gguf_q4(hf_dir, work, args.llama_cpp_src, quantize, kind)
+                    peers[kind] = (
+                        model
+                        if isinstance(model, str)
+                        else llama_figures(
+                            model, args.llama_bench, batches, args.context, args.steps, args.repeats, args.threads
+                        )
+                    )
+                if not isinstance(model, str):
+                    peers_entry = peers[kind]
+                    if isinstance(peers_entry, dict):
+                        peers_entry["file_mb"] = model.stat().st_size / 1e6
+
+    fmt = lambda s: f"{s[1]:.2f} ({s[0]:.2f}-{s[2]:.2f})"  # noqa: E731
+    table = Table(
+        title=f"{args.size} Llama {SIZES[args.size]}, {args.threads} threads, {args.context} tokens of context: "
+        f"median (min-max) of {args.repeats} rounds",
+        title_justify="left",
+    )
+    for column in (
+        "decoder",
+        "MB",
+        "KL mean / p99",
+        "ms/token (batch 1)",
+        *(f"tok/s x{b} (x batch 1)" for b in batches[1:]),
+    ):
+        table.add_column(column, justify="left" if column == "decoder" else "right")
+    for name, row in rows.items():
+        cells = [f"{row['tokens_per_s'][b][1]:.0f} ({fmt(row['x_batch_1'][b])})" for b in batches[1:]]
+        kl = f"{row['kl_mean']:.1e} / {row['kl_p99']:.1e}"
+        table.add_row(f"ours {name}", f"{row['decoder_mb']:.0f}", kl, fmt(row["ms_per_token"]), *cells)
+    for kind, peer in peers.items():
+        if isinstance(peer, str):
+            table.add_row(f"llama.cpp {kind}", "", "", peer, *[""] * (len(batches) - 1))
+            continue
+        one = peer["ms_per_token"][1]
+        cells = []
+        for b in batches[1:]:
+            figure = peer["tokens_per_s"].get(b)
+            cells.append("" if figure is None else f"{figure[1]:.0f} (x{figure[1] * one / 1e3:.2f})")
+        table.add_row(f"llama.cpp {kind}", f"{peer.get('file_mb', 0):.0f}", "", fmt(peer["ms_per_token"]), *cells)
+    console.print(table)
+    console.print(
+        "llama.cpp's ratio column: its batched tokens/s over 1000 / its llama-bench ms per token (two tools, same run)."
+    )
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        payload = {"size": args.size, "context": args.context, "threads": args.threads, "rows": rows, "peers": peers}
+        args.json.write_text(json.dumps(payload, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
