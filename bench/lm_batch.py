@@ -209,15 +209,16 @@ def main() -> None:
         if isinstance(peer, str):
             table.add_row(f"llama.cpp {kind}", "", "", peer, *[""] * (len(batches) - 1))
             continue
-        one = peer["ms_per_token"][1]
+        single = peer["tokens_per_s"].get(1)
         cells = []
         for b in batches[1:]:
             figure = peer["tokens_per_s"].get(b)
-            cells.append("" if figure is None else f"{figure[1]:.0f} (x{figure[1] * one / 1e3:.2f})")
+            ratio = "" if single is None else f" (x{figure[1] / single[1]:.2f})"
+            cells.append("" if figure is None else f"{figure[1]:.0f}{ratio}")
         table.add_row(f"llama.cpp {kind}", f"{peer.get('file_mb', 0):.0f}", "", fmt(peer["ms_per_token"]), *cells)
     console.print(table)
     console.print(
-        "llama.cpp's ratio column: its batched tokens/s over 1000 / its llama-bench ms per token (two tools, same run)."
+        "llama.cpp: ms/token by llama-bench; tokens/s and their ratio by llama-batched-bench (its 1 sequence: x1)."
     )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
