@@ -60,13 +60,15 @@ class MatMulWidths(NamedTuple):
         kv = config.get("num_key_value_heads") or heads
         return cls(config["hidden_size"], config["intermediate_size"], kv * head_dim, heads * head_dim)
 
-    def k_quant_refusal(self, block_size: int) -> str | None:
+    def k_quant_refusal(self, block_size: int, bits: int = 4) -> str | None:
         """Why the builder's k-quant pass cannot quantize these MatMuls at ``block_size``, or None.
-        It works in groups of 64, and it packs the zero points of a whole matrix two per byte before
-        splitting them by column: a column of an odd number of blocks fails there (onnxruntime
-        quantization/neural_compressor/weight_only.py, make_matmul_weight_only_node's reshape)."""
+        It works in groups of 64, and at 4 bits it packs the zero points of a whole matrix two per
+        byte before splitting them by column: a column of an odd number of blocks fails there
+        (onnxruntime quantization/neural_compressor/weight_only.py, make_matmul_weight_only_node)."""
         if any(width % K_QUANT_GROUP for width in self):
             return f"k-quant works in groups of {K_QUANT_GROUP}; this model's MatMul widths are {tuple(self)}"
+        if bits != 4:
+            return None
         odd = [width for width in (self.hidden, self.intermediate, self.attention) if -(-width // block_size) % 2]
         if odd:
             return (
@@ -117,7 +119,8 @@ class LMQuant:
         ``widths``: k_quant_mixed for INT4 where the k-quant pass can run at this block size (not in a
         test-sized model's odd widths), else the builder's default. An explicit k-quant recipe that
         cannot run is refused here, in one line, instead of failing inside the builder."""
-        refusal = None if widths is None else widths.k_quant_refusal(self.block_size)
+        bits = 4 if precision == "int4" else 8
+        refusal = None if widths is None else widths.k_quant_refusal(self.block_size, bits)
         if self.recipe != "auto":
             if refusal is not None and self.recipe.startswith("k_quant"):
                 raise ConfigError(refusal, field="lm_quant", value=self.recipe, mentions=("lm_block_size",))

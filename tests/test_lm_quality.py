@@ -151,6 +151,10 @@ def test_auto_recipe_is_k_quant_mixed_for_int4_where_the_widths_allow_it():
     assert LMQuant(block_size=128).resolved("int4", MatMulWidths(896, 4864, 128, 896)).recipe == "default"
     assert LMQuant(block_size=64).resolved("int4", MatMulWidths(896, 4864, 128, 896)).recipe == "k_quant_mixed"
     assert LMQuant().resolved("int8", llava_7b).recipe == "default"
+    # 8-bit zero points take a byte each: no odd-block limit there
+    assert LMQuant(recipe="k_quant", block_size=128).resolved("int8", MatMulWidths(896, 4864, 128, 896)).recipe == (
+        "k_quant"
+    )
     assert LMQuant(recipe="rtn", block_size=128).resolved("int4", MatMulWidths(96, 192, 32, 96)).recipe == "rtn"
     assert LMQuant(recipe="k_quant", block_size=128).extra_options() == ["algo_config=k_quant", "block_size=128"]
 
