@@ -38,7 +38,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
-from lm_decode import SIZES, gguf_q4, make_checkpoint, spread  # noqa: E402
+from lm_decode import SIZES, gguf_q4, llama_bench_per_token, make_checkpoint, spread  # noqa: E402
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
 
@@ -73,24 +73,17 @@ def step_ms(lm, batch: int, context: int, steps: int, rng: np.random.Generator) 
     return statistics.median(times) * 1e3
 
 
-def llama_figures(
+def batched_tokens_per_s(
     model: Path, binary: Path, batches: list[int], context: int, steps: int, repeats: int, threads: int
 ) -> dict | str:
-    """llama.cpp's own tools on one GGUF file: ms/token at batch 1 (llama-bench, ``context`` tokens
-    deep) and tokens/s of B parallel sequences (llama-batched-bench: its S_TG column)."""
-    command = [str(binary), "-m", str(model), "-p", "0", "-n", str(steps), "-t", str(threads), "-r", str(repeats)]
-    ran = subprocess.run([*command, "-d", str(context), "-o", "json"], capture_output=True, text=True)
-    if ran.returncode != 0:
-        return f"llama-bench failed: {ran.stderr.strip().splitlines()[-1:]}"
-    entry = json.loads(ran.stdout)[0]
-    per_token = spread([ns / 1e6 / entry["n_gen"] for ns in entry.get("samples_ns", [entry["avg_ns"]])])
-    batched = binary.parent / "llama-batched-bench"
-    if not batched.is_file():
-        return {"ms_per_token": per_token, "tokens_per_s": {}, "why": f"no llama-batched-bench beside {binary}"}
+    """llama.cpp's tokens/s for B parallel sequences, each ``context`` tokens deep, decoding
+    ``steps`` tokens together: ``llama-batched-bench``'s S_TG, ``repeats`` runs per B."""
+    if not binary.is_file():
+        return f"no {binary.name} at {binary.parent}"
     tokens_per_s: dict[int, list[float]] = {b: [] for b in batches}
     for _ in range(repeats):
         sizes = ["-npp", str(context), "-ntg", str(steps), "-npl", ",".join(map(str, batches))]
-        command = [str(batched), "-m", str(model), "-t", str(threads), "-c", str(max(batches) * (context + steps) + 64)]
+        command = [str(binary), "-m", str(model), "-t", str(threads), "-c", str(max(batches) * (context + steps) + 64)]
         ran = subprocess.run([*command, *sizes, "--output-format", "jsonl"], capture_output=True, text=True)
         if ran.returncode != 0:
             return f"llama-batched-bench failed: {ran.stderr.strip().splitlines()[-1:]}"
@@ -98,7 +91,25 @@ def llama_figures(
             if line.startswith("{") and '"speed_tg"' in line:
                 row = json.loads(line)
                 tokens_per_s[int(row["pl"])].append(float(row["speed_tg"]))
-    return {"ms_per_token": per_token, "tokens_per_s": {b: spread(v) for b, v in tokens_per_s.items() if v}}
+    return {b: spread(v) for b, v in tokens_per_s.items() if v}
+
+
+def llama_peer(args: argparse.Namespace, hf_dir: Path, work: Path, kind: str, batches: list[int]) -> dict | str:
+    """llama.cpp on the same weights as GGUF ``kind``: ms/token at batch 1 (llama-bench, as
+    bench/lm_decode.py runs it) and batched tokens/s (llama-batched-bench beside it), or why not."""
+    per_token = llama_bench_per_token(
+        hf_dir, work, [args.context], args.steps, args.repeats, args.llama_cpp_src, args.llama_bench, args.threads, kind
+    )
+    if isinstance(per_token, str):
+        return per_token
+    model = gguf_q4(hf_dir, work, args.llama_cpp_src, args.llama_bench.parent / "llama-quantize", kind)  # made above
+    assert not isinstance(model, str)
+    binary = args.llama_bench.parent / "llama-batched-bench"
+    batched = batched_tokens_per_s(model, binary, batches, args.context, args.steps, args.repeats, args.threads)
+    peer = {"ms_per_token": per_token[args.context], "file_mb": model.stat().st_size / 1e6}
+    if isinstance(batched, str):
+        return {**peer, "tokens_per_s": {}, "why": batched}
+    return {**peer, "tokens_per_s": batched}
 
 
 def main() -> None:
@@ -168,24 +179,9 @@ def main() -> None:
             }
         peers: dict[str, dict | str] = {}
         if args.llama_bench is not None:
-            quantize = args.llama_bench.parent / "llama-quantize"
             for kind in [k for k in args.llama_quants.split(",") if k]:
-                if args.llama_cpp_src is None or not (args.llama_cpp_src / "convert_hf_to_gguf.py").is_file():
-                    peers[kind] = "no llama.cpp source tree for its HF -> GGUF converter (--llama-cpp-src DIR)"
-                    continue
                 with console.status(f"llama.cpp {kind}"):
-                    model = gguf_q4(hf_dir, work, args.llama_cpp_src, quantize, kind)
-                    peers[kind] = (
-                        model
-                        if isinstance(model, str)
-                        else llama_figures(
-                            model, args.llama_bench, batches, args.context, args.steps, args.repeats, args.threads
-                        )
-                    )
-                if not isinstance(model, str):
-                    peers_entry = peers[kind]
-                    if isinstance(peers_entry, dict):
-                        peers_entry["file_mb"] = model.stat().st_size / 1e6
+                    peers[kind] = llama_peer(args, hf_dir, work, kind, batches)
 
     fmt = lambda s: f"{s[1]:.2f} ({s[0]:.2f}-{s[2]:.2f})"  # noqa: E731
     table = Table(
@@ -213,8 +209,10 @@ def main() -> None:
         cells = []
         for b in batches[1:]:
             figure = peer["tokens_per_s"].get(b)
-            ratio = "" if single is None else f" (x{figure[1] / single[1]:.2f})"
-            cells.append("" if figure is None else f"{figure[1]:.0f}{ratio}")
+            if figure is None:
+                cells.append(peer.get("why", ""))
+                continue
+            cells.append(f"{figure[1]:.0f}" + ("" if single is None else f" (x{figure[1] / single[1]:.2f})"))
         table.add_row(f"llama.cpp {kind}", f"{peer.get('file_mb', 0):.0f}", "", fmt(peer["ms_per_token"]), *cells)
     console.print(table)
     console.print(

@@ -228,15 +228,16 @@ def llama_bench_per_token(
     source: Path | None,
     binary: Path,
     threads: int,
+    kind: str = "Q4_0",
 ) -> dict | str:
     """llama.cpp decode ms/token at each context depth, by its own ``llama-bench`` (tg ``steps``
-    tokens after ``-d`` tokens of context, ``repeats`` samples) on the same weights as Q4_0."""
+    tokens after ``-d`` tokens of context, ``repeats`` samples) on the same weights as GGUF ``kind``."""
     if source is None or not (source / "convert_hf_to_gguf.py").is_file():
         return "no llama.cpp source tree for its HF -> GGUF converter (--llama-cpp-src DIR)"
     quantize = binary.parent / "llama-quantize"
     if not binary.is_file() or not quantize.is_file():
         return f"no llama-bench with llama-quantize beside it at {binary}"
-    model = gguf_q4(hf_dir, work, source, quantize)
+    model = gguf_q4(hf_dir, work, source, quantize, kind)
     if isinstance(model, str):
         return model
     command = [str(binary), "-m", str(model), "-p", "0", "-n", str(steps), "-t", str(threads), "-r", str(repeats)]
