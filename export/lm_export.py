@@ -40,13 +40,22 @@ LM_QUANT_RECIPES = ("default", "rtn", "k_quant", "k_quant_mixed")
 #: INT4 k_quant_mixed (the demo's KL 6x lower than the others, top-1 kept; on a 0.5B model +22%
 #: bytes), INT8 the builder's default (k_quant does not help at 8 bits)
 AUTO_RECIPE = {"int4": "k_quant_mixed", "int8": "default"}
-K_QUANT_GROUP = 64
+LM_BLOCK_SIZES = (16, 32, 64, 128, 256)
+
+
+def _text_config(checkpoint: Path) -> dict[str, Any]:
+    """The language model's config (LLaVA's ``text_config``, defaults filled) from a checkpoint's
+    config.json: a json read, nothing loaded."""
+    from transformers import LlavaConfig
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    return LlavaConfig.from_dict(config).text_config.to_dict()
 
 
 class MatMulWidths(NamedTuple):
-    """A Llama decoder's MatMul widths that the builder's quantizer groups along: the inputs
-    (``hidden``, ``intermediate``, ``attention``: the attention output's heads x head size) and the
-    KV projections' narrow outputs (``kv``), which its k-quant pass also reshapes."""
+    """A Llama decoder's MatMul widths: the inputs the builder's quantizer blocks along (``hidden``:
+    q/k/v, gate/up and the LM head; ``intermediate``: down; ``attention``, heads x head size: the
+    attention output) and the KV projections' outputs (``kv``)."""
 
     hidden: int
     intermediate: int
@@ -60,22 +69,29 @@ class MatMulWidths(NamedTuple):
         kv = config.get("num_key_value_heads") or heads
         return cls(config["hidden_size"], config["intermediate_size"], kv * head_dim, heads * head_dim)
 
+    def odd_block_counts(self, block_size: int) -> list[int]:
+        """The input widths that ``block_size`` splits into an odd number of blocks."""
+        inputs = (self.hidden, self.intermediate, self.attention)
+        return sorted({width for width in inputs if -(-width // block_size) % 2})
+
     def k_quant_refusal(self, block_size: int, bits: int = 4) -> str | None:
         """Why the builder's k-quant pass cannot quantize these MatMuls at ``block_size``, or None.
-        It works in groups of 64, and at 4 bits it packs the zero points of a whole matrix two per
-        byte before splitting them by column: a column of an odd number of blocks fails there
-        (onnxruntime quantization/neural_compressor/weight_only.py, make_matmul_weight_only_node)."""
-        if any(width % K_QUANT_GROUP for width in self):
-            return f"k-quant works in groups of {K_QUANT_GROUP}; this model's MatMul widths are {tuple(self)}"
-        if bits != 4:
+        At 4 bits it packs a whole matrix's zero points two per byte, then splits them by column: a
+        column of an odd number of blocks fails there (onnxruntime
+        quantization/neural_compressor/weight_only.py, make_matmul_weight_only_node; 8-bit zero points
+        take a byte each). Conservative for a one-layer k_quant_mixed model, whose down projections
+        are all 8-bit."""
+        odd = self.odd_block_counts(block_size) if bits == 4 else []
+        if not odd:
             return None
-        odd = [width for width in (self.hidden, self.intermediate, self.attention) if -(-width // block_size) % 2]
-        if odd:
-            return (
-                f"k-quant at {block_size}-wide blocks needs an even number of blocks per column; "
-                f"{', '.join(map(str, sorted(set(odd))))} gives an odd one (a smaller {{lm_block_size}} fits)"
-            )
-        return None
+        fitting = [size for size in LM_BLOCK_SIZES if not self.odd_block_counts(size)]
+        below = [size for size in fitting if size < block_size]  # the nearest smaller block first
+        choice = below[-1] if below else next(iter(fitting), None)
+        remedy = f"{{lm_block_size}} {choice} fits" if choice else "no block size fits; rtn or default does"
+        return (
+            f"k-quant at {block_size}-wide blocks needs an even number of blocks per column; "
+            f"{', '.join(map(str, odd))} gives an odd one ({remedy})"
+        )
 
 
 def matmul_widths(lm_dir: Path) -> MatMulWidths:
@@ -84,14 +100,8 @@ def matmul_widths(lm_dir: Path) -> MatMulWidths:
 
 
 def checkpoint_matmul_widths(checkpoint: Path) -> MatMulWidths:
-    """The language model's MatMul widths from a LLaVA checkpoint's config.json: a json read."""
-    from transformers import LlavaConfig
-
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
-    return MatMulWidths.of_text_config(LlavaConfig.from_dict(config).text_config.to_dict())
-
-
-LM_BLOCK_SIZES = (16, 32, 64, 128, 256)
+    """The language model's MatMul widths from a LLaVA checkpoint's config.json."""
+    return MatMulWidths.of_text_config(_text_config(checkpoint))
 
 
 @dataclass(frozen=True)
@@ -183,10 +193,7 @@ class DecoderOptions:
 def max_context(checkpoint: Path) -> int:
     """The language model's own context (``max_position_embeddings``) from a LLaVA checkpoint's
     config.json: a json read, nothing loaded."""
-    from transformers import LlavaConfig
-
-    config = json.loads((Path(checkpoint) / "config.json").read_text())
-    return int(LlavaConfig.from_dict(config).text_config.max_position_embeddings)
+    return int(_text_config(checkpoint)["max_position_embeddings"])
 
 
 def set_context(decoder_dir: Path, context: int) -> None:
@@ -257,10 +264,7 @@ def language_model_dir(checkpoint: Path, out: Path) -> Path:
 
     The language model's tensors are renamed and copied byte for byte, one chunk at a time: a 7B
     model is never held in memory (nor instantiated in PyTorch)."""
-    config = json.loads((checkpoint / "config.json").read_text())
-    from transformers import LlavaConfig
-
-    text = LlavaConfig.from_dict(config).text_config.to_dict()
+    text = _text_config(checkpoint)
     text["architectures"] = ["LlamaForCausalLM"]
     out.mkdir(parents=True, exist_ok=True)
     sources: dict[str, tuple[Path, str]] = {}

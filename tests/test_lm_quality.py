@@ -167,10 +167,16 @@ def test_an_explicit_k_quant_the_widths_cannot_take_is_refused_in_one_line():
         LMQuant(recipe="k_quant_mixed", block_size=128).resolved("int4", MatMulWidths(896, 4864, 128, 896))
     assert str(raised.value) == (
         "lm_quant k_quant_mixed: k-quant at 128-wide blocks needs an even number of blocks per column; "
-        "896 gives an odd one (a smaller lm_block_size fits)"
+        "896 gives an odd one (lm_block_size 64 fits)"
     )
-    with pytest.raises(ConfigError, match="groups of 64; this model's MatMul widths are \\(96, 192, 32, 96\\)"):
-        LMQuant(recipe="k_quant").resolved("int4", MatMulWidths(96, 192, 32, 96))
+    test_sized = MatMulWidths(96, 192, 32, 96)  # 3 blocks of 32, 6 of 16
+    with pytest.raises(ConfigError, match="96 gives an odd one \\(lm_block_size 16 fits\\)"):
+        LMQuant(recipe="k_quant").resolved("int4", test_sized)
+    assert LMQuant(recipe="k_quant", block_size=16).resolved("int4", test_sized).recipe == "k_quant"
+    with pytest.raises(ConfigError, match="80 gives an odd one \\(lm_block_size 64 fits\\)"):  # only a larger one
+        LMQuant(recipe="k_quant", block_size=16).resolved("int4", MatMulWidths(80, 128, 32, 128))
+    with pytest.raises(ConfigError, match="no block size fits; rtn or default does"):
+        LMQuant(recipe="k_quant").resolved("int4", MatMulWidths(272, 128, 32, 128))  # 17 blocks of 16
 
 
 def test_the_cli_refuses_the_block_size_before_anything_loads(tmp_path):
@@ -184,16 +190,19 @@ def test_the_cli_refuses_the_block_size_before_anything_loads(tmp_path):
     assert result.exit_code == 2, result.output
     assert result.output.strip().splitlines()[-1] == (
         "error: --lm-quant k_quant_mixed: k-quant at 128-wide blocks needs an even number of blocks per column; "
-        "128, 384 gives an odd one (a smaller --lm-block-size fits)"
+        "128, 384 gives an odd one (--lm-block-size 64 fits)"
     )
     assert not out.exists()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("hidden", "builds"), [(256, True), (384, False)])
-def test_the_block_rule_is_the_builders_own(tmp_path, plain_checkpoint, hidden, builds):
-    """The refusal above is what onnxruntime-genai's builder does: k_quant at 128-wide blocks
-    builds a 256-wide model (2 blocks per column) and fails inside on a 384-wide one (3)."""
+@pytest.mark.parametrize(
+    ("hidden", "heads", "block", "builds"), [(256, 4, 128, True), (384, 6, 128, False), (96, 1, 16, True)]
+)
+def test_the_block_rule_is_the_builders_own(tmp_path, plain_checkpoint, hidden, heads, block, builds):
+    """The refusal above is what onnxruntime-genai's builder does: k_quant at 128-wide blocks builds
+    a 256-wide model (2 blocks per column) and fails inside on a 384-wide one (3); a 96-wide one, no
+    multiple of 64, builds at 16 (6 blocks)."""
     import subprocess
     import sys
 
@@ -205,15 +214,15 @@ def test_the_block_rule_is_the_builders_own(tmp_path, plain_checkpoint, hidden, 
     lm_dir = language_model_dir(plain_checkpoint, tmp_path / "lm")  # its tokenizer; new weights below
     vocab = json.loads((lm_dir / "config.json").read_text())["vocab_size"]
     config = LlamaConfig(
-        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=hidden // 64,
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=1, num_attention_heads=heads,
         num_key_value_heads=1, vocab_size=vocab, max_position_embeddings=128,
     )  # fmt: skip
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(lm_dir)
-    assert matmul_widths(lm_dir) == MatMulWidths(hidden, 2 * hidden, 64, hidden)
-    assert (matmul_widths(lm_dir).k_quant_refusal(128) is None) is builds
+    assert matmul_widths(lm_dir) == MatMulWidths(hidden, 2 * hidden, hidden // heads, hidden)
+    assert (matmul_widths(lm_dir).k_quant_refusal(block) is None) is builds
     command = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(lm_dir), "-o", str(tmp_path / "out")]
-    options = ["exclude_embeds=true", "algo_config=k_quant", "block_size=128"]
+    options = ["exclude_embeds=true", "algo_config=k_quant", f"block_size={block}"]
     ran = subprocess.run(
         [*command, "-p", "int4", "-e", "cpu", "-c", str(tmp_path / "cache"), "--extra_options", *options],
         capture_output=True,
