@@ -120,13 +120,17 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=64, help="tokens each sequence holds when timing starts")
     parser.add_argument("--steps", type=int, default=24, help="decode steps timed per batch and round")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count(), help="llama.cpp's -t (ONNX Runtime: its default, one per core)"
+    )
     parser.add_argument("--llama-cpp-src", type=Path, help="llama.cpp source tree (for its HF -> GGUF converter)")
     parser.add_argument("--llama-bench", type=Path, help="llama.cpp's llama-bench (llama-quantize beside it)")
     parser.add_argument("--llama-quants", default="Q4_0,Q4_K_M", help="llama-quantize types for the peer")
     parser.add_argument("--work", type=Path, help="keep the checkpoint and decoders here (default: a temporary one)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
+    if args.steps < 1 or args.repeats < 1 or args.context < 1:
+        parser.error("--steps, --repeats and --context must be at least 1")
     batches = sorted({int(b) for b in args.batches.split(",")} | {1})
     variants = []
     for spec in args.variants.split(","):
@@ -185,7 +189,8 @@ def main() -> None:
 
     fmt = lambda s: f"{s[1]:.2f} ({s[0]:.2f}-{s[2]:.2f})"  # noqa: E731
     table = Table(
-        title=f"{args.size} Llama {SIZES[args.size]}, {args.threads} threads, {args.context} tokens of context: "
+        title=f"{args.size} Llama {SIZES[args.size]}, llama.cpp -t {args.threads} (ONNX Runtime: one thread per core), "
+        f"{args.context} tokens of context: "
         f"median (min-max) of {args.repeats} rounds",
         title_justify="left",
     )

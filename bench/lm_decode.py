@@ -189,7 +189,8 @@ def _with_sentencepiece_vocab(hf_dir: Path, out: Path) -> Path:
 
     import sentencepiece as spm
 
-    shutil.copytree(hf_dir, out, ignore=shutil.ignore_patterns("tokenizer*", "special_tokens_map.json"))
+    ignored = shutil.ignore_patterns("tokenizer*", "special_tokens_map.json")
+    shutil.copytree(hf_dir, out, ignore=ignored, dirs_exist_ok=True)  # a rerun in the same --work
     rng = np.random.default_rng(0)
     letters = list("abcdefghijklmnopqrstuvwxyz")
     lines = (" ".join("".join(rng.choice(letters, rng.integers(2, 8))) for _ in range(12)) for _ in range(2000))
@@ -208,15 +209,18 @@ def gguf_q4(hf_dir: Path, work: Path, source: Path, quantize: Path, kind: str = 
     if not f16.is_file():
         gguf_dir = _with_sentencepiece_vocab(hf_dir, work / "hf-gguf")
         env = {**os.environ, "PYTHONPATH": str(source / "gguf-py")}
-        command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gguf_dir), "--outfile", str(f16)]
+        partial = f16.with_suffix(".part")  # an interrupted conversion never passes for a finished one
+        command = [sys.executable, str(source / "convert_hf_to_gguf.py"), str(gguf_dir), "--outfile", str(partial)]
         converted = subprocess.run([*command, "--outtype", "f16"], capture_output=True, text=True, env=env)
         if converted.returncode != 0:
             lines = [line for line in converted.stderr.splitlines() if line.strip()]
             return f"llama.cpp's converter refused the checkpoint: {lines[-1] if lines else 'no output'}"
-    quantized = subprocess.run([str(quantize), str(f16), str(quantized_file), kind], capture_output=True, text=True)
+        partial.replace(f16)
+    partial = quantized_file.with_suffix(".part")
+    quantized = subprocess.run([str(quantize), str(f16), str(partial), kind], capture_output=True, text=True)
     if quantized.returncode != 0:
         return f"llama-quantize {kind} failed: {quantized.stderr.strip().splitlines()[-1:]}"
-    return quantized_file
+    return partial.replace(quantized_file)
 
 
 def llama_bench_per_token(
