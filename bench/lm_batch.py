@@ -132,10 +132,17 @@ def main() -> None:
     if args.steps < 1 or args.repeats < 1 or args.context < 1:
         parser.error("--steps, --repeats and --context must be at least 1")
     batches = sorted({int(b) for b in args.batches.split(",")} | {1})
+    from ccra_export.core.errors import ConfigError
+    from ccra_export.export.lm_export import LMQuant
+
     variants = []
     for spec in args.variants.split(","):
         recipe, _, block = spec.partition(":")
-        variants.append((recipe, int(block or 32)))
+        try:
+            quant = LMQuant(recipe=recipe, block_size=int(block or 32))
+        except (ValueError, ConfigError) as error:
+            parser.error(f"--variants {spec!r}: expected recipe:block size, e.g. k_quant_mixed:32 ({error})")
+        variants.append((quant.recipe, quant.block_size))
 
     from ccra_export.export.lm_export import language_model_dir
     from ccra_export.runtime.language_model import LanguageModel
@@ -155,7 +162,10 @@ def main() -> None:
         for recipe, block in variants:
             name = f"{recipe}:{block}"
             with console.status(f"Building the {name} decoder"):
-                out = build_variant(hf_dir, work / f"{args.size}-{recipe}-b{block}" / "lm", recipe, block)
+                try:
+                    out = build_variant(hf_dir, work / f"{args.size}-{recipe}-b{block}" / "lm", recipe, block)
+                except ConfigError as error:  # a k-quant block size this model's widths cannot take
+                    parser.error(f"--variants {name}: {error}")
             with console.status(f"{name}: next-token figures against Hugging Face FP32"):
                 quality[name] = parity(hf_dir, out, "int4")["next_token"]
             decoder = out / "decoder"
